@@ -1,0 +1,65 @@
+# ridestream: `make demo` runs the whole lifecycle locally, `make test` passes the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(shell command -v uv 2>/dev/null || echo $(VENV)/bin/uv)
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup test test-fast lint demo down redeploy train promote resolve flow bench coarse-model lock clean
+
+# The venv is rebuilt whenever the lock file changes.
+$(VENV)/.installed: requirements.lock
+	@command -v uv >/dev/null 2>&1 || { $(PYTHON) -m venv $(VENV) && $(VENV)/bin/python -m pip install --quiet uv; }
+	$(UV) venv --allow-existing --python $(PYTHON) $(VENV)
+	$(UV) pip install --python $(PY) --quiet -r requirements.lock
+	@touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+test-fast: setup  ## unit tests only
+	$(PY) -m pytest -m "not integration and not e2e"
+
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+demo: setup
+	$(PY) -m localstack demo
+
+down:
+	$(PY) -m localstack down
+
+redeploy: setup  ## serve the model the registry calls production (after promoting it in the UI)
+	$(PY) -m localstack redeploy
+
+train: setup
+	$(PY) -m training.train
+
+promote: setup  ## make promote VERSION=3
+	$(PY) -m training.registry promote --version $(VERSION)
+
+resolve: setup
+	$(PY) -m training.registry resolve
+
+flow: setup
+	$(PY) -m flows.training_flow
+
+bench: setup
+	$(PY) benchmarks/train_bench.py
+	$(PY) benchmarks/function_bench.py
+	$(PY) benchmarks/backend_bench.py
+	$(PY) benchmarks/stream_bench.py
+
+coarse-model: setup
+	$(PY) -m training.coarse --month 2021-01 --out backend/coarse_model.json
+
+lock:
+	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache mlruns mlartifacts mlflow.db .stack

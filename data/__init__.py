@@ -1,0 +1,5 @@
+"""Real NYC TLC trip files and their loader."""
+
+from data.loader import DATA_DIR, TLC_DOWNLOAD_BASE, TripDataError, load_trips, month_uri, read_trips
+
+__all__ = ["DATA_DIR", "TLC_DOWNLOAD_BASE", "TripDataError", "load_trips", "month_uri", "read_trips"]

@@ -1,0 +1,1 @@
+"""The local stack: real emulators and servers on loopback, supervised by PID."""

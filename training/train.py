@@ -1,0 +1,270 @@
+"""Train a ride-duration model on TLC months, log everything to MLflow, register it.
+
+    python -m training.train --train-month 2021-01 --val-month 2021-02 --test-month 2021-03
+
+The run logs params, RMSE/MAE/R2 on validation and test, the data it read,
+plots, the coarse estimator the backend answers with, and the model (feature
+step included) with signature, input example and pinned requirements. A
+LinearRegression baseline and each hyperparameter trial are nested runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import mean_absolute_error, r2_score, root_mean_squared_error
+from sklearn.pipeline import Pipeline
+
+from data import TripDataError, load_trips, month_uri
+from training import coarse, features
+from training.models import DEFAULT_PARAMS, MODEL_FAMILIES, build_pipeline, pip_requirements, suggest_params
+from training.settings import Settings, configure_mlflow
+
+log = logging.getLogger("training")
+MODEL_ARTIFACT_NAME = "model"
+TARGET = "duration"
+
+
+@dataclass
+class TrainConfig:
+    train_months: list[str] = field(default_factory=lambda: ["2021-01"])
+    val_months: list[str] = field(default_factory=lambda: ["2021-02"])
+    test_months: list[str] = field(default_factory=lambda: ["2021-03"])
+    family: str = "hgb"
+    trials: int = 3
+    register: bool = True
+    sample: int | None = None  # rows per split, for quick runs; None = all
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    model_uri: str
+    metrics: dict[str, float]
+    params: dict[str, Any]
+    version: str | None = None
+    fit_seconds: float = 0.0
+
+
+def load_split(months: list[str], settings: Settings, sample: int | None = None) -> tuple[pd.DataFrame, list[str]]:
+    uris = [month_uri(m, settings.data_base) for m in months]
+    frame = load_trips(uris)
+    if sample and len(frame) > sample:
+        frame = frame.sample(sample, random_state=0).reset_index(drop=True)
+    return frame, uris
+
+
+def score(model: Any, frame: pd.DataFrame) -> dict[str, float]:
+    predicted = model.predict(frame[features.RIDE_COLUMNS])
+    actual = frame[TARGET].to_numpy()
+    return {
+        "rmse": float(root_mean_squared_error(actual, predicted)),
+        "mae": float(mean_absolute_error(actual, predicted)),
+        "r2": float(r2_score(actual, predicted)),
+    }
+
+
+def fit(family: str, params: dict[str, Any], train: pd.DataFrame) -> Pipeline:
+    return build_pipeline(family, params).fit(train[features.RIDE_COLUMNS], train[TARGET])
+
+
+def _log_metrics(prefix: str, metrics: dict[str, float]) -> None:
+    import mlflow
+
+    mlflow.log_metrics({f"{prefix}_{k}": v for k, v in metrics.items()})
+
+
+def search(family: str, trials: int, train: pd.DataFrame, val: pd.DataFrame) -> tuple[Pipeline, dict[str, Any], float]:
+    """Best pipeline by validation RMSE; every candidate is a nested MLflow run."""
+    import mlflow
+
+    def run_candidate(name: str, fam: str, params: dict[str, Any]) -> tuple[Pipeline, float]:
+        with mlflow.start_run(run_name=name, nested=True):
+            mlflow.log_params({"model_family": fam, **params})
+            start = time.perf_counter()
+            model = fit(fam, params, train)
+            mlflow.log_metric("fit_seconds", time.perf_counter() - start)
+            metrics = score(model, val)
+            _log_metrics("val", metrics)
+            log.info("%s: val RMSE %.3f", name, metrics["rmse"])
+            return model, metrics["rmse"]
+
+    if family != "hgb" or trials <= 1:
+        params = dict(DEFAULT_PARAMS[family])
+        model, rmse = run_candidate(f"{family}-default", family, params)
+        return model, params, rmse
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=0))
+    study.enqueue_trial(DEFAULT_PARAMS[family])  # the search can only improve on the defaults
+    best: dict[str, Any] = {"rmse": float("inf")}
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest_params(trial, family)
+        model, rmse = run_candidate(f"{family}-trial-{trial.number}", family, params)
+        if rmse < best["rmse"]:
+            best.update(rmse=rmse, model=model, params=params)
+        return rmse
+
+    study.optimize(objective, n_trials=trials)
+    return best["model"], best["params"], best["rmse"]
+
+
+def _log_plots(model: Pipeline, frame: pd.DataFrame, split: str, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    predicted = model.predict(frame[features.RIDE_COLUMNS])
+    actual = frame[TARGET].to_numpy()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    left.hexbin(actual, predicted, gridsize=60, bins="log", cmap="viridis")
+    left.plot([0, 60], [0, 60], color="red", linewidth=1)
+    left.set(xlabel="actual duration (min)", ylabel="predicted (min)", title=f"Predicted vs actual ({split})")
+    residuals = actual - predicted
+    right.hist(residuals, bins=120, range=(-40, 40), color="steelblue")
+    right.set(xlabel="actual - predicted (min)", ylabel="rides", title=f"Residuals ({split}), RMSE {np.sqrt(np.mean(residuals**2)):.2f}")
+    fig.tight_layout()
+    path = out_dir / f"{split}_predictions.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    mlflow.log_artifact(str(path), artifact_path="plots")
+
+
+def _feature_code_dir(tmp: Path) -> Path:
+    """A copy of just the ``training.features`` module, shipped inside the model."""
+    package = tmp / "code" / "training"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    shutil.copy(Path(features.__file__), package / "features.py")
+    return package
+
+
+def log_model(model: Pipeline, example: pd.DataFrame, metadata: dict[str, Any]) -> str:
+    """Log the pipeline to the active run; returns its models:/ URI."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    example = example[features.RIDE_COLUMNS].head(5).reset_index(drop=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        info = mlflow.sklearn.log_model(
+            model,
+            name=MODEL_ARTIFACT_NAME,
+            signature=infer_signature(example, model.predict(example)),
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            code_paths=[str(_feature_code_dir(Path(tmp)))],
+            serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
+            metadata=metadata,
+        )
+    return info.model_uri
+
+
+def train(config: TrainConfig, settings: Settings | None = None) -> TrainResult:
+    import mlflow
+
+    from training import registry
+
+    settings = settings or Settings()
+    configure_mlflow(settings)
+    splits = {}
+    uris = {}
+    for name, months in (("train", config.train_months), ("val", config.val_months), ("test", config.test_months)):
+        splits[name], uris[name] = load_split(months, settings, config.sample)
+        log.info("%s: %s rows from %s", name, f"{len(splits[name]):,}", ", ".join(uris[name]))
+
+    with mlflow.start_run(run_name=f"{config.family}-{'+'.join(config.train_months)}") as run, tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_params(
+            {
+                "model_family": config.family,
+                "trials": config.trials,
+                "train_months": ",".join(config.train_months),
+                "val_months": ",".join(config.val_months),
+                "test_months": ",".join(config.test_months),
+                "sample": config.sample or "all",
+                **{f"{n}_rows": len(f) for n, f in splits.items()},
+            }
+        )
+        for name, frame in splits.items():
+            mlflow.log_input(mlflow.data.from_pandas(frame, source=",".join(uris[name]), name=name), context=name)
+
+        baseline, _, _ = search("linear", 1, splits["train"], splits["val"]) if config.family != "linear" else (None, None, None)
+        start = time.perf_counter()
+        model, params, _ = search(config.family, config.trials, splits["train"], splits["val"])
+        search_seconds = time.perf_counter() - start
+        mlflow.log_params({f"best_{k}": v for k, v in params.items()})
+
+        metrics = {"search_seconds": search_seconds}
+        for split in ("val", "test"):
+            metrics.update({f"{split}_{k}": v for k, v in score(model, splits[split]).items()})
+            if baseline is not None:
+                metrics[f"baseline_{split}_rmse"] = score(baseline, splits[split])["rmse"]
+            _log_plots(model, splits[split], split, Path(tmp))
+
+        # The backend's instant estimate, fitted on the same training rows.
+        coarse_model = coarse.fit(splits["train"])
+        coarse_path = Path(tmp) / coarse.ARTIFACT_FILE
+        coarse_path.write_text(json.dumps(coarse_model.to_dict(), indent=1))
+        mlflow.log_artifact(str(coarse_path))
+        for split in ("val", "test"):
+            metrics[f"coarse_{split}_rmse"] = coarse.rmse(coarse_model, splits[split])
+        mlflow.log_metrics(metrics)
+
+        model_uri = log_model(
+            model,
+            splits["train"],
+            metadata={"train_months": config.train_months, "feature_columns": features.FEATURE_COLUMNS},
+        )
+        result = TrainResult(run.info.run_id, model_uri, metrics, params, fit_seconds=search_seconds)
+
+    if config.register:
+        result.version = registry.register(result.model_uri, result.run_id, settings).version
+    return result
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-month", nargs="+", default=["2021-01"], help="YYYY-MM, one or more")
+    parser.add_argument("--val-month", nargs="+", default=["2021-02"])
+    parser.add_argument("--test-month", nargs="+", default=["2021-03"])
+    parser.add_argument("--model-family", choices=MODEL_FAMILIES, default="hgb")
+    parser.add_argument("--trials", type=int, default=TrainConfig.trials, help="hyperparameter trials (1 = defaults only)")
+    parser.add_argument("--sample", type=int, default=None, help="rows per split (quick runs)")
+    parser.add_argument("--data-base", default=None, help="folder, gs:// prefix or URL with the TLC files")
+    parser.add_argument("--no-register", action="store_true", help="log the model but do not register it")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _parse_args(argv)
+    if args.data_base:
+        os.environ["TRIP_DATA_BASE"] = args.data_base
+    config = TrainConfig(args.train_month, args.val_month, args.test_month, args.model_family, args.trials, not args.no_register, args.sample)
+    try:
+        result = train(config)
+    except TripDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(result), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
