@@ -8,7 +8,6 @@ are cast to one schema, so TLC's schema drift between months (int32 IDs from
 
 from __future__ import annotations
 
-import io
 import re
 import urllib.error
 import urllib.request
@@ -64,7 +63,7 @@ def _read_bytes(uri: str) -> bytes:
         except gexc.GoogleAPICallError as exc:
             raise TripDataError(f"cannot read {uri}: {exc}") from exc
     try:
-        with urllib.request.urlopen(uri, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response:
+        with urllib.request.urlopen(uri, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response:  # noqa: S310 - http(s) only
             return response.read()
     except urllib.error.HTTPError as exc:
         # The TLC CDN answers 403 (not 404) for months it has not published.

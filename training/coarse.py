@@ -1,6 +1,6 @@
 """Fit the backend's coarse estimator (per-hour linear fit of minutes on miles).
 
-    python -m training.coarse --month 2021-01 --out backend/coarse_model.json
+python -m training.coarse --month 2021-01 --out backend/coarse_model.json
 """
 
 from __future__ import annotations

@@ -139,7 +139,9 @@ def _log_plots(model: Pipeline, frame: pd.DataFrame, split: str, out_dir: Path) 
     left.set(xlabel="actual duration (min)", ylabel="predicted (min)", title=f"Predicted vs actual ({split})")
     residuals = actual - predicted
     right.hist(residuals, bins=120, range=(-40, 40), color="steelblue")
-    right.set(xlabel="actual - predicted (min)", ylabel="rides", title=f"Residuals ({split}), RMSE {np.sqrt(np.mean(residuals**2)):.2f}")
+    right.set(
+        xlabel="actual - predicted (min)", ylabel="rides", title=f"Residuals ({split}), RMSE {np.sqrt(np.mean(residuals**2)):.2f}"
+    )
     fig.tight_layout()
     path = out_dir / f"{split}_predictions.png"
     fig.savefig(path, dpi=110)
@@ -189,7 +191,10 @@ def train(config: TrainConfig, settings: Settings | None = None) -> TrainResult:
         splits[name], uris[name] = load_split(months, settings, config.sample)
         log.info("%s: %s rows from %s", name, f"{len(splits[name]):,}", ", ".join(uris[name]))
 
-    with mlflow.start_run(run_name=f"{config.family}-{'+'.join(config.train_months)}") as run, tempfile.TemporaryDirectory() as tmp:
+    with (
+        mlflow.start_run(run_name=f"{config.family}-{'+'.join(config.train_months)}") as run,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         mlflow.log_params(
             {
                 "model_family": config.family,
@@ -256,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.data_base:
         os.environ["TRIP_DATA_BASE"] = args.data_base
-    config = TrainConfig(args.train_month, args.val_month, args.test_month, args.model_family, args.trials, not args.no_register, args.sample)
+    config = TrainConfig(
+        args.train_month, args.val_month, args.test_month, args.model_family, args.trials, not args.no_register, args.sample
+    )
     try:
         result = train(config)
     except TripDataError as exc:

@@ -1,0 +1,49 @@
+"""Cloud Function: rides from BACKEND_PUSH_STREAM in, durations to BACKEND_PULL_STREAM out.
+
+Entry points (same handler):
+  predict_duration             1st gen background function, (event, context)
+  predict_duration_cloudevent  2nd gen CloudEvent function
+
+The model is loaded once per instance, here at import (cold start): by RUN_ID
+from the MLflow artifact bucket, or from MODEL_URI. A wrong RUN_ID fails the
+instance at start with the location it searched.
+"""
+
+import functions_framework
+from function_config import FunctionConfig
+from model_store import find_model_uri, load_model
+from prediction import PubSubPublisher, RideDurationService, log
+
+
+def _build_service() -> RideDurationService:
+    config = FunctionConfig.from_env()
+    uri = config.model_uri or find_model_uri(config.model_bucket, config.run_id, config.model_prefix)
+    loaded = load_model(uri)
+    if config.run_id and loaded.run_id != config.run_id:
+        raise RuntimeError(f"MODEL_URI {uri} was logged by run {loaded.run_id}, not RUN_ID {config.run_id}")
+    log("INFO", "model loaded", model_uri=uri, model_run_id=loaded.run_id, model_version=config.model_version)
+    return RideDurationService(
+        loaded.model,
+        loaded.features,
+        PubSubPublisher(config.project_id, config.publish_timeout),
+        config.pull_topic,
+        config.deadletter_topic,
+        run_id=loaded.run_id,
+        model_version=config.model_version,
+        model_id=loaded.model_id,
+    )
+
+
+SERVICE = _build_service()
+
+
+def predict_duration(event, context):
+    """1st gen Pub/Sub background function: event["data"] is the base64 ride JSON."""
+    SERVICE.handle(event.get("data"), message_id=getattr(context, "event_id", None))
+
+
+@functions_framework.cloud_event
+def predict_duration_cloudevent(cloud_event):
+    """2nd gen (Eventarc) Pub/Sub CloudEvent: the message is in data["message"]."""
+    message = (cloud_event.data or {}).get("message", {})
+    SERVICE.handle(message.get("data"), message_id=message.get("messageId") or cloud_event["id"])

@@ -1,0 +1,102 @@
+"""Find and load an MLflow-logged model straight from the artifact bucket, without MLflow.
+
+Importing MLflow costs seconds at every cold start; the serving function only
+needs the model's files. MLflow 3 stores a logged model at
+``<artifact root>/<experiment>/models/m-<model id>/artifacts`` and records the
+run that logged it in the ``MLmodel`` file, so a RUN_ID is enough to find it.
+The model carries its feature code (``code/``), which is put on ``sys.path``
+before unpickling: serving featurizes exactly as training did.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+_MLMODEL_IN_BUCKET = re.compile(r"(^|/)models/m-[0-9a-f]+/artifacts/MLmodel$")
+_MLMODEL_FIELD = re.compile(r"^(run_id|model_id|serialization_format|pickled_model):\s*(\S+)\s*$", re.MULTILINE)
+
+
+class ModelNotFound(RuntimeError):
+    """The configured RUN_ID / MODEL_URI does not lead to a loadable model."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any  # the fitted sklearn Pipeline: raw ride frame in, minutes out
+    features: ModuleType  # the model's own training.features: Ride schema and rides_frame()
+    run_id: str
+    model_id: str
+    uri: str
+
+
+def _mlmodel_fields(text: str) -> dict[str, str]:
+    return {key: value for key, value in _MLMODEL_FIELD.findall(text)}
+
+
+def _storage_client():
+    from google.cloud import storage
+
+    return storage.Client()
+
+
+def _split_gs(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("gs://") :].partition("/")
+    return bucket, key.strip("/")
+
+
+def find_model_uri(bucket: str, run_id: str, prefix: str = "") -> str:
+    """The ``gs://`` folder of the model logged by ``run_id`` under ``bucket/prefix``."""
+    client = _storage_client()
+    searched = f"gs://{bucket}/{prefix}".rstrip("/")
+    found = []
+    for blob in client.list_blobs(bucket, prefix=prefix or None, match_glob="**/models/m-*/artifacts/MLmodel"):
+        if _MLMODEL_IN_BUCKET.search(blob.name) and _mlmodel_fields(blob.download_as_text()).get("run_id") == run_id:
+            found.append(blob.name.rpartition("/")[0])
+    if not found:
+        raise ModelNotFound(f"no model logged by run {run_id} under {searched}/**/models/m-*/artifacts")
+    if len(found) > 1:
+        raise ModelNotFound(f"run {run_id} logged {len(found)} models under {searched}; set MODEL_URI to one of: {found}")
+    return f"gs://{bucket}/{found[0]}"
+
+
+def _download_folder(uri: str, dest: Path) -> None:
+    bucket_name, prefix = _split_gs(uri)
+    client = _storage_client()
+    blobs = list(client.list_blobs(bucket_name, prefix=prefix + "/"))
+    if not blobs:
+        raise ModelNotFound(f"nothing at {uri}")
+    for blob in blobs:
+        target = dest / blob.name[len(prefix) + 1 :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        blob.download_to_filename(str(target))
+
+
+def load_model(uri: str, cache_dir: Path | None = None) -> LoadedModel:
+    """Load the model at ``uri``: a ``gs://`` folder or a local folder with an MLmodel file."""
+    if uri.startswith("gs://"):
+        local = Path(tempfile.mkdtemp(prefix="model-", dir=cache_dir))
+        _download_folder(uri, local)
+    else:
+        local = Path(uri.removeprefix("file://"))
+    mlmodel = local / "MLmodel"
+    if not mlmodel.is_file():
+        raise ModelNotFound(f"no MLmodel file at {uri}")
+    fields = _mlmodel_fields(mlmodel.read_text())
+
+    code_dir = local / "code"
+    if code_dir.is_dir() and str(code_dir) not in sys.path:
+        sys.path.insert(0, str(code_dir))
+    features = importlib.import_module("training.features")
+
+    import cloudpickle  # reads both pickle and cloudpickle files
+
+    with open(local / fields.get("pickled_model", "model.pkl"), "rb") as f:
+        model = cloudpickle.load(f)
+    return LoadedModel(model, features, fields.get("run_id", ""), fields.get("model_id", ""), uri)

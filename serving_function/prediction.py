@@ -1,0 +1,186 @@
+"""One Pub/Sub message in, one prediction out: decode, validate, predict, publish.
+
+The service gets its model and publisher injected, so unit tests run it with a
+fake model and a list for a publisher, and the Cloud Function wires the real ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+# Results of rides already answered by this instance; a redelivered message is
+# acknowledged without a second publish. Across instances the backend's store,
+# keyed by ride_id, makes a repeated result one logical result.
+RECENT_RIDES = 10_000
+
+
+class PoisonMessage(ValueError):
+    """A message no retry can fix: it goes to the dead-letter topic, with this reason."""
+
+
+class Publisher(Protocol):
+    def publish(self, topic: str, data: bytes, **attributes: str) -> None:
+        """Publish and wait until the broker has it; raise if it did not."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    ride_id: str
+    duration_final: float
+    model_run_id: str
+    model_version: str
+    model_id: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+
+def log(severity: str, message: str, **fields: Any) -> None:
+    """One JSON line on stdout: Cloud Logging reads severity and fields from it."""
+    print(json.dumps({"severity": severity, "message": message, **fields}, default=str), file=sys.stdout, flush=True)
+
+
+def _validation_reason(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'ride'}: {e['msg']}" for e in errors())
+
+
+class RideDurationService:
+    def __init__(
+        self,
+        model: Any,
+        features: Any,
+        publisher: Publisher,
+        pull_topic: str,
+        deadletter_topic: str,
+        run_id: str,
+        model_version: str = "",
+        model_id: str = "",
+    ):
+        self.model = model
+        self.features = features  # the model's own training.features module
+        self.publisher = publisher
+        self.pull_topic = pull_topic
+        self.deadletter_topic = deadletter_topic
+        self.run_id = run_id
+        self.model_version = model_version
+        self.model_id = model_id
+        self._answered: OrderedDict[str, Prediction] = OrderedDict()
+        # functions-framework serves requests on threads: a duplicate can arrive while
+        # the first delivery is still publishing, so answering a ride is claimed under a lock.
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, threading.Event] = {}
+
+    def decode(self, data: str | bytes | None, message_id: str | None) -> Any:
+        """The message's ride, validated; raises PoisonMessage with the reason."""
+        if not data:
+            raise PoisonMessage("empty message")
+        try:
+            text = base64.b64decode(data, validate=True).decode("utf-8")
+        except (binascii.Error, ValueError) as exc:
+            raise PoisonMessage(f"data is not base64-encoded UTF-8: {exc}") from exc
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PoisonMessage(f"data is not JSON: {exc}") from exc
+        if not isinstance(payload, dict):
+            raise PoisonMessage(f"a ride must be a JSON object, got {type(payload).__name__}")
+        if not payload.get("ride_id") and message_id:
+            # Only when the sender gave none: derived from the Pub/Sub message id, so a
+            # redelivery of the same message keeps the same ride_id.
+            payload["ride_id"] = f"msg-{message_id}"
+        try:
+            return self.features.Ride.model_validate(payload)
+        except ValueError as exc:  # pydantic.ValidationError is a ValueError
+            raise PoisonMessage(f"invalid ride: {_validation_reason(exc)}") from exc
+
+    def predict(self, ride: Any) -> Prediction:
+        minutes = float(self.model.predict(self.features.rides_frame([ride]))[0])
+        return Prediction(ride.ride_id, round(minutes, 2), self.run_id, self.model_version, self.model_id)
+
+    def handle(self, data: str | bytes | None, message_id: str | None = None) -> Prediction | None:
+        """Answer one message. Returns None for a poison message (dead-lettered)."""
+        started = time.perf_counter()
+        try:
+            ride = self.decode(data, message_id)
+        except PoisonMessage as exc:
+            self._dead_letter(data, message_id, str(exc))
+            return None
+        if ride.ride_id is None:
+            self._dead_letter(data, message_id, "ride has no ride_id and the message no id to derive one from")
+            return None
+
+        with self._lock:
+            previous = self._answered.get(ride.ride_id)
+            in_flight = self._in_flight.get(ride.ride_id) if previous is None else None
+            if previous is None and in_flight is None:
+                self._in_flight[ride.ride_id] = threading.Event()
+        if in_flight is not None:
+            in_flight.wait(timeout=60)
+            previous = self._answered.get(ride.ride_id)
+            if previous is None:  # the first delivery failed: fail this one too, Pub/Sub retries
+                raise RuntimeError(f"ride {ride.ride_id}: a concurrent delivery of it failed")
+        if previous is not None:
+            log("INFO", "duplicate delivery, already answered", ride_id=ride.ride_id, message_id=message_id)
+            return previous
+
+        try:
+            prediction = self.predict(ride)
+            # Raises on failure: the function then fails and Pub/Sub redelivers the message.
+            self.publisher.publish(self.pull_topic, prediction.to_json(), ride_id=prediction.ride_id)
+            self._remember(prediction)
+        finally:
+            with self._lock:
+                self._in_flight.pop(ride.ride_id).set()
+        log(
+            "INFO",
+            "prediction",
+            ride=ride.model_dump(mode="json"),
+            duration_final=prediction.duration_final,
+            model_run_id=self.run_id,
+            model_version=self.model_version,
+            message_id=message_id,
+            handler_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        return prediction
+
+    def _remember(self, prediction: Prediction) -> None:
+        with self._lock:
+            self._answered[prediction.ride_id] = prediction
+            while len(self._answered) > RECENT_RIDES:
+                self._answered.popitem(last=False)
+
+    def _dead_letter(self, data: str | bytes | None, message_id: str | None, reason: str) -> None:
+        raw = data.decode("ascii", "replace") if isinstance(data, bytes) else (data or "")
+        record = {"reason": reason, "message_id": message_id, "data": raw, "model_run_id": self.run_id}
+        # Raises on failure like a result publish: a poison message is never dropped silently.
+        self.publisher.publish(self.deadletter_topic, json.dumps(record).encode(), reason=reason[:1024])
+        log("WARNING", "dead-lettered message", reason=reason, message_id=message_id)
+
+
+class PubSubPublisher:
+    """Blocking publish to Pub/Sub topics of one project."""
+
+    def __init__(self, project_id: str, timeout: float = 30.0):
+        from google.cloud import pubsub_v1
+
+        # One message per batch: each function call publishes one result and waits for it,
+        # so batching would only add its max_latency to every ride.
+        self._client = pubsub_v1.PublisherClient(batch_settings=pubsub_v1.types.BatchSettings(max_messages=1))
+        self._project_id = project_id
+        self._timeout = timeout
+        self._paths: dict[str, str] = {}
+
+    def publish(self, topic: str, data: bytes, **attributes: str) -> None:
+        path = self._paths.setdefault(topic, self._client.topic_path(self._project_id, topic))
+        self._client.publish(path, data, **attributes).result(timeout=self._timeout)

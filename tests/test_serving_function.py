@@ -1,0 +1,177 @@
+"""Unit tests of the serving function's handler and model loading: fake model, recording publisher."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import numpy as np
+import prediction
+import pytest
+from conftest import REPO
+from model_store import ModelNotFound, load_model
+from prediction import Prediction, RideDurationService
+
+from training import features
+
+RIDE = {"ride_id": "r-1", "datetime": "2022-06-23 11:36:42", "PULocationID": 34, "DOLocationID": 56, "trip_distance": 12}
+
+
+def b64(payload) -> str:
+    text = payload if isinstance(payload, str) else json.dumps(payload)
+    return base64.b64encode(text.encode()).decode()
+
+
+class FakeModel:
+    """Predicts 2 minutes per mile, and records what it was asked."""
+
+    def __init__(self):
+        self.frames = []
+
+    def predict(self, frame):
+        self.frames.append(frame)
+        return frame["trip_distance"].to_numpy() * 2.0
+
+
+class RecordingPublisher:
+    def __init__(self, fail: bool = False):
+        self.sent: list[tuple[str, dict, dict]] = []
+        self.fail = fail
+
+    def publish(self, topic: str, data: bytes, **attributes: str) -> None:
+        if self.fail:
+            raise TimeoutError("publish timed out")
+        self.sent.append((topic, json.loads(data), attributes))
+
+
+def service(publisher=None, model=None) -> RideDurationService:
+    return RideDurationService(model or FakeModel(), features, publisher or RecordingPublisher(), "results", "dead", "run-1", "7")
+
+
+def test_valid_ride_is_predicted_and_published_with_model_identity():
+    publisher = RecordingPublisher()
+    result = service(publisher).handle(b64(RIDE), message_id="m1")
+    assert result == Prediction("r-1", 24.0, "run-1", "7", "")
+    assert publisher.sent == [
+        (
+            "results",
+            {"ride_id": "r-1", "duration_final": 24.0, "model_run_id": "run-1", "model_version": "7", "model_id": ""},
+            {"ride_id": "r-1"},
+        )
+    ]
+
+
+def test_model_gets_raw_ride_columns_only():
+    model = FakeModel()
+    service(model=model).handle(b64(RIDE), message_id="m1")
+    assert list(model.frames[0].columns) == features.RIDE_COLUMNS
+
+
+def test_missing_ride_id_is_derived_from_message_id_so_redelivery_keeps_it():
+    publisher = RecordingPublisher()
+    ride = {k: v for k, v in RIDE.items() if k != "ride_id"}
+    svc = service(publisher)
+    first = svc.handle(b64(ride), message_id="12345")
+    again = svc.handle(b64(ride), message_id="12345")
+    assert first.ride_id == again.ride_id == "msg-12345"
+    assert len(publisher.sent) == 1
+
+
+def test_duplicate_delivery_publishes_once():
+    publisher = RecordingPublisher()
+    svc = service(publisher)
+    assert svc.handle(b64(RIDE), "m1") == svc.handle(b64(RIDE), "m2")
+    assert len(publisher.sent) == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ("%%% not base64 %%%", "not base64"),
+        (b64("{not json"), "not JSON"),
+        (b64("[1, 2]"), "JSON object"),
+        (b64({**RIDE, "PULocationID": 999}), "PULocationID"),
+        (b64({**RIDE, "trip_distance": -1}), "trip_distance"),
+        (b64({**RIDE, "datetime": "yesterday"}), "datetime"),
+        (b64({**RIDE, "fare": 10}), "fare"),
+        ("", "empty"),
+        (None, "empty"),
+    ],
+)
+def test_poison_message_goes_to_dead_letter_with_reason_and_original_data(data, reason):
+    publisher = RecordingPublisher()
+    assert service(publisher).handle(data, message_id="m9") is None
+    [(topic, record, attributes)] = publisher.sent
+    assert topic == "dead"
+    assert reason in record["reason"] and reason in attributes["reason"]
+    assert record["data"] == (data or "") and record["message_id"] == "m9"
+
+
+def test_publish_failure_raises_so_pubsub_redelivers_and_is_not_remembered():
+    svc = service(RecordingPublisher(fail=True))
+    with pytest.raises(TimeoutError):
+        svc.handle(b64(RIDE), "m1")
+    svc.publisher = RecordingPublisher()
+    svc.handle(b64(RIDE), "m1")  # the redelivery is answered, not taken for a duplicate
+    assert len(svc.publisher.sent) == 1
+
+
+def test_answered_rides_memory_is_bounded(monkeypatch):
+    monkeypatch.setattr(prediction, "RECENT_RIDES", 3)
+    svc = service()
+    for i in range(10):
+        svc.handle(b64({**RIDE, "ride_id": f"r{i}"}), f"m{i}")
+    assert list(svc._answered) == ["r7", "r8", "r9"]
+
+
+def test_load_model_from_logged_folder_predicts_like_the_pipeline(local_model):
+    from training.registry import promote, resolve
+
+    result, settings = local_model
+    promote(result.version, settings)
+    resolved = resolve("production", settings)
+    loaded = load_model(resolved.artifact_uri)
+    assert loaded.run_id == result.run_id and loaded.model_id.startswith("m-")
+    rides = [features.Ride.model_validate(RIDE), features.Ride.model_validate({**RIDE, "trip_distance": 1.5})]
+    minutes = loaded.model.predict(loaded.features.rides_frame(rides))
+    assert minutes.shape == (2,) and np.all((minutes > 1) & (minutes < 60)) and minutes[0] > minutes[1]
+
+
+def test_load_model_names_the_uri_it_tried(tmp_path):
+    with pytest.raises(ModelNotFound, match=re.escape(str(tmp_path))):
+        load_model(str(tmp_path))
+
+
+def test_function_requirements_pin_the_versions_training_logs():
+    pins = dict(
+        line.split("==") for line in (REPO / "serving_function/requirements.txt").read_text().splitlines() if "==" in line
+    )
+    lock = dict(
+        line.split("==")
+        for line in (REPO / "requirements.lock").read_text().splitlines()
+        if "==" in line and not line.startswith(" ")
+    )
+    from training.models import RUNTIME_PACKAGES
+
+    for package in RUNTIME_PACKAGES:
+        assert pins[package] == lock[package], package
+
+
+def test_concurrent_deliveries_of_one_ride_publish_once():
+    import threading
+
+    class SlowPublisher(RecordingPublisher):
+        def publish(self, topic, data, **attributes):
+            threading.Event().wait(0.2)  # the duplicate arrives while this is in flight
+            super().publish(topic, data, **attributes)
+
+    publisher = SlowPublisher()
+    svc = service(publisher)
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(svc.handle(b64(RIDE), f"m{i}"))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(publisher.sent) == 1 and len(set(results)) == 1
