@@ -175,3 +175,32 @@ def test_concurrent_deliveries_of_one_ride_publish_once():
     for t in threads:
         t.join()
     assert len(publisher.sent) == 1 and len(set(results)) == 1
+
+
+def test_deploy_and_redeploy_commands_use_the_production_run_and_no_keys(local_model, monkeypatch):
+    from serving_function import deploy
+    from training.registry import promote, resolve
+
+    result, settings = local_model
+    for name, value in {
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "GCP_PROJECT": "ridestream-prod",
+        "MODEL_BUCKET": "ridestream-models",
+        "FUNCTION_SERVICE_ACCOUNT": "fn-predict@ridestream-prod.iam.gserviceaccount.com",
+    }.items():
+        monkeypatch.setenv(name, value)
+    promote(result.version, settings)
+    production = resolve("production", settings)
+
+    first = deploy.deploy_command()
+    assert first[:4] == ["gcloud", "functions", "deploy", "predict-duration"]
+    assert {"--gen2", "--runtime=python312", "--trigger-topic=backend-push-stream", "--retry"} <= set(first)
+    [env_vars] = [a for a in first if a.startswith("--set-env-vars=")]
+    assert f"RUN_ID={production.run_id}" in env_vars and f"MODEL_VERSION={production.version}" in env_vars
+    assert not any("key" in a.lower() or a.endswith(".json") for a in first)
+
+    again = deploy.redeploy_command()
+    assert [a for a in again if "env-vars" in a] == [
+        f"--update-env-vars=RUN_ID={production.run_id},MODEL_VERSION={production.version}"
+    ]
+    assert not any(a.startswith(("--set-env-vars", "--trigger-topic", "--runtime")) for a in again)

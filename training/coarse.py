@@ -14,7 +14,7 @@ import pandas as pd
 from sklearn.metrics import root_mean_squared_error
 
 from data import load_trips, month_uri
-from training.features import CoarseEstimator
+from training.ride import CoarseEstimator
 from training.settings import Settings
 
 ARTIFACT_FILE = "coarse_model.json"
@@ -37,7 +37,8 @@ def fit(trips: pd.DataFrame, trained_on: str = "") -> CoarseEstimator:
 
 
 def rmse(estimator: CoarseEstimator, trips: pd.DataFrame) -> float:
-    return float(root_mean_squared_error(trips["duration"], estimator.predict(trips)))
+    predicted = estimator.predict(trips["datetime"].dt.hour.to_numpy(), trips["trip_distance"].to_numpy())
+    return float(root_mean_squared_error(trips["duration"], predicted))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ from sklearn.metrics import mean_absolute_error, r2_score, root_mean_squared_err
 from sklearn.pipeline import Pipeline
 
 from data import TripDataError, load_trips, month_uri
-from training import coarse, features
+from training import coarse, features, ride
 from training.models import DEFAULT_PARAMS, MODEL_FAMILIES, build_pipeline, pip_requirements, suggest_params
 from training.settings import Settings, configure_mlflow
 
@@ -150,11 +150,12 @@ def _log_plots(model: Pipeline, frame: pd.DataFrame, split: str, out_dir: Path) 
 
 
 def _feature_code_dir(tmp: Path) -> Path:
-    """A copy of just the ``training.features`` module, shipped inside the model."""
+    """A copy of just the ride schema and feature modules, shipped inside the model."""
     package = tmp / "code" / "training"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    shutil.copy(Path(features.__file__), package / "features.py")
+    for module in (ride, features):
+        shutil.copy(Path(module.__file__), package / Path(module.__file__).name)
     return package
 
 

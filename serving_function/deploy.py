@@ -1,0 +1,93 @@
+"""Deploy the serving function to Cloud Functions (2nd gen), or point it at a new model.
+
+    python -m serving_function.deploy deploy     # first deployment, RUN_ID of the `production` alias
+    python -m serving_function.deploy redeploy   # after promoting in the MLflow UI: only RUN_ID/MODEL_VERSION change
+    ... --dry-run                                # print the gcloud command instead of running it
+
+The function runs as its own service account (no key files: the runtime's
+identity reads the bucket and publishes). Settings come from the environment:
+GCP_PROJECT, GCP_REGION, FUNCTION_NAME, FUNCTION_SERVICE_ACCOUNT, MODEL_BUCKET,
+BACKEND_PUSH_STREAM, BACKEND_PULL_STREAM, BACKEND_DEADLETTER_STREAM, plus
+MLFLOW_TRACKING_URI to resolve the alias. Not uploaded (see .gcloudignore).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from training.registry import PRODUCTION, resolve
+
+SOURCE_DIR = Path(__file__).resolve().parent
+ENTRY_POINT = "predict_duration_cloudevent"
+RUNTIME = "python312"
+
+
+def _env(name: str, default: str | None = None) -> str:
+    value = os.environ.get(name, default)
+    if not value:
+        raise SystemExit(f"error: set {name}")
+    return value
+
+
+def _base_command() -> list[str]:
+    return [
+        "gcloud",
+        "functions",
+        "deploy",
+        _env("FUNCTION_NAME", "predict-duration"),
+        "--gen2",
+        f"--project={_env('GCP_PROJECT')}",
+        f"--region={_env('GCP_REGION', 'europe-west1')}",
+        f"--source={SOURCE_DIR}",
+        f"--entry-point={ENTRY_POINT}",
+    ]
+
+
+def deploy_command(alias: str = PRODUCTION) -> list[str]:
+    model = resolve(alias)
+    env_vars = {
+        "PROJECT_ID": _env("GCP_PROJECT"),
+        "RUN_ID": model.run_id,
+        "MODEL_VERSION": model.version,
+        "MODEL_BUCKET": _env("MODEL_BUCKET"),
+        "BACKEND_PULL_STREAM": _env("BACKEND_PULL_STREAM", "backend-pull-stream"),
+        "BACKEND_DEADLETTER_STREAM": _env("BACKEND_DEADLETTER_STREAM", "backend-deadletter-stream"),
+    }
+    return [
+        *_base_command(),
+        f"--runtime={RUNTIME}",
+        f"--trigger-topic={_env('BACKEND_PUSH_STREAM', 'backend-push-stream')}",
+        f"--service-account={_env('FUNCTION_SERVICE_ACCOUNT')}",
+        # The model (~2 MB) and sklearn load in a few seconds; 1 GiB leaves room for pandas.
+        "--memory=1Gi",
+        "--retry",  # failed deliveries (publish errors) are retried; poison messages are dead-lettered by the code
+        "--set-env-vars=" + ",".join(f"{k}={v}" for k, v in env_vars.items()),
+    ]
+
+
+def redeploy_command(alias: str = PRODUCTION) -> list[str]:
+    """Same function and source, only the model identity changes."""
+    model = resolve(alias)
+    return [*_base_command(), f"--update-env-vars=RUN_ID={model.run_id},MODEL_VERSION={model.version}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["deploy", "redeploy"])
+    parser.add_argument("--alias", default=PRODUCTION)
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+    command = deploy_command(args.alias) if args.action == "deploy" else redeploy_command(args.alias)
+    print(shlex.join(command))
+    if args.dry_run:
+        return 0
+    return subprocess.call(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
