@@ -48,13 +48,6 @@ def log(severity: str, message: str, **fields: Any) -> None:
     print(json.dumps({"severity": severity, "message": message, **fields}, default=str), file=sys.stdout, flush=True)
 
 
-def _validation_reason(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if not callable(errors):
-        return str(exc)
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'ride'}: {e['msg']}" for e in errors())
-
-
 class RideDurationService:
     def __init__(
         self,
@@ -93,16 +86,14 @@ class RideDurationService:
             payload = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PoisonMessage(f"data is not JSON: {exc}") from exc
-        if not isinstance(payload, dict):
-            raise PoisonMessage(f"a ride must be a JSON object, got {type(payload).__name__}")
-        if not payload.get("ride_id") and message_id:
+        if isinstance(payload, dict) and not payload.get("ride_id") and message_id:
             # Only when the sender gave none: derived from the Pub/Sub message id, so a
             # redelivery of the same message keeps the same ride_id.
             payload["ride_id"] = f"msg-{message_id}"
         try:
-            return self.features.Ride.model_validate(payload)
-        except ValueError as exc:  # pydantic.ValidationError is a ValueError
-            raise PoisonMessage(f"invalid ride: {_validation_reason(exc)}") from exc
+            return self.features.parse_ride(payload)
+        except self.features.InvalidRide as exc:
+            raise PoisonMessage(f"invalid ride: {exc}") from exc
 
     def predict(self, ride: Any) -> Prediction:
         minutes = float(self.model.predict(self.features.rides_frame([ride]))[0])

@@ -90,7 +90,7 @@ def test_duplicate_delivery_publishes_once():
     [
         ("%%% not base64 %%%", "not base64"),
         (b64("{not json"), "not JSON"),
-        (b64("[1, 2]"), "JSON object"),
+        (b64("[1, 2]"), "must be a JSON object"),
         (b64({**RIDE, "PULocationID": 999}), "PULocationID"),
         (b64({**RIDE, "trip_distance": -1}), "trip_distance"),
         (b64({**RIDE, "datetime": "yesterday"}), "datetime"),

@@ -15,9 +15,19 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from training.ride import RIDE_COLUMNS, Ride
+# Re-exported: the serving function reaches the schema through the model's copy of this module.
+from training.ride import RIDE_COLUMNS, InvalidRide, Ride, parse_ride
 
-__all__ = ["FEATURE_COLUMNS", "RIDE_COLUMNS", "Ride", "RideFeaturizer", "ride_features", "rides_frame"]
+__all__ = [
+    "FEATURE_COLUMNS",
+    "RIDE_COLUMNS",
+    "InvalidRide",
+    "Ride",
+    "RideFeaturizer",
+    "parse_ride",
+    "ride_features",
+    "rides_frame",
+]
 
 FEATURE_COLUMNS = ["PULocationID", "DOLocationID", "PU_DO", "trip_distance", "pickup_hour", "pickup_weekday"]
 

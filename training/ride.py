@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # TLC zone IDs: 1..263 are zones, 264/265 are "Unknown"/"Outside of NYC".
 MIN_LOCATION_ID = 1
@@ -61,6 +61,24 @@ class Ride(BaseModel):
     def model_input(self) -> dict[str, Any]:
         """The ride as one row of model input (no ride_id)."""
         return self.model_dump(include=set(RIDE_COLUMNS))
+
+
+class InvalidRide(ValueError):
+    """A payload that is not a valid ride; ``fields`` maps each bad field to what is wrong with it."""
+
+    def __init__(self, fields: dict[str, str]):
+        self.fields = fields
+        super().__init__("; ".join(f"{name}: {problem}" for name, problem in fields.items()))
+
+
+def parse_ride(payload: Any) -> Ride:
+    """Validate a decoded JSON payload as a ride, or raise InvalidRide naming every bad field."""
+    if not isinstance(payload, Mapping):
+        raise InvalidRide({"ride": f"must be a JSON object, got {type(payload).__name__}"})
+    try:
+        return Ride.model_validate(payload)
+    except ValidationError as exc:
+        raise InvalidRide({".".join(map(str, e["loc"])) or "ride": e["msg"] for e in exc.errors()}) from exc
 
 
 class CoarseEstimator:

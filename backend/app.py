@@ -1,0 +1,163 @@
+"""Flask app: POST a ride, get a coarse estimate now; the accurate duration follows through the stream.
+
+    gunicorn --bind 127.0.0.1:8080 --threads 8 "backend.app:create_app()"
+
+Routes:
+  POST /predict[?wait=N]   validate, answer {ride_id, duration_coarse, status: pending} (202) and publish
+                           the ride to BACKEND_PUSH_STREAM; with wait, up to N s for the final (200 when done)
+  GET  /rides/<ride_id>    coarse + final, or pending
+  GET  /healthz            the process is up
+  GET  /readyz             the stream (both topics) is reachable and the result listener runs
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+import time
+import uuid
+from typing import Any
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from backend.results import ResultStore, make_store
+from backend.settings import BackendSettings
+from backend.stream import PublishError, ResultListener, RidePublisher, stream_problem
+from training.ride import CoarseEstimator, InvalidRide, parse_ride
+
+log = logging.getLogger("backend")
+_STANDARD_LOG_FIELDS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with severity (Cloud Logging's field) and any ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "severity": record.levelname,
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **{k: v for k, v in record.__dict__.items() if k not in _STANDARD_LOG_FIELDS},
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonFormatter())
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
+def _error(status: int, message: str, **details: Any):
+    return jsonify({"error": message, **details}), status
+
+
+def create_app(
+    settings: BackendSettings | None = None,
+    publisher: Any = None,
+    store: ResultStore | None = None,
+    listener: Any = None,
+) -> Flask:
+    """Wire the app; tests inject a fake publisher/store, production builds the real ones from the environment."""
+    _configure_logging()
+    settings = settings or BackendSettings.from_env()
+    store = store or make_store(settings.redis_url, settings.result_ttl_seconds)
+    publisher = publisher or RidePublisher(settings.project_id, settings.push_topic, settings.publish_timeout_seconds)
+    if listener is None:
+        listener = ResultListener(settings.project_id, settings.pull_subscription, store).start()
+    coarse = CoarseEstimator.from_dict(json.loads(settings.coarse_model_path.read_text()))
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["ridestream"] = {"store": store, "publisher": publisher, "listener": listener, "settings": settings}
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return _error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unhandled error", extra={"path": request.path})
+        return _error(500, "internal error")
+
+    @app.post("/predict")
+    def predict():
+        wait = request.args.get("wait", "0")
+        try:
+            wait_seconds = float(wait)
+        except ValueError:
+            return _error(400, "wait must be a number of seconds", wait=wait)
+        if not 0 <= wait_seconds <= settings.max_wait_seconds:
+            return _error(400, f"wait must be between 0 and {settings.max_wait_seconds:g} seconds", wait=wait)
+        payload = request.get_json(silent=True)
+        if payload is None:
+            return _error(400, "body must be a JSON object (Content-Type: application/json)")
+        try:
+            ride = parse_ride(payload)
+        except InvalidRide as exc:
+            return _error(400, "invalid ride", fields=exc.fields)
+
+        ride_id = ride.ride_id or uuid.uuid4().hex
+        ride = ride.model_copy(update={"ride_id": ride_id})
+        record = {
+            "ride_id": ride_id,
+            "duration_coarse": round(coarse.predict_ride(ride), 2),
+            "status": "pending",
+            "ride": ride.model_dump(mode="json", exclude={"ride_id"}),
+            "requested_at": time.time(),
+        }
+        if not store.create(ride_id, record):
+            return _error(409, "ride_id already used; omit ride_id to get a fresh one", ride_id=ride_id)
+        try:
+            publisher.publish(ride.model_dump_json().encode(), ride_id=ride_id)
+        except PublishError as exc:
+            store.discard(ride_id)  # not in the stream: the client retries, possibly with the same ride_id
+            log.error("publish failed", extra={"ride_id": ride_id, "error": str(exc)})
+            return _error(
+                503, "the ride stream is unavailable; retry", ride_id=ride_id, duration_coarse=record["duration_coarse"]
+            )
+        log.info("ride accepted", extra={"ride_id": ride_id, "duration_coarse": record["duration_coarse"]})
+
+        if wait_seconds > 0:
+            record = store.wait(ride_id, wait_seconds) or record
+        status = 200 if record.get("status") == "done" else 202
+        return jsonify(record), status, {"Location": f"/rides/{ride_id}"}
+
+    @app.get("/rides/<ride_id>")
+    def ride_status(ride_id: str):
+        record = store.get(ride_id)
+        if record is None:
+            return _error(404, "unknown ride_id (or its result expired)", ride_id=ride_id)
+        return jsonify(record)
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz():
+        checks = {
+            "push_stream": stream_problem(publisher.check, 2.0),
+            "pull_stream": stream_problem(listener.check, 2.0),
+            "result_listener": None if listener.running else "not running",
+            "result_store": stream_problem(lambda timeout: store.ping(), 2.0),
+        }
+        ready = all(problem is None for problem in checks.values())
+        body = {
+            "ready": ready,
+            "checks": {name: problem or "ok" for name, problem in checks.items()},
+            "results_received": listener.received,
+            "listener_last_error": listener.last_error,
+        }
+        return jsonify(body), 200 if ready else 503
+
+    return app

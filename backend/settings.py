@@ -1,0 +1,38 @@
+"""The backend's configuration: every environment variable it reads, in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_COARSE_MODEL = Path(__file__).resolve().parent / "coarse_model.json"
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    project_id: str
+    push_topic: str  # rides go out here (BACKEND_PUSH_STREAM)
+    pull_subscription: str  # results come in here; every replica shares this one subscription
+    # Empty: results live in this process (one replica only). redis://host:6379/0: shared by all replicas.
+    redis_url: str
+    coarse_model_path: Path
+    max_wait_seconds: float  # upper bound for POST /predict?wait=N
+    result_ttl_seconds: int
+    max_body_bytes: int
+    publish_timeout_seconds: float
+
+    @classmethod
+    def from_env(cls) -> BackendSettings:
+        env = os.environ.get
+        return cls(
+            project_id=env("PROJECT_ID") or env("GOOGLE_CLOUD_PROJECT") or "ridestream-local",
+            push_topic=env("BACKEND_PUSH_STREAM", "backend-push-stream"),
+            pull_subscription=env("BACKEND_PULL_SUBSCRIPTION", "backend-pull-stream-backend"),
+            redis_url=env("REDIS_URL", ""),
+            coarse_model_path=Path(env("COARSE_MODEL_PATH") or DEFAULT_COARSE_MODEL),
+            max_wait_seconds=float(env("MAX_WAIT_SECONDS", "10")),
+            result_ttl_seconds=int(env("RESULT_TTL_SECONDS", "86400")),
+            max_body_bytes=int(env("MAX_BODY_BYTES", "16384")),
+            publish_timeout_seconds=float(env("PUBLISH_TIMEOUT_SECONDS", "10")),
+        )

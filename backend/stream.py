@@ -1,0 +1,133 @@
+"""The backend's two ends of the stream: publish rides, listen for results."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from google.api_core.retry import Retry
+from google.cloud import pubsub_v1
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from backend.results import ResultStore
+
+log = logging.getLogger("backend.stream")
+
+
+class FinalResult(BaseModel):
+    """What the serving function publishes to BACKEND_PULL_STREAM."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    ride_id: str = Field(min_length=1)
+    duration_final: float
+    model_run_id: str
+    model_version: str = ""
+
+
+class PublishError(RuntimeError):
+    pass
+
+
+class RidePublisher:
+    def __init__(self, project_id: str, topic: str, timeout: float):
+        # One message per batch: a request waits for its own publish, batching would only add latency.
+        self._client = pubsub_v1.PublisherClient(batch_settings=pubsub_v1.types.BatchSettings(max_messages=1))
+        self.topic_path = self._client.topic_path(project_id, topic)
+        self._timeout = timeout
+        # Retry transient errors, but give up within the request's budget: the client then
+        # gets a clear 503 and can retry, instead of a request hanging for minutes.
+        self._retry = Retry(initial=0.1, maximum=1.0, timeout=timeout)
+
+    def publish(self, data: bytes, **attributes: str) -> None:
+        try:
+            self._client.publish(self.topic_path, data, retry=self._retry, **attributes).result(timeout=self._timeout)
+        except Exception as exc:  # any failure means the ride is not in the stream
+            raise PublishError(f"could not publish to {self.topic_path}: {type(exc).__name__}: {exc}") from exc
+
+    def check(self, timeout: float = 2.0) -> None:
+        self._client.get_topic(topic=self.topic_path, timeout=timeout, retry=None)
+
+
+class ResultListener:
+    """Streaming pull on the results subscription; stores each result, acks only after it is stored."""
+
+    def __init__(self, project_id: str, subscription: str, store: ResultStore):
+        self._subscriber = pubsub_v1.SubscriberClient()
+        self.subscription_path = self._subscriber.subscription_path(project_id, subscription)
+        self._store = store
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+        self.received = 0
+
+    def _on_message(self, message: Any) -> None:
+        try:
+            result = FinalResult.model_validate_json(message.data)
+        except ValidationError as exc:
+            # No redelivery can make it valid; ack it and say so loudly.
+            log.error(
+                "malformed result dropped", extra={"data": message.data[:500].decode("utf-8", "replace"), "error": str(exc)}
+            )
+            message.ack()
+            return
+        try:
+            self._store.complete(result.ride_id, result.model_dump())
+        except Exception:
+            log.exception("could not store result; it will be redelivered", extra={"ride_id": result.ride_id})
+            message.nack()
+            return
+        self.received += 1
+        self.last_error = None  # results flow again
+        message.ack()
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            future = self._subscriber.subscribe(self.subscription_path, self._on_message)
+            try:
+                while not self._stop.is_set():
+                    try:
+                        future.result(timeout=1)
+                        break  # the stream ended without an error: open a new one
+                    except TimeoutError:
+                        backoff = 0.5  # still streaming
+            except Exception as exc:  # the stream died: say so, then reconnect
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("result stream interrupted, reconnecting", extra={"error": self.last_error})
+            finally:
+                future.cancel()
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 10)
+
+    def start(self) -> ResultListener:
+        self._thread = threading.Thread(target=self._run, name="result-listener", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def check(self, timeout: float = 2.0) -> None:
+        self._subscriber.get_subscription(subscription=self.subscription_path, timeout=timeout, retry=None)
+
+
+def stream_problem(check: Any, seconds: float) -> str | None:
+    """None if ``check()`` passes, else why not (used by readiness)."""
+    started = time.monotonic()
+    try:
+        check(timeout=seconds)
+        return None
+    except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+        return f"{type(exc).__name__} after {time.monotonic() - started:.1f} s: {getattr(exc, 'message', exc)}"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"

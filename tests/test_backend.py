@@ -1,0 +1,244 @@
+"""Backend API with a recording publisher, an in-memory store and a stand-in listener: validation and correlation."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from conftest import REPO
+
+from backend.app import create_app
+from backend.results import InMemoryResultStore
+from backend.settings import BackendSettings
+from backend.stream import PublishError
+from training.ride import CoarseEstimator
+
+RIDE = {"datetime": "2022-06-23 11:36:42", "PULocationID": 34, "DOLocationID": 56, "trip_distance": 12}
+
+
+class RecordingPublisher:
+    def __init__(self):
+        self.sent: list[tuple[dict, dict]] = []
+        self.fail = False
+
+    def publish(self, data: bytes, **attributes: str) -> None:
+        if self.fail:
+            raise PublishError("could not publish: emulator down")
+        self.sent.append((json.loads(data), attributes))
+
+    def check(self, timeout: float) -> None:
+        if self.fail:
+            raise ConnectionError("emulator down")
+
+
+class IdleListener:
+    running = True
+    last_error = None
+    received = 0
+
+    def check(self, timeout: float) -> None:
+        return None
+
+
+def settings(**overrides) -> BackendSettings:
+    base = BackendSettings.from_env()
+    return BackendSettings(**{**base.__dict__, "max_wait_seconds": 5, **overrides})
+
+
+@pytest.fixture
+def backend():
+    publisher, store = RecordingPublisher(), InMemoryResultStore()
+    app = create_app(settings(), publisher=publisher, store=store, listener=IdleListener())
+    return app.test_client(), publisher, store
+
+
+def coarse_model() -> CoarseEstimator:
+    return CoarseEstimator.from_dict(json.loads((REPO / "backend/coarse_model.json").read_text()))
+
+
+def test_valid_ride_gets_coarse_estimate_and_is_published_with_its_ride_id(backend):
+    client, publisher, _ = backend
+    response = client.post("/predict", json=RIDE)
+    assert response.status_code == 202
+    body = response.get_json()
+    assert body["status"] == "pending" and len(body["ride_id"]) == 32
+    # The coarse estimate is the fitted per-hour line at 11:36 for 12 miles, not a constant.
+    model = coarse_model()
+    assert body["duration_coarse"] == pytest.approx(model.intercepts[11] + model.slopes[11] * 12, abs=0.01)
+    [(published, attributes)] = publisher.sent
+    assert published == {**RIDE, "datetime": "2022-06-23T11:36:42", "ride_id": body["ride_id"]}
+    assert attributes == {"ride_id": body["ride_id"]}
+    assert response.headers["Location"] == f"/rides/{body['ride_id']}"
+
+
+def test_result_from_the_stream_is_served_by_ride_id(backend):
+    client, _, store = backend
+    ride_id = client.post("/predict", json=RIDE).get_json()["ride_id"]
+    assert client.get(f"/rides/{ride_id}").get_json()["status"] == "pending"
+    store.complete(ride_id, {"ride_id": ride_id, "duration_final": 31.5, "model_run_id": "r", "model_version": "2"})
+    body = client.get(f"/rides/{ride_id}").get_json()
+    assert body["status"] == "done" and body["duration_final"] == 31.5 and "duration_coarse" in body
+
+
+def test_wait_returns_the_final_duration_when_it_arrives_in_time(backend):
+    client, publisher, store = backend
+
+    def answer_soon():
+        while not publisher.sent:
+            threading.Event().wait(0.01)
+        ride_id = publisher.sent[0][0]["ride_id"]
+        threading.Event().wait(0.2)
+        store.complete(ride_id, {"ride_id": ride_id, "duration_final": 17.0, "model_run_id": "r", "model_version": "1"})
+
+    threading.Thread(target=answer_soon).start()
+    response = client.post("/predict?wait=3", json=RIDE)
+    assert response.status_code == 200 and response.get_json()["duration_final"] == 17.0
+
+
+def test_wait_times_out_as_pending(backend):
+    client, _, _ = backend
+    response = client.post("/predict?wait=0.3", json=RIDE)
+    assert response.status_code == 202 and response.get_json()["status"] == "pending"
+
+
+def test_concurrent_requests_each_get_their_own_result(backend):
+    client, publisher, store = backend
+    rides = [{**RIDE, "trip_distance": float(i + 1)} for i in range(20)]
+    responses: dict[float, dict] = {}
+
+    def stand_in_consumer():  # answers each ride with 3 min/mile, in reverse order of arrival
+        answered = 0
+        while answered < len(rides):
+            pending = publisher.sent[answered:]
+            for ride, _ in reversed(pending):
+                store.complete(
+                    ride["ride_id"],
+                    {"ride_id": ride["ride_id"], "duration_final": ride["trip_distance"] * 3, "model_run_id": "r"},
+                )
+            answered += len(pending)
+            threading.Event().wait(0.01)
+
+    def request(ride):
+        responses[ride["trip_distance"]] = client.post("/predict?wait=5", json=ride).get_json()
+
+    consumer = threading.Thread(target=stand_in_consumer)
+    consumer.start()
+    threads = [threading.Thread(target=request, args=(r,)) for r in rides]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    consumer.join(timeout=10)
+    assert len({r["ride_id"] for r in responses.values()}) == len(rides)
+    for distance, body in responses.items():
+        assert body["duration_final"] == distance * 3
+
+
+def test_client_ride_id_is_kept_and_cannot_be_reused(backend):
+    client, publisher, _ = backend
+    assert client.post("/predict", json={**RIDE, "ride_id": "app-42"}).get_json()["ride_id"] == "app-42"
+    again = client.post("/predict", json={**RIDE, "ride_id": "app-42"})
+    assert again.status_code == 409 and "already used" in again.get_json()["error"]
+    assert len(publisher.sent) == 1
+
+
+def test_stream_outage_answers_503_and_keeps_nothing_half_done(backend):
+    client, publisher, store = backend
+    publisher.fail = True
+    response = client.post("/predict", json={**RIDE, "ride_id": "retry-me"})
+    assert response.status_code == 503 and "retry" in response.get_json()["error"]
+    assert store.get("retry-me") is None
+    assert client.get("/readyz").status_code == 503
+    publisher.fail = False
+    assert client.post("/predict", json={**RIDE, "ride_id": "retry-me"}).status_code == 202
+    assert client.get("/readyz").get_json()["ready"] is True
+
+
+def test_unknown_ride_is_404(backend):
+    client, _, _ = backend
+    response = client.get("/rides/nope")
+    assert response.status_code == 404 and "unknown" in response.get_json()["error"]
+
+
+BAD_RIDES = [
+    ({}, "datetime"),
+    ({**RIDE, "PULocationID": 0}, "PULocationID"),
+    ({**RIDE, "PULocationID": 266}, "PULocationID"),
+    ({**RIDE, "DOLocationID": -5}, "DOLocationID"),
+    ({**RIDE, "PULocationID": "34"}, "PULocationID"),
+    ({**RIDE, "PULocationID": 34.5}, "PULocationID"),
+    ({**RIDE, "PULocationID": True}, "PULocationID"),
+    ({**RIDE, "PULocationID": None}, "PULocationID"),
+    ({**RIDE, "trip_distance": 0}, "trip_distance"),
+    ({**RIDE, "trip_distance": -3}, "trip_distance"),
+    ({**RIDE, "trip_distance": 10_000}, "trip_distance"),
+    ({**RIDE, "trip_distance": "12"}, "trip_distance"),
+    ({**RIDE, "trip_distance": [12]}, "trip_distance"),
+    ({**RIDE, "datetime": "23/06/2022 11:36"}, "datetime"),
+    ({**RIDE, "datetime": "2022-13-01 00:00:00"}, "datetime"),
+    ({**RIDE, "datetime": 1656000000}, "datetime"),
+    ({**RIDE, "datetime": ""}, "datetime"),
+    ({**RIDE, "fare_amount": 10}, "fare_amount"),
+    ({**RIDE, "ride_id": "has space"}, "ride_id"),
+    ({**RIDE, "ride_id": "x" * 65}, "ride_id"),
+    ({**RIDE, "ride_id": 7}, "ride_id"),
+    ([RIDE], "ride"),
+    ("a string", "ride"),
+    (42, "ride"),
+]
+
+
+@pytest.mark.parametrize(("payload", "field"), BAD_RIDES)
+def test_bad_ride_is_400_naming_the_field_and_nothing_is_published(backend, payload, field):
+    client, publisher, _ = backend
+    response = client.post("/predict", json=payload)
+    assert response.status_code == 400
+    body = response.get_json()
+    assert body["error"] == "invalid ride" and field in body["fields"]
+    assert publisher.sent == []
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (b"{not json", "application/json", 400),
+        (b"", "application/json", 400),
+        (json.dumps(RIDE).encode(), "text/plain", 400),
+        (
+            b'{"trip_distance": NaN, "datetime": "2022-06-23 11:36:42", "PULocationID": 1, "DOLocationID": 2}',
+            "application/json",
+            400,
+        ),
+        (
+            b'{"trip_distance": Infinity, "datetime": "2022-06-23 11:36:42", "PULocationID": 1, "DOLocationID": 2}',
+            "application/json",
+            400,
+        ),
+        (json.dumps({**RIDE, "note": "x" * 20_000}).encode(), "application/json", 413),
+    ],
+)
+def test_malformed_bodies_get_a_json_error_never_500(backend, body, content_type, status):
+    client, publisher, _ = backend
+    response = client.post("/predict", data=body, content_type=content_type)
+    assert response.status_code == status
+    assert response.is_json and response.get_json()["error"]
+    assert publisher.sent == []
+
+
+@pytest.mark.parametrize("wait", ["abc", "-1", "11", "nan"])
+def test_bad_wait_parameter_is_400(backend, wait):
+    client, _, _ = backend
+    assert client.post(f"/predict?wait={wait}", json=RIDE).status_code == 400
+
+
+def test_random_garbage_never_gives_500(backend):
+    import random
+
+    client, _, _ = backend
+    rng = random.Random(7)
+    values = [None, True, -1, 0, 1, 265, 266, 1e308, -1e-9, "", "x", "2021-01-01 00:00:00", [], {}, [1], {"a": 1}]
+    keys = [*RIDE, "ride_id", "extra"]
+    for _ in range(300):
+        payload = {k: rng.choice(values) for k in rng.sample(keys, rng.randint(0, len(keys)))}
+        assert client.post("/predict", json=payload).status_code in (202, 400)
