@@ -1,0 +1,188 @@
+"""The backend against real services: the Pub/Sub emulator, Redis shared by two replicas, and gunicorn
+started with the Dockerfile's own command."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import threading
+import uuid
+
+import pytest
+import requests
+from conftest import REPO, unique
+from dockerfile_parse import DockerfileParser
+from google.cloud import pubsub_v1
+
+from backend.app import create_app
+from backend.results import RedisResultStore
+from backend.settings import BackendSettings
+from localstack.processes import Service, answers_http, free_port
+from localstack.pubsub import ensure_subscription, ensure_topic, pull_messages
+
+pytestmark = pytest.mark.integration
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+RIDE = {"datetime": "2021-03-04 18:59:00", "PULocationID": 196, "DOLocationID": 28, "trip_distance": 2.5}
+
+
+@pytest.fixture
+def redis_prefix():
+    """A key prefix of this test's own on the machine's Redis; its keys are removed afterwards."""
+    import redis
+
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
+
+
+def test_redis_store_is_shared_between_replicas(redis_prefix):
+    replica_a = RedisResultStore(REDIS_URL, ttl_seconds=60, prefix=redis_prefix)
+    replica_b = RedisResultStore(REDIS_URL, ttl_seconds=60, prefix=redis_prefix)
+    assert replica_a.create("r1", {"ride_id": "r1", "status": "pending", "duration_coarse": 9.0})
+    assert not replica_b.create("r1", {"ride_id": "r1", "status": "pending"})  # one ride_id, one ride
+
+    waited: list = []
+    waiter = threading.Thread(target=lambda: waited.append(replica_a.wait("r1", timeout=5)))
+    waiter.start()
+    threading.Event().wait(0.2)
+    replica_b.complete("r1", {"ride_id": "r1", "duration_final": 12.5, "model_run_id": "abc"})
+    waiter.join()
+    assert waited[0] == {"ride_id": "r1", "status": "done", "duration_coarse": 9.0, "duration_final": 12.5, "model_run_id": "abc"}
+    assert replica_a.wait("r2", timeout=0.2) is None
+
+
+class StandInConsumer:
+    """Plays the serving function: pulls rides from the push topic, answers 2 minutes per mile."""
+
+    def __init__(self, project: str, push_subscription: str, pull_topic: str):
+        self.project, self.subscription, self.pull_topic = project, push_subscription, pull_topic
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        publisher = pubsub_v1.PublisherClient()
+        topic = publisher.topic_path(self.project, self.pull_topic)
+        while not self.stop.is_set():
+            for message in pull_messages(self.project, self.subscription, 100, timeout=1):
+                ride = json.loads(message.data)
+                result = {"ride_id": ride["ride_id"], "duration_final": ride["trip_distance"] * 2, "model_run_id": "stand-in"}
+                publisher.publish(topic, json.dumps(result).encode()).result(timeout=10)
+
+
+@pytest.fixture
+def streams(emulators):
+    names = {"push": unique("push"), "pull": unique("pull")}
+    for topic in names.values():
+        ensure_topic(emulators.project, topic)
+    ensure_subscription(emulators.project, names["push"], names["push"] + "-sub")
+    ensure_subscription(emulators.project, names["pull"], names["pull"] + "-sub")
+    consumer = StandInConsumer(emulators.project, names["push"] + "-sub", names["pull"])
+    consumer.thread.start()
+    yield names
+    consumer.stop.set()
+    consumer.thread.join(timeout=10)
+
+
+def backend_settings(emulators, streams, **overrides) -> BackendSettings:
+    base = BackendSettings.from_env()
+    values = {
+        **base.__dict__,
+        "project_id": emulators.project,
+        "push_topic": streams["push"],
+        "pull_subscription": streams["pull"] + "-sub",
+        **overrides,
+    }
+    return BackendSettings(**values)
+
+
+def test_round_trip_through_the_emulator(emulators, streams):
+    app = create_app(backend_settings(emulators, streams))
+    client = app.test_client()
+    try:
+        response = client.post("/predict?wait=10", json=RIDE)
+        assert response.status_code == 200, response.get_json()
+        body = response.get_json()
+        assert body["duration_final"] == 5.0 and body["model_run_id"] == "stand-in"
+        assert client.get(f"/rides/{body['ride_id']}").get_json()["status"] == "done"
+        ready = client.get("/readyz").get_json()
+        assert ready["ready"] is True and ready["results_received"] == 1
+    finally:
+        app.extensions["ridestream"]["listener"].stop()
+
+
+def test_two_replicas_sharing_redis_and_one_subscription_serve_any_ride(emulators, streams, redis_prefix):
+    replicas = []
+    for _ in range(2):
+        store = RedisResultStore(REDIS_URL, ttl_seconds=60, prefix=redis_prefix)
+        replicas.append(create_app(backend_settings(emulators, streams), store=store))
+    clients = [app.test_client() for app in replicas]
+    try:
+        rides = [{**RIDE, "trip_distance": float(d)} for d in range(1, 21)]
+        ride_ids = [clients[i % 2].post("/predict", json=ride).get_json()["ride_id"] for i, ride in enumerate(rides)]
+        for i, (ride, ride_id) in enumerate(zip(rides, ride_ids, strict=True)):
+            other = clients[(i + 1) % 2]  # ask the replica that did not take the ride
+            body = other.get(f"/rides/{ride_id}").get_json()
+            deadline = threading.Event()
+            for _ in range(100):
+                if body["status"] == "done":
+                    break
+                deadline.wait(0.1)
+                body = other.get(f"/rides/{ride_id}").get_json()
+            assert body["duration_final"] == ride["trip_distance"] * 2, body
+    finally:
+        for app in replicas:
+            app.extensions["ridestream"]["listener"].stop()
+
+
+def _dockerfile() -> DockerfileParser:
+    parser = DockerfileParser()
+    parser.content = (REPO / "backend/Dockerfile").read_text()
+    return parser
+
+
+def test_dockerfile_is_slim_non_root_gunicorn_and_has_no_credentials():
+    parser = _dockerfile()
+    assert parser.baseimage.endswith("-slim")
+    users = [i["value"] for i in parser.structure if i["instruction"] == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert "gunicorn" in parser.cmd and "backend.app:create_app()" in parser.cmd
+    text = parser.content.lower()
+    for secret_hint in ("google_application_credentials", "service-account", ".json", "password", "secret", "key="):
+        assert secret_hint not in text, secret_hint
+    copied = [i["value"] for i in parser.structure if i["instruction"] in ("COPY", "ADD")]
+    assert all(src.split()[0].startswith(("backend/", "training/")) for src in copied), copied
+
+
+def test_the_dockerfile_command_serves_the_app(emulators, streams, tmp_path):
+    parser = _dockerfile()
+    port = free_port()
+    # The image's CMD, run here: same gunicorn invocation, bound to loopback instead of 0.0.0.0.
+    command = json.loads(parser.cmd) if parser.cmd.startswith("[") else shlex.split(parser.cmd)
+    assert command[:2] == ["sh", "-c"]
+    shell = command[2].replace("0.0.0.0:${PORT}", f"127.0.0.1:{port}").replace("exec gunicorn", f"exec {REPO}/.venv/bin/gunicorn")
+    env = {
+        "PROJECT_ID": emulators.project,
+        "BACKEND_PUSH_STREAM": streams["push"],
+        "BACKEND_PULL_SUBSCRIPTION": streams["pull"] + "-sub",
+        "WEB_CONCURRENCY": parser.envs["WEB_CONCURRENCY"],
+    }
+    server = Service(
+        "backend-gunicorn",
+        ["sh", "-c", shell],
+        port,
+        tmp_path,
+        answers_http(f"http://127.0.0.1:{port}/healthz"),
+        env=env,
+        cwd=REPO,
+    )
+    with server:
+        url = f"http://127.0.0.1:{port}"
+        assert requests.get(url + "/readyz", timeout=10).json()["ready"] is True
+        response = requests.post(url + "/predict?wait=10", json=RIDE, timeout=20)
+        assert response.status_code == 200 and response.json()["duration_final"] == 5.0
+        assert requests.post(url + "/predict", json={**RIDE, "PULocationID": 999}, timeout=10).status_code == 400
+    logs = server.log_path.read_text()
+    assert '"message": "ride accepted"' in logs  # structured JSON logs
