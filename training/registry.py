@@ -65,7 +65,7 @@ def current_version(alias: str, settings: Settings | None = None) -> str | None:
 
     settings = settings or Settings()
     try:
-        return _client(settings).get_model_version_by_alias(settings.model_name, alias).version
+        return str(_client(settings).get_model_version_by_alias(settings.model_name, alias).version)
     except MlflowException:
         return None
 
@@ -95,7 +95,7 @@ def resolve(alias: str = PRODUCTION, settings: Settings | None = None) -> Resolv
     model_id = getattr(version, "model_id", None) or version.source.rpartition("/")[2]
     artifact_uri = client.get_logged_model(model_id).artifact_location if model_id.startswith("m-") else version.source
     return ResolvedModel(
-        settings.model_name, alias, version.version, version.run_id, f"models:/{settings.model_name}@{alias}", artifact_uri
+        settings.model_name, alias, str(version.version), version.run_id, f"models:/{settings.model_name}@{alias}", artifact_uri
     )
 
 

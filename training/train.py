@@ -240,7 +240,7 @@ def train(config: TrainConfig, settings: Settings | None = None) -> TrainResult:
         result = TrainResult(run.info.run_id, model_uri, metrics, params, fit_seconds=search_seconds)
 
     if config.register:
-        result.version = registry.register(result.model_uri, result.run_id, settings).version
+        result.version = str(registry.register(result.model_uri, result.run_id, settings).version)
     return result
 
 

@@ -1,0 +1,171 @@
+"""Training on the real TLC months: quality, what the MLflow run holds, the registry, PostgreSQL, `mlflow run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import DATA, REPO
+
+from training import registry
+from training.models import pip_requirements
+from training.settings import Settings
+from training.train import TrainConfig, train
+
+
+def settings_for(tmp_path, tracking_uri: str | None = None) -> Settings:
+    return Settings(
+        tracking_uri=tracking_uri or f"sqlite:///{tmp_path / 'mlflow.db'}",
+        experiment_name="ride-duration",
+        artifact_root=str(tmp_path / "artifacts"),
+        model_name="ride-duration",
+        data_base=str(DATA),
+    )
+
+
+def test_default_model_beats_the_quality_bar_on_real_data(tmp_path):
+    # Jan 2021 -> Feb (val) and Mar (test), all rows, default hyperparameters.
+    result = train(TrainConfig(trials=1, register=False), settings_for(tmp_path))
+    assert result.metrics["val_rmse"] <= 5.4
+    assert result.metrics["test_rmse"] <= 5.4
+    # The baseline and the coarse estimator are clearly worse: the model earns its place.
+    assert result.metrics["baseline_val_rmse"] > result.metrics["val_rmse"] + 1.5
+    assert result.metrics["coarse_val_rmse"] > result.metrics["val_rmse"] + 1.5
+
+
+def test_run_logs_params_metrics_lineage_plots_and_a_self_contained_model(local_model):
+    from mlflow import MlflowClient
+
+    result, settings = local_model
+    client = MlflowClient(settings.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.data.params["train_months"] == "2021-01" and run.data.params["model_family"] == "hgb"
+    for metric in ("val_rmse", "val_mae", "val_r2", "test_rmse", "test_mae", "test_r2", "baseline_val_rmse", "coarse_test_rmse"):
+        assert metric in run.data.metrics, metric
+    sources = {i.dataset.name: json.loads(i.dataset.source)["uri"] for i in run.inputs.dataset_inputs}
+    assert sources == {s: str(DATA / f"green_tripdata_2021-0{n}.parquet") for s, n in (("train", 1), ("val", 2), ("test", 3))}
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")} | {
+        a.path for a in client.list_artifacts(result.run_id)
+    }
+    assert {"plots/val_predictions.png", "plots/test_predictions.png", "coarse_model.json"} <= artifacts
+
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
+    assert {c.info.run_name for c in children} == {"linear-default", "hgb-default"}
+
+    model_dir = Path(client.get_logged_model(result.model_uri.rpartition("/")[2]).artifact_location)
+    assert {"MLmodel", "model.pkl", "requirements.txt", "input_example.json"} <= {p.name for p in model_dir.iterdir()}
+    assert sorted(p.name for p in (model_dir / "code" / "training").iterdir()) == ["__init__.py", "features.py", "ride.py"]
+    # Exactly the pinned runtime packages (MLflow adds itself for its own loaders), nothing inferred.
+    from importlib.metadata import version
+
+    assert (model_dir / "requirements.txt").read_text().split() == [f"mlflow=={version('mlflow')}", *pip_requirements()]
+    mlmodel = (model_dir / "MLmodel").read_text()
+    assert '"name": "PULocationID"' in mlmodel and f"run_id: {result.run_id}" in mlmodel
+
+
+def test_hyperparameter_search_logs_each_trial_as_a_nested_run(tmp_path):
+    from mlflow import MlflowClient
+
+    settings = settings_for(tmp_path)
+    result = train(TrainConfig(trials=3, sample=5_000, register=False), settings)
+    client = MlflowClient(settings.tracking_uri)
+    children = client.search_runs(
+        [client.get_run(result.run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'"
+    )
+    trials = sorted(c.info.run_name for c in children if c.info.run_name.startswith("hgb-trial"))
+    assert trials == ["hgb-trial-0", "hgb-trial-1", "hgb-trial-2"]
+    best = min(c.data.metrics["val_rmse"] for c in children if c.info.run_name.startswith("hgb"))
+    assert result.metrics["val_rmse"] == pytest.approx(best)
+
+
+def test_registry_promotes_by_alias_and_resolves_to_the_bucket_location(tmp_path):
+    settings = settings_for(tmp_path)
+    first = train(TrainConfig(trials=1, sample=5_000), settings)
+    second = train(TrainConfig(trials=1, sample=5_000), settings)
+    assert (first.version, second.version) == ("1", "2")
+    assert registry.current_version(registry.PRODUCTION, settings) is None
+
+    assert registry.promote(first.version, settings) is None
+    assert registry.promote(second.version, settings) == "1"
+    assert registry.current_version(registry.PREVIOUS, settings) == "1"
+    resolved = registry.resolve(registry.PRODUCTION, settings)
+    assert (resolved.version, resolved.run_id) == ("2", second.run_id)
+    assert resolved.artifact_uri.startswith(str(tmp_path / "artifacts")) and resolved.artifact_uri.endswith("/artifacts")
+    assert os.path.isfile(os.path.join(resolved.artifact_uri, "MLmodel"))
+
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException):
+        registry.promote("99", settings)
+
+
+def _run(args: list[str], tracking_uri: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
+            **env,
+        },
+    )
+
+
+def test_registry_cli_prints_the_production_run_id(local_model):
+    result, settings = local_model
+    registry.promote(result.version, settings)
+    completed = _run([sys.executable, "-m", "training.registry", "resolve", "--field", "run_id"], settings.tracking_uri)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == result.run_id
+    unknown = _run([sys.executable, "-m", "training.registry", "promote", "--version", "42"], settings.tracking_uri)
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error:")
+
+
+def test_mlflow_run_trains_and_registers(tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    completed = _run(
+        ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "ride-duration", "-P", "trials=1"],
+        tracking_uri,
+        MLFLOW_ARTIFACT_ROOT=str(tmp_path / "artifacts"),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads(completed.stdout[completed.stdout.index("{") :])
+    assert summary["version"] == "1" and summary["metrics"]["val_rmse"] <= 5.4
+    from mlflow import MlflowClient
+
+    version = MlflowClient(tracking_uri).get_model_version("ride-duration", "1")
+    assert version.run_id == summary["run_id"]
+
+
+@pytest.mark.integration
+def test_postgresql_backend_store(tmp_path):
+    """PostgreSQL as the tracking and registry store, as Cloud SQL would be in production."""
+    import psycopg
+
+    database = f"mlflow_test_{uuid.uuid4().hex[:8]}"
+    admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True)
+    admin.execute(f'CREATE DATABASE "{database}"')
+    try:
+        settings = settings_for(tmp_path, f"postgresql://postgres@127.0.0.1:5432/{database}")
+        result = train(TrainConfig(trials=1, sample=5_000), settings)
+        registry.promote(result.version, settings)
+        assert registry.resolve("production", settings).run_id == result.run_id
+        with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname=database) as rows:
+            aliases = rows.execute("SELECT name, alias, version FROM registered_model_aliases").fetchall()
+        assert aliases == [("ride-duration", "production", 1)]
+    finally:
+        # MLflow keeps pooled connections open; end them so the database can be dropped.
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (database,)
+        )
+        admin.execute(f'DROP DATABASE "{database}"')
+        admin.close()
