@@ -1,5 +1,23 @@
 """Real NYC TLC trip files and their loader."""
 
-from data.loader import DATA_DIR, TLC_DOWNLOAD_BASE, TripDataError, load_trips, month_uri, read_trips
+from data.loader import (
+    DATA_DIR,
+    TLC_DOWNLOAD_BASE,
+    TripDataError,
+    available_months,
+    latest_split,
+    load_trips,
+    month_uri,
+    read_trips,
+)
 
-__all__ = ["DATA_DIR", "TLC_DOWNLOAD_BASE", "TripDataError", "load_trips", "month_uri", "read_trips"]
+__all__ = [
+    "DATA_DIR",
+    "TLC_DOWNLOAD_BASE",
+    "TripDataError",
+    "available_months",
+    "latest_split",
+    "load_trips",
+    "month_uri",
+    "read_trips",
+]

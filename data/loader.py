@@ -50,6 +50,31 @@ def month_uri(month: str, base: str | Path = DATA_DIR, color: str = "green") -> 
     return f"{str(base).rstrip('/')}/{color}_tripdata_{month}.parquet"
 
 
+def available_months(base: str | Path = DATA_DIR, color: str = "green") -> list[str]:
+    """Months with a file under ``base`` (a folder or a gs:// prefix), oldest first."""
+    pattern = re.compile(rf"{color}_tripdata_(\d{{4}}-\d{{2}})\.parquet$")
+    base = str(base)
+    if base.startswith("gs://"):
+        from google.cloud import storage
+
+        bucket, _, prefix = base[len("gs://") :].partition("/")
+        names = [b.name for b in storage.Client().list_blobs(bucket, prefix=prefix.strip("/") + "/" if prefix else None)]
+    elif base.startswith(("http://", "https://")):
+        raise TripDataError(f"cannot list months at {base}: name the months explicitly")
+    else:
+        names = [p.name for p in Path(base).glob(f"{color}_tripdata_*.parquet")]
+    return sorted({m.group(1) for name in names if (m := pattern.search(name))})
+
+
+def latest_split(base: str | Path = DATA_DIR, color: str = "green") -> tuple[str, str, str]:
+    """The newest three consecutive months as (train, validation, test)."""
+    months = [pd.Period(m, freq="M") for m in available_months(base, color)]
+    for test in reversed(months):
+        if test - 1 in months and test - 2 in months:
+            return str(test - 2), str(test - 1), str(test)
+    raise TripDataError(f"no three consecutive months of {color} trip data under {base}")
+
+
 def _read_bytes(uri: str) -> bytes:
     if uri.startswith("gs://"):
         from google.api_core import exceptions as gexc

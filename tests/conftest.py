@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,10 @@ BUCKET = "ridestream-models"
 # The serving function is deployed as a flat folder; its tests import its modules the same way.
 sys.path.insert(0, str(REPO / "serving_function"))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Prefect: a throwaway home, no analytics, and time for the ephemeral server to start on 2 cores.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -91,3 +96,12 @@ def gcs_model(emulators: Emulators, tmp_path_factory: pytest.TempPathFactory):
     """The same, with its artifacts in the emulated bucket, as in production."""
     tmp = tmp_path_factory.mktemp("mlflow-gcs")
     return _train_small(tmp, f"gs://{emulators.bucket}/mlflow")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the whole session (it takes ~20 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

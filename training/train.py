@@ -179,19 +179,28 @@ def log_model(model: Pipeline, example: pd.DataFrame, metadata: dict[str, Any]) 
     return info.model_uri
 
 
-def train(config: TrainConfig, settings: Settings | None = None) -> TrainResult:
+@dataclass
+class Splits:
+    """The train/val/test frames and the files each came from (for lineage)."""
+
+    frames: dict[str, pd.DataFrame]
+    uris: dict[str, list[str]]
+
+
+def load_splits(config: TrainConfig, settings: Settings) -> Splits:
+    splits = Splits({}, {})
+    for name, months in (("train", config.train_months), ("val", config.val_months), ("test", config.test_months)):
+        splits.frames[name], splits.uris[name] = load_split(months, settings, config.sample)
+        log.info("%s: %s rows from %s", name, f"{len(splits.frames[name]):,}", ", ".join(splits.uris[name]))
+    return splits
+
+
+def fit_and_log(config: TrainConfig, splits: Splits, settings: Settings) -> TrainResult:
+    """One MLflow run: baseline and search as nested runs, metrics, plots, coarse estimator, the model."""
     import mlflow
 
-    from training import registry
-
-    settings = settings or Settings()
     configure_mlflow(settings)
-    splits = {}
-    uris = {}
-    for name, months in (("train", config.train_months), ("val", config.val_months), ("test", config.test_months)):
-        splits[name], uris[name] = load_split(months, settings, config.sample)
-        log.info("%s: %s rows from %s", name, f"{len(splits[name]):,}", ", ".join(uris[name]))
-
+    frames = splits.frames
     with (
         mlflow.start_run(run_name=f"{config.family}-{'+'.join(config.train_months)}") as run,
         tempfile.TemporaryDirectory() as tmp,
@@ -204,41 +213,49 @@ def train(config: TrainConfig, settings: Settings | None = None) -> TrainResult:
                 "val_months": ",".join(config.val_months),
                 "test_months": ",".join(config.test_months),
                 "sample": config.sample or "all",
-                **{f"{n}_rows": len(f) for n, f in splits.items()},
+                **{f"{n}_rows": len(f) for n, f in frames.items()},
             }
         )
-        for name, frame in splits.items():
-            mlflow.log_input(mlflow.data.from_pandas(frame, source=",".join(uris[name]), name=name), context=name)
+        for name, frame in frames.items():
+            mlflow.log_input(mlflow.data.from_pandas(frame, source=",".join(splits.uris[name]), name=name), context=name)
 
-        baseline, _, _ = search("linear", 1, splits["train"], splits["val"]) if config.family != "linear" else (None, None, None)
+        baseline, _, _ = search("linear", 1, frames["train"], frames["val"]) if config.family != "linear" else (None, None, None)
         start = time.perf_counter()
-        model, params, _ = search(config.family, config.trials, splits["train"], splits["val"])
+        model, params, _ = search(config.family, config.trials, frames["train"], frames["val"])
         search_seconds = time.perf_counter() - start
         mlflow.log_params({f"best_{k}": v for k, v in params.items()})
 
         metrics = {"search_seconds": search_seconds}
         for split in ("val", "test"):
-            metrics.update({f"{split}_{k}": v for k, v in score(model, splits[split]).items()})
+            metrics.update({f"{split}_{k}": v for k, v in score(model, frames[split]).items()})
             if baseline is not None:
-                metrics[f"baseline_{split}_rmse"] = score(baseline, splits[split])["rmse"]
-            _log_plots(model, splits[split], split, Path(tmp))
+                metrics[f"baseline_{split}_rmse"] = score(baseline, frames[split])["rmse"]
+            _log_plots(model, frames[split], split, Path(tmp))
 
         # The backend's instant estimate, fitted on the same training rows.
-        coarse_model = coarse.fit(splits["train"])
+        coarse_model = coarse.fit(frames["train"], trained_on=",".join(config.train_months))
         coarse_path = Path(tmp) / coarse.ARTIFACT_FILE
         coarse_path.write_text(json.dumps(coarse_model.to_dict(), indent=1))
         mlflow.log_artifact(str(coarse_path))
         for split in ("val", "test"):
-            metrics[f"coarse_{split}_rmse"] = coarse.rmse(coarse_model, splits[split])
+            metrics[f"coarse_{split}_rmse"] = coarse.rmse(coarse_model, frames[split])
         mlflow.log_metrics(metrics)
 
         model_uri = log_model(
             model,
-            splits["train"],
+            frames["train"],
             metadata={"train_months": config.train_months, "feature_columns": features.FEATURE_COLUMNS},
         )
-        result = TrainResult(run.info.run_id, model_uri, metrics, params, fit_seconds=search_seconds)
+        return TrainResult(run.info.run_id, model_uri, metrics, params, fit_seconds=search_seconds)
 
+
+def train(config: TrainConfig, settings: Settings | None = None) -> TrainResult:
+    """Load, train, log and (unless told not to) register: the whole job."""
+    from training import registry
+
+    settings = settings or Settings()
+    configure_mlflow(settings)
+    result = fit_and_log(config, load_splits(config, settings), settings)
     if config.register:
         result.version = str(registry.register(result.model_uri, result.run_id, settings).version)
     return result

@@ -1,0 +1,1 @@
+"""Prefect 3 flows: training with gated promotion, batch scoring, monitoring."""

@@ -1,0 +1,31 @@
+"""Serve the flows with their schedules from this process (the simplest Prefect deployment).
+
+    prefect server start                 # terminal 1: API and UI on http://127.0.0.1:4200
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve    # terminal 2
+
+Monthly: train on the newest three months available in TRIP_DATA_BASE (promotion
+gated against production), then score the newest month. For a work pool instead
+of this process (Cloud Run or Kubernetes via prefect-gcp), see prefect.yaml.
+"""
+
+from __future__ import annotations
+
+from prefect import serve
+
+from flows.scoring_flow import scoring_flow
+from flows.training_flow import training_flow
+
+# TLC publishes a month about two months later; retrain early each month.
+MONTHLY_TRAINING = "0 6 3 * *"
+MONTHLY_SCORING = "0 8 3 * *"
+
+
+def main() -> None:
+    serve(
+        training_flow.to_deployment(name="monthly-training", cron=MONTHLY_TRAINING, parameters={"latest": True}),
+        scoring_flow.to_deployment(name="monthly-scoring", cron=MONTHLY_SCORING),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Prefect flows on the real 2021 data: end to end, the promotion gate both ways, batch scoring."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import DATA
+
+from data import TripDataError, load_trips
+from flows.scoring_flow import scoring_flow
+from flows.training_flow import load_registered_model, training_flow
+from training import registry
+from training.features import RIDE_COLUMNS
+from training.settings import Settings
+from training.train import score
+
+SAMPLE = 15_000
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, prefect_harness):
+    """A fresh MLflow store per test; the flows read it from the environment like in production."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("TRIP_DATA_BASE", str(DATA))
+    return Settings()
+
+
+def aliases(settings: Settings) -> dict[str, str | None]:
+    return {a: registry.current_version(a, settings) for a in (registry.PRODUCTION, registry.CHALLENGER, registry.PREVIOUS)}
+
+
+def test_first_model_is_promoted_and_a_worse_one_stays_challenger(store):
+    first = training_flow(trials=1, sample=SAMPLE)
+    assert first["promoted"] and first["version"] == "1" and first["reason"] == "no production model yet"
+    assert aliases(store) == {"production": "1", "challenger": None, "previous": None}
+
+    worse = training_flow(model_family="linear", trials=1, sample=SAMPLE)
+    assert not worse["promoted"] and worse["alias"] == "challenger"
+    assert "does not beat production v1" in worse["reason"]
+    assert aliases(store) == {"production": "1", "challenger": "2", "previous": None}
+
+    # Both were re-scored on the same test rows: recompute the numbers the gate compared.
+    test = load_trips(DATA / "green_tripdata_2021-03.parquet").sample(SAMPLE, random_state=0).reset_index(drop=True)
+    assert worse["production_rmse"] == pytest.approx(score(load_registered_model("models:/ride-duration/1"), test)["rmse"])
+    assert worse["candidate_rmse"] == pytest.approx(score(load_registered_model("models:/ride-duration/2"), test)["rmse"])
+    assert worse["candidate_rmse"] > worse["production_rmse"]
+
+
+def test_a_better_model_replaces_production(store):
+    weak = training_flow(model_family="linear", trials=1, sample=SAMPLE)
+    assert weak["promoted"]
+    better = training_flow(trials=1, sample=SAMPLE)
+    assert better["promoted"] and better["candidate_rmse"] < better["production_rmse"]
+    assert "beats production v1" in better["reason"]
+    assert aliases(store) == {"production": "2", "challenger": None, "previous": "1"}
+    assert registry.resolve("production", store).run_id == better["run_id"]
+
+
+def test_min_improvement_keeps_an_equal_model_out(store):
+    training_flow(trials=1, sample=SAMPLE)
+    same = training_flow(trials=1, sample=SAMPLE, min_improvement=0.5)
+    assert not same["promoted"] and aliases(store)["production"] == "1"
+
+
+def test_latest_uses_the_newest_three_consecutive_months(store, tmp_path, monkeypatch):
+    data = tmp_path / "tlc"
+    data.mkdir()
+    for month in ("2021-01", "2021-02", "2021-03"):
+        shutil.copy(DATA / f"green_tripdata_{month}.parquet", data)
+    monkeypatch.setenv("TRIP_DATA_BASE", str(data))
+    result = training_flow(latest=True, trials=1, sample=SAMPLE)
+    from mlflow import MlflowClient
+
+    params = MlflowClient(store.tracking_uri).get_run(result["run_id"]).data.params
+    assert (params["train_months"], params["val_months"], params["test_months"]) == ("2021-01", "2021-02", "2021-03")
+
+
+def test_broken_data_stops_the_flow_before_training(store, tmp_path, monkeypatch):
+    data = tmp_path / "tlc"
+    data.mkdir()
+    for month in ("2021-01", "2021-02", "2021-03"):
+        trips = pq.read_table(DATA / f"green_tripdata_{month}.parquet").slice(0, 50)  # a truncated download
+        pq.write_table(trips, data / f"green_tripdata_{month}.parquet")
+    monkeypatch.setenv("TRIP_DATA_BASE", str(data))
+    with pytest.raises(TripDataError, match=r"data validation failed: train: only \d+ rows"):
+        training_flow(trials=1)
+    assert aliases(store)["production"] is None
+
+
+def test_batch_scoring_writes_one_prediction_per_filtered_ride(store, tmp_path):
+    training_flow(trials=1, sample=SAMPLE)
+    output = tmp_path / "out" / "march.parquet"
+    summary = scoring_flow(month="2021-03", output=str(output))
+    predictions = pd.read_parquet(output)
+    assert summary["rows"] == len(predictions) == 80_372  # March after the loader's filters
+    assert predictions["ride_id"].is_unique and predictions["ride_id"].iloc[0] == "green-2021-03-0"
+    assert set(predictions["model_version"]) == {"1"}
+    assert {"duration_actual", "duration_predicted", *RIDE_COLUMNS} <= set(predictions.columns)
+    assert summary["rmse"] < 6.0
+
+
+@pytest.mark.integration
+def test_batch_scoring_to_the_bucket(store, emulators):
+    from google.cloud import storage
+
+    training_flow(trials=1, sample=SAMPLE)
+    output = f"gs://{emulators.bucket}/predictions/green_2021-02.parquet"
+    assert scoring_flow(month="2021-02", output=output)["rows"] == 61_920
+    blob = storage.Client().bucket(emulators.bucket).blob("predictions/green_2021-02.parquet").download_as_bytes()
+    assert pq.read_table(pa.BufferReader(blob)).num_rows == 61_920
