@@ -70,7 +70,7 @@ def create_app(
     """Wire the app; tests inject a fake publisher/store, production builds the real ones from the environment."""
     _configure_logging()
     settings = settings or BackendSettings.from_env()
-    store = store or make_store(settings.redis_url, settings.result_ttl_seconds)
+    store = store or make_store(settings.redis_url, settings.result_ttl_seconds, settings.redis_prefix)
     publisher = publisher or RidePublisher(settings.project_id, settings.push_topic, settings.publish_timeout_seconds)
     if listener is None:
         listener = ResultListener(settings.project_id, settings.pull_subscription, store).start()

@@ -132,5 +132,5 @@ class RedisResultStore:
         self._redis.ping()
 
 
-def make_store(redis_url: str, ttl_seconds: int) -> ResultStore:
-    return RedisResultStore(redis_url, ttl_seconds) if redis_url else InMemoryResultStore(ttl_seconds)
+def make_store(redis_url: str, ttl_seconds: int, prefix: str = "ridestream") -> ResultStore:
+    return RedisResultStore(redis_url, ttl_seconds, prefix) if redis_url else InMemoryResultStore(ttl_seconds)

@@ -16,6 +16,7 @@ class BackendSettings:
     pull_subscription: str  # results come in here; every replica shares this one subscription
     # Empty: results live in this process (one replica only). redis://host:6379/0: shared by all replicas.
     redis_url: str
+    redis_prefix: str  # key namespace, so several stacks can share one Redis
     coarse_model_path: Path
     max_wait_seconds: float  # upper bound for POST /predict?wait=N
     result_ttl_seconds: int
@@ -30,6 +31,7 @@ class BackendSettings:
             push_topic=env("BACKEND_PUSH_STREAM", "backend-push-stream"),
             pull_subscription=env("BACKEND_PULL_SUBSCRIPTION", "backend-pull-stream-backend"),
             redis_url=env("REDIS_URL", ""),
+            redis_prefix=env("REDIS_PREFIX", "ridestream"),
             coarse_model_path=Path(env("COARSE_MODEL_PATH") or DEFAULT_COARSE_MODEL),
             max_wait_seconds=float(env("MAX_WAIT_SECONDS", "10")),
             result_ttl_seconds=int(env("RESULT_TTL_SECONDS", "86400")),

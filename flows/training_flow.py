@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample", type=int)
     parser.add_argument("--min-improvement", type=float, default=0.0)
     parser.add_argument("--latest", action="store_true", help="train on the newest three months available")
+    parser.add_argument("--json-out", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     result = training_flow(
         args.train_month,
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         args.latest,
     )
     print(json.dumps(result, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,250 @@
+"""The whole system on one machine: emulators, MLflow and Prefect servers, the function, the backend.
+
+Every process is started here with a free loopback port, logs to ``<stack dir>/logs``,
+and is recorded with its PID in ``<stack dir>/state.json`` so that ``down`` (another
+process) can stop exactly what was started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from localstack.processes import (
+    HOST,
+    VENV_BIN,
+    Service,
+    ServiceError,
+    answers_http,
+    free_port,
+    function_server,
+    pubsub_emulator,
+    stop_pid,
+    storage_emulator,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_STACK_DIR = REPO / ".stack"
+PROJECT = "ridestream-local"
+BUCKET = "ridestream-models"
+ARTIFACT_ROOT = f"gs://{BUCKET}/mlflow"
+TOPICS = {"push": "backend-push-stream", "pull": "backend-pull-stream", "dead": "backend-deadletter-stream"}
+SUBSCRIPTIONS = {
+    "push": "backend-push-stream-function",  # push -> the function
+    "pull": "backend-pull-stream-backend",  # shared by every backend replica
+    "dead": "backend-deadletter-stream-inspect",  # for people (and tests) to read dead letters
+}
+
+
+@dataclass
+class Stack:
+    dir: Path = DEFAULT_STACK_DIR
+    services: dict[str, Service] = field(default_factory=dict)
+    urls: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    model: dict[str, str] = field(default_factory=dict)  # run_id and version the function serves
+
+    @property
+    def log_dir(self) -> Path:
+        return self.dir / "logs"
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "state.json"
+
+    # --- environment every component shares -------------------------------------------------
+    def env(self) -> dict[str, str]:
+        env = {
+            "GOOGLE_CLOUD_PROJECT": PROJECT,
+            "PROJECT_ID": PROJECT,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "BACKEND_PUSH_STREAM": TOPICS["push"],
+            "BACKEND_PULL_STREAM": TOPICS["pull"],
+            "BACKEND_DEADLETTER_STREAM": TOPICS["dead"],
+            "BACKEND_PULL_SUBSCRIPTION": SUBSCRIPTIONS["pull"],
+        }
+        if "pubsub" in self.ports:
+            env["PUBSUB_EMULATOR_HOST"] = f"{HOST}:{self.ports['pubsub']}"
+        if "storage" in self.urls:
+            env["STORAGE_EMULATOR_HOST"] = self.urls["storage"]
+        if "mlflow" in self.urls:
+            env["MLFLOW_TRACKING_URI"] = self.urls["mlflow"]
+        if "prefect" in self.urls:
+            env["PREFECT_API_URL"] = self.urls["prefect"] + "/api"
+        return env
+
+    def apply_env(self) -> None:
+        """Make this process a client of the stack too."""
+        os.environ.update(self.env())
+
+    # --- bookkeeping -------------------------------------------------------------------------
+    def _started(self, key: str, service: Service) -> Service:
+        self.services[key] = service
+        self.pids[key] = service.pid
+        self.ports[key] = service.port
+        self.urls[key] = service.url
+        self.save()
+        return service
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = {"pids": self.pids, "ports": self.ports, "urls": self.urls, "model": self.model}
+        self.state_path.write_text(json.dumps(state, indent=2))
+
+    @classmethod
+    def load(cls, stack_dir: Path = DEFAULT_STACK_DIR) -> Stack:
+        path = stack_dir / "state.json"
+        if not path.exists():
+            raise ServiceError(f"no stack running from {stack_dir} (start one with `make demo`)")
+        state = json.loads(path.read_text())
+        return cls(stack_dir, {}, state["urls"], state["pids"], state["ports"], state.get("model", {}))
+
+    def stop_all(self) -> list[str]:
+        """Stop every process this stack started, newest first, by PID."""
+        stopped = []
+        for key in reversed(list(self.pids)):
+            service = self.services.get(key)
+            if service is not None:
+                service.stop()
+            else:
+                stop_pid(self.pids[key])
+            stopped.append(f"{key} (pid {self.pids[key]})")
+        self.pids.clear()
+        self.services.clear()
+        if self.state_path.exists():
+            self.state_path.unlink()
+        return stopped
+
+    # --- components ---------------------------------------------------------------------------
+    def start_emulators(self, pubsub_port: int | None = None) -> None:
+        self._started("pubsub", pubsub_emulator(self.log_dir, pubsub_port).start())
+        self._started("storage", storage_emulator(self.log_dir, BUCKET).start())
+
+    def restart_pubsub(self) -> None:
+        """A fresh emulator on the same port (it keeps no state, so the topology is recreated)."""
+        port = self.ports["pubsub"]
+        self.stop("pubsub")
+        self._started("pubsub", pubsub_emulator(self.log_dir, port).start())
+
+    def stop(self, key: str) -> None:
+        service = self.services.pop(key, None)
+        if service is not None:
+            service.stop()
+        elif key in self.pids:
+            stop_pid(self.pids[key])
+        self.pids.pop(key, None)
+        self.save()
+
+    def ensure_topology(self) -> None:
+        from localstack.pubsub import ensure_subscription, ensure_topic
+
+        previous = os.environ.get("PUBSUB_EMULATOR_HOST")
+        os.environ["PUBSUB_EMULATOR_HOST"] = f"{HOST}:{self.ports['pubsub']}"
+        try:
+            for topic in TOPICS.values():
+                ensure_topic(PROJECT, topic)
+            ensure_subscription(PROJECT, TOPICS["pull"], SUBSCRIPTIONS["pull"])
+            ensure_subscription(PROJECT, TOPICS["dead"], SUBSCRIPTIONS["dead"])
+            if "function" in self.urls:
+                ensure_subscription(PROJECT, TOPICS["push"], SUBSCRIPTIONS["push"], push_endpoint=self.urls["function"] + "/")
+        finally:
+            if previous is None:
+                os.environ.pop("PUBSUB_EMULATOR_HOST", None)
+            else:
+                os.environ["PUBSUB_EMULATOR_HOST"] = previous
+
+    def start_mlflow(self, backend_store_uri: str | None = None) -> None:
+        port = free_port()
+        store = backend_store_uri or f"sqlite:///{self.dir / 'mlflow.db'}"
+        argv = [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            store,
+            # Clients write artifacts straight to the bucket, as they would to GCS.
+            "--default-artifact-root",
+            ARTIFACT_ROOT,
+            "--no-serve-artifacts",
+        ]
+        service = Service("mlflow", argv, port, self.log_dir, answers_http(f"http://{HOST}:{port}/health"), env=self.env())
+        self._started("mlflow", service.start(timeout=120))
+
+    def start_prefect(self) -> None:
+        port = free_port()
+        env = {**self.env(), "PREFECT_HOME": str(self.dir / "prefect"), "PREFECT_API_URL": f"http://{HOST}:{port}/api"}
+        argv = [str(VENV_BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
+        service = Service("prefect", argv, port, self.log_dir, answers_http(f"http://{HOST}:{port}/api/health"), env=env)
+        self._started("prefect", service.start(timeout=180))
+
+    def run_training_flow(self, *flow_args: str) -> dict:
+        """The Prefect training flow, run as a user would, against the stack's servers."""
+        out = self.dir / f"flow-{len(list(self.dir.glob('flow-*.json'))) + 1}.json"
+        env = {**os.environ, **self.env(), "PREFECT_HOME": str(self.dir / "prefect")}
+        with open(self.log_dir / "training-flow.log", "ab") as log:
+            subprocess.run(
+                [sys.executable, "-m", "flows.training_flow", *flow_args, "--json-out", str(out)],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=True,
+            )
+        return json.loads(out.read_text())
+
+    def start_function(self, run_id: str, version: str, port: int | None = None) -> None:
+        env = {
+            **self.env(),
+            "RUN_ID": run_id,
+            "MODEL_VERSION": version,
+            "MODEL_BUCKET": f"gs://{BUCKET}",
+            "MODEL_PREFIX": "mlflow",
+        }
+        service = function_server(self.log_dir, "predict_duration_cloudevent", "cloudevent", env, port=port)
+        self._started("function", service.start(timeout=120))
+        self.model = {"run_id": run_id, "version": version}
+        self.save()
+        self.ensure_topology()
+
+    def redeploy_function(self, run_id: str, version: str) -> None:
+        """Local equivalent of `gcloud functions deploy --update-env-vars RUN_ID=...`: restart with the new model.
+
+        Same port, so the push subscription is unchanged; pushes during the restart fail
+        and the emulator redelivers them."""
+        port = self.ports["function"]
+        self.stop("function")
+        self.start_function(run_id, version, port=port)
+
+    def start_backends(self, replicas: int = 1, redis_url: str = "") -> None:
+        for index in range(replicas):
+            port = free_port()
+            env = {**self.env(), "REDIS_URL": redis_url, "REDIS_PREFIX": f"ridestream-{self.ports['pubsub']}"}
+            argv = [
+                str(VENV_BIN / "gunicorn"),
+                "--bind",
+                f"{HOST}:{port}",
+                "--threads",
+                "32",
+                "--timeout",
+                "60",
+                "backend.app:create_app()",
+            ]
+            service = Service(
+                f"backend-{index}", argv, port, self.log_dir, answers_http(f"http://{HOST}:{port}/healthz"), env=env, cwd=REPO
+            )
+            self._started(f"backend-{index}", service.start(timeout=60))
+
+    @property
+    def backend_urls(self) -> list[str]:
+        return [url for key, url in self.urls.items() if key.startswith("backend-") and key in self.pids]

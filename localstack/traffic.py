@@ -1,0 +1,116 @@
+"""Real rides through the backend: POST, wait for the accurate duration, measure."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from data import load_trips
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RideOutcome:
+    ride: dict
+    actual: float
+    ride_id: str | None = None
+    duration_coarse: float | None = None
+    duration_final: float | None = None
+    model_version: str | None = None
+    model_run_id: str | None = None
+    latency_seconds: float | None = None  # POST sent -> final duration seen
+    error: str | None = None
+
+
+def real_rides(count: int, month: str = "2021-03", seed: int = 0) -> list[tuple[dict, float]]:
+    """Rides from a real TLC month as the backend receives them, with their actual minutes."""
+    trips = load_trips(REPO / "data" / f"green_tripdata_{month}.parquet")
+    trips = trips[trips["trip_distance"] > 0].sample(count, random_state=seed)
+    return [
+        (
+            {
+                "datetime": row.datetime.strftime("%Y-%m-%d %H:%M:%S"),
+                "PULocationID": int(row.PULocationID),
+                "DOLocationID": int(row.DOLocationID),
+                "trip_distance": float(row.trip_distance),
+            },
+            float(row.duration),
+        )
+        for row in trips.itertuples()
+    ]
+
+
+def stream(
+    backend_urls: list[str],
+    rides: list[tuple[dict, float]],
+    concurrency: int = 16,
+    wait_seconds: float = 10,
+    final_timeout: float = 30,
+) -> list[RideOutcome]:
+    """POST every ride (round-robin over replicas) and collect its final duration."""
+    local = threading.local()
+
+    def session() -> requests.Session:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        return local.session
+
+    def one(index: int, ride: dict, actual: float) -> RideOutcome:
+        outcome = RideOutcome(ride, actual)
+        url = backend_urls[index % len(backend_urls)]
+        started = time.perf_counter()
+        try:
+            response = session().post(f"{url}/predict", params={"wait": wait_seconds}, json=ride, timeout=wait_seconds + 10)
+            body = response.json()
+            if response.status_code >= 400:
+                outcome.error = f"HTTP {response.status_code}: {body.get('error')}"
+                return outcome
+            outcome.ride_id, outcome.duration_coarse = body["ride_id"], body["duration_coarse"]
+            # Not final yet: ask another replica, as a client polling GET would.
+            other = backend_urls[(index + 1) % len(backend_urls)]
+            deadline = started + final_timeout
+            while body.get("status") != "done" and time.perf_counter() < deadline:
+                time.sleep(0.05)
+                body = session().get(f"{other}/rides/{outcome.ride_id}", timeout=10).json()
+            if body.get("status") == "done":
+                outcome.latency_seconds = time.perf_counter() - started
+                outcome.duration_final = body["duration_final"]
+                outcome.model_version = body.get("model_version")
+                outcome.model_run_id = body.get("model_run_id")
+            else:
+                outcome.error = f"no final duration within {final_timeout:g} s"
+        except (requests.RequestException, ValueError, KeyError) as exc:
+            outcome.error = f"{type(exc).__name__}: {exc}"
+        return outcome
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(lambda args: one(*args), [(i, ride, actual) for i, (ride, actual) in enumerate(rides)]))
+
+
+def summarize(outcomes: list[RideOutcome], elapsed_seconds: float | None = None) -> dict:
+    answered = [o for o in outcomes if o.duration_final is not None]
+    summary = {"rides": len(outcomes), "answered": len(answered), "lost": len(outcomes) - len(answered)}
+    if answered:
+        actual = np.array([o.actual for o in answered])
+        latencies = np.array([o.latency_seconds for o in answered]) * 1000
+        summary |= {
+            "rmse_coarse": round(float(np.sqrt(np.mean((np.array([o.duration_coarse for o in answered]) - actual) ** 2))), 3),
+            "rmse_final": round(float(np.sqrt(np.mean((np.array([o.duration_final for o in answered]) - actual) ** 2))), 3),
+            "latency_ms_p50": round(float(np.percentile(latencies, 50)), 1),
+            "latency_ms_p95": round(float(np.percentile(latencies, 95)), 1),
+            "latency_ms_p99": round(float(np.percentile(latencies, 99)), 1),
+            "model_versions": sorted({str(o.model_version) for o in answered}),
+        }
+    if elapsed_seconds:
+        summary["rides_per_second"] = round(len(answered) / elapsed_seconds, 1)
+    errors = sorted({o.error for o in outcomes if o.error})
+    if errors:
+        summary["errors"] = errors[:5]
+    return summary
