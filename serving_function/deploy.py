@@ -57,6 +57,8 @@ def deploy_command(alias: str = PRODUCTION) -> list[str]:
         "MODEL_BUCKET": _env("MODEL_BUCKET"),
         "BACKEND_PULL_STREAM": _env("BACKEND_PULL_STREAM", "backend-pull-stream"),
         "BACKEND_DEADLETTER_STREAM": _env("BACKEND_DEADLETTER_STREAM", "backend-deadletter-stream"),
+        # Concurrency comes from requests (micro-batched), not from OpenMP threads per prediction.
+        "OMP_NUM_THREADS": "1",
     }
     return [
         *_base_command(),

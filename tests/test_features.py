@@ -40,7 +40,7 @@ def test_feature_values_for_one_ride():
     assert row == {
         "PULocationID": 34,
         "DOLocationID": 56,
-        "PU_DO": "34_56",
+        "PU_DO": 34056,
         "trip_distance": 12.0,
         "pickup_hour": pytest.approx(11.6),
         "pickup_weekday": 3,  # a Thursday

@@ -204,3 +204,38 @@ def test_deploy_and_redeploy_commands_use_the_production_run_and_no_keys(local_m
         f"--update-env-vars=RUN_ID={production.run_id},MODEL_VERSION={production.version}"
     ]
     assert not any(a.startswith(("--set-env-vars", "--trigger-topic", "--runtime")) for a in again)
+
+
+def test_concurrent_rides_are_predicted_together_and_each_gets_its_own_answer():
+    import threading
+
+    class SlowModel(FakeModel):
+        def predict(self, frame):
+            threading.Event().wait(0.05)  # rides arriving meanwhile queue up for the next batch
+            return super().predict(frame)
+
+    model, publisher = SlowModel(), RecordingPublisher()
+    svc = service(publisher, model)
+    threads = [
+        threading.Thread(target=svc.handle, args=(b64({**RIDE, "ride_id": f"r{i}", "trip_distance": i + 1}), f"m{i}"))
+        for i in range(20)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {record["ride_id"]: record["duration_final"] for _, record, _ in publisher.sent} == {
+        f"r{i}": 2.0 * (i + 1) for i in range(20)
+    }
+    assert len(model.frames) < 20 and max(len(f) for f in model.frames) > 1
+
+
+def test_a_failing_model_fails_the_request_so_it_is_redelivered():
+    class BrokenModel:
+        def predict(self, frame):
+            raise MemoryError("out of memory")
+
+    publisher = RecordingPublisher()
+    with pytest.raises(MemoryError):
+        service(publisher, BrokenModel()).handle(b64(RIDE), "m1")
+    assert publisher.sent == []

@@ -29,6 +29,7 @@ __all__ = [
     "rides_frame",
 ]
 
+PAIR_CODE_BASE = 1000  # above the largest zone ID
 FEATURE_COLUMNS = ["PULocationID", "DOLocationID", "PU_DO", "trip_distance", "pickup_hour", "pickup_weekday"]
 
 
@@ -47,7 +48,9 @@ def ride_features(rides: pd.DataFrame) -> pd.DataFrame:
         {
             "PULocationID": pu,
             "DOLocationID": do,
-            "PU_DO": np.char.add(np.char.add(pu.astype(str), "_"), do.astype(str)).astype(object),
+            # The zone pair as one integer (34 -> 56 is 34056), not a string: the target
+            # encoder looks integers up ~10x faster, and that is the serving hot path.
+            "PU_DO": pu * PAIR_CODE_BASE + do,
             "trip_distance": rides["trip_distance"].astype("float64").to_numpy(),
             # Fractional hour: rush hour starts at 7:30, not at 7 or 8.
             "pickup_hour": (pickup.dt.hour + pickup.dt.minute / 60).to_numpy(),

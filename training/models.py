@@ -50,9 +50,10 @@ def _hgb(params: dict[str, Any]) -> Pipeline:
             ("pair", TargetEncoder(target_type="continuous", cv=KFold(5, shuffle=True, random_state=RANDOM_SEED)), ["PU_DO"]),
         ],
         remainder="passthrough",
-        verbose_feature_names_out=False,
-    ).set_output(transform="pandas")
-    regressor = HistGradientBoostingRegressor(categorical_features=ZONE_COLUMNS, random_state=RANDOM_SEED, **params)
+    )
+    # Numpy between the steps, zones first: with pandas input HistGradientBoosting would
+    # build its own encoder again, and serving pays for every step on every single ride.
+    regressor = HistGradientBoostingRegressor(categorical_features=[0, 1], random_state=RANDOM_SEED, **params)
     return Pipeline([("features", RideFeaturizer()), ("encode", encode), ("regressor", regressor)])
 
 

@@ -1,0 +1,161 @@
+"""End-to-end stream latency and throughput on the local stack, next to the bare Pub/Sub round trip.
+
+    python benchmarks/stream_bench.py [--rides 2000] [--concurrency 32]
+
+Both loops are closed: CONCURRENCY clients each send one ride and wait for its
+answer before sending the next.
+  system: POST /predict?wait -> backend publishes -> push -> serving function (model) -> publish -> backend's
+          streaming pull -> the waiting request returns the final duration
+  bare:   publish -> push -> a relay function that republishes the bytes -> streaming pull
+Targets (issue 6): p50 <= 1.2x the bare round trip; >= 200 rides/s with 0 lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from localstack.processes import HOST, VENV_BIN, Service, answers_http, free_port  # noqa: E402
+from localstack.pubsub import ensure_subscription, ensure_topic  # noqa: E402
+from localstack.stack import ARTIFACT_ROOT, PROJECT, Stack  # noqa: E402
+from localstack.traffic import real_rides, stream, summarize  # noqa: E402
+
+
+def percentiles(values_ms: list[float]) -> dict[str, float]:
+    return {f"p{p}": round(float(np.percentile(values_ms, p)), 1) for p in (50, 95, 99)}
+
+
+def bare_round_trip(stack: Stack, count: int, concurrency: int, workers: int) -> dict:
+    from google.cloud import pubsub_v1
+
+    into, out = f"relay-in-{uuid.uuid4().hex[:6]}", f"relay-out-{uuid.uuid4().hex[:6]}"
+    for topic in (into, out):
+        ensure_topic(PROJECT, topic)
+    port = free_port()
+    env = {**stack.env(), "RELAY_TO_TOPIC": out, "WORKERS": str(workers)}
+    relay = Service(
+        "relay-function",
+        [
+            str(VENV_BIN / "functions-framework"),
+            f"--source={REPO / 'benchmarks/relay_function/main.py'}",
+            "--target=relay",
+            "--signature-type=cloudevent",
+            f"--host={HOST}",
+            f"--port={port}",
+        ],
+        port,
+        stack.log_dir,
+        answers_http(f"http://{HOST}:{port}/"),
+        env=env,
+    )
+    with relay:
+        ensure_subscription(PROJECT, into, into + "-push", push_endpoint=relay.url + "/")
+        ensure_subscription(PROJECT, out, out + "-pull")
+        waiting: dict[str, threading.Event] = {}
+        arrived: dict[str, float] = {}
+
+        def on_message(message):
+            key = message.attributes["key"]
+            arrived[key] = time.perf_counter()
+            message.ack()
+            waiting[key].set()
+
+        subscriber = pubsub_v1.SubscriberClient()
+        future = subscriber.subscribe(subscriber.subscription_path(PROJECT, out + "-pull"), on_message)
+        publisher = pubsub_v1.PublisherClient(batch_settings=pubsub_v1.types.BatchSettings(max_messages=1))
+        topic = publisher.topic_path(PROJECT, into)
+
+        def one(i: int) -> float | None:
+            key = str(i)
+            waiting[key] = threading.Event()
+            started = time.perf_counter()
+            publisher.publish(topic, b'{"ride": "bare"}', key=key).result(timeout=30)
+            if waiting[key].wait(30):
+                return (arrived[key] - started) * 1000
+            return None
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            latencies = list(pool.map(one, range(count)))
+        elapsed = time.perf_counter() - started
+        future.cancel()
+        subscriber.close()
+    answered = [x for x in latencies if x is not None]
+    return {
+        "messages": count,
+        "lost": count - len(answered),
+        "messages_per_second": round(len(answered) / elapsed, 1),
+        "latency_ms": percentiles(answered),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rides", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--function-workers", type=int, default=2, help="functions-framework worker processes (WORKERS)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="stream-bench-") as tmp:
+        stack = Stack(Path(tmp))
+        try:
+            stack.start_emulators()
+            stack.ensure_topology()
+            stack.apply_env()
+            from training.settings import Settings
+            from training.train import TrainConfig, train
+
+            model = train(
+                TrainConfig(trials=1, register=False),
+                Settings(f"sqlite:///{tmp}/mlflow.db", "bench", ARTIFACT_ROOT, "bench", str(REPO / "data")),
+            )
+            os.environ["WORKERS"] = str(args.function_workers)
+            stack.start_function(model.run_id, "bench")
+            stack.start_backends(1)
+
+            bare = bare_round_trip(stack, args.rides, args.concurrency, args.function_workers)
+            rides = real_rides(args.rides, seed=2)
+            stream(stack.backend_urls, rides[:100], args.concurrency)  # warm-up, not counted
+            started = time.perf_counter()
+            outcomes = stream(stack.backend_urls, rides, args.concurrency)
+            system = summarize(outcomes, time.perf_counter() - started)
+        finally:
+            stack.stop_all()
+
+    ratio = system.get("latency_ms_p50", float("inf")) / bare["latency_ms"]["p50"]
+    print(
+        json.dumps(
+            {
+                "rides": args.rides,
+                "concurrency": args.concurrency,
+                "function_workers": args.function_workers,
+                "bare_round_trip": bare,
+                "system": {k: v for k, v in system.items() if k not in ("rmse_coarse", "rmse_final")},
+                "p50_ratio_to_bare": round(ratio, 2),
+                "targets": {
+                    "p50_within_1.2x_bare": ratio <= 1.2,
+                    "at_least_200_rides_per_second": system.get("rides_per_second", 0) >= 200,
+                    "zero_lost": system["lost"] == 0,
+                },
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
