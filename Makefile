@@ -3,16 +3,17 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-UV := $(shell command -v uv 2>/dev/null || echo $(VENV)/bin/uv)
+UV := $(VENV)/bin/uv
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: setup test test-fast lint demo down redeploy train promote resolve flow bench coarse-model lock clean
 
-# The venv is rebuilt whenever the lock file changes.
+# The venv is refreshed whenever the lock file changes. uv is installed into the venv itself,
+# so a machine without uv gets the same, fast install path.
 $(VENV)/.installed: requirements.lock
-	@command -v uv >/dev/null 2>&1 || { $(PYTHON) -m venv $(VENV) && $(VENV)/bin/python -m pip install --quiet uv; }
-	$(UV) venv --allow-existing --python $(PYTHON) $(VENV)
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	test -x $(UV) || $(VENV)/bin/python -m pip install --quiet uv
 	$(UV) pip install --python $(PY) --quiet -r requirements.lock
 	@touch $@
 
