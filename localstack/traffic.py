@@ -12,6 +12,7 @@ import numpy as np
 import requests
 
 from data import load_trips
+from training.ride import MAX_TRIP_DISTANCE_MILES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,7 +33,10 @@ class RideOutcome:
 def real_rides(count: int, month: str = "2021-03", seed: int = 0) -> list[tuple[dict, float]]:
     """Rides from a real TLC month as the backend receives them, with their actual minutes."""
     trips = load_trips(REPO / "data" / f"green_tripdata_{month}.parquet")
-    trips = trips[trips["trip_distance"] > 0].sample(count, random_state=seed)
+    # Only rides the backend accepts (TLC files also hold 0-mile and 200,000-mile meter glitches).
+    trips = trips[(trips["trip_distance"] > 0) & (trips["trip_distance"] <= MAX_TRIP_DISTANCE_MILES)].sample(
+        count, random_state=seed
+    )
     return [
         (
             {

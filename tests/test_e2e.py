@@ -1,0 +1,106 @@
+"""The whole loop on one machine: real emulators, the function under functions-framework behind a push
+subscription, two gunicorn backend replicas sharing Redis, real March 2021 rides."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+from conftest import DATA
+from google.cloud import pubsub_v1
+
+from localstack.pubsub import pull_messages
+from localstack.stack import ARTIFACT_ROOT, PROJECT, SUBSCRIPTIONS, TOPICS, Stack
+from localstack.traffic import real_rides, stream, summarize
+from training import registry
+from training.settings import Settings
+from training.train import TrainConfig, train
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e-stack")
+    stack = Stack(tmp / "stack")
+    patch = pytest.MonkeyPatch()
+    try:
+        stack.start_emulators()
+        stack.ensure_topology()
+        for name, value in stack.env().items():
+            patch.setenv(name, value)
+        patch.setenv("PUBLISH_TIMEOUT_SECONDS", "3")  # the backends answer 503 quickly during the outage
+        settings = Settings(f"sqlite:///{tmp / 'mlflow.db'}", "ride-duration", ARTIFACT_ROOT, "ride-duration", str(DATA))
+        first = train(TrainConfig(trials=1, sample=20_000), settings)
+        registry.promote(first.version, settings)
+        stack.start_function(first.run_id, first.version)
+        stack.start_backends(2, redis_url="redis://127.0.0.1:6379/0")  # keys under a prefix of this stack's own
+        yield stack, settings, first
+    finally:
+        stack.stop_all()
+        patch.undo()
+
+
+def test_rides_get_coarse_now_and_the_production_model_final_through_the_stream(live):
+    stack, _, first = live
+    outcomes = stream(stack.backend_urls, real_rides(120, seed=5), concurrency=12)
+    summary = summarize(outcomes)
+    assert summary["lost"] == 0, summary
+    assert {o.model_run_id for o in outcomes} == {first.run_id}
+    assert summary["rmse_final"] < summary["rmse_coarse"]
+    # Two replicas took the rides; each result was read back from the other (traffic.stream does that).
+    assert len(stack.backend_urls) == 2
+
+
+def test_poison_messages_end_in_the_dead_letter_topic(live):
+    publisher = pubsub_v1.PublisherClient()
+    topic = publisher.topic_path(PROJECT, TOPICS["push"])
+    bad = [b"not json at all", json.dumps({"datetime": "2021-03-01 10:00:00", "PULocationID": 7}).encode()]
+    for data in bad:
+        publisher.publish(topic, data).result(timeout=10)
+    dead = [json.loads(m.data) for m in pull_messages(PROJECT, SUBSCRIPTIONS["dead"], len(bad), timeout=60)]
+    assert len(dead) == len(bad)
+    reasons = " | ".join(d["reason"] for d in dead)
+    assert "not JSON" in reasons and "DOLocationID" in reasons and "trip_distance" in reasons
+
+
+def test_pubsub_outage_is_reported_and_loses_no_ride(live):
+    stack, _, _ = live
+    backend = stack.backend_urls[0]
+    rides = real_rides(40, seed=6)
+
+    stack.stop("pubsub")
+    ready = requests.get(f"{backend}/readyz", timeout=30)
+    assert ready.status_code == 503 and ready.json()["checks"]["push_stream"] != "ok"
+    during = requests.post(f"{backend}/predict", json={**rides[0][0], "ride_id": "outage-1"}, timeout=30)
+    assert during.status_code == 503 and "retry" in during.json()["error"]
+
+    stack.restart_pubsub()
+    stack.ensure_topology()  # the emulator keeps nothing: topics and subscriptions are created again
+    for _ in range(60):
+        if requests.get(f"{backend}/readyz", timeout=30).status_code == 200:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the backend did not report ready after the emulator came back")
+
+    # The client retries the refused ride with its ride_id; it and every later ride are answered.
+    retried = requests.post(f"{backend}/predict?wait=10", json={**rides[0][0], "ride_id": "outage-1"}, timeout=30)
+    assert retried.status_code == 200 and retried.json()["duration_final"] > 0
+    outcomes = stream(stack.backend_urls, rides[1:], concurrency=8, final_timeout=60)
+    assert summarize(outcomes)["lost"] == 0, summarize(outcomes)
+
+
+def test_promote_and_redeploy_switches_the_model_the_rides_carry(live):
+    stack, settings, first = live
+    second = train(TrainConfig(trials=1, sample=10_000), settings)
+    registry.promote(second.version, settings)
+    production = registry.resolve(registry.PRODUCTION, settings)
+    assert production.run_id == second.run_id != first.run_id
+
+    stack.redeploy_function(production.run_id, production.version)
+    outcomes = stream(stack.backend_urls, real_rides(20, seed=7), concurrency=4)
+    assert summarize(outcomes)["lost"] == 0
+    assert {(o.model_run_id, o.model_version) for o in outcomes} == {(second.run_id, second.version)}
