@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 # Results of rides already answered by this instance; a redelivered message is
@@ -49,8 +50,13 @@ class Prediction:
 
 
 def log(severity: str, message: str, **fields: Any) -> None:
-    """One JSON line on stdout: Cloud Logging reads severity and fields from it."""
-    print(json.dumps({"severity": severity, "message": message, **fields}, default=str), file=sys.stdout, flush=True)
+    """One JSON line on stdout: Cloud Logging reads severity and fields from it.
+
+    The "prediction" lines are the monitoring record (ride, prediction, model, time): a
+    Cloud Logging sink exports them to the bucket (infra/), flows/monitoring_flow.py reads them.
+    """
+    entry = {"severity": severity, "message": message, "time": datetime.now(UTC).isoformat(), **fields}
+    print(json.dumps(entry, default=str), file=sys.stdout, flush=True)
 
 
 class MicroBatcher:
