@@ -9,7 +9,6 @@ import re
 import numpy as np
 import prediction
 import pytest
-from conftest import REPO
 from model_store import ModelNotFound, load_model
 from prediction import Prediction, RideDurationService
 
@@ -141,40 +140,6 @@ def test_load_model_from_logged_folder_predicts_like_the_pipeline(local_model):
 def test_load_model_names_the_uri_it_tried(tmp_path):
     with pytest.raises(ModelNotFound, match=re.escape(str(tmp_path))):
         load_model(str(tmp_path))
-
-
-def test_function_requirements_pin_the_versions_training_logs():
-    pins = dict(
-        line.split("==") for line in (REPO / "serving_function/requirements.txt").read_text().splitlines() if "==" in line
-    )
-    lock = dict(
-        line.split("==")
-        for line in (REPO / "requirements.lock").read_text().splitlines()
-        if "==" in line and not line.startswith(" ")
-    )
-    from training.models import RUNTIME_PACKAGES
-
-    for package in RUNTIME_PACKAGES:
-        assert pins[package] == lock[package], package
-
-
-def test_concurrent_deliveries_of_one_ride_publish_once():
-    import threading
-
-    class SlowPublisher(RecordingPublisher):
-        def publish(self, topic, data, **attributes):
-            threading.Event().wait(0.2)  # the duplicate arrives while this is in flight
-            super().publish(topic, data, **attributes)
-
-    publisher = SlowPublisher()
-    svc = service(publisher)
-    results = []
-    threads = [threading.Thread(target=lambda i=i: results.append(svc.handle(b64(RIDE), f"m{i}"))) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(publisher.sent) == 1 and len(set(results)) == 1
 
 
 def test_deploy_and_redeploy_commands_use_the_production_run_and_no_keys(local_model, monkeypatch):

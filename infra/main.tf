@@ -1,0 +1,308 @@
+locals {
+  prefix = "ridestream-${var.env}"
+  topics = {
+    push       = "${local.prefix}-backend-push-stream"
+    pull       = "${local.prefix}-backend-pull-stream"
+    deadletter = "${local.prefix}-backend-deadletter-stream"
+  }
+  # Pub/Sub's own service agent moves undeliverable messages to the dead-letter topic.
+  pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+}
+
+data "google_project" "this" {}
+
+# --- storage -----------------------------------------------------------------------------------
+
+resource "google_storage_bucket" "models" {
+  name                        = "${var.project_id}-${local.prefix}-models"
+  location                    = var.region
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  versioning {
+    enabled = true
+  }
+}
+
+resource "google_storage_bucket" "function_source" {
+  name                        = "${var.project_id}-${local.prefix}-function-source"
+  location                    = var.region
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+}
+
+resource "google_storage_bucket" "prediction_logs" {
+  name                        = "${var.project_id}-${local.prefix}-prediction-logs"
+  location                    = var.region
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  lifecycle_rule {
+    condition {
+      age = 400
+    }
+    action {
+      type = "Delete"
+    }
+  }
+}
+
+# --- streams -----------------------------------------------------------------------------------
+
+resource "google_pubsub_topic" "push" {
+  name = local.topics.push
+}
+
+resource "google_pubsub_topic" "pull" {
+  name = local.topics.pull
+}
+
+resource "google_pubsub_topic" "deadletter" {
+  name = local.topics.deadletter
+}
+
+# Shared by every backend replica: each result reaches one replica, which stores it in Redis.
+resource "google_pubsub_subscription" "backend_results" {
+  name                       = "${local.topics.pull}-backend"
+  topic                      = google_pubsub_topic.pull.id
+  ack_deadline_seconds       = 30
+  message_retention_duration = "86400s"
+  expiration_policy {
+    ttl = ""
+  }
+}
+
+resource "google_pubsub_subscription" "deadletter_inspect" {
+  name                       = "${local.topics.deadletter}-inspect"
+  topic                      = google_pubsub_topic.deadletter.id
+  message_retention_duration = "604800s"
+  expiration_policy {
+    ttl = ""
+  }
+}
+
+# Rides are pushed to the function with an OIDC token. Poison messages are dead-lettered by
+# the function itself; this policy bounds redelivery of messages that keep failing otherwise.
+resource "google_pubsub_subscription" "function_push" {
+  name                 = "${local.topics.push}-function"
+  topic                = google_pubsub_topic.push.id
+  ack_deadline_seconds = 60
+  push_config {
+    push_endpoint = google_cloudfunctions2_function.predict.service_config[0].uri
+    oidc_token {
+      service_account_email = google_service_account.pusher.email
+    }
+  }
+  dead_letter_policy {
+    dead_letter_topic     = google_pubsub_topic.deadletter.id
+    max_delivery_attempts = 10
+  }
+  retry_policy {
+    minimum_backoff = "5s"
+    maximum_backoff = "300s"
+  }
+  expiration_policy {
+    ttl = ""
+  }
+}
+
+# --- identities: one per component, no keys ---------------------------------------------------
+
+resource "google_service_account" "function" {
+  account_id   = "${local.prefix}-fn"
+  display_name = "ridestream serving function"
+}
+
+resource "google_service_account" "backend" {
+  account_id   = "${local.prefix}-backend"
+  display_name = "ridestream backend"
+}
+
+resource "google_service_account" "pusher" {
+  account_id   = "${local.prefix}-pusher"
+  display_name = "ridestream Pub/Sub push to the function"
+}
+
+# --- least privilege, on the resources themselves ----------------------------------------------
+
+resource "google_storage_bucket_iam_member" "function_reads_models" {
+  bucket = google_storage_bucket.models.name
+  role   = "roles/storage.objectViewer"
+  member = "serviceAccount:${google_service_account.function.email}"
+}
+
+resource "google_pubsub_topic_iam_member" "function_publishes_results" {
+  topic  = google_pubsub_topic.pull.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${google_service_account.function.email}"
+}
+
+resource "google_pubsub_topic_iam_member" "function_publishes_deadletters" {
+  topic  = google_pubsub_topic.deadletter.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${google_service_account.function.email}"
+}
+
+resource "google_pubsub_topic_iam_member" "backend_publishes_rides" {
+  topic  = google_pubsub_topic.push.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${google_service_account.backend.email}"
+}
+
+# /readyz reads the topic and the subscription's metadata.
+resource "google_pubsub_topic_iam_member" "backend_views_push_topic" {
+  topic  = google_pubsub_topic.push.id
+  role   = "roles/pubsub.viewer"
+  member = "serviceAccount:${google_service_account.backend.email}"
+}
+
+resource "google_pubsub_subscription_iam_member" "backend_reads_results" {
+  subscription = google_pubsub_subscription.backend_results.id
+  role         = "roles/pubsub.subscriber"
+  member       = "serviceAccount:${google_service_account.backend.email}"
+}
+
+resource "google_pubsub_subscription_iam_member" "backend_views_results" {
+  subscription = google_pubsub_subscription.backend_results.id
+  role         = "roles/pubsub.viewer"
+  member       = "serviceAccount:${google_service_account.backend.email}"
+}
+
+resource "google_cloud_run_v2_service_iam_member" "pusher_invokes_function" {
+  location = var.region
+  name     = google_cloudfunctions2_function.predict.service_config[0].service
+  role     = "roles/run.invoker"
+  member   = "serviceAccount:${google_service_account.pusher.email}"
+}
+
+resource "google_pubsub_topic_iam_member" "pubsub_agent_dead_letters" {
+  topic  = google_pubsub_topic.deadletter.id
+  role   = "roles/pubsub.publisher"
+  member = local.pubsub_agent
+}
+
+resource "google_pubsub_subscription_iam_member" "pubsub_agent_forwards_from_push" {
+  subscription = google_pubsub_subscription.function_push.id
+  role         = "roles/pubsub.subscriber"
+  member       = local.pubsub_agent
+}
+
+# --- the serving function (2nd gen) ------------------------------------------------------------
+
+data "archive_file" "function" {
+  type        = "zip"
+  source_dir  = "${path.module}/../serving_function"
+  output_path = "${path.module}/.build/serving_function.zip"
+  excludes    = ["deploy.py", "__pycache__"]
+}
+
+resource "google_storage_bucket_object" "function_source" {
+  name   = "serving_function-${data.archive_file.function.output_md5}.zip"
+  bucket = google_storage_bucket.function_source.name
+  source = data.archive_file.function.output_path
+}
+
+resource "google_cloudfunctions2_function" "predict" {
+  name     = "${local.prefix}-predict-duration"
+  location = var.region
+
+  build_config {
+    runtime     = "python312"
+    entry_point = "predict_duration_cloudevent"
+    source {
+      storage_source {
+        bucket = google_storage_bucket.function_source.name
+        object = google_storage_bucket_object.function_source.name
+      }
+    }
+  }
+
+  service_config {
+    available_memory                 = "1Gi"
+    available_cpu                    = "1"
+    timeout_seconds                  = 60
+    max_instance_count               = 20
+    max_instance_request_concurrency = 16
+    ingress_settings                 = "ALLOW_INTERNAL_ONLY"
+    service_account_email            = google_service_account.function.email
+    environment_variables = {
+      PROJECT_ID                = var.project_id
+      RUN_ID                    = var.run_id
+      MODEL_VERSION             = var.model_version
+      MODEL_BUCKET              = google_storage_bucket.models.name
+      BACKEND_PULL_STREAM       = google_pubsub_topic.pull.name
+      BACKEND_DEADLETTER_STREAM = google_pubsub_topic.deadletter.name
+      OMP_NUM_THREADS           = "1"
+    }
+  }
+
+  lifecycle {
+    # The model served is chosen in the MLflow registry and set by `serving_function.deploy redeploy`.
+    ignore_changes = [service_config[0].environment_variables["RUN_ID"], service_config[0].environment_variables["MODEL_VERSION"]]
+  }
+}
+
+# --- the backend on Cloud Run ------------------------------------------------------------------
+
+resource "google_cloud_run_v2_service" "backend" {
+  name     = "${local.prefix}-backend"
+  location = var.region
+  ingress  = "INGRESS_TRAFFIC_ALL"
+
+  template {
+    service_account = google_service_account.backend.email
+    scaling {
+      min_instance_count = 1
+      max_instance_count = var.redis_url == "" ? 1 : 10
+    }
+    containers {
+      image = var.backend_image
+      resources {
+        cpu_idle = false # the result listener streams between requests
+        limits = {
+          cpu    = "1"
+          memory = "512Mi"
+        }
+      }
+      env {
+        name  = "PROJECT_ID"
+        value = var.project_id
+      }
+      env {
+        name  = "BACKEND_PUSH_STREAM"
+        value = google_pubsub_topic.push.name
+      }
+      env {
+        name  = "BACKEND_PULL_SUBSCRIPTION"
+        value = google_pubsub_subscription.backend_results.name
+      }
+      env {
+        name  = "REDIS_URL"
+        value = var.redis_url
+      }
+      startup_probe {
+        http_get {
+          path = "/healthz"
+        }
+      }
+      liveness_probe {
+        http_get {
+          path = "/healthz"
+        }
+      }
+    }
+  }
+}
+
+# --- monitoring: every prediction the function logs, exported to the bucket as JSON ---------
+
+resource "google_logging_project_sink" "predictions" {
+  name                   = "${local.prefix}-predictions"
+  destination            = "storage.googleapis.com/${google_storage_bucket.prediction_logs.name}"
+  filter                 = "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=\"${google_cloudfunctions2_function.predict.service_config[0].service}\" AND jsonPayload.message=\"prediction\""
+  unique_writer_identity = true
+}
+
+resource "google_storage_bucket_iam_member" "sink_writes_prediction_logs" {
+  bucket = google_storage_bucket.prediction_logs.name
+  role   = "roles/storage.objectCreator"
+  member = google_logging_project_sink.predictions.writer_identity
+}

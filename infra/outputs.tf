@@ -1,0 +1,27 @@
+output "model_bucket" {
+  value = "gs://${google_storage_bucket.models.name}"
+}
+
+output "topics" {
+  value = local.topics
+}
+
+output "function_uri" {
+  value = google_cloudfunctions2_function.predict.service_config[0].uri
+}
+
+output "backend_url" {
+  value = google_cloud_run_v2_service.backend.uri
+}
+
+output "prediction_logs" {
+  value = "gs://${google_storage_bucket.prediction_logs.name}"
+}
+
+output "service_accounts" {
+  value = {
+    function = google_service_account.function.email
+    backend  = google_service_account.backend.email
+    pusher   = google_service_account.pusher.email
+  }
+}

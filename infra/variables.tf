@@ -1,0 +1,38 @@
+variable "project_id" {
+  description = "GCP project to deploy into"
+  type        = string
+}
+
+variable "region" {
+  description = "Region for the bucket, the function and the backend"
+  type        = string
+  default     = "europe-west1"
+}
+
+variable "env" {
+  description = "Environment name, part of every resource name (dev, staging, prod)"
+  type        = string
+  default     = "prod"
+}
+
+variable "backend_image" {
+  description = "Backend container image, e.g. europe-west1-docker.pkg.dev/PROJECT/ridestream/backend:TAG"
+  type        = string
+}
+
+variable "run_id" {
+  description = "MLflow RUN_ID the function serves at first deploy; afterwards `python -m serving_function.deploy redeploy` owns it"
+  type        = string
+}
+
+variable "model_version" {
+  description = "Registry version of run_id, for the record in every result"
+  type        = string
+  default     = ""
+}
+
+variable "redis_url" {
+  description = "Memorystore Redis URL shared by the backend replicas (empty: one replica, results in memory)"
+  type        = string
+  default     = ""
+}

@@ -1,0 +1,113 @@
+"""Terraform in infra/: it parses, creates what the system needs, and grants nothing broader than needed."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import hcl2
+import pytest
+from conftest import REPO
+
+INFRA = REPO / "infra"
+
+
+def _clean(value):
+    """python-hcl2 keeps HCL's quotes around keys and strings; drop them."""
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items() if k not in ("__is_block__", "__comments__")}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+@pytest.fixture(scope="module")
+def resources() -> dict[str, dict[str, dict]]:
+    found: dict[str, dict[str, dict]] = defaultdict(dict)
+    for path in sorted(INFRA.glob("*.tf")):
+        with open(path) as f:
+            parsed = _clean(hcl2.load(f))
+        for block in parsed.get("resource", []):
+            for kind, named in block.items():
+                found[kind].update(named)
+    return found
+
+
+def test_every_terraform_file_parses():
+    files = sorted(INFRA.glob("*.tf"))
+    assert {f.name for f in files} >= {"main.tf", "variables.tf", "outputs.tf", "versions.tf"}
+    for path in files:
+        with open(path) as f:
+            assert hcl2.load(f), path
+
+
+def test_the_system_is_all_there(resources):
+    assert set(resources["google_pubsub_topic"]) == {"push", "pull", "deadletter"}
+    assert {"models", "prediction_logs"} <= set(resources["google_storage_bucket"])
+    assert set(resources["google_service_account"]) == {"function", "backend", "pusher"}
+    function = resources["google_cloudfunctions2_function"]["predict"]
+    assert function["build_config"][0]["runtime"] == "python312"
+    assert function["build_config"][0]["entry_point"] == "predict_duration_cloudevent"
+    assert "google_service_account.function.email" in function["service_config"][0]["service_account_email"]
+    backend = resources["google_cloud_run_v2_service"]["backend"]
+    assert "google_service_account.backend.email" in backend["template"][0]["service_account"]
+
+
+def test_the_function_subscription_has_dead_letter_and_retry_policies(resources):
+    push = resources["google_pubsub_subscription"]["function_push"]
+    assert "google_pubsub_topic.deadletter" in push["dead_letter_policy"][0]["dead_letter_topic"]
+    assert push["dead_letter_policy"][0]["max_delivery_attempts"] >= 5
+    assert push["retry_policy"][0]["minimum_backoff"] and push["retry_policy"][0]["maximum_backoff"]
+    assert "google_service_account.pusher.email" in push["push_config"][0]["oidc_token"][0]["service_account_email"]
+    assert "google_pubsub_topic.pull" in resources["google_pubsub_subscription"]["backend_results"]["topic"]
+
+
+def _grants(resources) -> list[tuple[str, str, str, str]]:
+    """(kind, target, role, member) for every IAM grant."""
+    grants = []
+    for kind, named in resources.items():
+        if kind.endswith(("_iam_member", "_iam_binding", "_iam_policy")):
+            for body in named.values():
+                target = (
+                    body.get("topic")
+                    or body.get("subscription")
+                    or body.get("bucket")
+                    or body.get("name")
+                    or body.get("project", "")
+                )
+                grants.append((kind, target, body.get("role", ""), body.get("member", str(body.get("members", "")))))
+    return grants
+
+
+def test_no_broad_roles_no_project_level_grants_and_no_keys(resources):
+    grants = _grants(resources)
+    assert grants
+    for kind, _, role, _ in grants:
+        assert not re.search(r"owner|editor|admin", role, re.IGNORECASE), role
+        assert not kind.startswith("google_project_iam"), kind  # grants sit on the bucket, topic, subscription, service
+        assert kind.endswith("_iam_member"), kind  # additive; never replaces others' bindings
+    assert "google_service_account_key" not in resources
+    provider_text = (INFRA / "versions.tf").read_text()
+    assert "credentials =" not in provider_text
+
+
+def test_each_identity_gets_exactly_what_it_uses(resources):
+    by_member: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for _, target, role, member in _grants(resources):
+        owner = re.search(r"google_service_account\.(\w+)\.email", member)
+        resource = re.search(r"(google_\w+\.\w+)", target)
+        by_member[owner.group(1) if owner else member].add((role, resource.group(1) if resource else target))
+    assert by_member["function"] == {
+        ("roles/storage.objectViewer", "google_storage_bucket.models"),
+        ("roles/pubsub.publisher", "google_pubsub_topic.pull"),
+        ("roles/pubsub.publisher", "google_pubsub_topic.deadletter"),
+    }
+    assert by_member["backend"] == {
+        ("roles/pubsub.publisher", "google_pubsub_topic.push"),
+        ("roles/pubsub.viewer", "google_pubsub_topic.push"),
+        ("roles/pubsub.subscriber", "google_pubsub_subscription.backend_results"),
+        ("roles/pubsub.viewer", "google_pubsub_subscription.backend_results"),
+    }
+    assert by_member["pusher"] == {("roles/run.invoker", "google_cloudfunctions2_function.predict")}

@@ -1,0 +1,84 @@
+"""Repository hygiene: no credentials anywhere in the tree, and every pinned runtime matches the lock."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+from conftest import REPO
+
+# What a leaked credential looks like. Patterns are assembled so this file does not match itself.
+BEGIN = "-----BEGIN"
+SECRET_PATTERNS = {
+    "private key": re.compile(BEGIN + r" (?:RSA |EC |DSA |OPENSSH |ENCRYPTED )?PRIVATE KEY-----"),
+    "service account key": re.compile(r'"type"\s*:\s*"service_' + r'account"[\s\S]{0,2000}"private_key'),
+    "AWS access key": re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
+    "Google API key": re.compile(r"\bAIza[0-9A-Za-z_\-]{35}\b"),
+}
+FORBIDDEN_NAMES = re.compile(r"(^|/)(\.env(\..*)?|.*\.pem|.*\.p12|.*credentials.*\.json|.*-key\.json)$")
+
+
+def repository_files() -> list[str]:
+    """Tracked files plus untracked ones git does not ignore: what a commit could contain."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return [line for line in listed.stdout.splitlines() if (REPO / line).is_file()]
+
+
+def leaks(name: str, text: str) -> list[str]:
+    found = [f"{name}: {label}" for label, pattern in SECRET_PATTERNS.items() if pattern.search(text)]
+    if FORBIDDEN_NAMES.search(name):
+        found.append(f"{name}: credential-like file name")
+    return found
+
+
+def test_the_scanner_catches_what_it_should():
+    key = BEGIN + " RSA PRIVATE KEY-----\nMIIE...\n"
+    account = '{"type": "service_' + 'account", "project_id": "p", "private_key_id": "abc", "private_key": "x"}'
+    assert leaks("deploy/key.txt", key) == ["deploy/key.txt: private key"]
+    assert leaks("sa.json", account) == ["sa.json: service account key"]
+    assert leaks("config/.env", "A=1") == ["config/.env: credential-like file name"]
+    assert leaks("my-sa-key.json", "{}") == ["my-sa-key.json: credential-like file name"]
+    assert leaks("training/train.py", "print('hello')") == []
+
+
+def test_no_credentials_in_the_tree():
+    files = repository_files()
+    assert len(files) > 30
+    found = []
+    for name in files:
+        try:
+            text = (REPO / name).read_text(errors="ignore")
+        except OSError:
+            continue
+        found += leaks(name, text)
+    assert found == []
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        if "==" in line and not line.startswith((" ", "#")):
+            name, version = line.split("==")
+            pins[name.split("[")[0].lower()] = version.strip()
+    return pins
+
+
+@pytest.mark.parametrize(
+    "path", ["serving_function/requirements.txt", "backend/requirements.txt", "python_env.yaml", "conda.yaml"]
+)
+def test_runtime_pins_match_the_lock(path):
+    lock = _lock()
+    pins = re.findall(r"([A-Za-z0-9_.\-]+)==([0-9][^\s]*)", (REPO / path).read_text())
+    assert pins
+    for name, version in pins:
+        assert lock[name.lower()] == version, f"{path}: {name}=={version}, lock has {lock.get(name.lower())}"
+
+
+def test_the_function_installs_every_package_the_model_needs():
+    from training.models import RUNTIME_PACKAGES
+
+    pinned = dict(re.findall(r"([A-Za-z0-9_.\-]+)==(\S+)", (REPO / "serving_function/requirements.txt").read_text()))
+    assert set(RUNTIME_PACKAGES) <= set(pinned)
