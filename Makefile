@@ -7,7 +7,7 @@ UV := $(VENV)/bin/uv
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup test test-fast lint demo down redeploy train promote resolve flow bench coarse-model lock clean
+.PHONY: setup test test-fast lint demo down redeploy train promote resolve flow monitor bench coarse-model lock clean
 
 # The venv is refreshed whenever the lock file changes. uv is installed into the venv itself,
 # so a machine without uv gets the same, fast install path.
@@ -49,6 +49,9 @@ resolve: setup
 
 flow: setup
 	$(PY) -m flows.training_flow
+
+monitor: setup  ## drift report of Feb 2021 against the Jan 2021 reference (needs a production model: make flow)
+	$(PY) -m flows.monitoring_flow --reference-month 2021-01 --current-month 2021-02
 
 bench: setup
 	$(PY) benchmarks/train_bench.py

@@ -4,27 +4,44 @@
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve    # terminal 2
 
 Monthly: train on the newest three months available in TRIP_DATA_BASE (promotion
-gated against production), then score the newest month. For a work pool instead
-of this process (Cloud Run or Kubernetes via prefect-gcp), see prefect.yaml.
+gated against production), then score the newest month. Daily, when PREDICTION_LOGS
+names the bucket the function's prediction logs are exported to: the drift report.
+For a work pool instead of this process (Cloud Run or Kubernetes via prefect-gcp),
+see prefect.yaml.
 """
 
 from __future__ import annotations
 
 from prefect import serve
 
+from flows.monitoring_flow import monitoring_flow
 from flows.scoring_flow import scoring_flow
 from flows.training_flow import training_flow
+from training.settings import Settings
 
 # TLC publishes a month about two months later; retrain early each month.
 MONTHLY_TRAINING = "0 6 3 * *"
 MONTHLY_SCORING = "0 8 3 * *"
+DAILY_MONITORING = "0 7 * * *"
+
+
+def deployments() -> list:
+    deployments = [
+        training_flow.to_deployment(name="monthly-training", cron=MONTHLY_TRAINING, parameters={"latest": True}),
+        scoring_flow.to_deployment(name="monthly-scoring", cron=MONTHLY_SCORING),
+    ]
+    prediction_logs = Settings().prediction_logs
+    if prediction_logs:  # the bucket the Cloud Logging sink of infra/ writes to
+        deployments.append(
+            monitoring_flow.to_deployment(
+                name="daily-monitoring", cron=DAILY_MONITORING, parameters={"predictions": prediction_logs}
+            )
+        )
+    return deployments
 
 
 def main() -> None:
-    serve(
-        training_flow.to_deployment(name="monthly-training", cron=MONTHLY_TRAINING, parameters={"latest": True}),
-        scoring_flow.to_deployment(name="monthly-scoring", cron=MONTHLY_SCORING),
-    )
+    serve(*deployments())
 
 
 if __name__ == "__main__":

@@ -113,3 +113,15 @@ def test_batch_scoring_to_the_bucket(store, emulators):
     assert scoring_flow(month="2021-02", output=output)["rows"] == 61_920
     blob = storage.Client().bucket(emulators.bucket).blob("predictions/green_2021-02.parquet").download_as_bytes()
     assert pq.read_table(pa.BufferReader(blob)).num_rows == 61_920
+
+
+def test_schedules_train_and_score_monthly_and_monitor_daily_when_logs_are_configured(monkeypatch, prefect_harness):
+    from flows.serve import deployments
+
+    monkeypatch.delenv("PREDICTION_LOGS", raising=False)
+    assert [d.name for d in deployments()] == ["monthly-training", "monthly-scoring"]
+    monkeypatch.setenv("PREDICTION_LOGS", "gs://bucket/prediction-logs")
+    planned = {d.name: d for d in deployments()}
+    assert planned["monthly-training"].parameters == {"latest": True}
+    assert planned["monthly-training"].schedules[0].schedule.cron == "0 6 3 * *"
+    assert planned["daily-monitoring"].parameters == {"predictions": "gs://bucket/prediction-logs"}

@@ -24,6 +24,8 @@ class Settings:
     model_name: str = field(default_factory=lambda: _env("REGISTERED_MODEL_NAME", "ride-duration"))
     # A local folder, a gs:// prefix or the TLC download URL holding <color>_tripdata_<YYYY-MM>.parquet.
     data_base: str = field(default_factory=lambda: _env("TRIP_DATA_BASE", str(PROJECT_DIR / "data")))
+    # Where the function's prediction logs land (the Cloud Logging sink's gs:// bucket), for monitoring.
+    prediction_logs: str = field(default_factory=lambda: _env("PREDICTION_LOGS", ""))
 
 
 def configure_mlflow(settings: Settings) -> str:
