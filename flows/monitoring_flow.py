@@ -142,7 +142,7 @@ def distribution_plot(reference: pd.DataFrame, current: pd.DataFrame, output_dir
     ):
         for label, frame in (("reference", reference), ("current", current)):
             ax.hist(frame[column].clip(*limits), bins=bins, range=limits, density=True, alpha=0.5, label=label)
-        ax.set(title=column, ylabel="share of rides")
+        ax.set(title=f"{column} (last bin: {limits[1]} or more)", ylabel="share of rides")
         ax.legend()
     fig.tight_layout()
     path = output_dir / f"{name}.png"

@@ -138,9 +138,8 @@ def test_two_replicas_sharing_redis_and_one_subscription_serve_any_ride(emulator
 
 
 def _dockerfile() -> DockerfileParser:
-    parser = DockerfileParser()
-    parser.content = (REPO / "backend/Dockerfile").read_text()
-    return parser
+    # Given the file's path it only reads; setting .content would write a Dockerfile into the cwd.
+    return DockerfileParser(str(REPO / "backend/Dockerfile"))
 
 
 def test_dockerfile_is_slim_non_root_gunicorn_and_has_no_credentials():
