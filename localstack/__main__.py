@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,9 @@ def demo(args: argparse.Namespace) -> int:
     if stack.state_path.exists():
         console.print(f"[red]a stack is already running ({stack.state_path}); `make down` first[/red]")
         return 2
+    # The emulators keep nothing between runs: an earlier demo's MLflow store would point at
+    # models that no longer exist in the bucket, so every demo starts from an empty stack folder.
+    shutil.rmtree(stack.dir, ignore_errors=True)
     try:
         with console.status("starting the Pub/Sub emulator, gcp-storage-emulator and the MLflow server"):
             stack.start_emulators()
