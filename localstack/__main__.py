@@ -23,7 +23,8 @@ from localstack.processes import ServiceError
 from localstack.stack import DEFAULT_STACK_DIR, Stack
 from localstack.traffic import real_rides, stream, summarize
 
-console = Console()
+# Wide enough for the ride table even when output goes to a file or CI log (rich assumes 80 there).
+console = Console(width=max(110, shutil.get_terminal_size((110, 24)).columns))
 
 
 def _redis_url() -> str:
