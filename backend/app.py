@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from backend.results import ResultStore, make_store
 from backend.settings import BackendSettings
-from backend.stream import PublishError, ResultListener, RidePublisher, stream_problem
+from backend.stream import PublishError, Redelivery, ResultListener, RidePublisher, stream_problem
 from training.ride import CoarseEstimator, InvalidRide, parse_ride
 
 log = logging.getLogger("backend")
@@ -74,11 +74,12 @@ def create_app(
     publisher = publisher or RidePublisher(settings.project_id, settings.push_topic, settings.publish_timeout_seconds)
     if listener is None:
         listener = ResultListener(settings.project_id, settings.pull_subscription, store).start()
+    redelivery = Redelivery(publisher, store, settings.resend_after_seconds, settings.resend_max_attempts).start()
     coarse = CoarseEstimator.from_dict(json.loads(settings.coarse_model_path.read_text()))
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.extensions["ridestream"] = {"store": store, "publisher": publisher, "listener": listener, "settings": settings}
+    app.extensions["ridestream"] = {"store": store, "publisher": publisher, "listener": listener, "redelivery": redelivery}
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -117,14 +118,16 @@ def create_app(
         }
         if not store.create(ride_id, record):
             return _error(409, "ride_id already used; omit ride_id to get a fresh one", ride_id=ride_id)
+        message = ride.model_dump_json().encode()
         try:
-            publisher.publish(ride.model_dump_json().encode(), ride_id=ride_id)
+            publisher.publish(message, ride_id=ride_id)
         except PublishError as exc:
             store.discard(ride_id)  # not in the stream: the client retries, possibly with the same ride_id
             log.error("publish failed", extra={"ride_id": ride_id, "error": str(exc)})
             return _error(
                 503, "the ride stream is unavailable; retry", ride_id=ride_id, duration_coarse=record["duration_coarse"]
             )
+        redelivery.track(ride_id, message)
         log.info("ride accepted", extra={"ride_id": ride_id, "duration_coarse": record["duration_coarse"]})
 
         if wait_seconds > 0:
@@ -156,6 +159,7 @@ def create_app(
             "ready": ready,
             "checks": {name: problem or "ok" for name, problem in checks.items()},
             "results_received": listener.received,
+            "rides_resent": redelivery.resent,
             "listener_last_error": listener.last_error,
         }
         return jsonify(body), 200 if ready else 503

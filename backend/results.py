@@ -23,19 +23,23 @@ class ResultStore(Protocol):
 
     def discard(self, ride_id: str) -> None: ...
 
-    def complete(self, ride_id: str, result: dict[str, Any]) -> None:
-        """Add the accurate result to the ride (and wake whoever waits for it)."""
+    def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> None:
+        """Add the accurate result (or, with status "failed", the reason) and wake whoever waits."""
 
     def get(self, ride_id: str) -> dict[str, Any] | None: ...
 
     def wait(self, ride_id: str, timeout: float) -> dict[str, Any] | None:
-        """The ride once it is done, or as it is when ``timeout`` runs out."""
+        """The ride once it is no longer pending, or as it is when ``timeout`` runs out."""
 
     def ping(self) -> None: ...
 
 
-def _merge(record: dict[str, Any] | None, result: dict[str, Any]) -> dict[str, Any]:
-    return {**(record or {"ride_id": result["ride_id"]}), **result, "status": "done"}
+def _merge(record: dict[str, Any] | None, result: dict[str, Any], status: str) -> dict[str, Any]:
+    return {**(record or {"ride_id": result["ride_id"]}), **result, "status": status}
+
+
+def _settled(record: dict[str, Any] | None) -> bool:
+    return record is not None and record.get("status") != "pending"
 
 
 class InMemoryResultStore:
@@ -62,10 +66,10 @@ class InMemoryResultStore:
         with self._changed:
             self._rides.pop(ride_id, None)
 
-    def complete(self, ride_id: str, result: dict[str, Any]) -> None:
+    def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> None:
         with self._changed:
             created, record = self._rides.get(ride_id, (time.monotonic(), None))
-            self._rides[ride_id] = (created, _merge(record, result))
+            self._rides[ride_id] = (created, _merge(record, result, status))
             self._changed.notify_all()
 
     def get(self, ride_id: str) -> dict[str, Any] | None:
@@ -75,7 +79,7 @@ class InMemoryResultStore:
 
     def wait(self, ride_id: str, timeout: float) -> dict[str, Any] | None:
         with self._changed:
-            self._changed.wait_for(lambda: self._rides.get(ride_id, (0, {}))[1].get("status") == "done", timeout)
+            self._changed.wait_for(lambda: _settled(self._rides.get(ride_id, (0, None))[1]), timeout)
             entry = self._rides.get(ride_id)
             return dict(entry[1]) if entry else None
 
@@ -105,10 +109,10 @@ class RedisResultStore:
     def discard(self, ride_id: str) -> None:
         self._redis.delete(self._key(ride_id))
 
-    def complete(self, ride_id: str, result: dict[str, Any]) -> None:
+    def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> None:
         key = self._key(ride_id)
         # Last writer wins; two deliveries of one ride carry the same result.
-        self._redis.set(key, json.dumps(_merge(self.get(ride_id), result)), ex=self._ttl)
+        self._redis.set(key, json.dumps(_merge(self.get(ride_id), result, status)), ex=self._ttl)
         self._redis.publish(self._channel(ride_id), "done")
 
     def get(self, ride_id: str) -> dict[str, Any] | None:
@@ -121,7 +125,7 @@ class RedisResultStore:
         try:
             pubsub.subscribe(self._channel(ride_id))  # before reading, so no completion slips between
             record = self.get(ride_id)
-            while (record is None or record.get("status") != "done") and (left := deadline - time.monotonic()) > 0:
+            while not _settled(record) and (left := deadline - time.monotonic()) > 0:
                 if pubsub.get_message(timeout=left):
                     record = self.get(ride_id)
             return record

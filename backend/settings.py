@@ -22,6 +22,8 @@ class BackendSettings:
     result_ttl_seconds: int
     max_body_bytes: int
     publish_timeout_seconds: float
+    resend_after_seconds: float  # a ride still pending this long is published again
+    resend_max_attempts: int  # then it is marked failed
 
     @classmethod
     def from_env(cls) -> BackendSettings:
@@ -37,4 +39,6 @@ class BackendSettings:
             result_ttl_seconds=int(env("RESULT_TTL_SECONDS", "86400")),
             max_body_bytes=int(env("MAX_BODY_BYTES", "16384")),
             publish_timeout_seconds=float(env("PUBLISH_TIMEOUT_SECONDS", "10")),
+            resend_after_seconds=float(env("RESEND_AFTER_SECONDS", "30")),
+            resend_max_attempts=int(env("RESEND_MAX_ATTEMPTS", "5")),
         )

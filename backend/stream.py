@@ -131,3 +131,76 @@ def stream_problem(check: Any, seconds: float) -> str | None:
         return f"{type(exc).__name__} after {time.monotonic() - started:.1f} s: {getattr(exc, 'message', exc)}"
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
+
+
+class Redelivery:
+    """Publishes again the rides accepted here that got no final duration in time.
+
+    Pub/Sub keeps what it acknowledged, but a broker restart (the emulator keeps nothing)
+    or a result lost on its way must not leave a rider pending forever. Repeats are safe:
+    the function and the result store are idempotent per ride_id. Each process resends
+    only the rides it accepted; after ``max_attempts`` the ride is marked failed.
+    """
+
+    def __init__(
+        self, publisher: RidePublisher, store: ResultStore, after_seconds: float, max_attempts: int, interval: float = 1.0
+    ):
+        self._publisher = publisher
+        self._store = store
+        self._after = after_seconds
+        self._max_attempts = max_attempts
+        self._interval = interval
+        self._pending: dict[str, tuple[bytes, float, int]] = {}  # ride_id -> (message, last sent, sends)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.resent = 0
+
+    def track(self, ride_id: str, data: bytes) -> None:
+        with self._lock:
+            self._pending[ride_id] = (data, time.monotonic(), 1)
+
+    def sweep(self) -> None:
+        """One pass: forget answered rides, resend overdue ones, give up on hopeless ones."""
+        now = time.monotonic()
+        with self._lock:
+            overdue = [(rid, entry) for rid, entry in self._pending.items() if now - entry[1] >= self._after]
+        for ride_id, (data, _, sends) in overdue:
+            record = self._store.get(ride_id)
+            if record is None or record.get("status") != "pending":
+                with self._lock:
+                    self._pending.pop(ride_id, None)
+                continue
+            if sends >= self._max_attempts:
+                reason = f"no final duration after {sends} publishes over {sends * self._after:.0f} s"
+                self._store.complete(ride_id, {"ride_id": ride_id, "error": reason}, status="failed")
+                log.error("ride failed", extra={"ride_id": ride_id, "error": reason})
+                with self._lock:
+                    self._pending.pop(ride_id, None)
+                continue
+            try:
+                self._publisher.publish(data, ride_id=ride_id)
+            except PublishError as exc:
+                log.warning("resend failed, will retry", extra={"ride_id": ride_id, "error": str(exc)})
+                continue
+            self.resent += 1
+            log.warning("ride resent", extra={"ride_id": ride_id, "attempt": sends + 1})
+            with self._lock:
+                self._pending[ride_id] = (data, time.monotonic(), sends + 1)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.sweep()
+            except Exception:  # a store hiccup must not end the loop
+                log.exception("redelivery sweep failed")
+
+    def start(self) -> Redelivery:
+        self._thread = threading.Thread(target=self._run, name="redelivery", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)

@@ -58,7 +58,7 @@ def stream(
     wait_seconds: float = 10,
     final_timeout: float = 30,
 ) -> list[RideOutcome]:
-    """POST every ride (round-robin over replicas) and collect its final duration."""
+    """POST every ride (round-robin over replicas, retrying 503s) and collect its final duration."""
     local = threading.local()
 
     def session() -> requests.Session:
@@ -70,8 +70,13 @@ def stream(
         outcome = RideOutcome(ride, actual)
         url = backend_urls[index % len(backend_urls)]
         started = time.perf_counter()
+        deadline = started + final_timeout
         try:
             response = session().post(f"{url}/predict", params={"wait": wait_seconds}, json=ride, timeout=wait_seconds + 10)
+            # 503: the stream is down and the ride was not taken; a client retries it.
+            while response.status_code == 503 and time.perf_counter() < deadline:
+                time.sleep(0.5)
+                response = session().post(f"{url}/predict", params={"wait": wait_seconds}, json=ride, timeout=wait_seconds + 10)
             body = response.json()
             if response.status_code >= 400:
                 outcome.error = f"HTTP {response.status_code}: {body.get('error')}"
@@ -79,7 +84,6 @@ def stream(
             outcome.ride_id, outcome.duration_coarse = body["ride_id"], body["duration_coarse"]
             # Not final yet: ask another replica, as a client polling GET would.
             other = backend_urls[(index + 1) % len(backend_urls)]
-            deadline = started + final_timeout
             while body.get("status") != "done" and time.perf_counter() < deadline:
                 time.sleep(0.05)
                 body = session().get(f"{other}/rides/{outcome.ride_id}", timeout=10).json()

@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-# Results of rides already answered by this instance; a redelivered message is
-# acknowledged without a second publish. Across instances the backend's store,
-# keyed by ride_id, makes a repeated result one logical result.
+# Results of rides already answered by this instance. A repeated ride is not predicted
+# again: its remembered result is published again (the first may have been lost on the
+# way, which is why the backend resent it). The backend's store is keyed by ride_id,
+# so repeated identical results are one logical result.
 RECENT_RIDES = 10_000
 MAX_BATCH = 64
 PREDICT_TIMEOUT_SECONDS = 30
@@ -175,13 +176,15 @@ class RideDurationService:
             in_flight = self._in_flight.get(ride.ride_id) if previous is None else None
             if previous is None and in_flight is None:
                 self._in_flight[ride.ride_id] = threading.Event()
-        if in_flight is not None:
+        if in_flight is not None:  # the other delivery publishes; this one only waits for it
             in_flight.wait(timeout=60)
-            previous = self._answered.get(ride.ride_id)
-            if previous is None:  # the first delivery failed: fail this one too, Pub/Sub retries
+            concurrent = self._answered.get(ride.ride_id)
+            if concurrent is None:  # the first delivery failed: fail this one too, Pub/Sub retries
                 raise RuntimeError(f"ride {ride.ride_id}: a concurrent delivery of it failed")
+            return concurrent
         if previous is not None:
-            log("INFO", "duplicate delivery, already answered", ride_id=ride.ride_id, message_id=message_id)
+            log("INFO", "repeated ride, publishing its result again", ride_id=ride.ride_id, message_id=message_id)
+            self.publisher.publish(self.pull_topic, previous.to_json(), ride_id=previous.ride_id)
             return previous
 
         try:

@@ -242,3 +242,37 @@ def test_random_garbage_never_gives_500(backend):
     for _ in range(300):
         payload = {k: rng.choice(values) for k in rng.sample(keys, rng.randint(0, len(keys)))}
         assert client.post("/predict", json=payload).status_code in (202, 400)
+
+
+def test_unanswered_rides_are_published_again_then_marked_failed():
+    from backend.stream import Redelivery
+
+    publisher, store = RecordingPublisher(), InMemoryResultStore()
+    redelivery = Redelivery(publisher, store, after_seconds=0, max_attempts=3)
+    for ride_id in ("lost", "answered"):
+        store.create(ride_id, {"ride_id": ride_id, "status": "pending"})
+        redelivery.track(ride_id, json.dumps({**RIDE, "ride_id": ride_id}).encode())
+    store.complete("answered", {"ride_id": "answered", "duration_final": 9.0, "model_run_id": "r"})
+
+    redelivery.sweep()
+    redelivery.sweep()
+    assert [attrs["ride_id"] for _, attrs in publisher.sent] == ["lost", "lost"]  # sends 2 and 3
+    publisher.fail = True
+    redelivery.sweep()  # the third send was the last: no more publishing, the ride is failed
+    assert store.get("lost")["status"] == "failed" and "3 publishes" in store.get("lost")["error"]
+    assert store.wait("lost", timeout=1)["status"] == "failed"
+    assert store.get("answered")["status"] == "done" and redelivery.resent == 2
+
+
+def test_a_resend_that_cannot_publish_is_tried_again_later():
+    from backend.stream import Redelivery
+
+    publisher, store = RecordingPublisher(), InMemoryResultStore()
+    redelivery = Redelivery(publisher, store, after_seconds=0, max_attempts=5)
+    store.create("r", {"ride_id": "r", "status": "pending"})
+    redelivery.track("r", b"{}")
+    publisher.fail = True
+    redelivery.sweep()
+    publisher.fail = False
+    redelivery.sweep()
+    assert len(publisher.sent) == 1 and redelivery.resent == 1

@@ -128,10 +128,12 @@ def test_duplicate_delivery_yields_one_logical_result(stack_factory, march_rides
     stack = stack_factory("cloudevent").start()
     ride = json.dumps(march_rides[2]).encode()
     stack.publish([ride, ride, ride])
-    answers = stack.results(3, timeout=20)
+    answers = stack.results(3, timeout=8)  # 1 to 3 copies, depending on how the deliveries overlap
+    # However often it is delivered, the ride gets one prediction: the same result each time.
     assert {json.dumps(a, sort_keys=True) for a in answers} == {json.dumps(answers[0], sort_keys=True)}
     assert answers[0]["ride_id"] == march_rides[2]["ride_id"]
-    assert len(answers) == 1  # one instance answers a ride once
+    logged = stack.function.log_path.read_text()
+    assert logged.count('"message": "prediction"') == 1
 
 
 def test_wrong_run_id_fails_the_cold_start_naming_where_it_looked(stack_factory, emulators):

@@ -74,14 +74,15 @@ def test_missing_ride_id_is_derived_from_message_id_so_redelivery_keeps_it():
     first = svc.handle(b64(ride), message_id="12345")
     again = svc.handle(b64(ride), message_id="12345")
     assert first.ride_id == again.ride_id == "msg-12345"
-    assert len(publisher.sent) == 1
+    assert [record["ride_id"] for _, record, _ in publisher.sent] == ["msg-12345", "msg-12345"]
 
 
-def test_duplicate_delivery_publishes_once():
-    publisher = RecordingPublisher()
-    svc = service(publisher)
-    assert svc.handle(b64(RIDE), "m1") == svc.handle(b64(RIDE), "m2")
-    assert len(publisher.sent) == 1
+def test_a_repeated_ride_is_not_predicted_again_but_its_result_is_published_again():
+    publisher, model = RecordingPublisher(), FakeModel()
+    svc = service(publisher, model)
+    assert svc.handle(b64(RIDE), "m1") == svc.handle(b64(RIDE), "m2")  # e.g. resent by the backend
+    assert len(model.frames) == 1
+    assert len(publisher.sent) == 2 and publisher.sent[0] == publisher.sent[1]  # one logical result
 
 
 @pytest.mark.parametrize(
