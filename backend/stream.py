@@ -52,15 +52,43 @@ class RidePublisher:
         self._client.get_topic(topic=self.topic_path, timeout=timeout, retry=None)
 
 
-class ResultListener:
+class BackgroundLoop:
+    """A daemon thread running ``_run`` until ``stop()``; ``_run`` watches ``self._stop``."""
+
+    thread_name = "background-loop"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+class ResultListener(BackgroundLoop):
     """Streaming pull on the results subscription; stores each result, acks only after it is stored."""
 
+    thread_name = "result-listener"
+
     def __init__(self, project_id: str, subscription: str, store: ResultStore):
+        super().__init__()
         self._subscriber = pubsub_v1.SubscriberClient()
         self.subscription_path = self._subscriber.subscription_path(project_id, subscription)
         self._store = store
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.last_error: str | None = None
         self.received = 0
 
@@ -103,20 +131,6 @@ class ResultListener:
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 10)
 
-    def start(self) -> ResultListener:
-        self._thread = threading.Thread(target=self._run, name="result-listener", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def check(self, timeout: float = 2.0) -> None:
         self._subscriber.get_subscription(subscription=self.subscription_path, timeout=timeout, retry=None)
 
@@ -133,7 +147,7 @@ def stream_problem(check: Any, seconds: float) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-class Redelivery:
+class Redelivery(BackgroundLoop):
     """Publishes again the rides accepted here that got no final duration in time.
 
     Pub/Sub keeps what it acknowledged, but a broker restart (the emulator keeps nothing)
@@ -142,9 +156,12 @@ class Redelivery:
     only the rides it accepted; after ``max_attempts`` the ride is marked failed.
     """
 
+    thread_name = "redelivery"
+
     def __init__(
         self, publisher: RidePublisher, store: ResultStore, after_seconds: float, max_attempts: int, interval: float = 1.0
     ):
+        super().__init__()
         self._publisher = publisher
         self._store = store
         self._after = after_seconds
@@ -152,8 +169,6 @@ class Redelivery:
         self._interval = interval
         self._pending: dict[str, tuple[bytes, float, int]] = {}  # ride_id -> (message, last sent, sends)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.resent = 0
 
     def track(self, ride_id: str, data: bytes) -> None:
@@ -194,13 +209,3 @@ class Redelivery:
                 self.sweep()
             except Exception:  # a store hiccup must not end the loop
                 log.exception("redelivery sweep failed")
-
-    def start(self) -> Redelivery:
-        self._thread = threading.Thread(target=self._run, name="redelivery", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
