@@ -41,16 +41,6 @@ def ensure_subscription(project: str, topic: str, subscription: str, push_endpoi
     return path
 
 
-def delete_subscription(project: str, subscription: str) -> None:
-    subscriber = pubsub_v1.SubscriberClient()
-    try:
-        subscriber.delete_subscription(subscription=subscriber.subscription_path(project, subscription))
-    except exceptions.NotFound:
-        pass
-    finally:
-        subscriber.close()
-
-
 def pull_messages(project: str, subscription: str, count: int, timeout: float = 30) -> list[pubsub_v1.types.PubsubMessage]:
     """Synchronously pull and ack until ``count`` messages arrived or ``timeout`` passed."""
     import time

@@ -27,7 +27,7 @@ import pandas as pd
 from sklearn.metrics import mean_absolute_error, r2_score, root_mean_squared_error
 from sklearn.pipeline import Pipeline
 
-from data import TripDataError, load_trips, month_uri
+from data import TLC_DOWNLOAD_BASE, TripDataError, load_trips, month_uri
 from training import coarse, features, ride
 from training.models import DEFAULT_PARAMS, MODEL_FAMILIES, build_pipeline, pip_requirements, suggest_params
 from training.settings import Settings, configure_mlflow
@@ -269,7 +269,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-family", choices=MODEL_FAMILIES, default="hgb")
     parser.add_argument("--trials", type=int, default=TrainConfig.trials, help="hyperparameter trials (1 = defaults only)")
     parser.add_argument("--sample", type=int, default=None, help="rows per split (quick runs)")
-    parser.add_argument("--data-base", default=None, help="folder, gs:// prefix or URL with the TLC files")
+    parser.add_argument(
+        "--data-base", default=None, help='folder, gs:// prefix or URL with the TLC files; "tlc": the public download'
+    )
     parser.add_argument("--no-register", action="store_true", help="log the model but do not register it")
     return parser.parse_args(argv)
 
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parse_args(argv)
     if args.data_base:
-        os.environ["TRIP_DATA_BASE"] = args.data_base
+        os.environ["TRIP_DATA_BASE"] = TLC_DOWNLOAD_BASE if args.data_base == "tlc" else args.data_base
     config = TrainConfig(
         args.train_month, args.val_month, args.test_month, args.model_family, args.trials, not args.no_register, args.sample
     )
