@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from localstack.processes import HOST, VENV_BIN, Service, answers_http, free_port  # noqa: E402
+from localstack.processes import function_server  # noqa: E402
 from localstack.pubsub import ensure_subscription, ensure_topic  # noqa: E402
 from localstack.stack import ARTIFACT_ROOT, PROJECT, Stack  # noqa: E402
 from localstack.traffic import real_rides, stream, summarize  # noqa: E402
@@ -45,23 +45,9 @@ def bare_round_trip(stack: Stack, count: int, concurrency: int, workers: int) ->
     into, out = f"relay-in-{uuid.uuid4().hex[:6]}", f"relay-out-{uuid.uuid4().hex[:6]}"
     for topic in (into, out):
         ensure_topic(PROJECT, topic)
-    port = free_port()
     env = {**stack.env(), "RELAY_TO_TOPIC": out, "WORKERS": str(workers)}
-    relay = Service(
-        "relay-function",
-        [
-            str(VENV_BIN / "functions-framework"),
-            f"--source={REPO / 'benchmarks/relay_function/main.py'}",
-            "--target=relay",
-            "--signature-type=cloudevent",
-            f"--host={HOST}",
-            f"--port={port}",
-        ],
-        port,
-        stack.log_dir,
-        answers_http(f"http://{HOST}:{port}/"),
-        env=env,
-    )
+    relay_source = REPO / "benchmarks/relay_function/main.py"
+    relay = function_server(stack.log_dir, "relay", "cloudevent", env, name="relay-function", source=relay_source)
     with relay:
         ensure_subscription(PROJECT, into, into + "-push", push_endpoint=relay.url + "/")
         ensure_subscription(PROJECT, out, out + "-pull")

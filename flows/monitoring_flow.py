@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -73,12 +74,17 @@ def read_prediction_log(source: str) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-@task(name="reference-data", retries=2, retry_delay_seconds=10, cache_policy=NONE)
-def reference_data(month: str, alias: str, settings: Settings) -> pd.DataFrame:
+def scored_month(month: str, alias: str, settings: Settings) -> pd.DataFrame:
+    """A TLC month scored by the model behind ``alias``, with its actual durations."""
     configure_mlflow(settings)
     trips = load_trips(month_uri(month, settings.data_base))
     model = load_registered_model(f"models:/{settings.model_name}@{alias}")
     return monitoring_frame(trips, model.predict(trips[RIDE_COLUMNS]), trips["duration"])
+
+
+@task(name="reference-data", retries=2, retry_delay_seconds=10, cache_policy=NONE)
+def reference_data(month: str, alias: str, settings: Settings) -> pd.DataFrame:
+    return scored_month(month, alias, settings)
 
 
 @task(name="current-data", retries=2, retry_delay_seconds=10, cache_policy=NONE)
@@ -86,9 +92,7 @@ def current_data(month: str | None, predictions: str | None, alias: str, setting
     if predictions:
         logged = read_prediction_log(predictions)
         return monitoring_frame(logged, logged["prediction"])
-    trips = load_trips(month_uri(month, settings.data_base))
-    model = load_registered_model(f"models:/{settings.model_name}@{alias}")
-    return monitoring_frame(trips, model.predict(trips[RIDE_COLUMNS]), trips["duration"])
+    return scored_month(month, alias, settings)
 
 
 @task(name="drift-report", cache_policy=NONE)
@@ -155,14 +159,7 @@ def distribution_plot(reference: pd.DataFrame, current: pd.DataFrame, output_dir
 def log_to_mlflow(report: dict, plot: str, params: dict, settings: Settings) -> str:
     import mlflow
 
-    monitoring = Settings(
-        settings.tracking_uri,
-        f"{settings.experiment_name}-monitoring",
-        settings.artifact_root,
-        settings.model_name,
-        settings.data_base,
-    )
-    configure_mlflow(monitoring)
+    configure_mlflow(replace(settings, experiment_name=f"{settings.experiment_name}-monitoring"))
     with mlflow.start_run(run_name=params["name"]) as run:
         mlflow.log_params(params)
         mlflow.log_metrics(report["metrics"])

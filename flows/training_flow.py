@@ -24,6 +24,7 @@ from prefect.cache_policies import NONE
 from data import TripDataError, latest_split
 from training import registry
 from training.features import RIDE_COLUMNS
+from training.ride import MAX_LOCATION_ID, MIN_LOCATION_ID
 from training.settings import Settings, configure_mlflow
 from training.train import Splits, TrainConfig, TrainResult, fit_and_log, load_splits, score
 
@@ -73,9 +74,10 @@ def validate_data(splits: Splits, sample: int | None) -> dict[str, int]:
         zero_share = float((frame["trip_distance"] <= 0).mean())
         if zero_share > MAX_ZERO_DISTANCE_SHARE:
             problems.append(f"{name}: {zero_share:.0%} of trips have no distance")
-        bad_zones = ~frame["PULocationID"].between(1, 265) | ~frame["DOLocationID"].between(1, 265)
+        zones = frame[["PULocationID", "DOLocationID"]]
+        bad_zones = ~zones.apply(lambda ids: ids.between(MIN_LOCATION_ID, MAX_LOCATION_ID)).all(axis=1)
         if bad_zones.any():
-            problems.append(f"{name}: {int(bad_zones.sum())} trips with zone IDs outside 1-265")
+            problems.append(f"{name}: {int(bad_zones.sum())} trips with zone IDs outside {MIN_LOCATION_ID}-{MAX_LOCATION_ID}")
     if problems:
         raise TripDataError("data validation failed: " + "; ".join(problems))
     rows = {name: len(frame) for name, frame in splits.frames.items()}

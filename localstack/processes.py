@@ -177,12 +177,20 @@ def storage_emulator(log_dir: Path, bucket: str, port: int | None = None, data_d
     return Service("storage-emulator", argv, port, log_dir, answers_http(f"http://{HOST}:{port}/storage/v1/b"))
 
 
+SERVING_FUNCTION = Path(__file__).resolve().parent.parent / "serving_function" / "main.py"
+
+
 def function_server(
-    log_dir: Path, target: str, signature_type: str, env: dict[str, str], port: int | None = None, name: str = "function"
+    log_dir: Path,
+    target: str,
+    signature_type: str,
+    env: dict[str, str],
+    port: int | None = None,
+    name: str = "function",
+    source: Path = SERVING_FUNCTION,
 ) -> Service:
-    """The serving function under functions-framework, as Cloud Functions would run it."""
+    """A function under functions-framework (by default the serving function), as Cloud Functions would run it."""
     port = port or free_port()
-    source = Path(__file__).resolve().parent.parent / "serving_function" / "main.py"
     argv = [
         str(VENV_BIN / "functions-framework"),
         f"--source={source}",

@@ -8,13 +8,13 @@ import json
 
 import pytest
 import requests
-from conftest import DATA, unique
+from conftest import unique
 from google.cloud import pubsub_v1
 from model_store import find_model_uri, load_model
 
-from data import load_trips
 from localstack.processes import ServiceError, function_server
 from localstack.pubsub import ensure_subscription, ensure_topic, pull_messages
+from localstack.traffic import real_rides
 from training import features
 
 pytestmark = pytest.mark.integration
@@ -24,13 +24,8 @@ SIGNATURES = {"event": "predict_duration", "cloudevent": "predict_duration_cloud
 
 @pytest.fixture(scope="module")
 def march_rides():
-    trips = load_trips(DATA / "green_tripdata_2021-03.parquet")
-    # Rides as the backend would send them: 0-mile trips never pass its validation.
-    trips = trips[trips["trip_distance"] > 0].sample(25, random_state=1)
-    return [
-        {"ride_id": f"mar-{i}", **{c: r[c] for c in features.RIDE_COLUMNS}, "datetime": str(r["datetime"])}
-        for i, r in enumerate(trips.to_dict("records"))
-    ]
+    # Real rides as the backend sends them: validated, with its ride_id.
+    return [{**ride, "ride_id": f"mar-{i}"} for i, (ride, _) in enumerate(real_rides(25, seed=1))]
 
 
 class Stack:

@@ -254,7 +254,6 @@ def train(config: TrainConfig, settings: Settings | None = None) -> TrainResult:
     from training import registry
 
     settings = settings or Settings()
-    configure_mlflow(settings)
     result = fit_and_log(config, load_splits(config, settings), settings)
     if config.register:
         result.version = str(registry.register(result.model_uri, result.run_id, settings).version)
