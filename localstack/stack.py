@@ -13,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 from localstack.processes import (
     HOST,
@@ -144,20 +145,14 @@ class Stack:
     def ensure_topology(self) -> None:
         from localstack.pubsub import ensure_subscription, ensure_topic
 
-        previous = os.environ.get("PUBSUB_EMULATOR_HOST")
-        os.environ["PUBSUB_EMULATOR_HOST"] = f"{HOST}:{self.ports['pubsub']}"
-        try:
+        # Pub/Sub clients read the emulator address from the environment when they are made.
+        with mock.patch.dict(os.environ, {"PUBSUB_EMULATOR_HOST": f"{HOST}:{self.ports['pubsub']}"}):
             for topic in TOPICS.values():
                 ensure_topic(PROJECT, topic)
             ensure_subscription(PROJECT, TOPICS["pull"], SUBSCRIPTIONS["pull"])
             ensure_subscription(PROJECT, TOPICS["dead"], SUBSCRIPTIONS["dead"])
             if "function" in self.urls:
                 ensure_subscription(PROJECT, TOPICS["push"], SUBSCRIPTIONS["push"], push_endpoint=self.urls["function"] + "/")
-        finally:
-            if previous is None:
-                os.environ.pop("PUBSUB_EMULATOR_HOST", None)
-            else:
-                os.environ["PUBSUB_EMULATOR_HOST"] = previous
 
     def start_mlflow(self, backend_store_uri: str | None = None) -> None:
         port = free_port()
