@@ -7,14 +7,16 @@ UV := $(VENV)/bin/uv
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup test test-fast lint demo down redeploy train promote resolve flow monitor bench coarse-model lock clean
+.PHONY: setup test test-fast lint demo down redeploy rollback train promote resolve flow monitor bench coarse-model lock clean
 
-# The venv is refreshed whenever the lock file changes. uv is installed into the venv itself,
-# so a machine without uv gets the same, fast install path.
-$(VENV)/.installed: requirements.lock
+# The venv is refreshed whenever the lock file or the project's metadata changes. uv is installed
+# into the venv itself, so a machine without uv gets the same, fast install path. The project is
+# installed too (editable, without dependencies: the lock has them), so its packages import from anywhere.
+$(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	test -x $(UV) || $(VENV)/bin/python -m pip install --quiet uv
 	$(UV) pip install --python $(PY) --quiet -r requirements.lock
+	$(UV) pip install --python $(PY) --quiet --no-deps --editable .
 	@touch $@
 
 setup: $(VENV)/.installed
@@ -30,13 +32,16 @@ lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 demo: setup
-	$(PY) -m localstack demo
+	$(PY) -m devstack demo
 
 down:
-	$(PY) -m localstack down
+	$(PY) -m devstack down
 
 redeploy: setup  ## serve the model the registry calls production (after promoting it in the UI)
-	$(PY) -m localstack redeploy
+	$(PY) -m devstack redeploy
+
+rollback: setup  ## production <- previous in the stack's registry, and the local function follows
+	$(PY) -m devstack rollback
 
 train: setup
 	$(PY) -m training.train
@@ -66,4 +71,4 @@ lock:
 	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache mlruns mlartifacts mlflow.db .stack
+	rm -rf $(VENV) .pytest_cache .ruff_cache mlruns mlartifacts mlflow.db .stack *.egg-info

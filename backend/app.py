@@ -26,7 +26,8 @@ from werkzeug.exceptions import HTTPException
 from backend.results import ResultStore, make_store
 from backend.settings import BackendSettings
 from backend.stream import PublishError, Redelivery, ResultListener, RidePublisher, stream_problem
-from training.ride import CoarseEstimator, InvalidRide, parse_ride
+from ride_contract.coarse import CoarseEstimator
+from ride_contract.ride import InvalidRide, parse_ride
 
 log = logging.getLogger("backend")
 _STANDARD_LOG_FIELDS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}

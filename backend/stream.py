@@ -10,22 +10,12 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry
 from google.cloud import pubsub_v1
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from backend.results import ResultStore
+from ride_contract.result import RideResult
 
 log = logging.getLogger("backend.stream")
-
-
-class FinalResult(BaseModel):
-    """What the serving function publishes to BACKEND_PULL_STREAM."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    ride_id: str = Field(min_length=1)
-    duration_final: float
-    model_run_id: str
-    model_version: str = ""
 
 
 class PublishError(RuntimeError):
@@ -94,7 +84,7 @@ class ResultListener(BackgroundLoop):
 
     def _on_message(self, message: Any) -> None:
         try:
-            result = FinalResult.model_validate_json(message.data)
+            result = RideResult.model_validate_json(message.data)
         except ValidationError as exc:
             # No redelivery can make it valid; ack it and say so loudly.
             log.error(

@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from devstack.stack import Stack
+from devstack.traffic import real_rides, run_clients
 
-from localstack.stack import Stack  # noqa: E402
-from localstack.traffic import real_rides  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
@@ -42,20 +38,16 @@ def main() -> None:
             stack.ensure_topology()
             stack.start_backends(1)
             url = stack.backend_urls[0] + "/predict"
-            local = threading.local()
 
-            def post(ride: dict) -> tuple[int, float]:
-                session = getattr(local, "session", None) or requests.Session()
-                local.session = session
+            def post(session: requests.Session, ride: dict) -> tuple[int, float]:
                 started = time.perf_counter()
                 status = session.post(url, json=ride, timeout=30).status_code
                 return status, (time.perf_counter() - started) * 1000
 
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                list(pool.map(post, rides[:200]))  # warm-up, not counted
-                started = time.perf_counter()
-                results = list(pool.map(post, rides))
-                elapsed = time.perf_counter() - started
+            run_clients(post, rides[:200], args.concurrency)  # warm-up, not counted
+            started = time.perf_counter()
+            results = run_clients(post, rides, args.concurrency)
+            elapsed = time.perf_counter() - started
         finally:
             stack.stop_all()
 

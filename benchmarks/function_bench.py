@@ -24,34 +24,32 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "serving_function"))
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # as the function runs (see localstack/stack.py)
+from devstack.processes import free_port, function_server
+from devstack.stack import ARTIFACT_ROOT, BUCKET, PROJECT, Stack
 
-from localstack.processes import free_port, function_server  # noqa: E402
-from localstack.stack import ARTIFACT_ROOT, BUCKET, PROJECT, Stack  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # as the function runs (see devstack/stack.py)
+
 
 RIDES = 300
 COLD_STARTS = 3
 
 
 def handler_vs_predict(model_uri: str) -> dict:
-    from model_store import load_model
-    from prediction import RideDurationService
-
-    from localstack.traffic import real_rides
+    from devstack.traffic import real_rides
+    from serving_function.model_store import load_model
+    from serving_function.prediction import RideDurationService
 
     class NoPublish:
         def publish(self, topic: str, data: bytes, **attributes: str) -> None:
             return None
 
     loaded = load_model(model_uri)
-    service = RideDurationService(loaded.model, loaded.features, NoPublish(), "pull", "dead", loaded.run_id)
+    service = RideDurationService(loaded.model, loaded.contract, NoPublish(), "pull", "dead", loaded.run_id)
     rides = [ride for ride, _ in real_rides(RIDES, seed=3)]
     messages = [base64.b64encode(json.dumps({**r, "ride_id": f"b{i}"}).encode()).decode() for i, r in enumerate(rides)]
-    frames = [loaded.features.rides_frame([loaded.features.Ride.model_validate(r)]) for r in rides]
+    frames = [loaded.contract.features.rides_frame([loaded.contract.ride.Ride.model_validate(r)]) for r in rides]
 
     def timed(fn, items) -> list[float]:
         times = []
@@ -112,7 +110,7 @@ def main() -> None:
                 TrainConfig(trials=1, register=False),
                 Settings(f"sqlite:///{tmp}/mlflow.db", "bench", ARTIFACT_ROOT, "bench", str(REPO / "data")),
             )
-            from model_store import find_model_uri
+            from serving_function.model_store import find_model_uri
 
             model_uri = find_model_uri(BUCKET, result.run_id, "mlflow")
             handler = handler_vs_predict(model_uri)

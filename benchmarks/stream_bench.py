@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -25,14 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from devstack.processes import function_server
+from devstack.pubsub import ensure_subscription, ensure_topic
+from devstack.stack import ARTIFACT_ROOT, PROJECT, Stack
+from devstack.traffic import real_rides, stream, summarize
 
-from localstack.processes import function_server  # noqa: E402
-from localstack.pubsub import ensure_subscription, ensure_topic  # noqa: E402
-from localstack.stack import ARTIFACT_ROOT, PROJECT, Stack  # noqa: E402
-from localstack.traffic import real_rides, stream, summarize  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def percentiles(values_ms: list[float]) -> dict[str, float]:

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from data import load_trips, month_uri
@@ -23,7 +20,7 @@ from training.train import TrainConfig, fit, score, train
 
 
 def main() -> None:
-    settings = Settings()
+    settings = Settings.from_env()
     train_frame = load_trips(month_uri("2021-01", settings.data_base))
     val_frame = load_trips(month_uri("2021-02", settings.data_base))
     test_frame = load_trips(month_uri("2021-03", settings.data_base))

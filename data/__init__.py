@@ -1,5 +1,6 @@
 """Real NYC TLC trip files and their loader."""
 
+from data.gcs import split_gs_uri
 from data.loader import (
     DATA_DIR,
     TLC_DOWNLOAD_BASE,
@@ -20,4 +21,5 @@ __all__ = [
     "load_trips",
     "month_uri",
     "read_trips",
+    "split_gs_uri",
 ]

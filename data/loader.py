@@ -18,6 +18,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.gcs import split_gs_uri
+
 DATA_DIR = Path(__file__).resolve().parent
 TLC_DOWNLOAD_BASE = "https://d37ci6vzurychx.cloudfront.net/trip-data"
 MIN_DURATION_MINUTES = 1.0
@@ -57,8 +59,8 @@ def available_months(base: str | Path = DATA_DIR, color: str = "green") -> list[
     if base.startswith("gs://"):
         from google.cloud import storage
 
-        bucket, _, prefix = base[len("gs://") :].partition("/")
-        names = [b.name for b in storage.Client().list_blobs(bucket, prefix=prefix.strip("/") + "/" if prefix else None)]
+        bucket, prefix = split_gs_uri(base)
+        names = [b.name for b in storage.Client().list_blobs(bucket, prefix=prefix + "/" if prefix else None)]
     elif base.startswith(("http://", "https://")):
         raise TripDataError(f"cannot list months at {base}: name the months explicitly")
     else:
@@ -80,7 +82,7 @@ def _read_bytes(uri: str) -> bytes:
         from google.api_core import exceptions as gexc
         from google.cloud import storage
 
-        bucket, _, key = uri[len("gs://") :].partition("/")
+        bucket, key = split_gs_uri(uri)
         try:
             return storage.Client().bucket(bucket).blob(key).download_as_bytes()
         except gexc.NotFound as exc:

@@ -22,10 +22,10 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from data import load_trips, month_uri
-from flows.training_flow import load_registered_model
+from data import load_trips, month_uri, split_gs_uri
+from ride_contract.features import ride_features
+from ride_contract.ride import RIDE_COLUMNS
 from training import registry
-from training.features import RIDE_COLUMNS, ride_features
 from training.settings import Settings, configure_mlflow
 
 NUMERICAL = ["trip_distance", "pickup_hour", "prediction"]
@@ -48,7 +48,7 @@ def _read_text(source: str) -> list[str]:
     if source.startswith("gs://"):
         from google.cloud import storage
 
-        bucket, _, prefix = source[len("gs://") :].partition("/")
+        bucket, prefix = split_gs_uri(source)
         blobs = storage.Client().list_blobs(bucket, prefix=prefix or None)
         return [line for blob in blobs for line in blob.download_as_text().splitlines()]
     path = Path(source)
@@ -78,7 +78,7 @@ def scored_month(month: str, alias: str, settings: Settings) -> pd.DataFrame:
     """A TLC month scored by the model behind ``alias``, with its actual durations."""
     configure_mlflow(settings)
     trips = load_trips(month_uri(month, settings.data_base))
-    model = load_registered_model(f"models:/{settings.model_name}@{alias}")
+    model = registry.load_registered_model(f"models:/{settings.model_name}@{alias}")
     return monitoring_frame(trips, model.predict(trips[RIDE_COLUMNS]), trips["duration"])
 
 
@@ -176,7 +176,7 @@ def monitoring_flow(
     output_dir: str = "reports",
     alias: str = registry.PRODUCTION,
 ) -> dict:
-    settings = Settings()
+    settings = Settings.from_env()
     name = f"drift-{reference_month}-vs-{Path(predictions).name if predictions else current_month}"
     reference = reference_data(reference_month, alias, settings)
     current = current_data(current_month, predictions, alias, settings)

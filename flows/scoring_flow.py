@@ -20,10 +20,9 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from data import available_months, load_trips, month_uri
-from flows.training_flow import load_registered_model
+from data import available_months, load_trips, month_uri, split_gs_uri
+from ride_contract.ride import RIDE_COLUMNS
 from training import registry
-from training.features import RIDE_COLUMNS
 from training.settings import Settings, configure_mlflow
 
 
@@ -39,7 +38,7 @@ def predict(trips: pd.DataFrame, alias: str, settings: Settings) -> pd.DataFrame
     configure_mlflow(settings)
     model = registry.resolve(alias, settings)
     predictions = trips.rename(columns={"duration": "duration_actual"})
-    predictions["duration_predicted"] = load_registered_model(model.model_uri).predict(trips[RIDE_COLUMNS])
+    predictions["duration_predicted"] = registry.load_registered_model(model.model_uri).predict(trips[RIDE_COLUMNS])
     predictions["model_version"] = model.version
     predictions["model_run_id"] = model.run_id
     return predictions
@@ -53,7 +52,7 @@ def write(predictions: pd.DataFrame, output: str) -> str:
 
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
-        bucket, _, key = output[len("gs://") :].partition("/")
+        bucket, key = split_gs_uri(output)
         storage.Client().bucket(bucket).blob(key).upload_from_string(buffer.getvalue(), content_type="application/octet-stream")
     else:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +65,7 @@ def scoring_flow(
     month: str | None = None, output: str | None = None, color: str = "green", alias: str = registry.PRODUCTION
 ) -> dict:
     """Score ``month`` (default: the newest month available) with the model behind ``alias``."""
-    settings = Settings()
+    settings = Settings.from_env()
     month = month or available_months(settings.data_base, color)[-1]
     output = output or f"predictions/{color}_{month}.parquet"
     trips = load_month(month, color, settings)

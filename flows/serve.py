@@ -16,8 +16,8 @@ from prefect import serve
 
 from flows.monitoring_flow import monitoring_flow
 from flows.scoring_flow import scoring_flow
+from flows.settings import MonitoringSettings
 from flows.training_flow import training_flow
-from training.settings import Settings
 
 # TLC publishes a month about two months later; retrain early each month.
 MONTHLY_TRAINING = "0 6 3 * *"
@@ -30,7 +30,7 @@ def deployments() -> list:
         training_flow.to_deployment(name="monthly-training", cron=MONTHLY_TRAINING, parameters={"latest": True}),
         scoring_flow.to_deployment(name="monthly-scoring", cron=MONTHLY_SCORING),
     ]
-    prediction_logs = Settings().prediction_logs
+    prediction_logs = MonitoringSettings.from_env().prediction_logs
     if prediction_logs:  # the bucket the Cloud Logging sink of infra/ writes to
         deployments.append(
             monitoring_flow.to_deployment(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,9 +21,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from data import TripDataError, latest_split
+from ride_contract.ride import MAX_LOCATION_ID, MIN_LOCATION_ID, RIDE_COLUMNS
 from training import registry
-from training.features import RIDE_COLUMNS
-from training.ride import MAX_LOCATION_ID, MIN_LOCATION_ID
 from training.settings import Settings, configure_mlflow
 from training.train import Splits, TrainConfig, TrainResult, fit_and_log, load_splits, score
 
@@ -43,14 +41,6 @@ class Decision:
     candidate_rmse: float
     production_version: str | None
     production_rmse: float | None
-
-
-def load_registered_model(model_uri: str):
-    """A model from our own registry (pickle-based: MLflow wants an explicit opt-in to load it)."""
-    import mlflow
-
-    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
-    return mlflow.sklearn.load_model(model_uri)
 
 
 @task(name="load-trips", retries=2, retry_delay_seconds=10, cache_policy=NONE)
@@ -98,11 +88,11 @@ def train_model(config: TrainConfig, splits: Splits, settings: Settings) -> Trai
 def evaluate(candidate: TrainResult, test: pd.DataFrame, settings: Settings) -> tuple[float, str | None, float | None]:
     """Candidate and current production, re-scored on the same test rows."""
     configure_mlflow(settings)
-    candidate_rmse = score(load_registered_model(candidate.model_uri), test)["rmse"]
+    candidate_rmse = score(registry.load_registered_model(candidate.model_uri), test)["rmse"]
     production = registry.current_version(registry.PRODUCTION, settings)
     if production is None:
         return candidate_rmse, None, None
-    production_rmse = score(load_registered_model(f"models:/{settings.model_name}@{registry.PRODUCTION}"), test)["rmse"]
+    production_rmse = score(registry.load_registered_model(f"models:/{settings.model_name}@{registry.PRODUCTION}"), test)["rmse"]
     return candidate_rmse, production, production_rmse
 
 
@@ -151,7 +141,7 @@ def training_flow(
     latest: bool = False,
 ) -> dict:
     """Train on the given months (or, with ``latest``, the newest three available) and gate promotion."""
-    settings = Settings()
+    settings = Settings.from_env()
     if latest:
         train_month, val_month, test_month = latest_split(settings.data_base)
         train_months, val_months, test_months = [train_month], [val_month], [test_month]

@@ -235,7 +235,7 @@ resource "google_cloudfunctions2_function" "predict" {
   }
 
   lifecycle {
-    # The model served is chosen in the MLflow registry and set by `serving_function.deploy redeploy`.
+    # The model served is chosen in the MLflow registry and set by `operations.deploy redeploy`.
     ignore_changes = [service_config[0].environment_variables["RUN_ID"], service_config[0].environment_variables["MODEL_VERSION"]]
   }
 }

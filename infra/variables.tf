@@ -21,7 +21,7 @@ variable "backend_image" {
 }
 
 variable "run_id" {
-  description = "MLflow RUN_ID the function serves at first deploy; afterwards `python -m serving_function.deploy redeploy` owns it"
+  description = "MLflow RUN_ID the function serves at first deploy; afterwards `python -m operations.deploy redeploy` owns it"
   type        = string
 }
 

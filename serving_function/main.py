@@ -21,10 +21,18 @@ def _build_service() -> RideDurationService:
     loaded = load_model(uri)
     if config.run_id and loaded.run_id != config.run_id:
         raise RuntimeError(f"MODEL_URI {uri} was logged by run {loaded.run_id}, not RUN_ID {config.run_id}")
-    log("INFO", "model loaded", model_uri=uri, model_run_id=loaded.run_id, model_version=config.model_version)
+    # The contract's path shows which copy answers: the model's own (code/ride_contract) in production.
+    log(
+        "INFO",
+        "model loaded",
+        model_uri=uri,
+        model_run_id=loaded.run_id,
+        model_version=config.model_version,
+        contract=loaded.contract.__file__,
+    )
     return RideDurationService(
         loaded.model,
-        loaded.features,
+        loaded.contract,
         PubSubPublisher(config.project_id, config.publish_timeout),
         config.pull_topic,
         config.deadletter_topic,

@@ -4,8 +4,9 @@ Importing MLflow costs seconds at every cold start; the serving function only
 needs the model's files. MLflow 3 stores a logged model at
 ``<artifact root>/<experiment>/models/m-<model id>/artifacts`` and records the
 run that logged it in the ``MLmodel`` file, so a RUN_ID is enough to find it.
-The model carries its feature code (``code/``), which is put on ``sys.path``
-before unpickling: serving featurizes exactly as training did.
+The model carries the ride contract (``code/ride_contract``), which is put on
+``sys.path`` before unpickling: serving validates, featurizes and answers with
+exactly the code the model was trained with.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ _MLMODEL_IN_BUCKET = re.compile(r"(^|/)models/m-[0-9a-f]+/artifacts/MLmodel$")
 _MLMODEL_FIELD = re.compile(r"^(run_id|model_id|serialization_format|pickled_model):\s*(\S+)\s*$", re.MULTILINE)
 
 
+# What the function uses of the model's ride contract: the schema, the features, the result message.
+CONTRACT_MODULES = ("ride", "features", "result")
+
+
 class ModelNotFound(RuntimeError):
     """The configured RUN_ID / MODEL_URI does not lead to a loadable model."""
 
@@ -30,7 +35,7 @@ class ModelNotFound(RuntimeError):
 @dataclass(frozen=True)
 class LoadedModel:
     model: Any  # the fitted sklearn Pipeline: raw ride frame in, minutes out
-    features: ModuleType  # the model's own training.features: Ride schema and rides_frame()
+    contract: ModuleType  # the model's own ride_contract package, with .ride, .features and .result loaded
     run_id: str
     model_id: str
     uri: str
@@ -46,6 +51,7 @@ def _storage_client():
     return storage.Client()
 
 
+# A copy of data.gcs.split_gs_uri on purpose: the function's upload folder is self-contained.
 def _split_gs(uri: str) -> tuple[str, str]:
     bucket, _, key = uri[len("gs://") :].partition("/")
     return bucket, key.strip("/")
@@ -91,12 +97,19 @@ def load_model(uri: str, cache_dir: Path | None = None) -> LoadedModel:
     fields = _mlmodel_fields(mlmodel.read_text())
 
     code_dir = local / "code"
-    if code_dir.is_dir() and str(code_dir) not in sys.path:
+    if not (code_dir / "ride_contract").is_dir():
+        raise ModelNotFound(
+            f"the model at {uri} does not ship the ride contract (code/ride_contract): it was logged before "
+            "ride_contract existed; retrain and promote a new version"
+        )
+    if str(code_dir) not in sys.path:
         sys.path.insert(0, str(code_dir))
-    features = importlib.import_module("training.features")
+    contract = importlib.import_module("ride_contract")
+    for module in CONTRACT_MODULES:
+        importlib.import_module(f"ride_contract.{module}")
 
     import cloudpickle  # reads both pickle and cloudpickle files
 
     with open(local / fields.get("pickled_model", "model.pkl"), "rb") as f:
         model = cloudpickle.load(f)
-    return LoadedModel(model, features, fields.get("run_id", ""), fields.get("model_id", ""), uri)
+    return LoadedModel(model, contract, fields.get("run_id", ""), fields.get("model_id", ""), uri)

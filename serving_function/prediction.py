@@ -1,7 +1,8 @@
 """One Pub/Sub message in, one prediction out: decode, validate, predict, publish.
 
-The service gets its model and publisher injected, so unit tests run it with a
-fake model and a list for a publisher, and the Cloud Function wires the real ones.
+The service gets its model, the model's ride contract and a publisher injected, so
+unit tests run it with a fake model and a list for a publisher, and the Cloud
+Function wires the real ones.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -36,18 +36,6 @@ class PoisonMessage(ValueError):
 class Publisher(Protocol):
     def publish(self, topic: str, data: bytes, **attributes: str) -> None:
         """Publish and wait until the broker has it; raise if it did not."""
-
-
-@dataclass(frozen=True)
-class Prediction:
-    ride_id: str
-    duration_final: float
-    model_run_id: str
-    model_version: str
-    model_id: str
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
 
 
 def log(severity: str, message: str, **fields: Any) -> None:
@@ -111,7 +99,7 @@ class RideDurationService:
     def __init__(
         self,
         model: Any,
-        features: Any,
+        contract: Any,
         publisher: Publisher,
         pull_topic: str,
         deadletter_topic: str,
@@ -120,19 +108,20 @@ class RideDurationService:
         model_id: str = "",
     ):
         self.model = model
-        self.features = features  # the model's own training.features module
+        # The model's own ride_contract package: .ride validates, .features frames, .result answers.
+        self.contract = contract
         self.publisher = publisher
         self.pull_topic = pull_topic
         self.deadletter_topic = deadletter_topic
         self.run_id = run_id
         self.model_version = model_version
         self.model_id = model_id
-        self._answered: OrderedDict[str, Prediction] = OrderedDict()
+        self._answered: OrderedDict[str, Any] = OrderedDict()  # ride_id -> the RideResult published
         # functions-framework serves requests on threads: a duplicate can arrive while
         # the first delivery is still publishing, so answering a ride is claimed under a lock.
         self._lock = threading.Lock()
         self._in_flight: dict[str, threading.Event] = {}
-        self._batcher = MicroBatcher(lambda rides: self.model.predict(self.features.rides_frame(rides)))
+        self._batcher = MicroBatcher(lambda rides: self.model.predict(self.contract.features.rides_frame(rides)))
 
     def decode(self, data: str | bytes | None, message_id: str | None) -> Any:
         """The message's ride, validated; raises PoisonMessage with the reason."""
@@ -151,16 +140,23 @@ class RideDurationService:
             # redelivery of the same message keeps the same ride_id.
             payload["ride_id"] = f"msg-{message_id}"
         try:
-            return self.features.parse_ride(payload)
-        except self.features.InvalidRide as exc:
+            return self.contract.ride.parse_ride(payload)
+        except self.contract.ride.InvalidRide as exc:
             raise PoisonMessage(f"invalid ride: {exc}") from exc
 
-    def predict(self, ride: Any) -> Prediction:
+    def predict(self, ride: Any) -> Any:
+        """The ride's RideResult (the contract's result message)."""
         minutes = self._batcher.predict(ride)
-        return Prediction(ride.ride_id, round(minutes, 2), self.run_id, self.model_version, self.model_id)
+        return self.contract.result.RideResult(
+            ride_id=ride.ride_id,
+            duration_final=round(minutes, 2),
+            model_run_id=self.run_id,
+            model_version=self.model_version,
+            model_id=self.model_id,
+        )
 
-    def handle(self, data: str | bytes | None, message_id: str | None = None) -> Prediction | None:
-        """Answer one message. Returns None for a poison message (dead-lettered)."""
+    def handle(self, data: str | bytes | None, message_id: str | None = None) -> Any:
+        """Answer one message with its RideResult. Returns None for a poison message (dead-lettered)."""
         started = time.perf_counter()
         try:
             ride = self.decode(data, message_id)
@@ -184,14 +180,14 @@ class RideDurationService:
             return concurrent
         if previous is not None:
             log("INFO", "repeated ride, publishing its result again", ride_id=ride.ride_id, message_id=message_id)
-            self.publisher.publish(self.pull_topic, previous.to_json(), ride_id=previous.ride_id)
+            self.publisher.publish(self.pull_topic, previous.to_message(), ride_id=previous.ride_id)
             return previous
 
         try:
             prediction = self.predict(ride)
             predicted = time.perf_counter()
             # Raises on failure: the function then fails and Pub/Sub redelivers the message.
-            self.publisher.publish(self.pull_topic, prediction.to_json(), ride_id=prediction.ride_id)
+            self.publisher.publish(self.pull_topic, prediction.to_message(), ride_id=prediction.ride_id)
             self._remember(prediction)
         finally:
             with self._lock:
@@ -209,7 +205,7 @@ class RideDurationService:
         )
         return prediction
 
-    def _remember(self, prediction: Prediction) -> None:
+    def _remember(self, prediction: Any) -> None:
         with self._lock:
             self._answered[prediction.ride_id] = prediction
             while len(self._answered) > RECENT_RIDES:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -16,8 +15,6 @@ DATA = REPO / "data"
 PROJECT = "ridestream-local"
 BUCKET = "ridestream-models"
 
-# The serving function is deployed as a flat folder; its tests import its modules the same way.
-sys.path.insert(0, str(REPO / "serving_function"))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Prefect: a throwaway home, no analytics, and time for the ephemeral server to start on 2 cores.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
@@ -55,7 +52,7 @@ class Emulators:
 @pytest.fixture(scope="session")
 def emulators(tmp_path_factory: pytest.TempPathFactory):
     """The official Pub/Sub emulator and gcp-storage-emulator, once per session."""
-    from localstack.processes import pubsub_emulator, storage_emulator
+    from devstack.processes import pubsub_emulator, storage_emulator
 
     log_dir = tmp_path_factory.mktemp("emulator-logs")
     patch = pytest.MonkeyPatch()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -12,7 +15,7 @@ from backend.app import create_app
 from backend.results import InMemoryResultStore
 from backend.settings import BackendSettings
 from backend.stream import PublishError
-from training.ride import CoarseEstimator
+from ride_contract.coarse import CoarseEstimator
 
 RIDE = {"datetime": "2022-06-23 11:36:42", "PULocationID": 34, "DOLocationID": 56, "trip_distance": 12}
 
@@ -276,3 +279,16 @@ def test_a_resend_that_cannot_publish_is_tried_again_later():
     publisher.fail = False
     redelivery.sweep()
     assert len(publisher.sent) == 1 and redelivery.resent == 1
+
+
+def test_the_backend_needs_only_its_folder_and_the_ride_contract():
+    # What the image holds (backend/, ride_contract/) must be all it imports of the project,
+    # and neither pandas nor scikit-learn, which the image does not install.
+    code = (
+        "import sys, backend.app, backend.results, backend.stream, backend.settings; "
+        "print(sorted({m.split('.')[0] for m in sys.modules}))"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    imported = set(ast.literal_eval(completed.stdout))
+    assert {"backend", "ride_contract"} <= imported
+    assert not imported & {"training", "data", "flows", "devstack", "serving_function", "pandas", "sklearn", "scipy"}

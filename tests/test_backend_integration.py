@@ -17,8 +17,8 @@ from google.cloud import pubsub_v1
 from backend.app import create_app
 from backend.results import RedisResultStore
 from backend.settings import BackendSettings
-from localstack.processes import Service, answers_http, free_port
-from localstack.pubsub import ensure_subscription, ensure_topic, pull_messages
+from devstack.processes import Service, answers_http, free_port
+from devstack.pubsub import ensure_subscription, ensure_topic, pull_messages
 
 pytestmark = pytest.mark.integration
 
@@ -152,7 +152,7 @@ def test_dockerfile_is_slim_non_root_gunicorn_and_has_no_credentials():
     for secret_hint in ("google_application_credentials", "service-account", ".json", "password", "secret", "key="):
         assert secret_hint not in text, secret_hint
     copied = [i["value"] for i in parser.structure if i["instruction"] in ("COPY", "ADD")]
-    assert all(src.split()[0].startswith(("backend/", "training/")) for src in copied), copied
+    assert all(src.split()[0].startswith(("backend/", "ride_contract/")) for src in copied), copied
 
 
 def test_the_dockerfile_command_serves_the_app(emulators, streams, tmp_path):

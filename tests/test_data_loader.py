@@ -130,7 +130,7 @@ def test_unpublished_month_over_http_is_a_clear_error():
 
 
 def test_offline_download_is_a_clear_error():
-    from localstack.processes import free_port
+    from devstack.processes import free_port
 
     with pytest.raises(TripDataError, match=r"cannot download .* \(offline\?\)"):
         read_trips(f"http://127.0.0.1:{free_port()}/green_tripdata_2021-01.parquet")

@@ -12,9 +12,9 @@ import requests
 from conftest import DATA
 from google.cloud import pubsub_v1
 
-from localstack.pubsub import pull_messages
-from localstack.stack import ARTIFACT_ROOT, PROJECT, SUBSCRIPTIONS, TOPICS, Stack
-from localstack.traffic import real_rides, stream, summarize
+from devstack.pubsub import pull_messages
+from devstack.stack import ARTIFACT_ROOT, PROJECT, SUBSCRIPTIONS, TOPICS, Stack
+from devstack.traffic import real_rides, stream, summarize
 from training import registry
 from training.settings import Settings
 from training.train import TrainConfig, train

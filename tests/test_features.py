@@ -10,8 +10,9 @@ import pytest
 from conftest import DATA
 
 from data import load_trips
-from training.features import FEATURE_COLUMNS, RIDE_COLUMNS, ride_features, rides_frame
-from training.ride import CoarseEstimator, InvalidRide, Ride, parse_ride
+from ride_contract.coarse import CoarseEstimator
+from ride_contract.features import FEATURE_COLUMNS, ride_features, rides_frame
+from ride_contract.ride import RIDE_COLUMNS, InvalidRide, Ride, parse_ride
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from conftest import DATA
 
 from data import TripDataError, load_trips
 from flows.scoring_flow import scoring_flow
-from flows.training_flow import load_registered_model, training_flow
+from flows.training_flow import training_flow
+from ride_contract.ride import RIDE_COLUMNS
 from training import registry
-from training.features import RIDE_COLUMNS
 from training.settings import Settings
 from training.train import score
 
@@ -27,7 +27,7 @@ def store(tmp_path, monkeypatch, prefect_harness):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
     monkeypatch.setenv("TRIP_DATA_BASE", str(DATA))
-    return Settings()
+    return Settings.from_env()
 
 
 def aliases(settings: Settings) -> dict[str, str | None]:
@@ -46,8 +46,12 @@ def test_first_model_is_promoted_and_a_worse_one_stays_challenger(store):
 
     # Both were re-scored on the same test rows: recompute the numbers the gate compared.
     test = load_trips(DATA / "green_tripdata_2021-03.parquet").sample(SAMPLE, random_state=0).reset_index(drop=True)
-    assert worse["production_rmse"] == pytest.approx(score(load_registered_model("models:/ride-duration/1"), test)["rmse"])
-    assert worse["candidate_rmse"] == pytest.approx(score(load_registered_model("models:/ride-duration/2"), test)["rmse"])
+    assert worse["production_rmse"] == pytest.approx(
+        score(registry.load_registered_model("models:/ride-duration/1"), test)["rmse"]
+    )
+    assert worse["candidate_rmse"] == pytest.approx(
+        score(registry.load_registered_model("models:/ride-duration/2"), test)["rmse"]
+    )
     assert worse["candidate_rmse"] > worse["production_rmse"]
 
 

@@ -10,12 +10,12 @@ import pytest
 import requests
 from conftest import unique
 from google.cloud import pubsub_v1
-from model_store import find_model_uri, load_model
 
-from localstack.processes import ServiceError, function_server
-from localstack.pubsub import ensure_subscription, ensure_topic, pull_messages
-from localstack.traffic import real_rides
-from training import features
+from devstack.processes import ServiceError, function_server
+from devstack.pubsub import ensure_subscription, ensure_topic, pull_messages
+from devstack.traffic import real_rides
+from ride_contract.features import rides_frame
+from serving_function.model_store import find_model_uri, load_model
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +89,7 @@ def test_rides_pushed_to_the_function_come_back_on_the_pull_topic(signature, sta
 
     assert set(answers) == {r["ride_id"] for r in march_rides}
     reference = load_model(find_model_uri(emulators.bucket, result.run_id))
-    expected = reference.model.predict(features.rides_frame(march_rides))
+    expected = reference.model.predict(rides_frame(march_rides))
     for ride, minutes in zip(march_rides, expected, strict=True):
         answer = answers[ride["ride_id"]]
         assert answer["duration_final"] == pytest.approx(minutes, abs=0.01)

@@ -7,12 +7,17 @@ import json
 import re
 
 import numpy as np
-import prediction
 import pytest
-from model_store import ModelNotFound, load_model
-from prediction import Prediction, RideDurationService
 
-from training import features
+import ride_contract
+import ride_contract.features
+import ride_contract.result
+import ride_contract.ride
+from ride_contract.result import RideResult
+from ride_contract.ride import RIDE_COLUMNS, Ride
+from serving_function import prediction
+from serving_function.model_store import ModelNotFound, load_model
+from serving_function.prediction import RideDurationService
 
 RIDE = {"ride_id": "r-1", "datetime": "2022-06-23 11:36:42", "PULocationID": 34, "DOLocationID": 56, "trip_distance": 12}
 
@@ -45,13 +50,15 @@ class RecordingPublisher:
 
 
 def service(publisher=None, model=None) -> RideDurationService:
-    return RideDurationService(model or FakeModel(), features, publisher or RecordingPublisher(), "results", "dead", "run-1", "7")
+    return RideDurationService(
+        model or FakeModel(), ride_contract, publisher or RecordingPublisher(), "results", "dead", "run-1", "7"
+    )
 
 
 def test_valid_ride_is_predicted_and_published_with_model_identity():
     publisher = RecordingPublisher()
     result = service(publisher).handle(b64(RIDE), message_id="m1")
-    assert result == Prediction("r-1", 24.0, "run-1", "7", "")
+    assert result == RideResult(ride_id="r-1", duration_final=24.0, model_run_id="run-1", model_version="7")
     assert publisher.sent == [
         (
             "results",
@@ -64,7 +71,7 @@ def test_valid_ride_is_predicted_and_published_with_model_identity():
 def test_model_gets_raw_ride_columns_only():
     model = FakeModel()
     service(model=model).handle(b64(RIDE), message_id="m1")
-    assert list(model.frames[0].columns) == features.RIDE_COLUMNS
+    assert list(model.frames[0].columns) == RIDE_COLUMNS
 
 
 def test_missing_ride_id_is_derived_from_message_id_so_redelivery_keeps_it():
@@ -133,8 +140,9 @@ def test_load_model_from_logged_folder_predicts_like_the_pipeline(local_model):
     resolved = resolve("production", settings)
     loaded = load_model(resolved.artifact_uri)
     assert loaded.run_id == result.run_id and loaded.model_id.startswith("m-")
-    rides = [features.Ride.model_validate(RIDE), features.Ride.model_validate({**RIDE, "trip_distance": 1.5})]
-    minutes = loaded.model.predict(loaded.features.rides_frame(rides))
+    assert loaded.contract.__name__ == "ride_contract"
+    rides = [Ride.model_validate(RIDE), Ride.model_validate({**RIDE, "trip_distance": 1.5})]
+    minutes = loaded.model.predict(loaded.contract.features.rides_frame(rides))
     assert minutes.shape == (2,) and np.all((minutes > 1) & (minutes < 60)) and minutes[0] > minutes[1]
 
 
@@ -143,33 +151,12 @@ def test_load_model_names_the_uri_it_tried(tmp_path):
         load_model(str(tmp_path))
 
 
-def test_deploy_and_redeploy_commands_use_the_production_run_and_no_keys(local_model, monkeypatch):
-    from serving_function import deploy
-    from training.registry import promote, resolve
-
-    result, settings = local_model
-    for name, value in {
-        "MLFLOW_TRACKING_URI": settings.tracking_uri,
-        "GCP_PROJECT": "ridestream-prod",
-        "MODEL_BUCKET": "ridestream-models",
-        "FUNCTION_SERVICE_ACCOUNT": "fn-predict@ridestream-prod.iam.gserviceaccount.com",
-    }.items():
-        monkeypatch.setenv(name, value)
-    promote(result.version, settings)
-    production = resolve("production", settings)
-
-    first = deploy.deploy_command()
-    assert first[:4] == ["gcloud", "functions", "deploy", "predict-duration"]
-    assert {"--gen2", "--runtime=python312", "--trigger-topic=backend-push-stream", "--retry"} <= set(first)
-    [env_vars] = [a for a in first if a.startswith("--set-env-vars=")]
-    assert f"RUN_ID={production.run_id}" in env_vars and f"MODEL_VERSION={production.version}" in env_vars
-    assert not any("key" in a.lower() or a.endswith(".json") for a in first)
-
-    again = deploy.redeploy_command()
-    assert [a for a in again if "env-vars" in a] == [
-        f"--update-env-vars=RUN_ID={production.run_id},MODEL_VERSION={production.version}"
-    ]
-    assert not any(a.startswith(("--set-env-vars", "--trigger-topic", "--runtime")) for a in again)
+def test_a_model_logged_before_the_ride_contract_is_refused_with_the_reason(tmp_path):
+    # Versions registered before ride_contract existed ship code/training instead.
+    (tmp_path / "MLmodel").write_text("run_id: old-run\n")
+    (tmp_path / "code" / "training").mkdir(parents=True)
+    with pytest.raises(ModelNotFound, match=r"does not ship the ride contract .*retrain"):
+        load_model(str(tmp_path))
 
 
 def test_concurrent_rides_are_predicted_together_and_each_gets_its_own_answer():

@@ -59,7 +59,10 @@ def test_run_logs_params_metrics_lineage_plots_and_a_self_contained_model(local_
 
     model_dir = Path(client.get_logged_model(result.model_uri.rpartition("/")[2]).artifact_location)
     assert {"MLmodel", "model.pkl", "requirements.txt", "input_example.json"} <= {p.name for p in model_dir.iterdir()}
-    assert sorted(p.name for p in (model_dir / "code" / "training").iterdir()) == ["__init__.py", "features.py", "ride.py"]
+    # The model ships the ride contract, and nothing else of the project.
+    assert [p.name for p in (model_dir / "code").iterdir()] == ["ride_contract"]
+    shipped = sorted(p.name for p in (model_dir / "code" / "ride_contract").iterdir())
+    assert shipped == ["__init__.py", "coarse.py", "features.py", "result.py", "ride.py"]
     # Exactly the pinned runtime packages (MLflow adds itself for its own loaders), nothing inferred.
     from importlib.metadata import version
 
@@ -130,10 +133,12 @@ def test_registry_cli_prints_the_production_run_id(local_model):
     assert unknown.returncode == 2 and unknown.stderr.startswith("error:")
 
 
-def test_mlflow_run_trains_and_registers(tmp_path):
+def test_mlflow_run_trains_on_several_months_and_registers(tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # MLflow quotes each parameter, so both months arrive as one argument.
+    params = ["-P", "trials=1", "-P", "train_month=2021-01 2021-02", "-P", "val_month=2021-03", "-P", "test_month=2021-03"]
     completed = _run(
-        ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "ride-duration", "-P", "trials=1"],
+        ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "ride-duration", *params],
         tracking_uri,
         MLFLOW_ARTIFACT_ROOT=str(tmp_path / "artifacts"),
     )
@@ -142,8 +147,43 @@ def test_mlflow_run_trains_and_registers(tmp_path):
     assert summary["version"] == "1" and summary["metrics"]["val_rmse"] <= 5.4
     from mlflow import MlflowClient
 
-    version = MlflowClient(tracking_uri).get_model_version("ride-duration", "1")
-    assert version.run_id == summary["run_id"]
+    client = MlflowClient(tracking_uri)
+    assert client.get_model_version("ride-duration", "1").run_id == summary["run_id"]
+    run = client.get_run(summary["run_id"])
+    assert run.data.params["train_months"] == "2021-01,2021-02"
+    assert int(run.data.params["train_rows"]) == 73_906 + 61_920  # both months, after the 1-60 min and in-month filters
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--train-month", "2021-01", "2021-02"],
+        ["--train-month", "2021-01 2021-02"],
+        ["--train-month", "2021-01,2021-02"],
+        ["--train-month", " 2021-01, 2021-02 "],
+    ],
+)
+def test_several_months_in_one_argument_or_many(argv):
+    from training.train import _parse_args
+
+    assert _parse_args(argv).train_month == ["2021-01", "2021-02"]
+    assert _parse_args([]).train_month == ["2021-01"]
+
+
+def test_data_base_is_passed_to_training_not_written_to_the_environment(monkeypatch):
+    from training import train as train_module
+
+    seen = {}
+
+    def record_settings(config, settings):
+        seen["settings"] = settings
+        return train_module.TrainResult("run", "models:/m-1", {}, {})
+
+    monkeypatch.delenv("TRIP_DATA_BASE", raising=False)
+    monkeypatch.setattr(train_module, "train", record_settings)
+    assert train_module.main(["--data-base", "gs://bucket/tlc", "--trials", "1"]) == 0
+    assert seen["settings"].data_base == "gs://bucket/tlc"
+    assert "TRIP_DATA_BASE" not in os.environ
 
 
 @pytest.mark.integration

@@ -14,7 +14,7 @@ import pandas as pd
 from sklearn.metrics import root_mean_squared_error
 
 from data import load_trips, month_uri
-from training.ride import CoarseEstimator
+from ride_contract.coarse import CoarseEstimator
 from training.settings import Settings
 
 ARTIFACT_FILE = "coarse_model.json"
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--month", default="2021-01")
     parser.add_argument("--out", type=Path, default=Path("backend/coarse_model.json"))
     args = parser.parse_args(argv)
-    uri = month_uri(args.month, Settings().data_base)
+    uri = month_uri(args.month, Settings.from_env().data_base)
     estimator = fit(load_trips(uri), trained_on=f"green {args.month}")
     args.out.write_text(json.dumps(estimator.to_dict(), indent=1) + "\n")
     print(f"wrote {args.out} (fitted on {uri})")

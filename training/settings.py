@@ -1,31 +1,38 @@
-"""Training configuration, read from the environment in this one place."""
+"""Training configuration: every environment variable training reads, in one place (``Settings.from_env``)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name) or default
+# Embedded default: a sqlite store beside the project; production points MLFLOW_TRACKING_URI
+# at an MLflow server backed by PostgreSQL (Cloud SQL).
+DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_DIR / 'mlflow.db'}"
+DEFAULT_DATA_BASE = str(PROJECT_DIR / "data")
 
 
 @dataclass(frozen=True)
 class Settings:
-    # Embedded default: a sqlite store beside the project; production points this at
-    # an MLflow server backed by PostgreSQL (Cloud SQL).
-    tracking_uri: str = field(default_factory=lambda: _env("MLFLOW_TRACKING_URI", f"sqlite:///{PROJECT_DIR / 'mlflow.db'}"))
-    experiment_name: str = field(default_factory=lambda: _env("MLFLOW_EXPERIMENT_NAME", "ride-duration"))
+    tracking_uri: str = DEFAULT_TRACKING_URI
+    experiment_name: str = "ride-duration"
     # Where a new experiment stores its artifacts, e.g. gs://ridestream-models. Empty: the server's default.
-    artifact_root: str = field(default_factory=lambda: _env("MLFLOW_ARTIFACT_ROOT", ""))
-    model_name: str = field(default_factory=lambda: _env("REGISTERED_MODEL_NAME", "ride-duration"))
+    artifact_root: str = ""
+    model_name: str = "ride-duration"
     # A local folder, a gs:// prefix or the TLC download URL holding <color>_tripdata_<YYYY-MM>.parquet.
-    data_base: str = field(default_factory=lambda: _env("TRIP_DATA_BASE", str(PROJECT_DIR / "data")))
-    # Where the function's prediction logs land (the Cloud Logging sink's gs:// bucket), for monitoring.
-    prediction_logs: str = field(default_factory=lambda: _env("PREDICTION_LOGS", ""))
+    data_base: str = DEFAULT_DATA_BASE
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ.get
+        return cls(
+            tracking_uri=env("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+            experiment_name=env("MLFLOW_EXPERIMENT_NAME") or "ride-duration",
+            artifact_root=env("MLFLOW_ARTIFACT_ROOT", ""),
+            model_name=env("REGISTERED_MODEL_NAME") or "ride-duration",
+            data_base=env("TRIP_DATA_BASE") or DEFAULT_DATA_BASE,
+        )
 
 
 def configure_mlflow(settings: Settings) -> str:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
+import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,11 @@ import pandas as pd
 from sklearn.metrics import mean_absolute_error, r2_score, root_mean_squared_error
 from sklearn.pipeline import Pipeline
 
+import ride_contract
 from data import TLC_DOWNLOAD_BASE, TripDataError, load_trips, month_uri
-from training import coarse, features, ride
+from ride_contract.features import FEATURE_COLUMNS
+from ride_contract.ride import RIDE_COLUMNS
+from training import coarse
 from training.models import DEFAULT_PARAMS, MODEL_FAMILIES, build_pipeline, pip_requirements, suggest_params
 from training.settings import Settings, configure_mlflow
 
@@ -67,7 +69,7 @@ def load_split(months: list[str], settings: Settings, sample: int | None = None)
 
 
 def score(model: Any, frame: pd.DataFrame) -> dict[str, float]:
-    predicted = model.predict(frame[features.RIDE_COLUMNS])
+    predicted = model.predict(frame[RIDE_COLUMNS])
     actual = frame[TARGET].to_numpy()
     return {
         "rmse": float(root_mean_squared_error(actual, predicted)),
@@ -77,7 +79,7 @@ def score(model: Any, frame: pd.DataFrame) -> dict[str, float]:
 
 
 def fit(family: str, params: dict[str, Any], train: pd.DataFrame) -> Pipeline:
-    return build_pipeline(family, params).fit(train[features.RIDE_COLUMNS], train[TARGET])
+    return build_pipeline(family, params).fit(train[RIDE_COLUMNS], train[TARGET])
 
 
 def _log_metrics(prefix: str, metrics: dict[str, float]) -> None:
@@ -131,7 +133,7 @@ def _log_plots(model: Pipeline, frame: pd.DataFrame, split: str, out_dir: Path) 
     import matplotlib.pyplot as plt
     import mlflow
 
-    predicted = model.predict(frame[features.RIDE_COLUMNS])
+    predicted = model.predict(frame[RIDE_COLUMNS])
     actual = frame[TARGET].to_numpy()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     left.hexbin(actual, predicted, gridsize=60, bins="log", cmap="viridis")
@@ -149,14 +151,9 @@ def _log_plots(model: Pipeline, frame: pd.DataFrame, split: str, out_dir: Path) 
     mlflow.log_artifact(str(path), artifact_path="plots")
 
 
-def _feature_code_dir(tmp: Path) -> Path:
-    """A copy of just the ride schema and feature modules, shipped inside the model."""
-    package = tmp / "code" / "training"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    for module in (ride, features):
-        shutil.copy(Path(module.__file__), package / Path(module.__file__).name)
-    return package
+# The ride contract travels inside every model (MLflow code_paths): the serving function
+# validates, featurizes and answers with exactly the code the model was trained with.
+CONTRACT_DIR = Path(ride_contract.__file__).resolve().parent
 
 
 def log_model(model: Pipeline, example: pd.DataFrame, metadata: dict[str, Any]) -> str:
@@ -164,18 +161,17 @@ def log_model(model: Pipeline, example: pd.DataFrame, metadata: dict[str, Any]) 
     import mlflow
     from mlflow.models import infer_signature
 
-    example = example[features.RIDE_COLUMNS].head(5).reset_index(drop=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        info = mlflow.sklearn.log_model(
-            model,
-            name=MODEL_ARTIFACT_NAME,
-            signature=infer_signature(example, model.predict(example)),
-            input_example=example,
-            pip_requirements=pip_requirements(),
-            code_paths=[str(_feature_code_dir(Path(tmp)))],
-            serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
-            metadata=metadata,
-        )
+    example = example[RIDE_COLUMNS].head(5).reset_index(drop=True)
+    info = mlflow.sklearn.log_model(
+        model,
+        name=MODEL_ARTIFACT_NAME,
+        signature=infer_signature(example, model.predict(example)),
+        input_example=example,
+        pip_requirements=pip_requirements(),
+        code_paths=[str(CONTRACT_DIR)],
+        serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
+        metadata=metadata,
+    )
     return info.model_uri
 
 
@@ -244,7 +240,7 @@ def fit_and_log(config: TrainConfig, splits: Splits, settings: Settings) -> Trai
         model_uri = log_model(
             model,
             frames["train"],
-            metadata={"train_months": config.train_months, "feature_columns": features.FEATURE_COLUMNS},
+            metadata={"train_months": config.train_months, "feature_columns": FEATURE_COLUMNS},
         )
         return TrainResult(run.info.run_id, model_uri, metrics, params, fit_seconds=search_seconds)
 
@@ -253,18 +249,29 @@ def train(config: TrainConfig, settings: Settings | None = None) -> TrainResult:
     """Load, train, log and (unless told not to) register: the whole job."""
     from training import registry
 
-    settings = settings or Settings()
+    settings = settings or Settings.from_env()
     result = fit_and_log(config, load_splits(config, settings), settings)
     if config.register:
         result.version = str(registry.register(result.model_uri, result.run_id, settings).version)
     return result
 
 
+def months(value: str) -> list[str]:
+    """One or more YYYY-MM in one argument, separated by commas or spaces.
+
+    ``mlflow run -P train_month="2021-01 2021-02"`` passes both months as one quoted argument."""
+    found = [m for m in re.split(r"[,\s]+", value.strip()) if m]
+    if not found:
+        raise argparse.ArgumentTypeError("expected one or more months like 2021-01")
+    return found
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-month", nargs="+", default=["2021-01"], help="YYYY-MM, one or more")
-    parser.add_argument("--val-month", nargs="+", default=["2021-02"])
-    parser.add_argument("--test-month", nargs="+", default=["2021-03"])
+    month_help = "YYYY-MM; several as separate arguments or in one, separated by commas or spaces"
+    parser.add_argument("--train-month", type=months, nargs="+", default=[["2021-01"]], help=month_help)
+    parser.add_argument("--val-month", type=months, nargs="+", default=[["2021-02"]], help=month_help)
+    parser.add_argument("--test-month", type=months, nargs="+", default=[["2021-03"]], help=month_help)
     parser.add_argument("--model-family", choices=MODEL_FAMILIES, default="hgb")
     parser.add_argument("--trials", type=int, default=TrainConfig.trials, help="hyperparameter trials (1 = defaults only)")
     parser.add_argument("--sample", type=int, default=None, help="rows per split (quick runs)")
@@ -272,19 +279,23 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--data-base", default=None, help='folder, gs:// prefix or URL with the TLC files; "tlc": the public download'
     )
     parser.add_argument("--no-register", action="store_true", help="log the model but do not register it")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("train_month", "val_month", "test_month"):
+        setattr(args, name, [month for group in getattr(args, name) for month in group])
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parse_args(argv)
+    settings = Settings.from_env()
     if args.data_base:
-        os.environ["TRIP_DATA_BASE"] = TLC_DOWNLOAD_BASE if args.data_base == "tlc" else args.data_base
+        settings = replace(settings, data_base=TLC_DOWNLOAD_BASE if args.data_base == "tlc" else args.data_base)
     config = TrainConfig(
         args.train_month, args.val_month, args.test_month, args.model_family, args.trials, not args.no_register, args.sample
     )
     try:
-        result = train(config)
+        result = train(config, settings)
     except TripDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

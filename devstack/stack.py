@@ -13,9 +13,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
-from localstack.processes import (
+from devstack.processes import (
     HOST,
     VENV_BIN,
     Service,
@@ -143,16 +142,16 @@ class Stack:
         self.save()
 
     def ensure_topology(self) -> None:
-        from localstack.pubsub import ensure_subscription, ensure_topic
+        from devstack.pubsub import ensure_subscription, ensure_topic
 
-        # Pub/Sub clients read the emulator address from the environment when they are made.
-        with mock.patch.dict(os.environ, {"PUBSUB_EMULATOR_HOST": f"{HOST}:{self.ports['pubsub']}"}):
-            for topic in TOPICS.values():
-                ensure_topic(PROJECT, topic)
-            ensure_subscription(PROJECT, TOPICS["pull"], SUBSCRIPTIONS["pull"])
-            ensure_subscription(PROJECT, TOPICS["dead"], SUBSCRIPTIONS["dead"])
-            if "function" in self.urls:
-                ensure_subscription(PROJECT, TOPICS["push"], SUBSCRIPTIONS["push"], push_endpoint=self.urls["function"] + "/")
+        emulator = f"{HOST}:{self.ports['pubsub']}"
+        for topic in TOPICS.values():
+            ensure_topic(PROJECT, topic, emulator_host=emulator)
+        ensure_subscription(PROJECT, TOPICS["pull"], SUBSCRIPTIONS["pull"], emulator_host=emulator)
+        ensure_subscription(PROJECT, TOPICS["dead"], SUBSCRIPTIONS["dead"], emulator_host=emulator)
+        if "function" in self.urls:
+            push_endpoint = self.urls["function"] + "/"
+            ensure_subscription(PROJECT, TOPICS["push"], SUBSCRIPTIONS["push"], push_endpoint, emulator_host=emulator)
 
     def start_mlflow(self, backend_store_uri: str | None = None) -> None:
         port = free_port()

@@ -1,9 +1,4 @@
-"""The ride request schema, and the backend's coarse estimator: defined once.
-
-Used by the backend (validation, instant estimate), by the serving function
-(through the copy shipped inside the model) and by training. Only pydantic and
-numpy, so the backend image stays small.
-"""
+"""The ride request schema and its validation. Only pydantic: the backend image stays small."""
 
 from __future__ import annotations
 
@@ -12,7 +7,6 @@ from collections.abc import Mapping
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # TLC zone IDs: 1..263 are zones, 264/265 are "Unknown"/"Outside of NYC".
@@ -79,40 +73,3 @@ def parse_ride(payload: Any) -> Ride:
         return Ride.model_validate(payload)
     except ValidationError as exc:
         raise InvalidRide({".".join(map(str, e["loc"])) or "ride": e["msg"] for e in exc.errors()}) from exc
-
-
-class CoarseEstimator:
-    """The backend's instant estimate: per pickup hour, minutes = intercept + slope * miles.
-
-    Fitted on real trips by ``training.coarse``; a JSON file of 48 numbers, so the
-    backend answers without loading the full model.
-    """
-
-    def __init__(self, intercepts: list[float], slopes: list[float], max_distance: float, trained_on: str = ""):
-        if len(intercepts) != 24 or len(slopes) != 24:
-            raise ValueError("a coarse estimator needs 24 hourly intercepts and slopes")
-        self.intercepts = np.asarray(intercepts, dtype=float)
-        self.slopes = np.asarray(slopes, dtype=float)
-        self.max_distance = float(max_distance)
-        self.trained_on = trained_on
-
-    def predict(self, pickup_hours: Any, miles: Any) -> np.ndarray:
-        """Minutes for arrays (or scalars) of pickup hours 0-23 and trip miles."""
-        hours = np.asarray(pickup_hours, dtype=int)
-        miles = np.clip(np.asarray(miles, dtype=float), 0, self.max_distance)
-        return np.clip(self.intercepts[hours] + self.slopes[hours] * miles, 1.0, 60.0)
-
-    def predict_ride(self, ride: Ride) -> float:
-        return float(self.predict(ride.datetime.hour, ride.trip_distance))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "intercepts": self.intercepts.round(4).tolist(),
-            "slopes": self.slopes.round(4).tolist(),
-            "max_distance": self.max_distance,
-            "trained_on": self.trained_on,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CoarseEstimator:
-        return cls(data["intercepts"], data["slopes"], data["max_distance"], data.get("trained_on", ""))

@@ -1,9 +1,8 @@
-"""The model's features, computed from ride requests: defined once, shipped inside every model.
+"""The model's request-time features, computed from rides: the first step of every model pipeline.
 
-This module and ``training.ride`` travel inside every logged model (MLflow
-``code_paths``), so the serving function validates and featurizes rides with
-exactly the code the model was trained with: serving cannot drift from training.
-Keep imports light (pandas, numpy, scikit-learn, pydantic): they run at cold start.
+The serving function featurizes with the model's own copy of this module (it
+travels in the model's ``code/`` folder). Keep imports light (pandas, numpy,
+scikit-learn): they run at cold start.
 """
 
 from __future__ import annotations
@@ -15,19 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 
-# Re-exported: the serving function reaches the schema through the model's copy of this module.
-from training.ride import RIDE_COLUMNS, InvalidRide, Ride, parse_ride
-
-__all__ = [
-    "FEATURE_COLUMNS",
-    "RIDE_COLUMNS",
-    "InvalidRide",
-    "Ride",
-    "RideFeaturizer",
-    "parse_ride",
-    "ride_features",
-    "rides_frame",
-]
+from ride_contract.ride import RIDE_COLUMNS, Ride
 
 PAIR_CODE_BASE = 1000  # above the largest zone ID
 FEATURE_COLUMNS = ["PULocationID", "DOLocationID", "PU_DO", "trip_distance", "pickup_hour", "pickup_weekday"]

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import requests
 
 from data import load_trips
-from training.ride import MAX_TRIP_DISTANCE_MILES
+from ride_contract.ride import MAX_TRIP_DISTANCE_MILES
 
 REPO = Path(__file__).resolve().parent.parent
+Item = TypeVar("Item")
+Outcome = TypeVar("Outcome")
 
 
 @dataclass
@@ -51,6 +55,21 @@ def real_rides(count: int, month: str = "2021-03", seed: int = 0) -> list[tuple[
     ]
 
 
+def run_clients(client: Callable[[requests.Session, Item], Outcome], items: Iterable[Item], concurrency: int) -> list[Outcome]:
+    """``client(session, item)`` for every item on ``concurrency`` threads, in order.
+
+    Each thread keeps one HTTP session (keep-alive), as a real client would."""
+    local = threading.local()
+
+    def one(item: Item) -> Outcome:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        return client(local.session, item)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, items))
+
+
 def stream(
     backend_urls: list[str],
     rides: list[tuple[dict, float]],
@@ -59,24 +78,19 @@ def stream(
     final_timeout: float = 30,
 ) -> list[RideOutcome]:
     """POST every ride (round-robin over replicas, retrying 503s) and collect its final duration."""
-    local = threading.local()
 
-    def session() -> requests.Session:
-        if not hasattr(local, "session"):
-            local.session = requests.Session()
-        return local.session
-
-    def one(index: int, ride: dict, actual: float) -> RideOutcome:
+    def one(session: requests.Session, job: tuple[int, dict, float]) -> RideOutcome:
+        index, ride, actual = job
         outcome = RideOutcome(ride, actual)
         url = backend_urls[index % len(backend_urls)]
         started = time.perf_counter()
         deadline = started + final_timeout
         try:
-            response = session().post(f"{url}/predict", params={"wait": wait_seconds}, json=ride, timeout=wait_seconds + 10)
+            response = session.post(f"{url}/predict", params={"wait": wait_seconds}, json=ride, timeout=wait_seconds + 10)
             # 503: the stream is down and the ride was not taken; a client retries it.
             while response.status_code == 503 and time.perf_counter() < deadline:
                 time.sleep(0.5)
-                response = session().post(f"{url}/predict", params={"wait": wait_seconds}, json=ride, timeout=wait_seconds + 10)
+                response = session.post(f"{url}/predict", params={"wait": wait_seconds}, json=ride, timeout=wait_seconds + 10)
             body = response.json()
             if response.status_code >= 400:
                 outcome.error = f"HTTP {response.status_code}: {body.get('error')}"
@@ -86,7 +100,7 @@ def stream(
             other = backend_urls[(index + 1) % len(backend_urls)]
             while body.get("status") != "done" and time.perf_counter() < deadline:
                 time.sleep(0.05)
-                body = session().get(f"{other}/rides/{outcome.ride_id}", timeout=10).json()
+                body = session.get(f"{other}/rides/{outcome.ride_id}", timeout=10).json()
             if body.get("status") == "done":
                 outcome.latency_seconds = time.perf_counter() - started
                 outcome.duration_final = body["duration_final"]
@@ -98,8 +112,7 @@ def stream(
             outcome.error = f"{type(exc).__name__}: {exc}"
         return outcome
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(lambda args: one(*args), [(i, ride, actual) for i, (ride, actual) in enumerate(rides)]))
+    return run_clients(one, [(i, ride, actual) for i, (ride, actual) in enumerate(rides)], concurrency)
 
 
 def summarize(outcomes: list[RideOutcome], elapsed_seconds: float | None = None) -> dict:

@@ -1,14 +1,16 @@
-"""Deploy the serving function to Cloud Functions (2nd gen), or point it at a new model.
+"""Deploy the serving function to Cloud Functions (2nd gen), point it at a new model, or roll it back.
 
-    python -m serving_function.deploy deploy     # first deployment, RUN_ID of the `production` alias
-    python -m serving_function.deploy redeploy   # after promoting in the MLflow UI: only RUN_ID/MODEL_VERSION change
-    ... --dry-run                                # print the gcloud command instead of running it
+    python -m operations.deploy deploy     # first deployment, RUN_ID of the `production` alias
+    python -m operations.deploy redeploy   # after promoting in the MLflow UI: only RUN_ID/MODEL_VERSION change
+    python -m operations.deploy rollback   # production <- previous in the registry, then redeploy
+    ... --dry-run                          # print the gcloud command (rollback: and change no alias)
 
 The function runs as its own service account (no key files: the runtime's
 identity reads the bucket and publishes). Settings come from the environment:
 GCP_PROJECT, GCP_REGION, FUNCTION_NAME, FUNCTION_SERVICE_ACCOUNT, MODEL_BUCKET,
 BACKEND_PUSH_STREAM, BACKEND_PULL_STREAM, BACKEND_DEADLETTER_STREAM, plus
-MLFLOW_TRACKING_URI to resolve the alias. Not uploaded (see .gcloudignore).
+MLFLOW_TRACKING_URI to resolve the alias. This is the control plane: it runs on an
+operator's machine or in CI, never inside the function.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from training import registry
 from training.registry import PRODUCTION, resolve
 
-SOURCE_DIR = Path(__file__).resolve().parent
+# What gcloud uploads: the function's folder, as it is (see its .gcloudignore).
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "serving_function"
 ENTRY_POINT = "predict_duration_cloudevent"
 RUNTIME = "python312"
 
@@ -80,11 +84,24 @@ def redeploy_command(alias: str = PRODUCTION) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["deploy", "redeploy"])
+    parser.add_argument("action", choices=["deploy", "redeploy", "rollback"])
     parser.add_argument("--alias", default=PRODUCTION)
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
-    command = deploy_command(args.alias) if args.action == "deploy" else redeploy_command(args.alias)
+    from mlflow.exceptions import MlflowException
+
+    alias = args.alias
+    if args.action == "rollback":
+        try:
+            if args.dry_run:  # change nothing: show the redeploy that the rollback would run
+                alias = registry.PREVIOUS
+                print(f"would move {PRODUCTION} to version {resolve(alias).version}, then run:")
+            else:
+                print(f"{PRODUCTION} is version {registry.rollback()} again")
+        except (LookupError, MlflowException) as exc:
+            print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+            return 2
+    command = deploy_command(alias) if args.action == "deploy" else redeploy_command(alias)
     print(shlex.join(command))
     if args.dry_run:
         return 0

@@ -1,9 +1,10 @@
 """The local stack's commands.
 
-python -m localstack demo       # start everything, train, serve, stream real rides, redeploy; leaves the stack up
-python -m localstack redeploy   # restart the function with the RUN_ID of the `production` alias
-python -m localstack status     # what runs where
-python -m localstack down       # stop every process the stack started, by PID
+python -m devstack demo       # start everything, train, serve, stream real rides, redeploy; leaves the stack up
+python -m devstack redeploy   # restart the function with the RUN_ID of the `production` alias
+python -m devstack rollback   # production <- previous in the stack's registry, then redeploy
+python -m devstack status     # what runs where
+python -m devstack down       # stop every process the stack started, by PID
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from localstack.processes import ServiceError
-from localstack.stack import DEFAULT_STACK_DIR, Stack
-from localstack.traffic import real_rides, stream, summarize
+from devstack.processes import ServiceError
+from devstack.stack import DEFAULT_STACK_DIR, Stack
+from devstack.traffic import real_rides, stream, summarize
 
 # Wide enough for the ride table even when output goes to a file or CI log (rich assumes 80 there).
 console = Console(width=max(110, shutil.get_terminal_size((110, 24)).columns))
@@ -44,7 +45,7 @@ def _resolve_production(stack: Stack):
     from training.settings import Settings
 
     stack.apply_env()
-    return registry.resolve(registry.PRODUCTION, Settings())
+    return registry.resolve(registry.PRODUCTION, Settings.from_env())
 
 
 def _show(outcomes, summary: dict, title: str, rows: int = 12) -> None:
@@ -145,6 +146,21 @@ def redeploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def rollback(args: argparse.Namespace) -> int:
+    from training import registry
+    from training.settings import Settings
+
+    stack = Stack.load(args.stack_dir)
+    stack.apply_env()
+    try:
+        version = registry.rollback(Settings.from_env())
+    except LookupError as exc:
+        console.print(f"[red]error:[/red] {exc.args[0]}")
+        return 2
+    console.print(f"production is v{version} again")
+    return redeploy(args)
+
+
 def down(args: argparse.Namespace) -> int:
     try:
         stack = Stack.load(args.stack_dir)
@@ -164,7 +180,7 @@ def status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m localstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m devstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--stack-dir", type=Path, default=DEFAULT_STACK_DIR)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,11 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     demo_cmd.add_argument("--mlflow-backend-store", help="e.g. postgresql://postgres@127.0.0.1:5432/mlflow (default: sqlite)")
     demo_cmd.add_argument("--no-prefect-server", action="store_true", help="run flows on an ephemeral Prefect server")
     sub.add_parser("redeploy")
+    sub.add_parser("rollback")
     sub.add_parser("down")
     sub.add_parser("status")
     args = parser.parse_args(argv)
     try:
-        return {"demo": demo, "redeploy": redeploy, "down": down, "status": status}[args.command](args)
+        return {"demo": demo, "redeploy": redeploy, "rollback": rollback, "down": down, "status": status}[args.command](args)
     except ServiceError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

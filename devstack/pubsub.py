@@ -1,28 +1,50 @@
-"""Pub/Sub topology helpers: create topics and subscriptions if missing (emulator or real)."""
+"""Pub/Sub topology helpers: create topics and subscriptions if missing (emulator or real).
+
+Each helper talks to ``emulator_host`` when given one, else to whatever the
+environment says (``PUBSUB_EMULATOR_HOST``, or Google Cloud itself).
+"""
 
 from __future__ import annotations
 
 import contextlib
 
+import grpc
 from google.api_core import exceptions
 from google.cloud import pubsub_v1
+from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
+from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
 # Poison messages are dead-lettered by the function itself; this bounds redelivery of
 # messages that keep failing for other reasons (as the Terraform in infra/ does).
 ACK_DEADLINE_SECONDS = 30
 
 
-def ensure_topic(project: str, topic: str) -> str:
-    client = pubsub_v1.PublisherClient()
+def publisher_client(emulator_host: str | None = None) -> pubsub_v1.PublisherClient:
+    if emulator_host is None:
+        return pubsub_v1.PublisherClient()
+    # The emulator speaks plain gRPC without credentials.
+    return pubsub_v1.PublisherClient(transport=PublisherGrpcTransport(channel=grpc.insecure_channel(emulator_host)))
+
+
+def subscriber_client(emulator_host: str | None = None) -> pubsub_v1.SubscriberClient:
+    if emulator_host is None:
+        return pubsub_v1.SubscriberClient()
+    return pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=grpc.insecure_channel(emulator_host)))
+
+
+def ensure_topic(project: str, topic: str, emulator_host: str | None = None) -> str:
+    client = publisher_client(emulator_host)
     path = client.topic_path(project, topic)
     with contextlib.suppress(exceptions.AlreadyExists):
         client.create_topic(name=path)
     return path
 
 
-def ensure_subscription(project: str, topic: str, subscription: str, push_endpoint: str | None = None) -> str:
+def ensure_subscription(
+    project: str, topic: str, subscription: str, push_endpoint: str | None = None, emulator_host: str | None = None
+) -> str:
     """A pull subscription, or a push one delivering to ``push_endpoint``."""
-    subscriber = pubsub_v1.SubscriberClient()
+    subscriber = subscriber_client(emulator_host)
     path = subscriber.subscription_path(project, subscription)
     request = {
         "name": path,

@@ -1,0 +1,74 @@
+"""The control plane: deploy, redeploy and rollback commands built from the registry."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from operations import deploy
+from training import registry
+from training.registry import promote, resolve
+from training.train import TrainConfig, train
+
+DEPLOY_ENV = {
+    "GCP_PROJECT": "ridestream-prod",
+    "MODEL_BUCKET": "ridestream-models",
+    "FUNCTION_SERVICE_ACCOUNT": "fn-predict@ridestream-prod.iam.gserviceaccount.com",
+}
+
+
+def test_deploy_and_redeploy_commands_use_the_production_run_and_no_keys(local_model, monkeypatch):
+    result, settings = local_model
+    for name, value in {"MLFLOW_TRACKING_URI": settings.tracking_uri, **DEPLOY_ENV}.items():
+        monkeypatch.setenv(name, value)
+    promote(result.version, settings)
+    production = resolve("production", settings)
+
+    first = deploy.deploy_command()
+    assert first[:4] == ["gcloud", "functions", "deploy", "predict-duration"]
+    assert {"--gen2", "--runtime=python312", "--trigger-topic=backend-push-stream", "--retry"} <= set(first)
+    [env_vars] = [a for a in first if a.startswith("--set-env-vars=")]
+    assert f"RUN_ID={production.run_id}" in env_vars and f"MODEL_VERSION={production.version}" in env_vars
+    assert not any("key" in a.lower() or a.endswith(".json") for a in first)
+
+    again = deploy.redeploy_command()
+    assert [a for a in again if "env-vars" in a] == [
+        f"--update-env-vars=RUN_ID={production.run_id},MODEL_VERSION={production.version}"
+    ]
+    assert not any(a.startswith(("--set-env-vars", "--trigger-topic", "--runtime")) for a in again)
+    assert any(a == f"--source={deploy.SOURCE_DIR}" for a in again) and deploy.SOURCE_DIR.name == "serving_function"
+
+
+def test_rollback_moves_production_back_and_redeploys_that_run(local_model, monkeypatch, capsys):
+    logged, shared = local_model
+    # A model name of its own, so the shared store's `ride-duration` aliases stay as other tests left them.
+    settings = replace(shared, model_name="ride-duration-rollback")
+    first_version = registry.register(logged.model_uri, logged.run_id, settings).version
+    second = train(TrainConfig(trials=1, sample=5_000), settings)
+    env = {"MLFLOW_TRACKING_URI": settings.tracking_uri, "REGISTERED_MODEL_NAME": settings.model_name, **DEPLOY_ENV}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    promote(first_version, settings)
+    promote(second.version, settings)
+    assert registry.current_version(registry.PREVIOUS, settings) == str(first_version)
+
+    # A dry run shows the redeploy to the previous run and changes no alias.
+    assert deploy.main(["rollback", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert f"RUN_ID={logged.run_id}," in printed
+    assert registry.current_version(registry.PRODUCTION, settings) == second.version
+
+    monkeypatch.setattr(deploy.subprocess, "call", lambda command: 0)  # no gcloud: the command is what we check
+    assert deploy.main(["rollback"]) == 0
+    assert f"RUN_ID={logged.run_id}," in capsys.readouterr().out
+    assert registry.current_version(registry.PRODUCTION, settings) == str(first_version)
+    assert registry.current_version(registry.PREVIOUS, settings) == second.version
+
+
+def test_rollback_without_a_previous_version_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(LookupError, match="no alias 'previous'"):
+        registry.rollback()
+    assert deploy.main(["rollback"]) == 2
+    assert "nothing to roll back to" in capsys.readouterr().err
