@@ -12,6 +12,7 @@ Routes:
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import logging
@@ -20,16 +21,17 @@ import time
 import uuid
 from typing import Any
 
-from flask import Flask, jsonify, request
+from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from backend.results import ResultStore, make_store
+from backend.results import ResultStore, StoreUnavailable, make_store
 from backend.settings import BackendSettings
 from backend.stream import PublishError, Redelivery, ResultListener, RidePublisher, stream_problem
 from ride_contract.coarse import CoarseEstimator
 from ride_contract.ride import InvalidRide, parse_ride
 
 log = logging.getLogger("backend")
+RETRY_AFTER_SECONDS = 1
 _STANDARD_LOG_FIELDS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -62,6 +64,19 @@ def _error(status: int, message: str, **details: Any):
     return jsonify({"error": message, **details}), status
 
 
+def _stop_background(*loops: Any) -> None:
+    for loop in loops:
+        stop = getattr(loop, "stop", None)
+        if stop is not None:
+            stop()
+
+
+def _unavailable(message: str, **details: Any):
+    """503 with Retry-After: a dependency is down, nothing half-done was kept; retry the same request."""
+    body, status = _error(503, message, **details)
+    return body, status, {"Retry-After": str(RETRY_AFTER_SECONDS)}
+
+
 def create_app(
     settings: BackendSettings | None = None,
     publisher: Any = None,
@@ -76,6 +91,9 @@ def create_app(
     if listener is None:
         listener = ResultListener(settings.project_id, settings.pull_subscription, store).start()
     redelivery = Redelivery(publisher, store, settings.resend_after_seconds, settings.resend_max_attempts).start()
+    # gunicorn's graceful stop (SIGTERM: a deploy, Cloud Run scale-in) exits the worker normally: stop
+    # pulling then, which nacks the results this replica holds so the others get them at once.
+    atexit.register(_stop_background, listener, redelivery)
     coarse = CoarseEstimator.from_dict(json.loads(settings.coarse_model_path.read_text()))
 
     app = Flask(__name__)
@@ -108,33 +126,49 @@ def create_app(
         except InvalidRide as exc:
             return _error(400, "invalid ride", fields=exc.fields)
 
-        ride_id = ride.ride_id or uuid.uuid4().hex
+        # A ride without an id gets one now; every answer below carries it, so a client that
+        # has to retry (503) retries with it and cannot create the ride twice.
+        ride_id = g.ride_id = ride.ride_id or uuid.uuid4().hex
         ride = ride.model_copy(update={"ride_id": ride_id})
+        now = time.time()
         record = {
             "ride_id": ride_id,
             "duration_coarse": round(coarse.predict_ride(ride), 2),
             "status": "pending",
             "ride": ride.model_dump(mode="json", exclude={"ride_id"}),
-            "requested_at": time.time(),
+            "fingerprint": ride.fingerprint(),
+            "requested_at": now,
         }
-        if not store.create(ride_id, record):
-            return _error(409, "ride_id already used; omit ride_id to get a fresh one", ride_id=ride_id)
-        message = ride.model_dump_json().encode()
+        existing = store.create(ride_id, record, resend_at=now + settings.resend_after_seconds)
+        if existing is not None:
+            if existing.get("fingerprint") != record["fingerprint"]:
+                return _error(409, "ride_id already used for another ride; omit ride_id to get a fresh one", ride_id=ride_id)
+            # The same ride again (a client retry): its record, whatever happened before. The ride is
+            # in the stream or due a resend, so nothing is published here.
+            return _answer(existing, wait_seconds)
         try:
-            publisher.publish(message, ride_id=ride_id)
+            publisher.publish(ride.model_dump_json().encode(), ride_id=ride_id)
         except PublishError as exc:
-            store.discard(ride_id)  # not in the stream: the client retries, possibly with the same ride_id
+            store.discard(ride_id)  # not in the stream: the client retries with this ride_id
             log.error("publish failed", extra={"ride_id": ride_id, "error": str(exc)})
-            return _error(
-                503, "the ride stream is unavailable; retry", ride_id=ride_id, duration_coarse=record["duration_coarse"]
+            return _unavailable(
+                "the ride stream is unavailable; retry", ride_id=ride_id, duration_coarse=record["duration_coarse"]
             )
-        redelivery.track(ride_id, message)
         log.info("ride accepted", extra={"ride_id": ride_id, "duration_coarse": record["duration_coarse"]})
+        return _answer(record, wait_seconds)
 
-        if wait_seconds > 0:
+    def _answer(record: dict[str, Any], wait_seconds: float):
+        ride_id = record["ride_id"]
+        if wait_seconds > 0 and record.get("status") == "pending":
             record = store.wait(ride_id, wait_seconds) or record
         status = 200 if record.get("status") == "done" else 202
         return jsonify(record), status, {"Location": f"/rides/{ride_id}"}
+
+    @app.errorhandler(StoreUnavailable)
+    def store_unavailable(exc: StoreUnavailable):
+        log.error("result store unavailable", extra={"path": request.path, "error": str(exc)})
+        details = {"ride_id": g.ride_id} if "ride_id" in g else {}
+        return _unavailable("the result store is unavailable; retry", **details)
 
     @app.get("/rides/<ride_id>")
     def ride_status(ride_id: str):
@@ -161,6 +195,7 @@ def create_app(
             "checks": {name: problem or "ok" for name, problem in checks.items()},
             "results_received": listener.received,
             "rides_resent": redelivery.resent,
+            "results_refused": getattr(listener, "refused", 0),
             "listener_last_error": listener.last_error,
         }
         return jsonify(body), 200 if ready else 503

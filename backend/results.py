@@ -1,9 +1,14 @@
-"""Where rides wait for their accurate duration, keyed by ride_id.
+"""Where rides wait for their accurate duration, keyed by ride_id, and which of them are due a resend.
 
-In memory for one process (local default); Redis for several replicas: the
-replica whose listener receives a result is rarely the one the client asks, so
-the result must land in a store all of them read. Correlation is by ride_id
-only, which the backend generates, so one ride's result never reaches another.
+In memory for one process (local default); Redis for several replicas: the replica
+whose listener receives a result is rarely the one the client asks, and a replica
+may die with rides in flight, so the records *and* the pending-ride bookkeeping
+live in a store all of them share. Any live replica resends any overdue ride; a
+claim (a lease of ``lease_seconds``) makes sure two replicas never both resend it.
+
+A result is stored only on the pending ride it answers (same ride_id and the same
+ride, by fingerprint): a result for an unknown or another ride is refused, never
+turned into a "done" ride.
 """
 
 from __future__ import annotations
@@ -12,19 +17,36 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from enum import StrEnum
 from typing import Any, Protocol
 
 MAX_IN_MEMORY_RIDES = 100_000
 
 
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached: the caller answers 503 (retry), nothing was changed."""
+
+
+class Completion(StrEnum):
+    STORED = "stored"
+    SETTLED = "settled"  # the ride already has its final answer: a repeat, nothing to do
+    UNKNOWN = "unknown"  # no such ride here (never accepted, or expired)
+    MISMATCH = "mismatch"  # the result is for another ride under the same ride_id
+
+
 class ResultStore(Protocol):
-    def create(self, ride_id: str, record: dict[str, Any]) -> bool:
-        """Store a new pending ride; False if the ride_id is taken."""
+    def create(self, ride_id: str, record: dict[str, Any], resend_at: float) -> dict[str, Any] | None:
+        """Record a new pending ride due a resend at ``resend_at`` (epoch seconds).
+
+        Returns None when created, else the record already under ``ride_id`` (nothing changed)."""
 
     def discard(self, ride_id: str) -> None: ...
 
-    def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> None:
-        """Add the accurate result (or, with status "failed", the reason) and wake whoever waits."""
+    def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> Completion:
+        """Settle a pending ride with its result (or, with status "failed", the reason) and wake whoever waits."""
+
+    def claim_due(self, now: float, lease_seconds: float, limit: int = 100) -> list[tuple[str, int]]:
+        """Pending rides due a resend, as (ride_id, publishes so far), each claimed for ``lease_seconds``."""
 
     def get(self, ride_id: str) -> dict[str, Any] | None: ...
 
@@ -34,8 +56,16 @@ class ResultStore(Protocol):
     def ping(self) -> None: ...
 
 
-def _merge(record: dict[str, Any] | None, result: dict[str, Any], status: str) -> dict[str, Any]:
-    return {**(record or {"ride_id": result["ride_id"]}), **result, "status": status}
+def _completion(record: dict[str, Any] | None, result: dict[str, Any], status: str) -> Completion | None:
+    """Why ``result`` must not be stored on ``record``, or None if it may."""
+    if record is None:
+        return Completion.UNKNOWN
+    if record.get("status") == "done" or (record.get("status") == "failed" and status == "failed"):
+        return Completion.SETTLED  # a late true answer may still replace "failed"
+    answered, asked = result.get("ride_fingerprint"), record.get("fingerprint")
+    if answered and asked and answered != asked:
+        return Completion.MISMATCH
+    return None
 
 
 def _settled(record: dict[str, Any] | None) -> bool:
@@ -45,6 +75,8 @@ def _settled(record: dict[str, Any] | None) -> bool:
 class InMemoryResultStore:
     def __init__(self, ttl_seconds: float = 86400, max_rides: int = MAX_IN_MEMORY_RIDES):
         self._rides: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._due: dict[str, float] = {}  # pending ride_id -> when to resend
+        self._sends: dict[str, int] = {}
         self._changed = threading.Condition()
         self._ttl = ttl_seconds
         self._max = max_rides
@@ -52,25 +84,48 @@ class InMemoryResultStore:
     def _expire(self) -> None:
         cutoff = time.monotonic() - self._ttl
         while self._rides and (len(self._rides) > self._max or next(iter(self._rides.values()))[0] < cutoff):
-            self._rides.popitem(last=False)
+            ride_id, _ = self._rides.popitem(last=False)
+            self._forget(ride_id)
 
-    def create(self, ride_id: str, record: dict[str, Any]) -> bool:
+    def _forget(self, ride_id: str) -> None:
+        self._due.pop(ride_id, None)
+        self._sends.pop(ride_id, None)
+
+    def create(self, ride_id: str, record: dict[str, Any], resend_at: float) -> dict[str, Any] | None:
         with self._changed:
             self._expire()
             if ride_id in self._rides:
-                return False
+                return dict(self._rides[ride_id][1])
             self._rides[ride_id] = (time.monotonic(), dict(record))
-            return True
+            self._due[ride_id] = resend_at
+            self._sends[ride_id] = 1
+            return None
 
     def discard(self, ride_id: str) -> None:
         with self._changed:
             self._rides.pop(ride_id, None)
+            self._forget(ride_id)
 
-    def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> None:
+    def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> Completion:
         with self._changed:
-            created, record = self._rides.get(ride_id, (time.monotonic(), None))
-            self._rides[ride_id] = (created, _merge(record, result, status))
+            created, record = self._rides.get(ride_id, (0.0, None))
+            refused = _completion(record, result, status)
+            if refused is not None:
+                return refused
+            self._rides[ride_id] = (created, {**record, **result, "status": status})
+            self._forget(ride_id)
             self._changed.notify_all()
+            return Completion.STORED
+
+    def claim_due(self, now: float, lease_seconds: float, limit: int = 100) -> list[tuple[str, int]]:
+        with self._changed:
+            due = sorted((at, ride_id) for ride_id, at in self._due.items() if at <= now)[:limit]
+            claimed = []
+            for _, ride_id in due:
+                self._due[ride_id] = now + lease_seconds
+                claimed.append((ride_id, self._sends[ride_id]))
+                self._sends[ride_id] += 1
+            return claimed
 
     def get(self, ride_id: str) -> dict[str, Any] | None:
         with self._changed:
@@ -87,15 +142,44 @@ class InMemoryResultStore:
         return None
 
 
+# Record and schedule in one step: a ride is never recorded without being due a resend.
+_CREATE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+  redis.call('HSET', KEYS[3], ARGV[4], 1)
+  return false
+end
+return redis.call('GET', KEYS[1])
+"""
+# Claim the due rides atomically: whoever runs this first owns them for the lease.
+_CLAIM_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local claimed = {}
+for _, ride_id in ipairs(due) do
+  redis.call('ZADD', KEYS[1], ARGV[2], ride_id)
+  local sends = redis.call('HINCRBY', KEYS[2], ride_id, 1) - 1
+  table.insert(claimed, ride_id)
+  table.insert(claimed, sends)
+end
+return claimed
+"""
+
+
 class RedisResultStore:
-    """One JSON value per ride (``ride:<id>``) with a TTL; a Redis channel per ride wakes waiters."""
+    """One JSON value per ride (``<prefix>:ride:<id>``) with a TTL; the pending rides in a sorted set
+    by resend time with their publish counts beside it; a Redis channel per ride wakes waiters."""
 
     def __init__(self, url: str, ttl_seconds: int = 86400, prefix: str = "ridestream"):
         import redis
 
-        self._redis = redis.Redis.from_url(url, socket_timeout=5, health_check_interval=30)
+        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
         self._ttl = ttl_seconds
         self._prefix = prefix
+        self._pending = f"{prefix}:pending"
+        self._sends = f"{prefix}:sends"
+        self._create = self._redis.register_script(_CREATE)
+        self._claim_due = self._redis.register_script(_CLAIM_DUE)
 
     def _key(self, ride_id: str) -> str:
         return f"{self._prefix}:ride:{ride_id}"
@@ -103,37 +187,69 @@ class RedisResultStore:
     def _channel(self, ride_id: str) -> str:
         return f"{self._prefix}:done:{ride_id}"
 
-    def create(self, ride_id: str, record: dict[str, Any]) -> bool:
-        return bool(self._redis.set(self._key(ride_id), json.dumps(record), nx=True, ex=self._ttl))
+    def _call(self, operation, *args, **kwargs):
+        try:
+            return operation(*args, **kwargs)
+        except self._errors as exc:
+            raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
+
+    def create(self, ride_id: str, record: dict[str, Any], resend_at: float) -> dict[str, Any] | None:
+        existing = self._call(
+            self._create,
+            keys=[self._key(ride_id), self._pending, self._sends],
+            args=[json.dumps(record), self._ttl, resend_at, ride_id],
+        )
+        return json.loads(existing) if existing else None
 
     def discard(self, ride_id: str) -> None:
-        self._redis.delete(self._key(ride_id))
+        pipe = self._redis.pipeline()
+        pipe.delete(self._key(ride_id)).zrem(self._pending, ride_id).hdel(self._sends, ride_id)
+        self._call(pipe.execute)
 
-    def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> None:
+    def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> Completion:
         key = self._key(ride_id)
-        # Last writer wins; two deliveries of one ride carry the same result.
-        self._redis.set(key, json.dumps(_merge(self.get(ride_id), result, status)), ex=self._ttl)
-        self._redis.publish(self._channel(ride_id), "done")
+        outcome: list[Completion] = []
+
+        def settle(pipe) -> None:  # optimistic: retried by redis-py if the record changes meanwhile
+            outcome.clear()
+            raw = pipe.get(key)
+            record = json.loads(raw) if raw else None
+            refused = _completion(record, result, status)
+            if refused is not None:
+                outcome.append(refused)
+                return
+            pipe.multi()
+            pipe.set(key, json.dumps({**record, **result, "status": status}), keepttl=True)
+            pipe.zrem(self._pending, ride_id).hdel(self._sends, ride_id)
+            pipe.publish(self._channel(ride_id), status)
+            outcome.append(Completion.STORED)
+
+        self._call(self._redis.transaction, settle, key)
+        return outcome[0]
+
+    def claim_due(self, now: float, lease_seconds: float, limit: int = 100) -> list[tuple[str, int]]:
+        flat = self._call(self._claim_due, keys=[self._pending, self._sends], args=[now, now + lease_seconds, limit])
+        return [(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def get(self, ride_id: str) -> dict[str, Any] | None:
-        raw = self._redis.get(self._key(ride_id))
+        raw = self._call(self._redis.get, self._key(ride_id))
         return json.loads(raw) if raw else None
 
     def wait(self, ride_id: str, timeout: float) -> dict[str, Any] | None:
         deadline = time.monotonic() + timeout
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
-            pubsub.subscribe(self._channel(ride_id))  # before reading, so no completion slips between
+            self._call(pubsub.subscribe, self._channel(ride_id))  # before reading, so no completion slips between
             record = self.get(ride_id)
             while not _settled(record) and (left := deadline - time.monotonic()) > 0:
-                if pubsub.get_message(timeout=left):
+                if self._call(pubsub.get_message, timeout=left):
                     record = self.get(ride_id)
             return record
         finally:
             pubsub.close()
 
     def ping(self) -> None:
-        self._redis.ping()
+        self._call(self._redis.ping)
 
 
 def make_store(redis_url: str, ttl_seconds: int, prefix: str = "ridestream") -> ResultStore:

@@ -12,8 +12,9 @@ from google.api_core.retry import Retry
 from google.cloud import pubsub_v1
 from pydantic import ValidationError
 
-from backend.results import ResultStore
+from backend.results import Completion, ResultStore
 from ride_contract.result import RideResult
+from ride_contract.ride import Ride
 
 log = logging.getLogger("backend.stream")
 
@@ -69,6 +70,29 @@ class BackgroundLoop:
         return self._thread is not None and self._thread.is_alive()
 
 
+class Backoff:
+    """Exponential delays with a cap, shared by every thread that fails in a row; one success resets it."""
+
+    def __init__(self, initial: float, maximum: float):
+        self._initial, self._maximum = initial, maximum
+        self._failures = 0
+        self._lock = threading.Lock()
+
+    def failed(self) -> float:
+        with self._lock:
+            self._failures += 1
+            return min(self._initial * 2 ** (self._failures - 1), self._maximum)
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._failures = 0
+
+
+# A replica holds few results at a time, and extends their leases by at most 10 s: if it dies
+# (kill -9, an evicted instance), what it held goes back to the other replicas within seconds.
+FLOW_CONTROL = pubsub_v1.types.FlowControl(max_messages=100, max_duration_per_lease_extension=10)
+
+
 class ResultListener(BackgroundLoop):
     """Streaming pull on the results subscription; stores each result, acks only after it is stored."""
 
@@ -81,6 +105,8 @@ class ResultListener(BackgroundLoop):
         self._store = store
         self.last_error: str | None = None
         self.received = 0
+        self.refused = 0  # results for no pending ride here (unknown, or another ride under the same id)
+        self._write_backoff = Backoff(initial=0.5, maximum=30)
 
     def _on_message(self, message: Any) -> None:
         try:
@@ -93,19 +119,32 @@ class ResultListener(BackgroundLoop):
             message.ack()
             return
         try:
-            self._store.complete(result.ride_id, result.model_dump())
-        except Exception:
-            log.exception("could not store result; it will be redelivered", extra={"ride_id": result.ride_id})
+            outcome = self._store.complete(result.ride_id, result.model_dump())
+        except Exception as exc:
+            delay = self._write_backoff.failed()
+            log.error(
+                "could not store result; it will be redelivered",
+                extra={"ride_id": result.ride_id, "error": f"{type(exc).__name__}: {exc}", "retry_in_seconds": delay},
+            )
+            # Back off before handing it back: an immediate nack is redelivered at once, a hot loop
+            # against a store that is down. Only this callback thread waits; stop() cuts it short.
+            self._stop.wait(delay)
             message.nack()
             return
-        self.received += 1
+        self._write_backoff.succeeded()
+        if outcome in (Completion.UNKNOWN, Completion.MISMATCH):
+            # Never turn a result into a ride nobody asked for (or into another ride's answer).
+            self.refused += 1
+            log.warning("result refused", extra={"ride_id": result.ride_id, "reason": outcome.value})
+        else:
+            self.received += 1
         self.last_error = None  # results flow again
         message.ack()
 
     def _run(self) -> None:
         backoff = 0.5
         while not self._stop.is_set():
-            future = self._subscriber.subscribe(self.subscription_path, self._on_message)
+            future = self._subscriber.subscribe(self.subscription_path, self._on_message, flow_control=FLOW_CONTROL)
             try:
                 while not self._stop.is_set():
                     try:
@@ -138,12 +177,14 @@ def stream_problem(check: Any, seconds: float) -> str | None:
 
 
 class Redelivery(BackgroundLoop):
-    """Publishes again the rides accepted here that got no final duration in time.
+    """Publishes again the accepted rides that got no final duration in time, whichever replica took them.
 
-    Pub/Sub keeps what it acknowledged, but a broker restart (the emulator keeps nothing)
-    or a result lost on its way must not leave a rider pending forever. Repeats are safe:
-    the function and the result store are idempotent per ride_id. Each process resends
-    only the rides it accepted; after ``max_attempts`` the ride is marked failed.
+    Pub/Sub keeps what it acknowledged, but a broker restart (the emulator keeps nothing),
+    a result lost on its way, or the replica that accepted a ride dying must not leave a
+    rider pending forever. The due rides live in the shared store; each sweep claims a
+    batch (a lease of ``after_seconds``), so two replicas never both resend a ride.
+    Repeats are safe: the function and the store are idempotent per ride. After
+    ``max_attempts`` publishes the ride is marked failed, with the reason.
     """
 
     thread_name = "redelivery"
@@ -157,41 +198,27 @@ class Redelivery(BackgroundLoop):
         self._after = after_seconds
         self._max_attempts = max_attempts
         self._interval = interval
-        self._pending: dict[str, tuple[bytes, float, int]] = {}  # ride_id -> (message, last sent, sends)
-        self._lock = threading.Lock()
         self.resent = 0
 
-    def track(self, ride_id: str, data: bytes) -> None:
-        with self._lock:
-            self._pending[ride_id] = (data, time.monotonic(), 1)
-
     def sweep(self) -> None:
-        """One pass: forget answered rides, resend overdue ones, give up on hopeless ones."""
-        now = time.monotonic()
-        with self._lock:
-            overdue = [(rid, entry) for rid, entry in self._pending.items() if now - entry[1] >= self._after]
-        for ride_id, (data, _, sends) in overdue:
+        """One pass: resend the overdue rides this replica claims, give up on hopeless ones."""
+        for ride_id, sends in self._store.claim_due(time.time(), self._after):
             record = self._store.get(ride_id)
             if record is None or record.get("status") != "pending":
-                with self._lock:
-                    self._pending.pop(ride_id, None)
-                continue
+                continue  # answered meanwhile (the store unschedules it) or expired
             if sends >= self._max_attempts:
                 reason = f"no final duration after {sends} publishes over {sends * self._after:.0f} s"
                 self._store.complete(ride_id, {"ride_id": ride_id, "error": reason}, status="failed")
                 log.error("ride failed", extra={"ride_id": ride_id, "error": reason})
-                with self._lock:
-                    self._pending.pop(ride_id, None)
                 continue
+            message = ride_message(ride_id, record)
             try:
-                self._publisher.publish(data, ride_id=ride_id)
-            except PublishError as exc:
+                self._publisher.publish(message, ride_id=ride_id)
+            except PublishError as exc:  # still due: the next claim, after the lease, tries again
                 log.warning("resend failed, will retry", extra={"ride_id": ride_id, "error": str(exc)})
                 continue
             self.resent += 1
             log.warning("ride resent", extra={"ride_id": ride_id, "attempt": sends + 1})
-            with self._lock:
-                self._pending[ride_id] = (data, time.monotonic(), sends + 1)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -199,3 +226,8 @@ class Redelivery(BackgroundLoop):
                 self.sweep()
             except Exception:  # a store hiccup must not end the loop
                 log.exception("redelivery sweep failed")
+
+
+def ride_message(ride_id: str, record: dict[str, Any]) -> bytes:
+    """The push-stream message of a recorded ride: the ride with its id, as the function reads it."""
+    return Ride.model_validate({**record["ride"], "ride_id": ride_id}).model_dump_json().encode()

@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from devstack.processes import ServiceError
+from devstack.processes import ServiceError, answers_http, pid_alive
 from devstack.stack import DEFAULT_STACK_DIR, Stack
 from devstack.traffic import real_rides, stream, summarize
 
@@ -138,9 +138,12 @@ def demo(args: argparse.Namespace) -> int:
 def redeploy(args: argparse.Namespace) -> int:
     stack = Stack.load(args.stack_dir)
     production = _resolve_production(stack)
-    if stack.model.get("run_id") == production.run_id:
+    answering = "function" in stack.urls and answers_http(stack.urls["function"])()
+    if stack.model.get("run_id") == production.run_id and answering:
         console.print(f"the function already serves v{production.version} (RUN_ID {production.run_id})")
         return 0
+    if not answering:
+        console.print("[yellow]the function is not answering: starting it again[/yellow]")
     stack.redeploy_function(production.run_id, production.version)
     console.print(f"function restarted with v{production.version} (RUN_ID {production.run_id})")
     return 0
@@ -174,7 +177,8 @@ def down(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     stack = Stack.load(args.stack_dir)
-    console.print_json(json.dumps({"urls": stack.urls, "pids": stack.pids, "model": stack.model}))
+    alive = {key: "running" if pid_alive(pid) else "DEAD" for key, pid in stack.pids.items()}
+    console.print_json(json.dumps({"services": alive, "urls": stack.urls, "pids": stack.pids, "model": stack.model}))
     return 0
 
 

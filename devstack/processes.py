@@ -116,6 +116,15 @@ class Service:
         self.stop()
 
 
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def stop_pid(pid: int, timeout: float = 5) -> None:
     """Stop the process group led by ``pid``: SIGINT, then SIGTERM, then SIGKILL what is left.
 

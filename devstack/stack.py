@@ -124,7 +124,18 @@ class Stack:
     # --- components ---------------------------------------------------------------------------
     def start_emulators(self, pubsub_port: int | None = None) -> None:
         self._started("pubsub", pubsub_emulator(self.log_dir, pubsub_port).start())
-        self._started("storage", storage_emulator(self.log_dir, BUCKET).start())
+        # On disk, like a real bucket: the models survive a restart of the storage emulator.
+        self._started("storage", storage_emulator(self.log_dir, BUCKET, data_dir=self.storage_dir).start())
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.dir / "storage"
+
+    def restart_storage(self) -> None:
+        """The storage emulator again, on the same port and the same data directory."""
+        port = self.ports["storage"]
+        self.stop("storage")
+        self._started("storage", storage_emulator(self.log_dir, BUCKET, port, data_dir=self.storage_dir).start())
 
     def restart_pubsub(self) -> None:
         """A fresh emulator on the same port (it keeps no state, so the topology is recreated)."""

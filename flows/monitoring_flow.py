@@ -59,19 +59,26 @@ def _read_text(source: str) -> list[str]:
 
 
 def read_prediction_log(source: str) -> pd.DataFrame:
-    """Prediction records the serving function logged: its own JSON lines, or Cloud Logging's export of them."""
+    """Prediction records the serving function logged: its own JSON lines, or Cloud Logging's export of them.
+
+    Lines that look like JSON but do not parse are counted in ``attrs["unreadable_lines"]``:
+    they may be lost predictions, so the flow reports them instead of hiding them."""
     records = []
+    unreadable = 0
     for line in _read_text(source):
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
-            continue  # gunicorn's own lines and the like
+            unreadable += line.lstrip().startswith("{")  # not gunicorn's own plain lines
+            continue
         entry = entry.get("jsonPayload", entry) if isinstance(entry, dict) else {}
         if entry.get("message") == "prediction" and isinstance(entry.get("ride"), dict):
             records.append({**entry["ride"], "prediction": entry["duration_final"], "model_version": entry.get("model_version")})
     if not records:
         raise ValueError(f"no prediction records in {source}")
-    return pd.DataFrame(records)
+    frame = pd.DataFrame(records)
+    frame.attrs["unreadable_lines"] = unreadable
+    return frame
 
 
 def scored_month(month: str, alias: str, settings: Settings) -> pd.DataFrame:
@@ -91,7 +98,13 @@ def reference_data(month: str, alias: str, settings: Settings) -> pd.DataFrame:
 def current_data(month: str | None, predictions: str | None, alias: str, settings: Settings) -> pd.DataFrame:
     if predictions:
         logged = read_prediction_log(predictions)
-        return monitoring_frame(logged, logged["prediction"])
+        current = monitoring_frame(logged, logged["prediction"])
+        current.attrs["unreadable_lines"] = unreadable = logged.attrs["unreadable_lines"]
+        if unreadable:
+            get_run_logger().warning(
+                "%d unreadable lines in %s: predictions may be missing from this report", unreadable, predictions
+            )
+        return current
     return scored_month(month, alias, settings)
 
 
@@ -181,6 +194,7 @@ def monitoring_flow(
     reference = reference_data(reference_month, alias, settings)
     current = current_data(current_month, predictions, alias, settings)
     report = drift_report(reference, current, Path(output_dir), name)
+    report["metrics"]["unreadable_log_lines"] = float(current.attrs.get("unreadable_lines", 0))
     plot = distribution_plot(reference, current, Path(output_dir), name)
     params = {"name": name, "reference_month": reference_month, "current": predictions or current_month, "alias": alias}
     run_id = log_to_mlflow(report, plot, params, settings)

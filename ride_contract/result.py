@@ -17,6 +17,8 @@ class RideResult(BaseModel):
     model_run_id: str
     model_version: str = ""
     model_id: str = ""
+    # Ride.fingerprint() of the ride answered: the backend stores a result only on the ride it was asked for.
+    ride_fingerprint: str = ""
 
     def to_message(self) -> bytes:
         return self.model_dump_json().encode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Mapping
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
@@ -55,6 +56,15 @@ class Ride(BaseModel):
     def model_input(self) -> dict[str, Any]:
         """The ride as one row of model input (no ride_id)."""
         return self.model_dump(include=set(RIDE_COLUMNS))
+
+    def fingerprint(self) -> str:
+        """What the ride is, without its id: two rides answer alike exactly when their fingerprints match.
+
+        A ride_id can be reused for another ride (a client bug, an expired record); the
+        function and the backend key on (ride_id, fingerprint), so one ride's answer never
+        reaches another."""
+        canonical = self.model_dump_json(include=set(RIDE_COLUMNS))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 class InvalidRide(ValueError):

@@ -15,6 +15,7 @@ import importlib
 import re
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -28,8 +29,17 @@ _MLMODEL_FIELD = re.compile(r"^(run_id|model_id|serialization_format|pickled_mod
 CONTRACT_MODULES = ("ride", "features", "result")
 
 
+# Every storage call at cold start gives up within this, retries included.
+STORAGE_DEADLINE_SECONDS = 10.0
+STORAGE_CALL_TIMEOUT_SECONDS = 5.0
+
+
 class ModelNotFound(RuntimeError):
     """The configured RUN_ID / MODEL_URI does not lead to a loadable model."""
+
+
+class ModelStoreUnavailable(RuntimeError):
+    """The bucket could not be read in time: the instance fails to start, saying where it looked."""
 
 
 @dataclass(frozen=True)
@@ -57,14 +67,39 @@ def _split_gs(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
+@contextmanager
+def _reading(location: str):
+    """Storage errors as one clear line naming what was being read (the client's would name a URL)."""
+    from google.api_core import exceptions
+
+    try:
+        yield
+    except (exceptions.GoogleAPIError, OSError) as exc:  # RetryError once the deadline passed, or a refused connection
+        raise ModelStoreUnavailable(
+            f"cannot read the model at {location} within {STORAGE_DEADLINE_SECONDS:g} s: {type(exc).__name__}"
+        ) from exc
+
+
+def _bounded() -> dict[str, Any]:
+    """Retries that give up within the deadline: a cold start that cannot reach the bucket fails in seconds."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    retry = DEFAULT_RETRY.with_delay(initial=0.2, maximum=2.0).with_timeout(STORAGE_DEADLINE_SECONDS)
+    return {"retry": retry, "timeout": STORAGE_CALL_TIMEOUT_SECONDS}
+
+
 def find_model_uri(bucket: str, run_id: str, prefix: str = "") -> str:
     """The ``gs://`` folder of the model logged by ``run_id`` under ``bucket/prefix``."""
     client = _storage_client()
     searched = f"gs://{bucket}/{prefix}".rstrip("/")
     found = []
-    for blob in client.list_blobs(bucket, prefix=prefix or None, match_glob="**/models/m-*/artifacts/MLmodel"):
-        if _MLMODEL_IN_BUCKET.search(blob.name) and _mlmodel_fields(blob.download_as_text()).get("run_id") == run_id:
-            found.append(blob.name.rpartition("/")[0])
+    with _reading(f"{searched} (RUN_ID {run_id})"):
+        for blob in client.list_blobs(bucket, prefix=prefix or None, match_glob="**/models/m-*/artifacts/MLmodel", **_bounded()):
+            if (
+                _MLMODEL_IN_BUCKET.search(blob.name)
+                and _mlmodel_fields(blob.download_as_text(**_bounded())).get("run_id") == run_id
+            ):
+                found.append(blob.name.rpartition("/")[0])
     if not found:
         raise ModelNotFound(f"no model logged by run {run_id} under {searched}/**/models/m-*/artifacts")
     if len(found) > 1:
@@ -75,13 +110,14 @@ def find_model_uri(bucket: str, run_id: str, prefix: str = "") -> str:
 def _download_folder(uri: str, dest: Path) -> None:
     bucket_name, prefix = _split_gs(uri)
     client = _storage_client()
-    blobs = list(client.list_blobs(bucket_name, prefix=prefix + "/"))
-    if not blobs:
-        raise ModelNotFound(f"nothing at {uri}")
-    for blob in blobs:
-        target = dest / blob.name[len(prefix) + 1 :]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        blob.download_to_filename(str(target))
+    with _reading(uri):
+        blobs = list(client.list_blobs(bucket_name, prefix=prefix + "/", **_bounded()))
+        if not blobs:
+            raise ModelNotFound(f"nothing at {uri}")
+        for blob in blobs:
+            target = dest / blob.name[len(prefix) + 1 :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            blob.download_to_filename(str(target), **_bounded())
 
 
 def load_model(uri: str, cache_dir: Path | None = None) -> LoadedModel:

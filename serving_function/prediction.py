@@ -20,13 +20,14 @@ from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-# Results of rides already answered by this instance. A repeated ride is not predicted
-# again: its remembered result is published again (the first may have been lost on the
-# way, which is why the backend resent it). The backend's store is keyed by ride_id,
-# so repeated identical results are one logical result.
+# Results of rides already answered by this instance. A repeated ride (same ride_id and
+# the same ride: its fingerprint) is not predicted again: its remembered result is
+# published again (the first may have been lost on the way, which is why the backend
+# resent it). A reused ride_id carrying another ride is a different ride, predicted afresh.
 RECENT_RIDES = 10_000
 MAX_BATCH = 64
 PREDICT_TIMEOUT_SECONDS = 30
+_LOG_LOCK = threading.Lock()
 
 
 class PoisonMessage(ValueError):
@@ -45,7 +46,12 @@ def log(severity: str, message: str, **fields: Any) -> None:
     Cloud Logging sink exports them to the bucket (infra/), flows/monitoring_flow.py reads them.
     """
     entry = {"severity": severity, "message": message, "time": datetime.now(UTC).isoformat(), **fields}
-    print(json.dumps(entry, default=str), file=sys.stdout, flush=True)
+    line = json.dumps(entry, default=str) + "\n"
+    # One write per line, under a lock: print() writes the text and the newline separately, so
+    # lines of concurrent requests merge, and the monitoring flow can read neither.
+    with _LOG_LOCK:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 class MicroBatcher:
@@ -116,11 +122,12 @@ class RideDurationService:
         self.run_id = run_id
         self.model_version = model_version
         self.model_id = model_id
-        self._answered: OrderedDict[str, Any] = OrderedDict()  # ride_id -> the RideResult published
+        # (ride_id, ride fingerprint) -> the RideResult published
+        self._answered: OrderedDict[tuple[str, str], Any] = OrderedDict()
         # functions-framework serves requests on threads: a duplicate can arrive while
         # the first delivery is still publishing, so answering a ride is claimed under a lock.
         self._lock = threading.Lock()
-        self._in_flight: dict[str, threading.Event] = {}
+        self._in_flight: dict[tuple[str, str], threading.Event] = {}
         self._batcher = MicroBatcher(lambda rides: self.model.predict(self.contract.features.rides_frame(rides)))
 
     def decode(self, data: str | bytes | None, message_id: str | None) -> Any:
@@ -153,6 +160,7 @@ class RideDurationService:
             model_run_id=self.run_id,
             model_version=self.model_version,
             model_id=self.model_id,
+            ride_fingerprint=ride.fingerprint(),
         )
 
     def handle(self, data: str | bytes | None, message_id: str | None = None) -> Any:
@@ -167,14 +175,15 @@ class RideDurationService:
             self._dead_letter(data, message_id, "ride has no ride_id and the message no id to derive one from")
             return None
 
+        key = (ride.ride_id, ride.fingerprint())
         with self._lock:
-            previous = self._answered.get(ride.ride_id)
-            in_flight = self._in_flight.get(ride.ride_id) if previous is None else None
+            previous = self._answered.get(key)
+            in_flight = self._in_flight.get(key) if previous is None else None
             if previous is None and in_flight is None:
-                self._in_flight[ride.ride_id] = threading.Event()
+                self._in_flight[key] = threading.Event()
         if in_flight is not None:  # the other delivery publishes; this one only waits for it
             in_flight.wait(timeout=60)
-            concurrent = self._answered.get(ride.ride_id)
+            concurrent = self._answered.get(key)
             if concurrent is None:  # the first delivery failed: fail this one too, Pub/Sub retries
                 raise RuntimeError(f"ride {ride.ride_id}: a concurrent delivery of it failed")
             return concurrent
@@ -191,7 +200,7 @@ class RideDurationService:
             self._remember(prediction)
         finally:
             with self._lock:
-                self._in_flight.pop(ride.ride_id).set()
+                self._in_flight.pop(key).set()
         log(
             "INFO",
             "prediction",
@@ -207,7 +216,7 @@ class RideDurationService:
 
     def _remember(self, prediction: Any) -> None:
         with self._lock:
-            self._answered[prediction.ride_id] = prediction
+            self._answered[(prediction.ride_id, prediction.ride_fingerprint)] = prediction
             while len(self._answered) > RECENT_RIDES:
                 self._answered.popitem(last=False)
 

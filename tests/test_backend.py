@@ -12,10 +12,11 @@ import pytest
 from conftest import REPO
 
 from backend.app import create_app
-from backend.results import InMemoryResultStore
+from backend.results import Completion, InMemoryResultStore, StoreUnavailable
 from backend.settings import BackendSettings
 from backend.stream import PublishError
 from ride_contract.coarse import CoarseEstimator
+from ride_contract.ride import Ride
 
 RIDE = {"datetime": "2022-06-23 11:36:42", "PULocationID": 34, "DOLocationID": 56, "trip_distance": 12}
 
@@ -138,24 +139,73 @@ def test_concurrent_requests_each_get_their_own_result(backend):
         assert body["duration_final"] == distance * 3
 
 
-def test_client_ride_id_is_kept_and_cannot_be_reused(backend):
+def test_client_ride_id_is_kept_and_a_retry_of_the_same_ride_gets_its_record(backend):
+    client, publisher, store = backend
+    first = client.post("/predict", json={**RIDE, "ride_id": "app-42"})
+    assert first.status_code == 202 and first.get_json()["ride_id"] == "app-42"
+    retry = client.post("/predict", json={**RIDE, "ride_id": "app-42"})
+    assert retry.status_code == 202 and retry.get_json() == first.get_json()
+    store.complete("app-42", {"ride_id": "app-42", "duration_final": 9.0, "model_run_id": "r"})
+    done = client.post("/predict", json={**RIDE, "ride_id": "app-42"})
+    assert done.status_code == 200 and done.get_json()["duration_final"] == 9.0
+    assert len(publisher.sent) == 1  # retries publish nothing: the ride is in the stream or due a resend
+
+
+def test_a_reused_ride_id_with_another_ride_is_409(backend):
     client, publisher, _ = backend
-    assert client.post("/predict", json={**RIDE, "ride_id": "app-42"}).get_json()["ride_id"] == "app-42"
-    again = client.post("/predict", json={**RIDE, "ride_id": "app-42"})
-    assert again.status_code == 409 and "already used" in again.get_json()["error"]
+    assert client.post("/predict", json={**RIDE, "ride_id": "app-43"}).status_code == 202
+    other = client.post("/predict", json={**RIDE, "ride_id": "app-43", "trip_distance": 30})
+    assert other.status_code == 409 and "another ride" in other.get_json()["error"]
     assert len(publisher.sent) == 1
 
 
 def test_stream_outage_answers_503_and_keeps_nothing_half_done(backend):
     client, publisher, store = backend
     publisher.fail = True
-    response = client.post("/predict", json={**RIDE, "ride_id": "retry-me"})
+    response = client.post("/predict", json=RIDE)
     assert response.status_code == 503 and "retry" in response.get_json()["error"]
-    assert store.get("retry-me") is None
+    assert response.headers["Retry-After"] == "1"
+    ride_id = response.get_json()["ride_id"]  # given even though the client sent none: retry with it
+    assert store.get(ride_id) is None and store.claim_due(float("inf"), 30) == []
     assert client.get("/readyz").status_code == 503
     publisher.fail = False
-    assert client.post("/predict", json={**RIDE, "ride_id": "retry-me"}).status_code == 202
+    assert client.post("/predict", json={**RIDE, "ride_id": ride_id}).status_code == 202
     assert client.get("/readyz").get_json()["ready"] is True
+
+
+class DownStore(InMemoryResultStore):
+    """A store whose every call fails as Redis does when it is down."""
+
+    def __getattribute__(self, name):
+        if name in ("create", "get", "wait", "complete", "claim_due", "discard", "ping"):
+            raise StoreUnavailable("Redis unavailable: ConnectionError: connection refused")
+        return super().__getattribute__(name)
+
+
+def test_store_outage_answers_503_with_retry_after_never_500_and_publishes_nothing():
+    publisher = RecordingPublisher()
+    client = create_app(settings(), publisher=publisher, store=DownStore(), listener=IdleListener()).test_client()
+    posted = client.post("/predict?wait=1", json=RIDE)
+    assert posted.status_code == 503 and posted.headers["Retry-After"] == "1"
+    assert "store is unavailable" in posted.get_json()["error"] and posted.get_json()["ride_id"]
+    fetched = client.get("/rides/some-ride")
+    assert fetched.status_code == 503 and fetched.headers["Retry-After"] == "1"
+    assert publisher.sent == []  # a ride that is not recorded is never published
+    assert client.get("/readyz").status_code == 503
+
+
+def test_a_result_for_no_pending_ride_is_refused_not_made_into_a_ride():
+    store = InMemoryResultStore()
+    result = {"ride_id": "ghost", "duration_final": 9.0, "model_run_id": "r"}
+    assert store.complete("ghost", result) == Completion.UNKNOWN
+    assert store.get("ghost") is None
+
+    store.create("r1", {"ride_id": "r1", "status": "pending", "fingerprint": "aaaa"}, resend_at=0)
+    assert store.complete("r1", {**result, "ride_id": "r1", "ride_fingerprint": "bbbb"}) == Completion.MISMATCH
+    assert store.get("r1")["status"] == "pending"
+    assert store.complete("r1", {**result, "ride_id": "r1", "ride_fingerprint": "aaaa"}) == Completion.STORED
+    assert store.complete("r1", {**result, "ride_id": "r1", "duration_final": 1.0}) == Completion.SETTLED
+    assert store.get("r1")["duration_final"] == 9.0 and store.claim_due(float("inf"), 30) == []
 
 
 def test_unknown_ride_is_404(backend):
@@ -247,19 +297,24 @@ def test_random_garbage_never_gives_500(backend):
         assert client.post("/predict", json=payload).status_code in (202, 400)
 
 
+def _pending(store, ride_id: str) -> None:
+    store.create(ride_id, {"ride_id": ride_id, "status": "pending", "ride": dict(RIDE)}, resend_at=0)
+
+
 def test_unanswered_rides_are_published_again_then_marked_failed():
     from backend.stream import Redelivery
 
     publisher, store = RecordingPublisher(), InMemoryResultStore()
     redelivery = Redelivery(publisher, store, after_seconds=0, max_attempts=3)
     for ride_id in ("lost", "answered"):
-        store.create(ride_id, {"ride_id": ride_id, "status": "pending"})
-        redelivery.track(ride_id, json.dumps({**RIDE, "ride_id": ride_id}).encode())
+        _pending(store, ride_id)
     store.complete("answered", {"ride_id": "answered", "duration_final": 9.0, "model_run_id": "r"})
 
     redelivery.sweep()
     redelivery.sweep()
     assert [attrs["ride_id"] for _, attrs in publisher.sent] == ["lost", "lost"]  # sends 2 and 3
+    # The ride itself, rebuilt from its record.
+    assert Ride.model_validate(publisher.sent[0][0]) == Ride.model_validate({**RIDE, "ride_id": "lost"})
     publisher.fail = True
     redelivery.sweep()  # the third send was the last: no more publishing, the ride is failed
     assert store.get("lost")["status"] == "failed" and "3 publishes" in store.get("lost")["error"]
@@ -272,13 +327,29 @@ def test_a_resend_that_cannot_publish_is_tried_again_later():
 
     publisher, store = RecordingPublisher(), InMemoryResultStore()
     redelivery = Redelivery(publisher, store, after_seconds=0, max_attempts=5)
-    store.create("r", {"ride_id": "r", "status": "pending"})
-    redelivery.track("r", b"{}")
+    _pending(store, "r")
     publisher.fail = True
     redelivery.sweep()
     publisher.fail = False
     redelivery.sweep()
     assert len(publisher.sent) == 1 and redelivery.resent == 1
+
+
+def test_a_claimed_ride_is_not_resent_by_another_replica_until_its_lease_ends():
+    store = InMemoryResultStore()
+    _pending(store, "r")
+    assert store.claim_due(now=100, lease_seconds=30) == [("r", 1)]
+    assert store.claim_due(now=110, lease_seconds=30) == []  # another replica, inside the lease
+    assert store.claim_due(now=131, lease_seconds=30) == [("r", 2)]  # the lease ran out: anyone may
+
+
+def test_failed_result_writes_back_off_exponentially_up_to_a_cap():
+    from backend.stream import Backoff
+
+    backoff = Backoff(initial=0.5, maximum=4)
+    assert [backoff.failed() for _ in range(6)] == [0.5, 1, 2, 4, 4, 4]
+    backoff.succeeded()
+    assert backoff.failed() == 0.5
 
 
 def test_the_backend_needs_only_its_folder_and_the_ride_contract():

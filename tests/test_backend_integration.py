@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
 import threading
 import uuid
 
@@ -41,8 +42,14 @@ def redis_prefix():
 def test_redis_store_is_shared_between_replicas(redis_prefix):
     replica_a = RedisResultStore(REDIS_URL, ttl_seconds=60, prefix=redis_prefix)
     replica_b = RedisResultStore(REDIS_URL, ttl_seconds=60, prefix=redis_prefix)
-    assert replica_a.create("r1", {"ride_id": "r1", "status": "pending", "duration_coarse": 9.0})
-    assert not replica_b.create("r1", {"ride_id": "r1", "status": "pending"})  # one ride_id, one ride
+    assert replica_a.create("r1", {"ride_id": "r1", "status": "pending", "duration_coarse": 9.0}, resend_at=100) is None
+    existing = replica_b.create("r1", {"ride_id": "r1", "status": "pending"}, resend_at=100)  # one ride_id, one ride
+    assert existing == {"ride_id": "r1", "status": "pending", "duration_coarse": 9.0}
+
+    # Either replica may resend a ride the other accepted, but never both within the lease.
+    assert replica_b.claim_due(now=100, lease_seconds=30) == [("r1", 1)]
+    assert replica_a.claim_due(now=110, lease_seconds=30) == []
+    assert replica_a.claim_due(now=131, lease_seconds=30) == [("r1", 2)]
 
     waited: list = []
     waiter = threading.Thread(target=lambda: waited.append(replica_a.wait("r1", timeout=5)))
@@ -52,6 +59,21 @@ def test_redis_store_is_shared_between_replicas(redis_prefix):
     waiter.join()
     assert waited[0] == {"ride_id": "r1", "status": "done", "duration_coarse": 9.0, "duration_final": 12.5, "model_run_id": "abc"}
     assert replica_a.wait("r2", timeout=0.2) is None
+    assert replica_a.claim_due(now=1e12, lease_seconds=30) == []  # answered: no longer due a resend
+    assert replica_b.complete("r2", {"ride_id": "r2", "duration_final": 1.0, "model_run_id": "abc"}) == "unknown"
+    assert replica_a.get("r2") is None  # a result for no ride is not made into one
+
+
+def test_redis_store_down_is_store_unavailable_not_a_crash():
+    from backend.results import StoreUnavailable
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead_url = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    store = RedisResultStore(dead_url, ttl_seconds=60, prefix="nobody")
+    for call in (lambda: store.create("r", {}, 0), lambda: store.get("r"), lambda: store.claim_due(0, 1), store.ping):
+        with pytest.raises(StoreUnavailable, match="Redis unavailable"):
+            call()
 
 
 class StandInConsumer:

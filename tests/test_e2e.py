@@ -102,6 +102,15 @@ def test_pubsub_outage_mid_stream_is_reported_and_loses_no_ride(live):
     assert summary["rides"] == len(rides) and summary["lost"] == 0, summary
 
 
+def test_the_bucket_keeps_the_models_across_a_storage_emulator_restart(live):
+    stack, _, first = live
+    stack.restart_storage()
+    # A new instance's cold start reads the model from the restarted bucket.
+    stack.redeploy_function(first.run_id, first.version)
+    summary = summarize(stream(stack.backend_urls, real_rides(20, seed=9)))
+    assert summary["lost"] == 0 and summary["model_versions"] == [first.version]
+
+
 def test_promote_and_redeploy_switches_the_model_the_rides_carry(live):
     stack, settings, first = live
     second = train(TrainConfig(trials=1, sample=10_000), settings)

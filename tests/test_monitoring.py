@@ -71,7 +71,8 @@ def test_prediction_logs_are_read_from_function_lines_and_cloud_logging_exports(
     (tmp_path / "sink").mkdir()
     (tmp_path / "sink" / "00:00:00_00:59:59_S0.json").write_text(json.dumps(exported) + "\n")
 
-    assert read_prediction_log(str(tmp_path / "function.log"))["ride_id"].tolist() == ["r1"]
+    own_lines = read_prediction_log(str(tmp_path / "function.log"))
+    assert own_lines["ride_id"].tolist() == ["r1"] and own_lines.attrs["unreadable_lines"] == 0
     both = read_prediction_log(str(tmp_path))
     assert sorted(both["ride_id"]) == ["r1", "r2"] and set(both["prediction"]) == {12.5}
     (tmp_path / "quiet.log").write_text("gunicorn started\n")
@@ -79,3 +80,7 @@ def test_prediction_logs_are_read_from_function_lines_and_cloud_logging_exports(
         read_prediction_log(str(tmp_path / "quiet.log"))
     with pytest.raises(ValueError, match="does not exist"):
         read_prediction_log(str(tmp_path / "missing.log"))
+    # Two records merged on one line (concurrent writers): counted, not silently skipped.
+    merged = json.dumps(own) + json.dumps({**own, "ride": {**ride, "ride_id": "r3"}})
+    (tmp_path / "merged.log").write_text("\n".join([json.dumps(own), merged, "gunicorn started"]))
+    assert read_prediction_log(str(tmp_path / "merged.log")).attrs["unreadable_lines"] == 1

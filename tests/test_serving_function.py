@@ -58,11 +58,21 @@ def service(publisher=None, model=None) -> RideDurationService:
 def test_valid_ride_is_predicted_and_published_with_model_identity():
     publisher = RecordingPublisher()
     result = service(publisher).handle(b64(RIDE), message_id="m1")
-    assert result == RideResult(ride_id="r-1", duration_final=24.0, model_run_id="run-1", model_version="7")
+    fingerprint = Ride.model_validate(RIDE).fingerprint()
+    assert result == RideResult(
+        ride_id="r-1", duration_final=24.0, model_run_id="run-1", model_version="7", ride_fingerprint=fingerprint
+    )
     assert publisher.sent == [
         (
             "results",
-            {"ride_id": "r-1", "duration_final": 24.0, "model_run_id": "run-1", "model_version": "7", "model_id": ""},
+            {
+                "ride_id": "r-1",
+                "duration_final": 24.0,
+                "model_run_id": "run-1",
+                "model_version": "7",
+                "model_id": "",
+                "ride_fingerprint": fingerprint,
+            },
             {"ride_id": "r-1"},
         )
     ]
@@ -90,6 +100,16 @@ def test_a_repeated_ride_is_not_predicted_again_but_its_result_is_published_agai
     assert svc.handle(b64(RIDE), "m1") == svc.handle(b64(RIDE), "m2")  # e.g. resent by the backend
     assert len(model.frames) == 1
     assert len(publisher.sent) == 2 and publisher.sent[0] == publisher.sent[1]  # one logical result
+
+
+def test_a_reused_ride_id_with_another_ride_is_predicted_afresh():
+    publisher, model = RecordingPublisher(), FakeModel()
+    svc = service(publisher, model)
+    first = svc.handle(b64(RIDE), "m1")
+    other = svc.handle(b64({**RIDE, "trip_distance": 30}), "m2")  # same ride_id, a 30-mile ride
+    assert (first.duration_final, other.duration_final) == (24.0, 60.0)
+    assert first.ride_fingerprint != other.ride_fingerprint
+    assert len(model.frames) == 2
 
 
 @pytest.mark.parametrize(
@@ -129,7 +149,7 @@ def test_answered_rides_memory_is_bounded(monkeypatch):
     svc = service()
     for i in range(10):
         svc.handle(b64({**RIDE, "ride_id": f"r{i}"}), f"m{i}")
-    assert list(svc._answered) == ["r7", "r8", "r9"]
+    assert [ride_id for ride_id, _ in svc._answered] == ["r7", "r8", "r9"]
 
 
 def test_load_model_from_logged_folder_predicts_like_the_pipeline(local_model):
@@ -192,3 +212,44 @@ def test_a_failing_model_fails_the_request_so_it_is_redelivered():
     with pytest.raises(MemoryError):
         service(publisher, BrokenModel()).handle(b64(RIDE), "m1")
     assert publisher.sent == []
+
+
+def test_a_cold_start_that_cannot_reach_the_bucket_fails_within_its_deadline_naming_the_model(monkeypatch):
+    import socket
+
+    from serving_function import model_store
+
+    with socket.socket() as sock:  # a storage address nothing answers at
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{sock.getsockname()[1]}")
+    monkeypatch.setattr(model_store, "STORAGE_DEADLINE_SECONDS", 2.0)  # the client's default retry took 110 s
+    with pytest.raises(model_store.ModelStoreUnavailable, match=r"gs://ridestream-models/mlflow \(RUN_ID abc\) within 2 s"):
+        model_store.find_model_uri("ridestream-models", "abc", "mlflow")
+    with pytest.raises(model_store.ModelStoreUnavailable, match=r"gs://ridestream-models/mlflow/1/models/m-1/artifacts"):
+        model_store.load_model("gs://ridestream-models/mlflow/1/models/m-1/artifacts")
+
+
+def test_log_lines_stay_whole_under_concurrency(monkeypatch):
+    import io
+    import threading
+    import time
+
+    class SwitchingStream(io.StringIO):
+        """Hands the GIL to another thread on every write, as a busy process does."""
+
+        def write(self, text):
+            time.sleep(0)
+            return super().write(text)
+
+    out = SwitchingStream()
+    monkeypatch.setattr(prediction.sys, "stdout", out)
+    writers = [
+        threading.Thread(target=lambda i=i: [prediction.log("INFO", "prediction", ride_id=f"r{i}-{n}") for n in range(100)])
+        for i in range(16)
+    ]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1600 and all(json.loads(line)["message"] == "prediction" for line in lines)
