@@ -63,6 +63,7 @@ bench: setup
 	$(PY) benchmarks/function_bench.py
 	$(PY) benchmarks/backend_bench.py
 	$(PY) benchmarks/stream_bench.py
+	$(PY) benchmarks/fault_bench.py
 
 coarse-model: setup
 	$(PY) -m training.coarse --month 2021-01 --out backend/coarse_model.json

@@ -12,7 +12,7 @@ from google.api_core.retry import Retry
 from google.cloud import pubsub_v1
 from pydantic import ValidationError
 
-from backend.results import Completion, ResultStore
+from backend.results import Completion, ResultStore, StoreUnavailable
 from ride_contract.result import RideResult
 from ride_contract.ride import Ride
 
@@ -221,11 +221,18 @@ class Redelivery(BackgroundLoop):
             log.warning("ride resent", extra={"ride_id": ride_id, "attempt": sends + 1})
 
     def _run(self) -> None:
+        store_down = False
         while not self._stop.wait(self._interval):
             try:
                 self.sweep()
-            except Exception:  # a store hiccup must not end the loop
+            except StoreUnavailable as exc:  # said once per outage, not every second
+                if not store_down:
+                    log.warning("resends wait for the result store", extra={"error": str(exc)})
+                store_down = True
+            except Exception:  # anything else must not end the loop either
                 log.exception("redelivery sweep failed")
+            else:
+                store_down = False
 
 
 def ride_message(ride_id: str, record: dict[str, Any]) -> bytes:

@@ -3,7 +3,8 @@
 python -m devstack demo       # start everything, train, serve, stream real rides, redeploy; leaves the stack up
 python -m devstack redeploy   # restart the function with the RUN_ID of the `production` alias
 python -m devstack rollback   # production <- previous in the stack's registry, then redeploy
-python -m devstack status     # what runs where
+python -m devstack status     # what runs where, and what is dead
+python -m devstack restart SERVICE   # stop (the whole process group) and start again: same port, same data
 python -m devstack down       # stop every process the stack started, by PID
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -28,15 +28,13 @@ from devstack.traffic import real_rides, stream, summarize
 console = Console(width=max(110, shutil.get_terminal_size((110, 24)).columns))
 
 
-def _redis_url() -> str:
-    """Redis for the backend replicas when one answers (the machine's, or REDIS_URL); else in-memory."""
-    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+def _start_redis(stack: Stack) -> str:
+    """The stack's own Redis (with AOF, so a restart keeps the results) for the backend replicas;
+    without redis-server on the machine, one replica keeps its results in memory."""
     try:
-        import redis
-
-        redis.Redis.from_url(url, socket_timeout=1).ping()
-        return url
-    except Exception:
+        return stack.start_redis()
+    except ServiceError as exc:
+        console.print(f"[yellow]{exc}: one backend replica, results in memory[/yellow]")
         return ""
 
 
@@ -88,7 +86,7 @@ def demo(args: argparse.Namespace) -> int:
         console.print(f"v{first['version']} -> {first['alias']}: {first['reason']}")
 
         production = _resolve_production(stack)
-        redis_url = _redis_url()
+        redis_url = _start_redis(stack)
         replicas = 2 if redis_url else 1
         with console.status(f"starting the function (RUN_ID {production.run_id}) and {replicas} backend replica(s)"):
             stack.start_function(production.run_id, production.version)
@@ -164,6 +162,13 @@ def rollback(args: argparse.Namespace) -> int:
     return redeploy(args)
 
 
+def restart(args: argparse.Namespace) -> int:
+    stack = Stack.load(args.stack_dir)
+    stack.restart(args.service)
+    console.print(f"{args.service} restarted (pid {stack.pids[args.service]}, {stack.urls[args.service]})")
+    return 0
+
+
 def down(args: argparse.Namespace) -> int:
     try:
         stack = Stack.load(args.stack_dir)
@@ -194,11 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     demo_cmd.add_argument("--no-prefect-server", action="store_true", help="run flows on an ephemeral Prefect server")
     sub.add_parser("redeploy")
     sub.add_parser("rollback")
+    restart_cmd = sub.add_parser(
+        "restart", help="restart one service: pubsub, storage, redis, mlflow, prefect, function, backend-N"
+    )
+    restart_cmd.add_argument("service")
     sub.add_parser("down")
     sub.add_parser("status")
     args = parser.parse_args(argv)
     try:
-        return {"demo": demo, "redeploy": redeploy, "rollback": rollback, "down": down, "status": status}[args.command](args)
+        return {"demo": demo, "redeploy": redeploy, "rollback": rollback, "restart": restart, "down": down, "status": status}[
+            args.command
+        ](args)
     except ServiceError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

@@ -30,6 +30,18 @@ class ServiceError(RuntimeError):
     pass
 
 
+def port_is_free(port: int) -> bool:
+    """Nothing listens on ``port`` (connections of a stopped server in TIME_WAIT do not count:
+    servers bind with SO_REUSEADDR, as this check does)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+            return True
+        except OSError:
+            return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -51,19 +63,56 @@ def answers_http(url: str) -> Callable[[], bool]:
     return check
 
 
+def answers_redis(url: str) -> Callable[[], bool]:
+    """Ready when the Redis at ``url`` answers PING (and has loaded its data)."""
+
+    def check() -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping())
+        except redis.exceptions.RedisError:
+            return False
+
+    return check
+
+
+def ready_check(ready: str | Callable[[], bool]) -> Callable[[], bool]:
+    """A readiness check from a URL (http:// answers, redis:// PINGs), or the check itself."""
+    if callable(ready):
+        return ready
+    return answers_redis(ready) if ready.startswith("redis://") else answers_http(ready)
+
+
 @dataclass
 class Service:
     name: str
     argv: list[str]
     port: int
     log_dir: Path
-    ready: Callable[[], bool]
+    # A URL (http:// or redis://) when the service must be restartable from its recorded spec.
+    ready: str | Callable[[], bool]
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
     process: subprocess.Popen | None = None
 
+    def spec(self) -> dict:
+        """What it takes to start this service again (see Stack.restart)."""
+        if callable(self.ready):
+            raise ServiceError(f"{self.name}: a service restarted from its spec needs a readiness URL")
+        return {
+            "name": self.name,
+            "argv": self.argv,
+            "port": self.port,
+            "ready": self.ready,
+            "env": self.env,
+            "cwd": str(self.cwd) if self.cwd else None,
+        }
+
     @property
     def url(self) -> str:
+        if isinstance(self.ready, str) and self.ready.startswith("redis://"):
+            return self.ready
         return f"http://{HOST}:{self.port}"
 
     @property
@@ -86,11 +135,12 @@ class Service:
                 cwd=self.cwd,
                 start_new_session=True,  # own process group: stop() reaches its children too
             )
+        check = ready_check(self.ready)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServiceError(f"{self.name} exited with {self.process.returncode} at start:\n{self.log_tail()}")
-            if self.ready():
+            if check():
                 return self
             time.sleep(0.2)
         self.stop()
@@ -103,8 +153,10 @@ class Service:
             return "(no log)"
 
     def stop(self, timeout: float = 5) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
+        # The whole group even when its leader is gone: a kill -9'd gunicorn master leaves its
+        # workers behind, still holding the port.
         stop_pid(self.process.pid, timeout)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=1)
@@ -172,7 +224,7 @@ def pubsub_emulator(log_dir: Path, port: int | None = None) -> Service:
         [*pubsub_emulator_command(), f"--host={HOST}", f"--port={port}"],
         port,
         log_dir,
-        answers_http(f"http://{HOST}:{port}/"),
+        f"http://{HOST}:{port}/",
     )
 
 
@@ -183,7 +235,7 @@ def storage_emulator(log_dir: Path, bucket: str, port: int | None = None, data_d
         argv.append("--in-memory")
     else:
         argv[1:1] = ["--data-dir", str(data_dir)]
-    return Service("storage-emulator", argv, port, log_dir, answers_http(f"http://{HOST}:{port}/storage/v1/b"))
+    return Service("storage-emulator", argv, port, log_dir, f"http://{HOST}:{port}/storage/v1/b")
 
 
 SERVING_FUNCTION = Path(__file__).resolve().parent.parent / "serving_function" / "main.py"
@@ -208,4 +260,15 @@ def function_server(
         f"--host={HOST}",
         f"--port={port}",
     ]
-    return Service(name, argv, port, log_dir, answers_http(f"http://{HOST}:{port}/"), env=env, cwd=source.parent)
+    return Service(name, argv, port, log_dir, f"http://{HOST}:{port}/", env=env, cwd=source.parent)
+
+
+def redis_server(log_dir: Path, data_dir: Path, port: int | None = None) -> Service:
+    """A Redis of the stack's own, with persistence (AOF) in ``data_dir``, as production runs it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ServiceError("redis-server is not installed (apt-get install redis-server)")
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [binary, "--bind", HOST, "--port", str(port), "--appendonly", "yes", "--save", "", "--dir", str(data_dir)]
+    return Service("redis", argv, port, log_dir, f"redis://{HOST}:{port}/0")

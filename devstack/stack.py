@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +20,11 @@ from devstack.processes import (
     VENV_BIN,
     Service,
     ServiceError,
-    answers_http,
     free_port,
     function_server,
+    port_is_free,
     pubsub_emulator,
+    redis_server,
     stop_pid,
     storage_emulator,
 )
@@ -48,6 +50,7 @@ class Stack:
     pids: dict[str, int] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     model: dict[str, str] = field(default_factory=dict)  # run_id and version the function serves
+    specs: dict[str, dict] = field(default_factory=dict)  # how to start each service again (restart)
 
     @property
     def log_dir(self) -> Path:
@@ -86,6 +89,7 @@ class Stack:
     # --- bookkeeping -------------------------------------------------------------------------
     def _started(self, key: str, service: Service) -> Service:
         self.services[key] = service
+        self.specs[key] = service.spec()
         self.pids[key] = service.pid
         self.ports[key] = service.port
         self.urls[key] = service.url
@@ -94,7 +98,7 @@ class Stack:
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        state = {"pids": self.pids, "ports": self.ports, "urls": self.urls, "model": self.model}
+        state = {"pids": self.pids, "ports": self.ports, "urls": self.urls, "model": self.model, "specs": self.specs}
         self.state_path.write_text(json.dumps(state, indent=2))
 
     @classmethod
@@ -103,7 +107,7 @@ class Stack:
         if not path.exists():
             raise ServiceError(f"no stack running from {stack_dir} (start one with `make demo`)")
         state = json.loads(path.read_text())
-        return cls(stack_dir, {}, state["urls"], state["pids"], state["ports"], state.get("model", {}))
+        return cls(stack_dir, {}, state["urls"], state["pids"], state["ports"], state.get("model", {}), state.get("specs", {}))
 
     def stop_all(self) -> list[str]:
         """Stop every process this stack started, newest first, by PID."""
@@ -131,17 +135,25 @@ class Stack:
     def storage_dir(self) -> Path:
         return self.dir / "storage"
 
-    def restart_storage(self) -> None:
-        """The storage emulator again, on the same port and the same data directory."""
-        port = self.ports["storage"]
-        self.stop("storage")
-        self._started("storage", storage_emulator(self.log_dir, BUCKET, port, data_dir=self.storage_dir).start())
+    def start_redis(self) -> str:
+        """A Redis of the stack's own with persistence (AOF under the stack folder); returns its URL."""
+        self._started("redis", redis_server(self.log_dir, self.dir / "redis").start())
+        return self.urls["redis"]
 
-    def restart_pubsub(self) -> None:
-        """A fresh emulator on the same port (it keeps no state, so the topology is recreated)."""
-        port = self.ports["pubsub"]
-        self.stop("pubsub")
-        self._started("pubsub", pubsub_emulator(self.log_dir, port).start())
+    def restart(self, key: str, timeout: float = 120) -> None:
+        """Stop a service (its whole process group, orphans included) and start it again as it was:
+        same command, same port, same data. Works on a dead service too."""
+        if key not in self.specs:
+            raise ServiceError(f"no service {key!r} in this stack; there are: {', '.join(self.specs)}")
+        spec = self.specs[key]
+        self.stop(key)
+        deadline = time.monotonic() + 30
+        while not port_is_free(spec["port"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        service = Service(**{**spec, "cwd": Path(spec["cwd"]) if spec["cwd"] else None}, log_dir=self.log_dir)
+        self._started(key, service.start(timeout=timeout))
+        if key in ("pubsub", "function"):  # the emulator keeps nothing; the push endpoint must be there
+            self.ensure_topology()
 
     def stop(self, key: str) -> None:
         service = self.services.pop(key, None)
@@ -183,14 +195,14 @@ class Stack:
             ARTIFACT_ROOT,
             "--no-serve-artifacts",
         ]
-        service = Service("mlflow", argv, port, self.log_dir, answers_http(f"http://{HOST}:{port}/health"), env=self.env())
+        service = Service("mlflow", argv, port, self.log_dir, f"http://{HOST}:{port}/health", env=self.env())
         self._started("mlflow", service.start(timeout=120))
 
     def start_prefect(self) -> None:
         port = free_port()
         env = {**self.env(), "PREFECT_HOME": str(self.dir / "prefect"), "PREFECT_API_URL": f"http://{HOST}:{port}/api"}
         argv = [str(VENV_BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
-        service = Service("prefect", argv, port, self.log_dir, answers_http(f"http://{HOST}:{port}/api/health"), env=env)
+        service = Service("prefect", argv, port, self.log_dir, f"http://{HOST}:{port}/api/health", env=env)
         self._started("prefect", service.start(timeout=180))
 
     def run_training_flow(self, *flow_args: str) -> dict:
@@ -234,10 +246,16 @@ class Stack:
         self.stop("function")
         self.start_function(run_id, version, port=port)
 
-    def start_backends(self, replicas: int = 1, redis_url: str = "") -> None:
+    def start_backends(self, replicas: int = 1, redis_url: str = "", settings: dict[str, str] | None = None) -> None:
+        """``settings``: backend environment variables (e.g. RESEND_AFTER_SECONDS), kept for restarts."""
         for index in range(replicas):
             port = free_port()
-            env = {**self.env(), "REDIS_URL": redis_url, "REDIS_PREFIX": f"ridestream-{self.ports['pubsub']}"}
+            env = {
+                **self.env(),
+                "REDIS_URL": redis_url,
+                "REDIS_PREFIX": f"ridestream-{self.ports['pubsub']}",
+                **(settings or {}),
+            }
             argv = [
                 str(VENV_BIN / "gunicorn"),
                 "--bind",
@@ -248,9 +266,7 @@ class Stack:
                 "60",
                 "backend.app:create_app()",
             ]
-            service = Service(
-                f"backend-{index}", argv, port, self.log_dir, answers_http(f"http://{HOST}:{port}/healthz"), env=env, cwd=REPO
-            )
+            service = Service(f"backend-{index}", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=REPO)
             self._started(f"backend-{index}", service.start(timeout=60))
 
     @property

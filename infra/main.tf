@@ -7,6 +7,8 @@ locals {
   }
   # Pub/Sub's own service agent moves undeliverable messages to the dead-letter topic.
   pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+  # The backend replicas' shared store: the Memorystore created here, or one given by URL.
+  redis_url = var.memorystore_size_gb > 0 ? "redis://${google_redis_instance.results[0].host}:${google_redis_instance.results[0].port}/0" : var.redis_url
 }
 
 data "google_project" "this" {}
@@ -240,6 +242,26 @@ resource "google_cloudfunctions2_function" "predict" {
   }
 }
 
+# --- the backend's shared result store ----------------------------------------------------------
+
+# Optional (memorystore_size_gb > 0). Pending rides and finished results live here, so it must keep
+# them: STANDARD_HA replicates to a standby that takes over on failure, and RDB snapshots (hourly,
+# Memorystore for Redis' persistence mode) bring the data back after a full restart.
+resource "google_redis_instance" "results" {
+  count              = var.memorystore_size_gb > 0 ? 1 : 0
+  name               = "${local.prefix}-results"
+  region             = var.region
+  tier               = "STANDARD_HA"
+  memory_size_gb     = var.memorystore_size_gb
+  redis_version      = "REDIS_7_2"
+  authorized_network = var.network
+
+  persistence_config {
+    persistence_mode    = "RDB"
+    rdb_snapshot_period = "ONE_HOUR"
+  }
+}
+
 # --- the backend on Cloud Run ------------------------------------------------------------------
 
 resource "google_cloud_run_v2_service" "backend" {
@@ -251,7 +273,18 @@ resource "google_cloud_run_v2_service" "backend" {
     service_account = google_service_account.backend.email
     scaling {
       min_instance_count = 1
-      max_instance_count = var.redis_url == "" ? 1 : 10
+      max_instance_count = local.redis_url == "" ? 1 : 10
+    }
+    # Memorystore has only a private address: reach it through the VPC (Direct VPC egress).
+    dynamic "vpc_access" {
+      for_each = local.redis_url == "" ? [] : [1]
+      content {
+        egress = "PRIVATE_RANGES_ONLY"
+        network_interfaces {
+          network    = var.network
+          subnetwork = var.subnetwork
+        }
+      }
     }
     containers {
       image = var.backend_image
@@ -276,7 +309,7 @@ resource "google_cloud_run_v2_service" "backend" {
       }
       env {
         name  = "REDIS_URL"
-        value = var.redis_url
+        value = local.redis_url
       }
       startup_probe {
         http_get {

@@ -32,7 +32,25 @@ variable "model_version" {
 }
 
 variable "redis_url" {
-  description = "Memorystore Redis URL shared by the backend replicas (empty: one replica, results in memory)"
+  description = "An existing Redis (with persistence) shared by the backend replicas; ignored when memorystore_size_gb > 0 (empty: one replica, results in memory)"
   type        = string
   default     = ""
+}
+
+variable "memorystore_size_gb" {
+  description = "Create a Memorystore Redis (STANDARD_HA, RDB snapshots) of this size for the backend replicas; 0: none"
+  type        = number
+  default     = 0
+}
+
+variable "network" {
+  description = "VPC network of the Memorystore instance and of the backend's Direct VPC egress"
+  type        = string
+  default     = "default"
+}
+
+variable "subnetwork" {
+  description = "Subnetwork the backend's Direct VPC egress uses (in var.region)"
+  type        = string
+  default     = "default"
 }

@@ -30,6 +30,23 @@ PREDICT_TIMEOUT_SECONDS = 30
 _LOG_LOCK = threading.Lock()
 
 
+def wait_awake(future: Future, budget_seconds: float, step: float = 0.5, clock: Callable[[], float] = time.monotonic) -> Any:
+    """``future.result()``, giving up after ``budget_seconds`` of this process being awake.
+
+    The clock runs on while the process is paused (SIGSTOP, a throttled instance), so a plain
+    timeout fails a request that was only frozen. A wait slice that took longer than asked was
+    a pause, and counts as one slice."""
+    spent = 0.0
+    while True:
+        started = clock()
+        try:
+            return future.result(timeout=min(step, budget_seconds - spent))
+        except TimeoutError:
+            spent += min(clock() - started, step)
+            if spent >= budget_seconds:
+                raise
+
+
 class PoisonMessage(ValueError):
     """A message no retry can fix: it goes to the dead-letter topic, with this reason."""
 
@@ -74,7 +91,7 @@ class MicroBatcher:
         self._ensure_worker()
         result: Future = Future()
         self._queue.put((ride, result))
-        return result.result(timeout=PREDICT_TIMEOUT_SECONDS)
+        return wait_awake(result, PREDICT_TIMEOUT_SECONDS)
 
     def _ensure_worker(self) -> None:
         # Started on first use, in the process that serves (gunicorn forks after import).

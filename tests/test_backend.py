@@ -184,7 +184,8 @@ class DownStore(InMemoryResultStore):
 
 def test_store_outage_answers_503_with_retry_after_never_500_and_publishes_nothing():
     publisher = RecordingPublisher()
-    client = create_app(settings(), publisher=publisher, store=DownStore(), listener=IdleListener()).test_client()
+    app = create_app(settings(), publisher=publisher, store=DownStore(), listener=IdleListener())
+    client = app.test_client()
     posted = client.post("/predict?wait=1", json=RIDE)
     assert posted.status_code == 503 and posted.headers["Retry-After"] == "1"
     assert "store is unavailable" in posted.get_json()["error"] and posted.get_json()["ride_id"]
@@ -192,6 +193,16 @@ def test_store_outage_answers_503_with_retry_after_never_500_and_publishes_nothi
     assert fetched.status_code == 503 and fetched.headers["Retry-After"] == "1"
     assert publisher.sent == []  # a ride that is not recorded is never published
     assert client.get("/readyz").status_code == 503
+    app.extensions["ridestream"]["redelivery"].stop()
+
+
+def test_a_ride_answered_on_the_stream_but_never_posted_does_not_block_its_post(backend):
+    client, publisher, store = backend
+    # A sender published straight to the ride topic; its result arrives for a ride nobody POSTed.
+    assert store.complete("direct-1", {"ride_id": "direct-1", "duration_final": 3.0, "model_run_id": "r"}) == "unknown"
+    response = client.post("/predict", json={**RIDE, "ride_id": "direct-1"})
+    assert response.status_code == 202 and response.get_json()["status"] == "pending"
+    assert [attrs["ride_id"] for _, attrs in publisher.sent] == ["direct-1"]
 
 
 def test_a_result_for_no_pending_ride_is_refused_not_made_into_a_ride():

@@ -87,8 +87,7 @@ def test_pubsub_outage_mid_stream_is_reported_and_loses_no_ride(live):
     assert during.status_code == 503 and "retry" in during.json()["error"]
     time.sleep(3)
 
-    stack.restart_pubsub()
-    stack.ensure_topology()  # the emulator keeps nothing: topics and subscriptions are created again
+    stack.restart("pubsub")  # the emulator keeps nothing: restart() creates the topics and subscriptions again
     for _ in range(60):
         if requests.get(f"{backend}/readyz", timeout=30).status_code == 200:
             break
@@ -104,10 +103,29 @@ def test_pubsub_outage_mid_stream_is_reported_and_loses_no_ride(live):
 
 def test_the_bucket_keeps_the_models_across_a_storage_emulator_restart(live):
     stack, _, first = live
-    stack.restart_storage()
+    stack.restart("storage")
     # A new instance's cold start reads the model from the restarted bucket.
     stack.redeploy_function(first.run_id, first.version)
     summary = summarize(stream(stack.backend_urls, real_rides(20, seed=9)))
+    assert summary["lost"] == 0 and summary["model_versions"] == [first.version]
+
+
+def test_redeploy_starts_a_dead_function_again_even_when_the_model_is_unchanged(live, monkeypatch):
+    import argparse
+    import os
+    import signal
+
+    from devstack.__main__ import redeploy
+
+    stack, settings, first = live
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
+    os.killpg(stack.pids["function"], signal.SIGKILL)
+    assert redeploy(argparse.Namespace(stack_dir=stack.dir)) == 0  # what `make redeploy` runs
+    # That command is another process's view of the stack: take over what it started.
+    restarted = Stack.load(stack.dir)
+    stack.services.pop("function", None)
+    stack.pids["function"], stack.model = restarted.pids["function"], restarted.model
+    summary = summarize(stream(stack.backend_urls, real_rides(10, seed=11)))
     assert summary["lost"] == 0 and summary["model_versions"] == [first.version]
 
 

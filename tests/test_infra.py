@@ -111,3 +111,14 @@ def test_each_identity_gets_exactly_what_it_uses(resources):
         ("roles/pubsub.viewer", "google_pubsub_subscription.backend_results"),
     }
     assert by_member["pusher"] == {("roles/run.invoker", "google_cloudfunctions2_function.predict")}
+
+
+def test_the_shared_result_store_keeps_its_data_and_the_backend_can_reach_it(resources):
+    redis = resources["google_redis_instance"]["results"]
+    assert redis["tier"] == "STANDARD_HA"  # a standby takes over on failure, with the data
+    assert redis["persistence_config"][0] == {"persistence_mode": "RDB", "rdb_snapshot_period": "ONE_HOUR"}
+    template = resources["google_cloud_run_v2_service"]["backend"]["template"][0]
+    [vpc] = [d["vpc_access"] for d in template["dynamic"] if "vpc_access" in d]
+    assert vpc["content"][0]["egress"] == "PRIVATE_RANGES_ONLY"
+    env = {e["name"]: e["value"] for e in template["containers"][0]["env"]}
+    assert "local.redis_url" in env["REDIS_URL"]

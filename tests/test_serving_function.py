@@ -253,3 +253,19 @@ def test_log_lines_stay_whole_under_concurrency(monkeypatch):
         w.join()
     lines = out.getvalue().splitlines()
     assert len(lines) == 1600 and all(json.loads(line)["message"] == "prediction" for line in lines)
+
+
+def test_a_paused_process_does_not_use_up_the_predict_timeout():
+    import itertools
+    import threading
+    from concurrent.futures import Future
+
+    # Every wait slice appears to take 40 s of clock time, as when the process is paused meanwhile.
+    paused_clock = itertools.count(0, 40).__next__
+    answer: Future = Future()
+    threading.Timer(0.3, answer.set_result, args=[12.5]).start()
+    assert prediction.wait_awake(answer, budget_seconds=30, step=0.05, clock=paused_clock) == 12.5
+
+    never: Future = Future()
+    with pytest.raises(TimeoutError):  # awake time still runs out
+        prediction.wait_awake(never, budget_seconds=0.2, step=0.05)

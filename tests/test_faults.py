@@ -1,0 +1,48 @@
+"""Faults on the real stack: no ride lost, no wrong answer, no 500, recovery within a bound.
+
+Every scenario runs against a stack of the test's own (its Redis too, never the machine's):
+see devstack/faults.py. benchmarks/fault_bench.py prints the same scenarios as a table.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from devstack.faults import RECOVERY_BOUND_SECONDS, SCENARIOS, FaultStack, run_scenario
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    # The fault stack makes this process its client (emulator addresses in the environment);
+    # the tests after these must find the environment as it was.
+    environment = os.environ.copy()
+    stack = FaultStack(tmp_path_factory.mktemp("faults") / "stack")
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_no_ride_is_lost_or_wrong_and_no_client_sees_a_500(faults, scenario):
+    outcome = run_scenario(faults, scenario)
+    print(outcome.row())
+    assert outcome.lost == 0, outcome
+    assert outcome.wrong == 0, outcome
+    assert outcome.server_errors == 0 and outcome.missing_retry_after == 0, outcome
+    assert outcome.done + outcome.failed == outcome.sent
+    assert outcome.recovery_seconds < RECOVERY_BOUND_SECONDS, outcome
+    if scenario == "reuse":
+        assert faults.reuse_statuses == [409] * 6  # the API refuses another ride under a used ride_id
+    if scenario == "storage-restart":
+        # The instance that could not start said where it looked, in the model store's words.
+        assert "ModelStoreUnavailable: cannot read the model at gs://ridestream-models/mlflow" in faults.storage_outage_error
+        assert outcome.failed == 0  # the rides waited out the outage and were answered
+    if scenario == "redis-restart":
+        assert outcome.retried_503 > 0  # the outage was seen, as 503s the clients retried
