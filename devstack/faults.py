@@ -207,23 +207,21 @@ class FaultStack:
 # --- the scenarios: each breaks something a little after the rides start, repairs it, returns when --
 
 
-def kill_backend_replica(fs: FaultStack) -> float:
-    """A replica's whole process group dies (kill -9, like a lost instance); it comes back 5 s later."""
-    time.sleep(1.5)
-    os.killpg(fs.stack.pids["backend-0"], signal.SIGKILL)
-    time.sleep(5)
-    fs.stack.restart("backend-0")
-    return time.monotonic()
+def backend_replica_down(sig: signal.Signals) -> Callable[[FaultStack], float]:
+    """A replica goes down and comes back 5 s later.
 
+    SIGKILL to its whole process group: it dies as a lost instance does, holding what it held.
+    SIGTERM: it is stopped as Cloud Run scales in or deploys; it stops pulling and nacks the
+    results it holds, so the other replica stores them at once."""
 
-def stop_backend_replica(fs: FaultStack) -> float:
-    """A replica is stopped as Cloud Run scales in or deploys: SIGTERM, then it comes back 5 s later.
-    It stops pulling and nacks the results it holds, so the other replica stores them at once."""
-    time.sleep(1.5)
-    os.killpg(fs.stack.pids["backend-0"], signal.SIGTERM)
-    time.sleep(5)
-    fs.stack.restart("backend-0")
-    return time.monotonic()
+    def fault(fs: FaultStack) -> float:
+        time.sleep(1.5)
+        os.killpg(fs.stack.pids["backend-0"], sig)
+        time.sleep(5)
+        fs.stack.restart("backend-0")
+        return time.monotonic()
+
+    return fault
 
 
 def restart_redis(fs: FaultStack) -> float:
@@ -289,8 +287,8 @@ def duplicate_messages(fs: FaultStack) -> float:
 
 SCENARIOS: dict[str, tuple[Callable[[FaultStack], float], int, int]] = {
     # name: (fault, rides, seed)
-    "backend-replica-kill": (kill_backend_replica, 120, 1),
-    "backend-replica-sigterm": (stop_backend_replica, 120, 6),
+    "backend-replica-kill": (backend_replica_down(signal.SIGKILL), 120, 1),
+    "backend-replica-sigterm": (backend_replica_down(signal.SIGTERM), 120, 6),
     "redis-restart": (restart_redis, 120, 2),
     "storage-restart": (restart_storage, 60, 3),
     "function-kill-and-pause": (kill_and_pause_function, 120, 4),
