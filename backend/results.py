@@ -68,6 +68,11 @@ def _completion(record: dict[str, Any] | None, result: dict[str, Any], status: s
     return None
 
 
+def _settle(record: dict[str, Any], result: dict[str, Any], status: str) -> dict[str, Any]:
+    """The ride's record with its result (the record keeps its own fingerprint, checked above)."""
+    return {**record, **{k: v for k, v in result.items() if k != "ride_fingerprint"}, "status": status}
+
+
 def _settled(record: dict[str, Any] | None) -> bool:
     return record is not None and record.get("status") != "pending"
 
@@ -112,7 +117,7 @@ class InMemoryResultStore:
             refused = _completion(record, result, status)
             if refused is not None:
                 return refused
-            self._rides[ride_id] = (created, {**record, **result, "status": status})
+            self._rides[ride_id] = (created, _settle(record, result, status))
             self._forget(ride_id)
             self._changed.notify_all()
             return Completion.STORED
@@ -219,7 +224,7 @@ class RedisResultStore:
                 outcome.append(refused)
                 return
             pipe.multi()
-            pipe.set(key, json.dumps({**record, **result, "status": status}), keepttl=True)
+            pipe.set(key, json.dumps(_settle(record, result, status)), keepttl=True)
             pipe.zrem(self._pending, ride_id).hdel(self._sends, ride_id)
             pipe.publish(self._channel(ride_id), status)
             outcome.append(Completion.STORED)

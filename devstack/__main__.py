@@ -108,9 +108,7 @@ def demo(args: argparse.Namespace) -> int:
             from training import registry
 
             registry.promote(second["version"])
-            console.print(
-                f"promoted v{second['version']} by hand (as in the MLflow UI): `make promote VERSION={second['version']}`"
-            )
+            console.print(f"promoted v{second['version']} by hand, as an operator does in the MLflow UI (alias production)")
         production = _resolve_production(stack)
         with console.status(f"redeploying the function with RUN_ID {production.run_id}"):
             stack.redeploy_function(production.run_id, production.version)
