@@ -13,12 +13,15 @@ see prefect.yaml.
 from __future__ import annotations
 
 from prefect import serve
+from prefect.schedules import Cron
 
 from flows.monitoring_flow import monitoring_flow
 from flows.scoring_flow import scoring_flow
 from flows.settings import MonitoringSettings
 from flows.training_flow import training_flow
 
+# Every schedule in one explicit time zone, here and in prefect.yaml: the taxis' own.
+TIMEZONE = "America/New_York"
 # TLC publishes a month about two months later; retrain early each month.
 MONTHLY_TRAINING = "0 6 3 * *"
 MONTHLY_SCORING = "0 8 3 * *"
@@ -27,14 +30,18 @@ DAILY_MONITORING = "0 7 * * *"
 
 def deployments() -> list:
     deployments = [
-        training_flow.to_deployment(name="monthly-training", cron=MONTHLY_TRAINING, parameters={"latest": True}),
-        scoring_flow.to_deployment(name="monthly-scoring", cron=MONTHLY_SCORING),
+        training_flow.to_deployment(
+            name="monthly-training", schedule=Cron(MONTHLY_TRAINING, timezone=TIMEZONE), parameters={"latest": True}
+        ),
+        scoring_flow.to_deployment(name="monthly-scoring", schedule=Cron(MONTHLY_SCORING, timezone=TIMEZONE)),
     ]
     prediction_logs = MonitoringSettings.from_env().prediction_logs
     if prediction_logs:  # the bucket the Cloud Logging sink of infra/ writes to
         deployments.append(
             monitoring_flow.to_deployment(
-                name="daily-monitoring", cron=DAILY_MONITORING, parameters={"predictions": prediction_logs}
+                name="daily-monitoring",
+                schedule=Cron(DAILY_MONITORING, timezone=TIMEZONE),
+                parameters={"predictions": prediction_logs},
             )
         )
     return deployments

@@ -8,6 +8,14 @@ locals {
   # Pub/Sub's own service agent moves undeliverable messages to the dead-letter topic.
   pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
   # The backend replicas' shared store: the Memorystore created here, or one given by URL.
+  # Cloud Run log entries name their service by its short name; the function reports the full path
+  # (projects/P/locations/R/services/NAME).
+  function_service_name = element(reverse(split("/", google_cloudfunctions2_function.predict.service_config[0].service)), 0)
+  # Every API the resources below use: a fresh project has them off, and the first apply would fail.
+  apis = toset(concat(
+    ["cloudfunctions", "run", "cloudbuild", "artifactregistry", "eventarc", "pubsub", "storage", "logging", "iam", "compute"],
+    var.memorystore_size_gb > 0 ? ["redis"] : [],
+  ))
   redis_url = var.memorystore_size_gb > 0 ? "redis://${google_redis_instance.results[0].host}:${google_redis_instance.results[0].port}/0" : var.redis_url
 }
 
@@ -203,11 +211,12 @@ resource "google_storage_bucket_object" "function_source" {
 }
 
 resource "google_cloudfunctions2_function" "predict" {
-  name     = "${local.prefix}-predict-duration"
-  location = var.region
+  name       = "${local.prefix}-predict-duration"
+  location   = var.region
+  depends_on = [google_project_service.apis]
 
   build_config {
-    runtime     = "python312"
+    runtime     = "python311"
     entry_point = "predict_duration_cloudevent"
     source {
       storage_source {
@@ -228,6 +237,7 @@ resource "google_cloudfunctions2_function" "predict" {
     environment_variables = {
       PROJECT_ID                = var.project_id
       RUN_ID                    = var.run_id
+      MODEL_URI                 = var.model_uri
       MODEL_VERSION             = var.model_version
       MODEL_BUCKET              = google_storage_bucket.models.name
       BACKEND_PULL_STREAM       = google_pubsub_topic.pull.name
@@ -237,8 +247,13 @@ resource "google_cloudfunctions2_function" "predict" {
   }
 
   lifecycle {
-    # The model served is chosen in the MLflow registry and set by `operations.deploy redeploy`.
-    ignore_changes = [service_config[0].environment_variables["RUN_ID"], service_config[0].environment_variables["MODEL_VERSION"]]
+    # The model served is chosen in the MLflow registry and set by `operations.deploy redeploy`,
+    # which owns these three variables after the first apply: Terraform never resets them.
+    ignore_changes = [
+      service_config[0].environment_variables["RUN_ID"],
+      service_config[0].environment_variables["MODEL_URI"],
+      service_config[0].environment_variables["MODEL_VERSION"],
+    ]
   }
 }
 
@@ -265,9 +280,11 @@ resource "google_redis_instance" "results" {
 # --- the backend on Cloud Run ------------------------------------------------------------------
 
 resource "google_cloud_run_v2_service" "backend" {
-  name     = "${local.prefix}-backend"
-  location = var.region
-  ingress  = "INGRESS_TRAFFIC_ALL"
+  name                = "${local.prefix}-backend"
+  location            = var.region
+  ingress             = "INGRESS_TRAFFIC_ALL"
+  deletion_protection = var.deletion_protection
+  depends_on          = [google_project_service.apis]
 
   template {
     service_account = google_service_account.backend.email
@@ -325,12 +342,30 @@ resource "google_cloud_run_v2_service" "backend" {
   }
 }
 
+# Riders call the backend: anyone by default (a public API), or only the members given.
+resource "google_cloud_run_v2_service_iam_member" "riders_invoke_backend" {
+  for_each = toset(var.backend_invokers)
+  name     = google_cloud_run_v2_service.backend.name
+  location = google_cloud_run_v2_service.backend.location
+  role     = "roles/run.invoker"
+  member   = each.value
+}
+
+# --- the project's APIs -------------------------------------------------------------------------
+
+resource "google_project_service" "apis" {
+  for_each = local.apis
+  service  = "${each.value}.googleapis.com"
+  # Turning an API off on destroy would break whatever else in the project uses it.
+  disable_on_destroy = false
+}
+
 # --- monitoring: every prediction the function logs, exported to the bucket as JSON ---------
 
 resource "google_logging_project_sink" "predictions" {
   name                   = "${local.prefix}-predictions"
   destination            = "storage.googleapis.com/${google_storage_bucket.prediction_logs.name}"
-  filter                 = "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=\"${google_cloudfunctions2_function.predict.service_config[0].service}\" AND jsonPayload.message=\"prediction\""
+  filter                 = "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=\"${local.function_service_name}\" AND jsonPayload.message=\"prediction\""
   unique_writer_identity = true
 }
 

@@ -25,6 +25,12 @@ variable "run_id" {
   type        = string
 }
 
+variable "model_uri" {
+  description = "Artifact folder of run_id's model (python -m training.registry resolve --field artifact_uri): a cold start reads only it; empty: the function searches the bucket"
+  type        = string
+  default     = ""
+}
+
 variable "model_version" {
   description = "Registry version of run_id, for the record in every result"
   type        = string
@@ -53,4 +59,16 @@ variable "subnetwork" {
   description = "Subnetwork the backend's Direct VPC egress uses (in var.region)"
   type        = string
   default     = "default"
+}
+
+variable "backend_invokers" {
+  description = "Who may call the backend: [\"allUsers\"] for a public rider API (default), or members such as [\"serviceAccount:app@PROJECT.iam.gserviceaccount.com\"]"
+  type        = list(string)
+  default     = ["allUsers"]
+}
+
+variable "deletion_protection" {
+  description = "Refuse to destroy the backend service (set false to tear an environment down)"
+  type        = bool
+  default     = true
 }

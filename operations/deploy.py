@@ -1,16 +1,17 @@
 """Deploy the serving function to Cloud Functions (2nd gen), point it at a new model, or roll it back.
 
-    python -m operations.deploy deploy     # first deployment, RUN_ID of the `production` alias
-    python -m operations.deploy redeploy   # after promoting in the MLflow UI: only RUN_ID/MODEL_VERSION change
+    python -m operations.deploy deploy     # first deployment, the model of the `production` alias
+    python -m operations.deploy redeploy   # after promoting in the MLflow UI: only the model identity changes
     python -m operations.deploy rollback   # production <- previous in the registry, then redeploy
-    ... --dry-run                          # print the gcloud command (rollback: and change no alias)
+    ... --dry-run                          # print the gcloud commands (rollback: and change no alias)
 
-The function runs as its own service account (no key files: the runtime's
-identity reads the bucket and publishes). Settings come from the environment:
-GCP_PROJECT, GCP_REGION, FUNCTION_NAME, FUNCTION_SERVICE_ACCOUNT, MODEL_BUCKET,
-BACKEND_PUSH_STREAM, BACKEND_PULL_STREAM, BACKEND_DEADLETTER_STREAM, plus
-MLFLOW_TRACKING_URI to resolve the alias. This is the control plane: it runs on an
-operator's machine or in CI, never inside the function.
+The function runs as its own service account, and its Pub/Sub trigger invokes it as
+another one that may invoke this function only (no key files anywhere). Settings come
+from the environment: GCP_PROJECT, GCP_REGION, FUNCTION_NAME, FUNCTION_SERVICE_ACCOUNT,
+FUNCTION_TRIGGER_SERVICE_ACCOUNT, FUNCTION_BUILD_SERVICE_ACCOUNT (optional),
+FUNCTION_MAX_INSTANCES, MODEL_BUCKET, BACKEND_PUSH_STREAM, BACKEND_PULL_STREAM,
+BACKEND_DEADLETTER_STREAM, plus MLFLOW_TRACKING_URI to resolve the alias. This is the
+control plane: it runs on an operator's machine or in CI, never inside the function.
 """
 
 from __future__ import annotations
@@ -23,12 +24,19 @@ import sys
 from pathlib import Path
 
 from training import registry
-from training.registry import PRODUCTION, resolve
+from training.registry import PRODUCTION, ResolvedModel, resolve
 
 # What gcloud uploads: the function's folder, as it is (see its .gcloudignore).
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "serving_function"
 ENTRY_POINT = "predict_duration_cloudevent"
-RUNTIME = "python312"
+# One Python for training, the function and the backend image (tests/test_repository.py checks).
+PYTHON_VERSION = "3.11"
+RUNTIME = "python" + PYTHON_VERSION.replace(".", "")
+# Concurrent requests per instance are predicted in one batch (the micro-batcher), so an
+# instance takes many at once; one CPU, as Terraform sets it.
+CONCURRENCY = 16
+CPU = "1"
+MEMORY = "1Gi"
 
 
 def _env(name: str, default: str | None = None) -> str:
@@ -38,48 +46,66 @@ def _env(name: str, default: str | None = None) -> str:
     return value
 
 
-def _base_command() -> list[str]:
+def _function() -> list[str]:
     return [
-        "gcloud",
-        "functions",
-        "deploy",
         _env("FUNCTION_NAME", "predict-duration"),
-        "--gen2",
         f"--project={_env('GCP_PROJECT')}",
         f"--region={_env('GCP_REGION', 'europe-west1')}",
-        f"--source={SOURCE_DIR}",
-        f"--entry-point={ENTRY_POINT}",
     ]
 
 
-def deploy_command(alias: str = PRODUCTION) -> list[str]:
+def _base_command() -> list[str]:
+    return ["gcloud", "functions", "deploy", *_function(), "--gen2", f"--source={SOURCE_DIR}", f"--entry-point={ENTRY_POINT}"]
+
+
+def _model_env(model: ResolvedModel) -> dict[str, str]:
+    """What redeploy owns: the model's identity. MODEL_URI makes a cold start read exactly one folder."""
+    return {"RUN_ID": model.run_id, "MODEL_URI": model.artifact_uri, "MODEL_VERSION": model.version}
+
+
+def deploy_commands(alias: str = PRODUCTION) -> list[list[str]]:
+    """The deployment, then the trigger identity's right to invoke this function (and nothing else)."""
     model = resolve(alias)
+    trigger_account = _env("FUNCTION_TRIGGER_SERVICE_ACCOUNT")
     env_vars = {
         "PROJECT_ID": _env("GCP_PROJECT"),
-        "RUN_ID": model.run_id,
-        "MODEL_VERSION": model.version,
+        **_model_env(model),
         "MODEL_BUCKET": _env("MODEL_BUCKET"),
         "BACKEND_PULL_STREAM": _env("BACKEND_PULL_STREAM", "backend-pull-stream"),
         "BACKEND_DEADLETTER_STREAM": _env("BACKEND_DEADLETTER_STREAM", "backend-deadletter-stream"),
         # Concurrency comes from requests (micro-batched), not from OpenMP threads per prediction.
         "OMP_NUM_THREADS": "1",
     }
-    return [
+    deploy = [
         *_base_command(),
         f"--runtime={RUNTIME}",
         f"--trigger-topic={_env('BACKEND_PUSH_STREAM', 'backend-push-stream')}",
         f"--service-account={_env('FUNCTION_SERVICE_ACCOUNT')}",
+        f"--trigger-service-account={trigger_account}",
         # The model (~2 MB) and sklearn load in a few seconds; 1 GiB leaves room for pandas.
-        "--memory=1Gi",
+        f"--memory={MEMORY}",
+        f"--cpu={CPU}",
+        f"--concurrency={CONCURRENCY}",
+        f"--max-instances={_env('FUNCTION_MAX_INSTANCES', '10')}",
         "--retry",  # failed deliveries (publish errors) are retried; poison messages are dead-lettered by the code
         "--set-env-vars=" + ",".join(f"{k}={v}" for k, v in env_vars.items()),
     ]
+    if os.environ.get("FUNCTION_BUILD_SERVICE_ACCOUNT"):
+        deploy.append(f"--build-service-account={os.environ['FUNCTION_BUILD_SERVICE_ACCOUNT']}")
+    invoker = [
+        "gcloud",
+        "functions",
+        "add-invoker-policy-binding",
+        *_function(),
+        f"--member=serviceAccount:{trigger_account}",
+    ]
+    return [deploy, invoker]
 
 
 def redeploy_command(alias: str = PRODUCTION) -> list[str]:
     """Same function and source, only the model identity changes."""
-    model = resolve(alias)
-    return [*_base_command(), f"--update-env-vars=RUN_ID={model.run_id},MODEL_VERSION={model.version}"]
+    model_env = _model_env(resolve(alias))
+    return [*_base_command(), "--update-env-vars=" + ",".join(f"{k}={v}" for k, v in model_env.items())]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         except (LookupError, MlflowException) as exc:
             print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
             return 2
-    command = deploy_command(alias) if args.action == "deploy" else redeploy_command(alias)
-    print(shlex.join(command))
-    if args.dry_run:
-        return 0
-    return subprocess.call(command)
+    commands = deploy_commands(alias) if args.action == "deploy" else [redeploy_command(alias)]
+    for command in commands:
+        print(shlex.join(command))
+        if not args.dry_run and (code := subprocess.call(command)) != 0:
+            return code
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from types import ModuleType
 from typing import Any
 
 _MLMODEL_IN_BUCKET = re.compile(r"(^|/)models/m-[0-9a-f]+/artifacts/MLmodel$")
-_MLMODEL_FIELD = re.compile(r"^(run_id|model_id|serialization_format|pickled_model):\s*(\S+)\s*$", re.MULTILINE)
 
 
 # What the function uses of the model's ride contract: the schema, the features, the result message.
@@ -51,8 +50,17 @@ class LoadedModel:
     uri: str
 
 
-def _mlmodel_fields(text: str) -> dict[str, str]:
-    return {key: value for key, value in _MLMODEL_FIELD.findall(text)}
+def _mlmodel(text: str, uri: str) -> dict[str, Any]:
+    """The MLmodel file, parsed as the YAML it is (the sklearn flavor's fields are nested)."""
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ModelNotFound(f"the MLmodel file at {uri} is not valid YAML: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise ModelNotFound(f"the MLmodel file at {uri} is not an MLflow model description")
+    return parsed
 
 
 def _storage_client():
@@ -93,12 +101,13 @@ def find_model_uri(bucket: str, run_id: str, prefix: str = "") -> str:
     client = _storage_client()
     searched = f"gs://{bucket}/{prefix}".rstrip("/")
     found = []
+    # A folder, not a string prefix: "mlflow/1" must not reach into "mlflow/10".
+    folder = f"{prefix.strip('/')}/" if prefix.strip("/") else None
     with _reading(f"{searched} (RUN_ID {run_id})"):
-        for blob in client.list_blobs(bucket, prefix=prefix or None, match_glob="**/models/m-*/artifacts/MLmodel", **_bounded()):
-            if (
-                _MLMODEL_IN_BUCKET.search(blob.name)
-                and _mlmodel_fields(blob.download_as_text(**_bounded())).get("run_id") == run_id
-            ):
+        for blob in client.list_blobs(bucket, prefix=folder, match_glob="**/models/m-*/artifacts/MLmodel", **_bounded()):
+            if not _MLMODEL_IN_BUCKET.search(blob.name):
+                continue
+            if _mlmodel(blob.download_as_text(**_bounded()), f"gs://{bucket}/{blob.name}").get("run_id") == run_id:
                 found.append(blob.name.rpartition("/")[0])
     if not found:
         raise ModelNotFound(f"no model logged by run {run_id} under {searched}/**/models/m-*/artifacts")
@@ -130,7 +139,11 @@ def load_model(uri: str, cache_dir: Path | None = None) -> LoadedModel:
     mlmodel = local / "MLmodel"
     if not mlmodel.is_file():
         raise ModelNotFound(f"no MLmodel file at {uri}")
-    fields = _mlmodel_fields(mlmodel.read_text())
+    description = _mlmodel(mlmodel.read_text(), uri)
+    sklearn_flavor = (description.get("flavors") or {}).get("sklearn")
+    if not isinstance(sklearn_flavor, dict):
+        flavors = ", ".join(description.get("flavors") or {}) or "none"
+        raise ModelNotFound(f"the model at {uri} is not an sklearn model (flavors: {flavors})")
 
     code_dir = local / "code"
     if not (code_dir / "ride_contract").is_dir():
@@ -144,8 +157,28 @@ def load_model(uri: str, cache_dir: Path | None = None) -> LoadedModel:
     for module in CONTRACT_MODULES:
         importlib.import_module(f"ride_contract.{module}")
 
-    import cloudpickle  # reads both pickle and cloudpickle files
+    model = _unpickle(local / sklearn_flavor.get("pickled_model", "model.pkl"), sklearn_flavor, uri)
+    return LoadedModel(model, contract, str(description.get("run_id", "")), str(description.get("model_id", "")), uri)
 
-    with open(local / fields.get("pickled_model", "model.pkl"), "rb") as f:
-        model = cloudpickle.load(f)
-    return LoadedModel(model, contract, fields.get("run_id", ""), fields.get("model_id", ""), uri)
+
+def _unpickle(path: Path, flavor: dict[str, Any], uri: str) -> Any:
+    """The fitted model, read in the format the sklearn flavor names."""
+    serialization = flavor.get("serialization_format", "cloudpickle")
+    if not path.is_file():
+        raise ModelNotFound(f"the model at {uri} names {path.name} as its pickled model, but there is no such file")
+    if serialization == "cloudpickle":
+        import cloudpickle
+
+        with open(path, "rb") as f:
+            return cloudpickle.load(f)
+    if serialization == "pickle":
+        import pickle
+
+        with open(path, "rb") as f:
+            return pickle.load(f)  # noqa: S301 - our own registry's model, selected by RUN_ID
+    if serialization == "skops":
+        raise ModelNotFound(
+            f"the model at {uri} is serialized with skops, which this function does not install; "
+            "log models with serialization_format cloudpickle (training/train.py does)"
+        )
+    raise ModelNotFound(f"the model at {uri} has an unknown serialization_format {serialization!r}")

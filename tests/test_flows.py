@@ -128,4 +128,25 @@ def test_schedules_train_and_score_monthly_and_monitor_daily_when_logs_are_confi
     planned = {d.name: d for d in deployments()}
     assert planned["monthly-training"].parameters == {"latest": True}
     assert planned["monthly-training"].schedules[0].schedule.cron == "0 6 3 * *"
+    assert {d.schedules[0].schedule.timezone for d in planned.values()} == {"America/New_York"}
     assert planned["daily-monitoring"].parameters == {"predictions": "gs://bucket/prediction-logs"}
+
+
+def test_prefect_yaml_matches_the_lock_the_schedules_and_uses_worker_pools():
+    import re
+
+    import yaml
+    from conftest import REPO
+
+    from flows.serve import MONTHLY_SCORING, MONTHLY_TRAINING, TIMEZONE
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    [locked] = re.findall(r"^prefect==(\S+)$", (REPO / "requirements.lock").read_text(), re.M)
+    assert spec["prefect-version"] == locked
+    schedules = {d["name"]: d["schedules"][0] for d in spec["deployments"]}
+    assert schedules == {
+        "monthly-training": {"cron": MONTHLY_TRAINING, "timezone": TIMEZONE},
+        "monthly-scoring": {"cron": MONTHLY_SCORING, "timezone": TIMEZONE},
+    }
+    text = (REPO / "prefect.yaml").read_text()
+    assert "--type cloud-run:push" not in text  # push pools need Prefect Cloud; this project runs its own server

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 
 import pytest
 import requests
@@ -135,3 +136,19 @@ def test_wrong_run_id_fails_the_cold_start_naming_where_it_looked(stack_factory,
     stack = stack_factory("event", run_id="0" * 32)
     with pytest.raises(ServiceError, match=rf"no model logged by run {'0' * 32} under gs://{emulators.bucket}"):
         stack.function.start(timeout=120)
+
+
+def test_model_prefix_is_a_folder_not_a_string_prefix(emulators):
+    from google.cloud import storage
+
+    from serving_function.model_store import ModelNotFound
+
+    bucket = storage.Client().bucket(emulators.bucket)
+    run_id = uuid.uuid4().hex
+    bucket.blob("prefix-test/10/models/m-0a1b/artifacts/MLmodel").upload_from_string(
+        f"run_id: {run_id}\nflavors:\n  sklearn:\n    pickled_model: model.pkl\n"
+    )
+    found = find_model_uri(emulators.bucket, run_id, "prefix-test/10")
+    assert found == f"gs://{emulators.bucket}/prefix-test/10/models/m-0a1b/artifacts"
+    with pytest.raises(ModelNotFound, match="no model logged by run"):
+        find_model_uri(emulators.bucket, run_id, "prefix-test/1")  # experiment 1 is not experiment 10

@@ -48,7 +48,7 @@ def test_the_system_is_all_there(resources):
     assert {"models", "prediction_logs"} <= set(resources["google_storage_bucket"])
     assert set(resources["google_service_account"]) == {"function", "backend", "pusher"}
     function = resources["google_cloudfunctions2_function"]["predict"]
-    assert function["build_config"][0]["runtime"] == "python312"
+    assert function["build_config"][0]["runtime"] == "python311"
     assert function["build_config"][0]["entry_point"] == "predict_duration_cloudevent"
     assert "google_service_account.function.email" in function["service_config"][0]["service_account_email"]
     backend = resources["google_cloud_run_v2_service"]["backend"]
@@ -111,6 +111,85 @@ def test_each_identity_gets_exactly_what_it_uses(resources):
         ("roles/pubsub.viewer", "google_pubsub_subscription.backend_results"),
     }
     assert by_member["pusher"] == {("roles/run.invoker", "google_cloudfunctions2_function.predict")}
+    # Riders: whoever var.backend_invokers names (allUsers by default), on the backend only.
+    assert by_member["${each.value}"] == {("roles/run.invoker", "google_cloud_run_v2_service.backend")}
+
+
+def _variables() -> dict[str, dict]:
+    with open(INFRA / "variables.tf") as f:
+        return {name: body for block in _clean(hcl2.load(f))["variable"] for name, body in block.items()}
+
+
+def test_riders_can_call_the_backend_and_protection_is_a_choice(resources):
+    variables = _variables()
+    assert variables["backend_invokers"]["default"] == ["allUsers"]
+    assert (
+        resources["google_cloud_run_v2_service_iam_member"]["riders_invoke_backend"]["for_each"]
+        == "${toset(var.backend_invokers)}"
+    )
+    assert variables["deletion_protection"]["default"] is True
+    assert resources["google_cloud_run_v2_service"]["backend"]["deletion_protection"] == "${var.deletion_protection}"
+
+
+def test_a_fresh_project_gets_every_api_the_resources_use(resources):
+    text = (INFRA / "main.tf").read_text()
+    [apis] = re.findall(r"apis = toset\(concat\(\s*\[([^\]]*)\]", text)
+    enabled = set(re.findall(r'"(\w+)"', apis))
+    used = {
+        "google_cloudfunctions2_function": {"cloudfunctions", "run", "cloudbuild", "artifactregistry", "eventarc"},
+        "google_cloud_run_v2_service": {"run", "compute"},
+        "google_pubsub_topic": {"pubsub"},
+        "google_storage_bucket": {"storage"},
+        "google_logging_project_sink": {"logging"},
+        "google_service_account": {"iam"},
+    }
+    for kind, needs in used.items():
+        assert kind in resources and needs <= enabled, (kind, needs - enabled)
+    assert '["redis"]' in text  # with a Memorystore instance only
+    assert resources["google_project_service"]["apis"]["disable_on_destroy"] is False
+    for kind, name in (("google_cloudfunctions2_function", "predict"), ("google_cloud_run_v2_service", "backend")):
+        assert resources[kind][name]["depends_on"] == ["${google_project_service.apis}"]
+
+
+def test_the_prediction_log_sink_matches_the_functions_cloud_run_log_entries(resources, tmp_path):
+    import json
+    import subprocess
+
+    sink = resources["google_logging_project_sink"]["predictions"]["filter"].replace('\\"', '"')  # HCL's escaped quotes
+    text = (INFRA / "main.tf").read_text()
+    [derivation] = re.findall(r"function_service_name = (.+)", text)
+    # What the provider reports for a gen2 function, and a prediction line as Cloud Run logs it.
+    service_path = "projects/ridestream-prod/locations/europe-west1/services/ridestream-prod-predict-duration"
+    entry = {
+        "resource": {
+            "type": "cloud_run_revision",
+            "labels": {
+                "service_name": "ridestream-prod-predict-duration",
+                "revision_name": "ridestream-prod-predict-duration-00003-xak",
+                "location": "europe-west1",
+                "project_id": "ridestream-prod",
+                "configuration_name": "ridestream-prod-predict-duration",
+            },
+        },
+        "jsonPayload": {"severity": "INFO", "message": "prediction", "duration_final": 12.5},
+        "logName": "projects/ridestream-prod/logs/run.googleapis.com%2Fstdout",
+        "severity": "INFO",
+    }
+    # Terraform itself (offline, no provider) evaluates the name the filter uses.
+    expression = derivation.replace("google_cloudfunctions2_function.predict.service_config[0].service", json.dumps(service_path))
+    console = subprocess.run(
+        ["terraform", "console"], input=expression + "\n", capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert console.returncode == 0 and console.stdout.strip(), console.stderr
+    service_name = json.loads(console.stdout.strip().splitlines()[-1])
+    assert "local.function_service_name" in sink
+    resolved = sink.replace("${local.function_service_name}", service_name)
+    for clause in resolved.split(" AND "):
+        field, _, value = clause.partition("=")
+        actual = entry
+        for key in field.strip().split("."):
+            actual = actual[key]
+        assert actual == json.loads(value), clause
 
 
 def test_the_shared_result_store_keeps_its_data_and_the_backend_can_reach_it(resources):
@@ -122,3 +201,24 @@ def test_the_shared_result_store_keeps_its_data_and_the_backend_can_reach_it(res
     assert vpc["content"][0]["egress"] == "PRIVATE_RANGES_ONLY"
     env = {e["name"]: e["value"] for e in template["containers"][0]["env"]}
     assert "local.redis_url" in env["REDIS_URL"]
+
+
+def test_terraform_files_are_formatted():
+    import subprocess
+
+    checked = subprocess.run(["terraform", "fmt", "-check", "-diff", "-recursive", str(INFRA)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout
+
+
+def test_terraform_leaves_the_model_identity_to_redeploy(resources):
+    from operations.deploy import _model_env
+    from training.registry import ResolvedModel
+
+    function = resources["google_cloudfunctions2_function"]["predict"]
+    ignored = " ".join(function["lifecycle"][0]["ignore_changes"])
+    model = ResolvedModel("ride-duration", "production", "3", "run-3", "models:/ride-duration@production", "gs://b/m")
+    owned_by_redeploy = set(_model_env(model))
+    assert owned_by_redeploy == {"RUN_ID", "MODEL_URI", "MODEL_VERSION"}
+    for name in owned_by_redeploy:
+        assert f'environment_variables["{name}"]' in ignored, name
+        assert name in function["service_config"][0]["environment_variables"]

@@ -15,6 +15,7 @@ DEPLOY_ENV = {
     "GCP_PROJECT": "ridestream-prod",
     "MODEL_BUCKET": "ridestream-models",
     "FUNCTION_SERVICE_ACCOUNT": "fn-predict@ridestream-prod.iam.gserviceaccount.com",
+    "FUNCTION_TRIGGER_SERVICE_ACCOUNT": "fn-trigger@ridestream-prod.iam.gserviceaccount.com",
 }
 
 
@@ -25,16 +26,33 @@ def test_deploy_and_redeploy_commands_use_the_production_run_and_no_keys(local_m
     promote(result.version, settings)
     production = resolve("production", settings)
 
-    first = deploy.deploy_command()
+    first, invoker = deploy.deploy_commands()
     assert first[:4] == ["gcloud", "functions", "deploy", "predict-duration"]
-    assert {"--gen2", "--runtime=python312", "--trigger-topic=backend-push-stream", "--retry"} <= set(first)
+    assert {"--gen2", "--runtime=python311", "--trigger-topic=backend-push-stream", "--retry"} <= set(first)
+    # The trigger has its own identity, which may invoke this function and nothing else.
+    assert "--trigger-service-account=fn-trigger@ridestream-prod.iam.gserviceaccount.com" in first
+    assert invoker == [
+        "gcloud",
+        "functions",
+        "add-invoker-policy-binding",
+        "predict-duration",
+        "--project=ridestream-prod",
+        "--region=europe-west1",
+        "--member=serviceAccount:fn-trigger@ridestream-prod.iam.gserviceaccount.com",
+    ]
+    # Micro-batching needs concurrent requests per instance; sizes as Terraform sets them.
+    assert {"--concurrency=16", "--cpu=1", "--memory=1Gi", "--max-instances=10"} <= set(first)
+    assert not any(a.startswith("--build-service-account") for a in first)
     [env_vars] = [a for a in first if a.startswith("--set-env-vars=")]
     assert f"RUN_ID={production.run_id}" in env_vars and f"MODEL_VERSION={production.version}" in env_vars
+    assert f"MODEL_URI={production.artifact_uri}" in env_vars  # a cold start reads exactly this folder
     assert not any("key" in a.lower() or a.endswith(".json") for a in first)
+    monkeypatch.setenv("FUNCTION_BUILD_SERVICE_ACCOUNT", "fn-build@ridestream-prod.iam.gserviceaccount.com")
+    assert "--build-service-account=fn-build@ridestream-prod.iam.gserviceaccount.com" in deploy.deploy_commands()[0]
 
     again = deploy.redeploy_command()
     assert [a for a in again if "env-vars" in a] == [
-        f"--update-env-vars=RUN_ID={production.run_id},MODEL_VERSION={production.version}"
+        f"--update-env-vars=RUN_ID={production.run_id},MODEL_URI={production.artifact_uri},MODEL_VERSION={production.version}"
     ]
     assert not any(a.startswith(("--set-env-vars", "--trigger-topic", "--runtime")) for a in again)
     assert any(a == f"--source={deploy.SOURCE_DIR}" for a in again) and deploy.SOURCE_DIR.name == "serving_function"

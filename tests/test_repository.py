@@ -82,3 +82,23 @@ def test_the_function_installs_every_package_the_model_needs():
 
     pinned = dict(re.findall(r"([A-Za-z0-9_.\-]+)==(\S+)", (REPO / "serving_function/requirements.txt").read_text()))
     assert set(RUNTIME_PACKAGES) <= set(pinned)
+
+
+def test_one_python_version_for_training_the_function_and_the_backend():
+    from operations.deploy import PYTHON_VERSION, RUNTIME
+
+    version = PYTHON_VERSION
+    assert re.search(rf'^python: "{re.escape(version)}"$', (REPO / "python_env.yaml").read_text(), re.M)
+    assert f"- python={version}\n" in (REPO / "conda.yaml").read_text()
+    assert f"FROM python:{version}-slim\n" in (REPO / "backend/Dockerfile").read_text()
+    assert f'runtime     = "{RUNTIME}"' in (REPO / "infra/main.tf").read_text()
+    assert f'requires-python = ">={version}"' in (REPO / "pyproject.toml").read_text()
+
+
+def test_no_file_claims_the_conda_env_manager():
+    # MLflow refuses `mlflow run --env-manager conda` for a project that declares python_env.
+    assert "python_env:" in (REPO / "MLproject").read_text()
+    for name in ("README.md", "conda.yaml", "MLproject"):
+        text = (REPO / name).read_text()
+        claims = [line for line in text.splitlines() if "--env-manager conda" in line and "not supported" not in line]
+        assert all("refuses" in line for line in claims), (name, claims)

@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 import ride_contract
 import ride_contract.features
@@ -173,7 +174,7 @@ def test_load_model_names_the_uri_it_tried(tmp_path):
 
 def test_a_model_logged_before_the_ride_contract_is_refused_with_the_reason(tmp_path):
     # Versions registered before ride_contract existed ship code/training instead.
-    (tmp_path / "MLmodel").write_text("run_id: old-run\n")
+    (tmp_path / "MLmodel").write_text("run_id: old-run\nflavors:\n  sklearn:\n    pickled_model: model.pkl\n")
     (tmp_path / "code" / "training").mkdir(parents=True)
     with pytest.raises(ModelNotFound, match=r"does not ship the ride contract .*retrain"):
         load_model(str(tmp_path))
@@ -269,3 +270,51 @@ def test_a_paused_process_does_not_use_up_the_predict_timeout():
     never: Future = Future()
     with pytest.raises(TimeoutError):  # awake time still runs out
         prediction.wait_awake(never, budget_seconds=0.2, step=0.05)
+
+
+def _model_folder(tmp_path, flavors: dict, files: dict[str, bytes]):
+    """A logged-model folder as MLflow writes it: MLmodel (YAML), code/ride_contract, the pickle."""
+    import shutil
+
+    import yaml
+
+    (tmp_path / "MLmodel").write_text(yaml.safe_dump({"run_id": "run-7", "model_id": "m-7", "flavors": flavors}))
+    shutil.copytree(REPO / "ride_contract", tmp_path / "code" / "ride_contract")
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("serialization", ["cloudpickle", "pickle"])
+def test_the_sklearn_flavor_names_the_pickle_file_and_its_format(tmp_path, serialization):
+    import pickle
+
+    import cloudpickle
+
+    dump = cloudpickle.dumps if serialization == "cloudpickle" else pickle.dumps
+    flavor = {"sklearn": {"pickled_model": "pipeline.bin", "serialization_format": serialization}}
+    loaded = load_model(_model_folder(tmp_path, flavor, {"pipeline.bin": dump({"fitted": serialization})}))
+    assert loaded.model == {"fitted": serialization}
+    assert (loaded.run_id, loaded.model_id) == ("run-7", "m-7")
+
+
+@pytest.mark.parametrize(
+    ("flavors", "files", "message"),
+    [
+        (
+            {"sklearn": {"pickled_model": "model.skops", "serialization_format": "skops"}},
+            {"model.skops": b"x"},
+            "serialized with skops",
+        ),
+        ({"python_function": {"loader_module": "mlflow.pyfunc.model"}}, {}, r"not an sklearn model \(flavors: python_function\)"),
+        ({"sklearn": {"pickled_model": "gone.pkl"}}, {}, "no such file"),
+        (
+            {"sklearn": {"pickled_model": "model.pkl", "serialization_format": "joblib"}},
+            {"model.pkl": b"x"},
+            "unknown serialization_format",
+        ),
+    ],
+)
+def test_a_model_the_function_cannot_load_is_refused_saying_why(tmp_path, flavors, files, message):
+    with pytest.raises(ModelNotFound, match=message):
+        load_model(_model_folder(tmp_path, flavors, files))
