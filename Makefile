@@ -4,19 +4,24 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
+CHECKOV := $(VENV)/tools/checkov/bin/checkov
+CHECKOV_VERSION := 3.3.30
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: setup test test-fast lint demo down redeploy rollback train promote resolve flow monitor bench coarse-model lock clean
 
-# The venv is refreshed whenever the lock file or the project's metadata changes. uv is installed
+# The venv is refreshed whenever the lock file, the project's metadata or this file changes. uv is installed
 # into the venv itself, so a machine without uv gets the same, fast install path. The project is
 # installed too (editable, without dependencies: the lock has them), so its packages import from anywhere.
-$(VENV)/.installed: requirements.lock pyproject.toml
+# checkov scans infra/ in the tests; it pins many packages of its own, so it gets a venv of its own.
+$(VENV)/.installed: requirements.lock pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	test -x $(UV) || $(VENV)/bin/python -m pip install --quiet uv
 	$(UV) pip install --python $(PY) --quiet -r requirements.lock
 	$(UV) pip install --python $(PY) --quiet --no-deps --editable .
+	test -x $(CHECKOV) || $(UV) venv --quiet --python $(PY) $(VENV)/tools/checkov
+	$(UV) pip install --python $(VENV)/tools/checkov/bin/python --quiet checkov==$(CHECKOV_VERSION)
 	@touch $@
 
 setup: $(VENV)/.installed
