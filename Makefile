@@ -6,10 +6,12 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 CHECKOV := $(VENV)/tools/checkov/bin/checkov
 CHECKOV_VERSION := 3.3.30
+# The google provider's generated bindings (hashicorp/google 6.50.0), the source of infra/google-provider-schema.json.
+GOOGLE_PROVIDER_BINDINGS := 16.12.1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup test test-fast lint demo down redeploy rollback train promote resolve flow monitor bench coarse-model lock clean
+.PHONY: setup test test-fast lint demo down redeploy rollback train promote resolve flow monitor bench coarse-model provider-schema lock clean
 
 # The venv is refreshed whenever the lock file, the project's metadata or this file changes. uv is installed
 # into the venv itself, so a machine without uv gets the same, fast install path. The project is
@@ -72,6 +74,10 @@ bench: setup
 
 coarse-model: setup
 	$(PY) -m training.coarse --month 2021-01 --out backend/coarse_model.json
+
+provider-schema: setup  ## regenerate infra/google-provider-schema.json (after adding a resource type to infra/)
+	tmp=$$(mktemp -d) && $(PY) -m pip download --quiet --no-deps -d $$tmp cdktf-cdktf-provider-google==$(GOOGLE_PROVIDER_BINDINGS) \
+		&& $(PY) infra/provider_schema.py $$tmp/*.whl; status=$$?; rm -rf $$tmp; exit $$status
 
 lock:
 	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock

@@ -13,7 +13,7 @@ locals {
   function_service_name = element(reverse(split("/", google_cloudfunctions2_function.predict.service_config[0].service)), 0)
   # Every API the resources below use: a fresh project has them off, and the first apply would fail.
   apis = toset(concat(
-    ["cloudfunctions", "run", "cloudbuild", "artifactregistry", "eventarc", "pubsub", "storage", "logging", "iam", "compute"],
+    ["cloudfunctions", "run", "cloudbuild", "artifactregistry", "eventarc", "pubsub", "storage", "logging", "iam", "compute", "sqladmin", "secretmanager"],
     var.memorystore_size_gb > 0 ? ["redis"] : [],
   ))
   # Whether the replicas share a store, decided without the (sensitive) URL: for_each and count
@@ -371,6 +371,224 @@ resource "google_project_service" "apis" {
   service  = "${each.value}.googleapis.com"
   # Turning an API off on destroy would break whatever else in the project uses it.
   disable_on_destroy = false
+}
+
+# --- the MLflow tracking server: the registry training writes and the deploy commands read --------
+
+# Its own database password, kept in Secret Manager; URL-safe, as it goes into a database URI.
+resource "random_password" "mlflow_db" {
+  length  = 32
+  special = false
+}
+
+resource "google_sql_database_instance" "mlflow" {
+  #checkov:skip=CKV_GCP_60:the public address has no authorized networks; only the Cloud SQL connector (IAM-authorized, TLS) reaches it
+  #checkov:skip=CKV_GCP_6:require_ssl is gone from provider 6; ssl_mode = ENCRYPTED_ONLY below is its replacement
+  name                = "${local.prefix}-mlflow"
+  region              = var.region
+  database_version    = "POSTGRES_18"
+  deletion_protection = var.deletion_protection
+  depends_on          = [google_project_service.apis]
+
+  settings {
+    tier              = var.mlflow_db_tier
+    availability_type = "ZONAL"
+    backup_configuration {
+      enabled                        = true
+      point_in_time_recovery_enabled = true
+    }
+    ip_configuration {
+      ipv4_enabled = true
+      ssl_mode     = "ENCRYPTED_ONLY"
+    }
+    database_flags {
+      name  = "log_checkpoints"
+      value = "on"
+    }
+    database_flags {
+      name  = "log_connections"
+      value = "on"
+    }
+    database_flags {
+      name  = "log_disconnections"
+      value = "on"
+    }
+    database_flags {
+      name  = "log_lock_waits"
+      value = "on"
+    }
+    database_flags {
+      name  = "log_min_messages"
+      value = "error"
+    }
+    database_flags {
+      name  = "log_min_error_statement"
+      value = "error"
+    }
+    database_flags {
+      name  = "log_temp_files"
+      value = "0"
+    }
+    database_flags {
+      name  = "log_min_duration_statement"
+      value = "-1"
+    }
+    database_flags {
+      name  = "cloudsql.enable_pgaudit"
+      value = "on"
+    }
+    database_flags {
+      name  = "log_hostname"
+      value = "on"
+    }
+    database_flags {
+      name  = "log_duration"
+      value = "on"
+    }
+    database_flags {
+      name  = "log_statement"
+      value = "ddl"
+    }
+  }
+}
+
+resource "google_sql_database" "mlflow" {
+  name     = "mlflow"
+  instance = google_sql_database_instance.mlflow.name
+}
+
+resource "google_sql_user" "mlflow" {
+  name     = "mlflow"
+  instance = google_sql_database_instance.mlflow.name
+  password = random_password.mlflow_db.result
+}
+
+resource "google_secret_manager_secret" "mlflow_db_password" {
+  #checkov:skip=CKV_GCP_128:encrypted with Google-managed keys; a customer key is an option, not a need here
+  secret_id  = "${local.prefix}-mlflow-db-password"
+  depends_on = [google_project_service.apis]
+  replication {
+    auto {}
+  }
+}
+
+resource "google_secret_manager_secret_version" "mlflow_db_password" {
+  secret      = google_secret_manager_secret.mlflow_db_password.id
+  secret_data = random_password.mlflow_db.result
+}
+
+resource "google_service_account" "mlflow" {
+  account_id   = "${local.prefix}-mlflow"
+  display_name = "ridestream MLflow tracking server"
+}
+
+# What training runs as (a CI job, a Prefect worker): it writes models and talks to the server.
+resource "google_service_account" "training" {
+  account_id   = "${local.prefix}-training"
+  display_name = "ridestream training"
+}
+
+resource "google_secret_manager_secret_iam_member" "mlflow_reads_db_password" {
+  secret_id = google_secret_manager_secret.mlflow_db_password.id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = "serviceAccount:${google_service_account.mlflow.email}"
+}
+
+# Cloud SQL grants exist only on the project; the condition narrows this one to the server's own instance.
+resource "google_project_iam_member" "mlflow_connects_to_its_database" {
+  project = var.project_id
+  role    = "roles/cloudsql.client"
+  member  = "serviceAccount:${google_service_account.mlflow.email}"
+  condition {
+    title      = "the MLflow instance only"
+    expression = "resource.name == 'projects/${var.project_id}/instances/${google_sql_database_instance.mlflow.name}' && resource.service == 'sqladmin.googleapis.com'"
+  }
+}
+
+# The UI shows artifacts, plots and models.
+resource "google_storage_bucket_iam_member" "mlflow_reads_models" {
+  bucket = google_storage_bucket.models.name
+  role   = "roles/storage.objectViewer"
+  member = "serviceAccount:${google_service_account.mlflow.email}"
+}
+
+# Training logs runs and models straight to the bucket (clients write artifacts, not the server).
+resource "google_storage_bucket_iam_member" "training_writes_models" {
+  bucket = google_storage_bucket.models.name
+  role   = "roles/storage.objectUser"
+  member = "serviceAccount:${google_service_account.training.email}"
+}
+
+resource "google_cloud_run_v2_service" "mlflow" {
+  name                = "${local.prefix}-mlflow"
+  location            = var.region
+  ingress             = "INGRESS_TRAFFIC_ALL"
+  deletion_protection = var.deletion_protection
+  depends_on          = [google_project_service.apis, google_secret_manager_secret_iam_member.mlflow_reads_db_password]
+
+  template {
+    service_account = google_service_account.mlflow.email
+    scaling {
+      max_instance_count = 2
+    }
+    volumes {
+      name = "cloudsql"
+      cloud_sql_instance {
+        instances = [google_sql_database_instance.mlflow.connection_name]
+      }
+    }
+    containers {
+      image = var.mlflow_image
+      env {
+        name  = "CLOUD_SQL_INSTANCE"
+        value = google_sql_database_instance.mlflow.connection_name
+      }
+      env {
+        name  = "ARTIFACT_ROOT"
+        value = "gs://${google_storage_bucket.models.name}/mlflow"
+      }
+      env {
+        name = "DB_PASSWORD"
+        value_source {
+          secret_key_ref {
+            secret  = google_secret_manager_secret.mlflow_db_password.secret_id
+            version = "latest"
+          }
+        }
+      }
+      volume_mounts {
+        name       = "cloudsql"
+        mount_path = "/cloudsql"
+      }
+      resources {
+        limits = {
+          cpu    = "1"
+          memory = "1Gi"
+        }
+      }
+      startup_probe {
+        http_get {
+          path = "/health"
+        }
+      }
+    }
+  }
+}
+
+# The server answers only to identities with invoker: training, and the operators named.
+resource "google_cloud_run_v2_service_iam_member" "training_uses_mlflow" {
+  name     = google_cloud_run_v2_service.mlflow.name
+  location = google_cloud_run_v2_service.mlflow.location
+  role     = "roles/run.invoker"
+  member   = "serviceAccount:${google_service_account.training.email}"
+}
+
+resource "google_cloud_run_v2_service_iam_member" "operators_use_mlflow" {
+  for_each = toset(var.mlflow_users)
+  name     = google_cloud_run_v2_service.mlflow.name
+  location = google_cloud_run_v2_service.mlflow.location
+  role     = "roles/run.invoker"
+  member   = each.value
 }
 
 # --- monitoring: every prediction the function logs, exported to the bucket as JSON ---------

@@ -23,5 +23,12 @@ output "service_accounts" {
     function = google_service_account.function.email
     backend  = google_service_account.backend.email
     pusher   = google_service_account.pusher.email
+    mlflow   = google_service_account.mlflow.email
+    training = google_service_account.training.email
   }
+}
+
+output "mlflow_url" {
+  description = "MLFLOW_TRACKING_URI for training and the deploy commands (send an identity token: see the README)"
+  value       = google_cloud_run_v2_service.mlflow.uri
 }

@@ -72,3 +72,20 @@ variable "deletion_protection" {
   type        = bool
   default     = true
 }
+
+variable "mlflow_image" {
+  description = "MLflow tracking server image (tracking_server/Dockerfile), e.g. europe-west1-docker.pkg.dev/PROJECT/ridestream/mlflow:3.17.2"
+  type        = string
+}
+
+variable "mlflow_db_tier" {
+  description = "Cloud SQL machine tier of the MLflow backend store"
+  type        = string
+  default     = "db-g1-small"
+}
+
+variable "mlflow_users" {
+  description = "Who may use the MLflow server and its UI besides the training identity, e.g. [\"user:ops@example.com\"]"
+  type        = list(string)
+  default     = []
+}

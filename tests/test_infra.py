@@ -46,7 +46,7 @@ def test_every_terraform_file_parses():
 def test_the_system_is_all_there(resources):
     assert set(resources["google_pubsub_topic"]) == {"push", "pull", "deadletter"}
     assert {"models", "prediction_logs"} <= set(resources["google_storage_bucket"])
-    assert set(resources["google_service_account"]) == {"function", "backend", "pusher"}
+    assert set(resources["google_service_account"]) == {"function", "backend", "pusher", "mlflow", "training"}
     function = resources["google_cloudfunctions2_function"]["predict"]
     assert function["build_config"][0]["runtime"] == "python311"
     assert function["build_config"][0]["entry_point"] == "predict_duration_cloudevent"
@@ -74,6 +74,7 @@ def _grants(resources) -> list[tuple[str, str, str, str]]:
                     body.get("topic")
                     or body.get("subscription")
                     or body.get("bucket")
+                    or body.get("secret_id")
                     or body.get("name")
                     or body.get("project", "")
                 )
@@ -86,8 +87,14 @@ def test_no_broad_roles_no_project_level_grants_and_no_keys(resources):
     assert grants
     for kind, _, role, _ in grants:
         assert not re.search(r"owner|editor|admin", role, re.IGNORECASE), role
-        assert not kind.startswith("google_project_iam"), kind  # grants sit on the bucket, topic, subscription, service
         assert kind.endswith("_iam_member"), kind  # additive; never replaces others' bindings
+    # Grants sit on the bucket, topic, subscription, secret or service. The one exception: Cloud SQL
+    # has no instance-level IAM, so that grant is on the project, narrowed by a condition to one instance.
+    project_level = resources.get("google_project_iam_member", {})
+    assert set(project_level) == {"mlflow_connects_to_its_database"}
+    grant = project_level["mlflow_connects_to_its_database"]
+    assert grant["role"] == "roles/cloudsql.client"
+    assert "google_sql_database_instance.mlflow.name" in grant["condition"][0]["expression"]
     assert "google_service_account_key" not in resources
     provider_text = (INFRA / "versions.tf").read_text()
     assert "credentials =" not in provider_text
@@ -111,8 +118,20 @@ def test_each_identity_gets_exactly_what_it_uses(resources):
         ("roles/pubsub.viewer", "google_pubsub_subscription.backend_results"),
     }
     assert by_member["pusher"] == {("roles/run.invoker", "google_cloudfunctions2_function.predict")}
-    # Riders: whoever var.backend_invokers names (allUsers by default), on the backend only.
-    assert by_member["${each.value}"] == {("roles/run.invoker", "google_cloud_run_v2_service.backend")}
+    assert by_member["mlflow"] == {
+        ("roles/secretmanager.secretAccessor", "google_secret_manager_secret.mlflow_db_password"),
+        ("roles/cloudsql.client", "${var.project_id}"),
+        ("roles/storage.objectViewer", "google_storage_bucket.models"),
+    }
+    assert by_member["training"] == {
+        ("roles/storage.objectUser", "google_storage_bucket.models"),
+        ("roles/run.invoker", "google_cloud_run_v2_service.mlflow"),
+    }
+    # Riders (var.backend_invokers, allUsers by default) on the backend; operators (var.mlflow_users) on MLflow.
+    assert by_member["${each.value}"] == {
+        ("roles/run.invoker", "google_cloud_run_v2_service.backend"),
+        ("roles/run.invoker", "google_cloud_run_v2_service.mlflow"),
+    }
 
 
 def _variables() -> dict[str, dict]:
@@ -244,3 +263,87 @@ def test_checkov_finds_nothing_and_every_skip_says_why():
     assert summary["passed"] > 0
     for skipped in report["results"]["skipped_checks"]:
         assert len(skipped["check_result"].get("suppress_comment", "")) > 20, skipped["check_id"]  # a reason, not a shrug
+
+
+META_ARGUMENTS = {"count", "for_each", "depends_on", "lifecycle", "provider", "dynamic"}
+
+
+def _unknown_arguments(body: dict, schema: dict, where: str) -> list[str]:
+    """Every argument or block in ``body`` that the provider's schema does not have, with its path."""
+    unknown = []
+    for key, value in body.items():
+        if key == "dynamic":  # dynamic "block" { content { ... } }: the block must exist, its content is checked
+            for dynamic in value:
+                for label, spec in dynamic.items():
+                    if label not in schema:
+                        unknown.append(f"{where}.dynamic.{label}")
+                    for content in spec.get("content", []):
+                        unknown += _unknown_arguments(content, schema.get(label, {}), f"{where}.{label}")
+            continue
+        if key in META_ARGUMENTS and where.count(".") == 1:
+            continue
+        if key not in schema:
+            unknown.append(f"{where}.{key}")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value) and schema[key]:
+            for block in value:
+                unknown += _unknown_arguments(block, schema[key], f"{where}.{key}")
+    return unknown
+
+
+def test_every_argument_is_in_the_google_providers_published_schema(resources):
+    import json
+
+    schema = json.loads((INFRA / "google-provider-schema.json").read_text())
+    assert schema["provider"].startswith("hashicorp/google 6.")  # versions.tf asks for ~> 6.0
+    with open(INFRA / "main.tf") as f:
+        data = {
+            name: body
+            for block in _clean(hcl2.load(f)).get("data", [])
+            for kind, named in block.items()
+            for name, body in named.items()
+            if kind.startswith("google_")
+        }
+    checked, unknown = 0, []
+    for kind, named in resources.items():
+        if not kind.startswith("google_"):
+            continue
+        assert kind in schema["resource"], f"{kind}: regenerate with `make provider-schema`"
+        for name, body in named.items():
+            unknown += _unknown_arguments(body, schema["resource"][kind], f"{kind}.{name}")
+            checked += 1
+    assert checked >= 20 and not unknown, unknown
+    assert all(set(body) <= set(schema["data"]["google_project"]) for body in data.values())
+
+
+def test_the_schema_check_catches_a_misspelt_argument_and_block():
+    import json
+
+    schema = json.loads((INFRA / "google-provider-schema.json").read_text())["resource"]["google_storage_bucket"]
+    good = {"name": "b", "location": "EU", "versioning": [{"enabled": True}], "count": 1}
+    assert _unknown_arguments(good, schema, "google_storage_bucket.b") == []
+    bad = {"name": "b", "locaton": "EU", "versioning": [{"enable": True}]}
+    assert _unknown_arguments(bad, schema, "google_storage_bucket.b") == [
+        "google_storage_bucket.b.locaton",
+        "google_storage_bucket.b.versioning.enable",
+    ]
+
+
+def test_the_mlflow_server_keeps_its_registry_in_cloud_sql_and_its_password_in_secret_manager(resources):
+    server = resources["google_cloud_run_v2_service"]["mlflow"]["template"][0]
+    assert "google_service_account.mlflow.email" in server["service_account"]
+    [volume] = server["volumes"]
+    assert "google_sql_database_instance.mlflow.connection_name" in volume["cloud_sql_instance"][0]["instances"][0]
+    env = {e["name"]: e for e in server["containers"][0]["env"]}
+    assert (
+        "google_secret_manager_secret.mlflow_db_password" in env["DB_PASSWORD"]["value_source"][0]["secret_key_ref"][0]["secret"]
+    )
+    assert "value" not in env["DB_PASSWORD"]  # never in the service's configuration
+    assert "google_storage_bucket.models.name" in env["ARTIFACT_ROOT"]["value"]
+    database = resources["google_sql_database_instance"]["mlflow"]
+    assert database["database_version"].startswith("POSTGRES_")
+    assert database["settings"][0]["ip_configuration"][0]["ssl_mode"] == "ENCRYPTED_ONLY"
+    assert database["settings"][0]["backup_configuration"][0]["enabled"] is True
+    # The image runs exactly that: the socket, the secret, the bucket.
+    dockerfile = (REPO / "tracking_server/Dockerfile").read_text()
+    for needed in ("${DB_PASSWORD}", "/cloudsql/${CLOUD_SQL_INSTANCE}", "${ARTIFACT_ROOT}", "--no-serve-artifacts", "USER app"):
+        assert needed in dockerfile, needed

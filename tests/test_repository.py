@@ -67,7 +67,14 @@ def _lock() -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "path", ["serving_function/requirements.txt", "backend/requirements.txt", "python_env.yaml", "conda.yaml"]
+    "path",
+    [
+        "serving_function/requirements.txt",
+        "backend/requirements.txt",
+        "tracking_server/requirements.txt",
+        "python_env.yaml",
+        "conda.yaml",
+    ],
 )
 def test_runtime_pins_match_the_lock(path):
     lock = _lock()
@@ -90,7 +97,8 @@ def test_one_python_version_for_training_the_function_and_the_backend():
     version = PYTHON_VERSION
     assert re.search(rf'^python: "{re.escape(version)}"$', (REPO / "python_env.yaml").read_text(), re.M)
     assert f"- python={version}\n" in (REPO / "conda.yaml").read_text()
-    assert f"FROM python:{version}-slim\n" in (REPO / "backend/Dockerfile").read_text()
+    for dockerfile in ("backend/Dockerfile", "tracking_server/Dockerfile"):
+        assert f"FROM python:{version}-slim\n" in (REPO / dockerfile).read_text(), dockerfile
     assert f'runtime     = "{RUNTIME}"' in (REPO / "infra/main.tf").read_text()
     assert f'requires-python = ">={version}"' in (REPO / "pyproject.toml").read_text()
 
@@ -102,3 +110,13 @@ def test_no_file_claims_the_conda_env_manager():
         text = (REPO / name).read_text()
         claims = [line for line in text.splitlines() if "--env-manager conda" in line and "not supported" not in line]
         assert all("refuses" in line for line in claims), (name, claims)
+
+
+@pytest.mark.parametrize("dockerfile", ["backend/Dockerfile", "tracking_server/Dockerfile"])
+def test_every_file_an_image_copies_is_in_the_build_context(dockerfile):
+    # .dockerignore excludes everything ("**") but what it re-includes with "!".
+    included = [line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    copies = re.findall(r"^COPY\s+(\S+)\s", (REPO / dockerfile).read_text(), re.M)
+    assert copies
+    for source in copies:
+        assert any(source.rstrip("/") == kept or source.startswith(kept + "/") for kept in included), source
