@@ -168,8 +168,8 @@ class RideDurationService:
         except self.contract.ride.InvalidRide as exc:
             raise PoisonMessage(f"invalid ride: {exc}") from exc
 
-    def predict(self, ride: Any) -> Any:
-        """The ride's RideResult (the contract's result message)."""
+    def predict(self, ride: Any, fingerprint: str) -> Any:
+        """The ride's RideResult (the contract's result message); ``fingerprint`` is ``ride.fingerprint()``."""
         minutes = self._batcher.predict(ride)
         return self.contract.result.RideResult(
             ride_id=ride.ride_id,
@@ -177,7 +177,7 @@ class RideDurationService:
             model_run_id=self.run_id,
             model_version=self.model_version,
             model_id=self.model_id,
-            ride_fingerprint=ride.fingerprint(),
+            ride_fingerprint=fingerprint,
         )
 
     def handle(self, data: str | bytes | None, message_id: str | None = None) -> Any:
@@ -192,7 +192,8 @@ class RideDurationService:
             self._dead_letter(data, message_id, "ride has no ride_id and the message no id to derive one from")
             return None
 
-        key = (ride.ride_id, ride.fingerprint())
+        fingerprint = ride.fingerprint()  # once per ride: it keys the memory and goes into the result
+        key = (ride.ride_id, fingerprint)
         with self._lock:
             previous = self._answered.get(key)
             in_flight = self._in_flight.get(key) if previous is None else None
@@ -210,11 +211,11 @@ class RideDurationService:
             return previous
 
         try:
-            prediction = self.predict(ride)
+            prediction = self.predict(ride, fingerprint)
             predicted = time.perf_counter()
             # Raises on failure: the function then fails and Pub/Sub redelivers the message.
             self.publisher.publish(self.pull_topic, prediction.to_message(), ride_id=prediction.ride_id)
-            self._remember(prediction)
+            self._remember(key, prediction)
         finally:
             with self._lock:
                 self._in_flight.pop(key).set()
@@ -231,9 +232,9 @@ class RideDurationService:
         )
         return prediction
 
-    def _remember(self, prediction: Any) -> None:
+    def _remember(self, key: tuple[str, str], prediction: Any) -> None:
         with self._lock:
-            self._answered[(prediction.ride_id, prediction.ride_fingerprint)] = prediction
+            self._answered[key] = prediction
             while len(self._answered) > RECENT_RIDES:
                 self._answered.popitem(last=False)
 
