@@ -25,7 +25,8 @@ from pathlib import Path
 
 import requests
 
-from devstack.processes import ServiceError
+from devstack.processes import HOST, ServiceError
+from devstack.pubsub import publisher_client
 from devstack.stack import ARTIFACT_ROOT, BUCKET, PROJECT, TOPICS, Stack
 from devstack.traffic import real_rides, run_clients
 
@@ -79,6 +80,7 @@ class FaultStack:
         self.reuse_statuses: list[int] = []
         self.storage_outage_error = ""
         self.timings: dict[str, float] = {}  # what the scenario measured on the way
+        self._publisher = None
 
     def start(self) -> FaultStack:
         from training.settings import Settings
@@ -196,12 +198,11 @@ class FaultStack:
 
     # --- direct access to the ride stream (a misbehaving sender, duplicate delivery) ------------
     def publish_ride(self, ride: dict, times: int = 1) -> None:
-        from google.cloud import pubsub_v1
-
-        publisher = pubsub_v1.PublisherClient()
-        topic = publisher.topic_path(PROJECT, TOPICS["push"])
+        if self._publisher is None:  # one client (and gRPC channel) for every ride a scenario sends
+            self._publisher = publisher_client(f"{HOST}:{self.stack.ports['pubsub']}")
+        topic = self._publisher.topic_path(PROJECT, TOPICS["push"])
         for _ in range(times):
-            publisher.publish(topic, json.dumps(ride).encode(), ride_id=ride["ride_id"]).result(timeout=30)
+            self._publisher.publish(topic, json.dumps(ride).encode(), ride_id=ride["ride_id"]).result(timeout=30)
 
 
 # --- the scenarios: each breaks something a little after the rides start, repairs it, returns when --
