@@ -135,6 +135,10 @@ def test_registry_cli_prints_the_production_run_id(local_model):
 
 def test_mlflow_run_trains_on_several_months_and_registers(tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from mlflow import MlflowClient
+
+    # `mlflow run` would create a missing experiment with artifacts under ./mlruns, in the repository.
+    MlflowClient(tracking_uri).create_experiment("ride-duration", artifact_location=str(tmp_path / "artifacts"))
     # MLflow quotes each parameter, so both months arrive as one argument.
     params = ["-P", "trials=1", "-P", "train_month=2021-01 2021-02", "-P", "val_month=2021-03", "-P", "test_month=2021-03"]
     completed = _run(
@@ -145,8 +149,6 @@ def test_mlflow_run_trains_on_several_months_and_registers(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     summary = json.loads(completed.stdout[completed.stdout.index("{") :])
     assert summary["version"] == "1" and summary["metrics"]["val_rmse"] <= 5.4
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri)
     assert client.get_model_version("ride-duration", "1").run_id == summary["run_id"]
     run = client.get_run(summary["run_id"])
