@@ -6,12 +6,15 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 CHECKOV := $(VENV)/tools/checkov/bin/checkov
 CHECKOV_VERSION := 3.3.30
+# The inference libraries benchmarks/inference_candidates.py compares the serving form with (a venv of their own).
+CANDIDATES := $(VENV)/tools/candidates
+CANDIDATE_PACKAGES := onnxruntime==1.32.0 onnx==1.23.2 skl2onnx==1.20.0 treelite==4.8.1
 # The google provider's generated bindings (hashicorp/google 6.50.0), the source of infra/google-provider-schema.json.
 GOOGLE_PROVIDER_BINDINGS := 16.12.1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup test test-fast lint demo down redeploy rollback train promote resolve flow monitor bench coarse-model provider-schema lock clean
+.PHONY: setup test test-fast lint demo down redeploy rollback train promote resolve flow monitor bench bench-candidates coarse-model provider-schema lock clean
 
 # The venv is refreshed whenever the lock file, the project's metadata or this file changes. uv is installed
 # into the venv itself, so a machine without uv gets the same, fast install path. The project is
@@ -71,6 +74,12 @@ bench: setup
 	$(PY) benchmarks/backend_bench.py
 	$(PY) benchmarks/stream_bench.py
 	$(PY) benchmarks/fault_bench.py
+
+bench-candidates: setup  ## ONNX Runtime, treelite and the serving form on the same model
+	test -x $(CANDIDATES)/bin/python || $(UV) venv --quiet --python $(PY) $(CANDIDATES)
+	$(UV) pip install --python $(CANDIDATES)/bin/python --quiet -r requirements.lock $(CANDIDATE_PACKAGES)
+	$(UV) pip install --python $(CANDIDATES)/bin/python --quiet --no-deps --editable .
+	$(CANDIDATES)/bin/python benchmarks/inference_candidates.py
 
 coarse-model: setup
 	$(PY) -m training.coarse --month 2021-01 --out backend/coarse_model.json

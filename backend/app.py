@@ -197,6 +197,7 @@ def create_app(
             "rides_resent": redelivery.resent,
             "results_refused": getattr(listener, "refused", 0),
             "listener_last_error": listener.last_error,
+            "listener_cpu_seconds": getattr(listener, "cpu_seconds", None),
         }
         return jsonify(body), 200 if ready else 503
 

@@ -105,8 +105,8 @@ class FaultStack:
         self.stack.stop_all()
 
     def expected(self, rides: list[dict]) -> list[float]:
-        frame = self.model.contract.features.rides_frame(rides)
-        return [round(float(m), 2) for m in self.model.model.predict(frame)]
+        validated = [self.model.contract.ride.parse_ride(ride) for ride in rides]
+        return [round(float(m), 2) for m in self.model.model.predict(validated)]
 
     # --- clients ---------------------------------------------------------------------------------
     def send(self, rides: list[RideSeen], concurrency: int = 8, give_up_after: float = 120) -> None:

@@ -23,8 +23,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from data import load_trips, month_uri, split_gs_uri
-from ride_contract.features import ride_features
 from ride_contract.ride import RIDE_COLUMNS
+from ride_contract.sklearn_features import ride_features
 from training import registry
 from training.settings import Settings, configure_mlflow
 

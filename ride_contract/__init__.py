@@ -3,11 +3,14 @@
 - ``ride_contract.ride``: the ride request schema and its validation (pydantic only).
 - ``ride_contract.coarse``: the backend's instant estimate (numpy only).
 - ``ride_contract.result``: the result message the function publishes and the backend stores.
-- ``ride_contract.features``: the model's request-time features (pandas, scikit-learn).
+- ``ride_contract.features``: the model's request-time features (numpy).
+- ``ride_contract.serving_form``: scores a model's serving form, the arrays training writes
+  from the fitted pipeline (numpy).
+- ``ride_contract.sklearn_features``: the features as a scikit-learn pipeline step (training only).
 
 Every logged model ships this package in its ``code/`` folder, and the serving
-function validates, featurizes and answers with the model's own copy, so serving
-cannot drift from training. The backend imports only ``ride``, ``coarse`` and
-``result``, so its image needs neither pandas nor scikit-learn: keep this file
-free of imports.
+function validates, featurizes, scores and answers with the model's own copy, so
+serving cannot drift from training. The function imports neither pandas nor
+scikit-learn, and the backend only ``ride``, ``coarse`` and ``result``: keep this
+file free of imports.
 """

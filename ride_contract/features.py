@@ -1,60 +1,56 @@
-"""The model's request-time features, computed from rides: the first step of every model pipeline.
+"""The model's request-time features, defined once: training's pipeline and the serving function both call this.
 
-The serving function featurizes with the model's own copy of this module (it
-travels in the model's ``code/`` folder). Keep imports light (pandas, numpy,
-scikit-learn): they run at cold start.
+Numpy only: the serving function runs it at every ride without pandas or
+scikit-learn. Training wraps it in a pipeline step (``ride_contract.sklearn_features``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
-from sklearn.base import BaseEstimator, TransformerMixin
-
-from ride_contract.ride import RIDE_COLUMNS, Ride
 
 PAIR_CODE_BASE = 1000  # above the largest zone ID
 FEATURE_COLUMNS = ["PULocationID", "DOLocationID", "PU_DO", "trip_distance", "pickup_hour", "pickup_weekday"]
+_EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0, as pandas and datetime count)
 
 
-def rides_frame(rides: Iterable[Ride | Mapping[str, Any]]) -> pd.DataFrame:
-    """Model input for validated rides (or plain dicts with the ride fields)."""
-    rows = [ride.model_input() if isinstance(ride, Ride) else {c: ride[c] for c in RIDE_COLUMNS} for ride in rides]
-    return pd.DataFrame(rows, columns=RIDE_COLUMNS)
+def feature_matrix(pickup: np.ndarray, pu: np.ndarray, do: np.ndarray, distance: np.ndarray) -> np.ndarray:
+    """Features of n rides, one row each, columns in ``FEATURE_COLUMNS`` order (float64).
+
+    ``pickup`` is naive NYC local time as datetime64; the others are numbers."""
+    pu = np.asarray(pu, dtype=np.int64)
+    do = np.asarray(do, dtype=np.int64)
+    days = pickup.astype("datetime64[D]")
+    minute_of_day = (pickup.astype("datetime64[m]") - days).astype(np.int64)
+    features = np.empty((len(pu), len(FEATURE_COLUMNS)), dtype=np.float64)
+    features[:, 0] = pu
+    features[:, 1] = do
+    # The zone pair as one integer (34 -> 56 is 34056), not a string: it is looked up, never parsed.
+    features[:, 2] = pu * PAIR_CODE_BASE + do
+    features[:, 3] = distance
+    # Fractional hour: rush hour starts at 7:30, not at 7 or 8.
+    features[:, 4] = minute_of_day // 60 + (minute_of_day % 60) / 60
+    features[:, 5] = (days.astype(np.int64) + _EPOCH_WEEKDAY) % 7
+    return features
 
 
-def ride_features(rides: pd.DataFrame) -> pd.DataFrame:
-    """Request-time features of a frame with the ``RIDE_COLUMNS``."""
-    pickup = pd.to_datetime(rides["datetime"], format="ISO8601")
-    pu = rides["PULocationID"].astype("int64").to_numpy()
-    do = rides["DOLocationID"].astype("int64").to_numpy()
-    return pd.DataFrame(
-        {
-            "PULocationID": pu,
-            "DOLocationID": do,
-            # The zone pair as one integer (34 -> 56 is 34056), not a string: the target
-            # encoder looks integers up ~10x faster, and that is the serving hot path.
-            "PU_DO": pu * PAIR_CODE_BASE + do,
-            "trip_distance": rides["trip_distance"].astype("float64").to_numpy(),
-            # Fractional hour: rush hour starts at 7:30, not at 7 or 8.
-            "pickup_hour": (pickup.dt.hour + pickup.dt.minute / 60).to_numpy(),
-            "pickup_weekday": pickup.dt.day_of_week.to_numpy(),
-        },
-        index=rides.index,
+def ride_feature_matrix(rides: Sequence[Any]) -> np.ndarray:
+    """``feature_matrix`` of validated rides (``ride_contract.ride.Ride``)."""
+    return feature_matrix(
+        np.array([ride.datetime for ride in rides], dtype="datetime64[us]"),
+        np.array([ride.PULocationID for ride in rides]),
+        np.array([ride.DOLocationID for ride in rides]),
+        np.array([ride.trip_distance for ride in rides], dtype=np.float64),
     )
 
 
-class RideFeaturizer(TransformerMixin, BaseEstimator):
-    """First step of every model pipeline: raw ride columns in, features out."""
+def __getattr__(name: str) -> Any:
+    # Models logged before the pipeline step moved to ride_contract.sklearn_features pickled it
+    # under this module; they still unpickle (scikit-learn is imported only then).
+    if name == "RideFeaturizer":
+        from ride_contract.sklearn_features import RideFeaturizer
 
-    def fit(self, X: pd.DataFrame, y: Any = None) -> RideFeaturizer:
-        return self
-
-    def transform(self, X: pd.DataFrame) -> pd.DataFrame:
-        return ride_features(X)
-
-    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
-        return np.asarray(FEATURE_COLUMNS, dtype=object)
+        return RideFeaturizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,14 +5,15 @@ Entry points (same handler):
   predict_duration_cloudevent  2nd gen CloudEvent function
 
 The model is loaded once per instance, here at import (cold start): by RUN_ID
-from the MLflow artifact bucket, or from MODEL_URI. A wrong RUN_ID fails the
-instance at start with the location it searched.
+from the MLflow artifact bucket, or from MODEL_URI. Only its serving form is read
+(plain arrays scored with numpy): the function imports neither scikit-learn nor
+pandas. A wrong RUN_ID fails the instance at start with the location it searched.
 """
 
 import functions_framework
 from function_config import FunctionConfig
 from model_store import find_model_uri, load_model
-from prediction import PubSubPublisher, RideDurationService, log
+from prediction import RideDurationService, build_service, log
 
 
 def _build_service() -> RideDurationService:
@@ -29,17 +30,9 @@ def _build_service() -> RideDurationService:
         model_run_id=loaded.run_id,
         model_version=config.model_version,
         contract=loaded.contract.__file__,
+        serving_form=loaded.model.kind,
     )
-    return RideDurationService(
-        loaded.model,
-        loaded.contract,
-        PubSubPublisher(config.project_id, config.publish_timeout),
-        config.pull_topic,
-        config.deadletter_topic,
-        run_id=loaded.run_id,
-        model_version=config.model_version,
-        model_id=loaded.model_id,
-    )
+    return build_service(config, loaded)
 
 
 SERVICE = _build_service()

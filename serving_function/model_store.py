@@ -1,11 +1,15 @@
-"""Find and load an MLflow-logged model straight from the artifact bucket, without MLflow.
+"""Find and load an MLflow-logged model's serving form straight from the artifact bucket, without MLflow.
 
-Importing MLflow costs seconds at every cold start; the serving function only
-needs the model's files. MLflow 3 stores a logged model at
-``<artifact root>/<experiment>/models/m-<model id>/artifacts`` and records the
-run that logged it in the ``MLmodel`` file, so a RUN_ID is enough to find it.
-The model carries the ride contract (``code/ride_contract``), which is put on
-``sys.path`` before unpickling: serving validates, featurizes and answers with
+Importing MLflow, scikit-learn or pandas costs seconds at every cold start; the
+serving function needs only three things from the model folder: the ``MLmodel``
+file, the ride contract the model ships (``code/ride_contract``) and the serving
+form training wrote beside the pipeline (``extra_files/serving_form.npz``, plain
+arrays). Nothing else is downloaded (the pickled pipeline stays in the bucket),
+and nothing is unpickled.
+
+MLflow 3 stores a logged model at ``<artifact root>/<experiment>/models/m-<model id>/artifacts``
+and records the run that logged it in the ``MLmodel`` file, so a RUN_ID is enough to find it.
+The contract is put on ``sys.path``: serving validates, featurizes, scores and answers with
 exactly the code the model was trained with.
 """
 
@@ -24,8 +28,9 @@ from typing import Any
 _MLMODEL_IN_BUCKET = re.compile(r"(^|/)models/m-[0-9a-f]+/artifacts/MLmodel$")
 
 
-# What the function uses of the model's ride contract: the schema, the features, the result message.
-CONTRACT_MODULES = ("ride", "features", "result")
+# What the function uses of the model's ride contract: the schema, the features, the scorer, the result message.
+CONTRACT_MODULES = ("ride", "features", "serving_form", "result")
+SERVING_FORM_FILE = "serving_form.npz"
 
 
 # Every storage call at cold start gives up within this, retries included.
@@ -43,8 +48,8 @@ class ModelStoreUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: Any  # the fitted sklearn Pipeline: raw ride frame in, minutes out
-    contract: ModuleType  # the model's own ride_contract package, with .ride, .features and .result loaded
+    model: Any  # the model's serving form (contract.serving_form.ServingForm): rides in, minutes out
+    contract: ModuleType  # the model's own ride_contract package, its CONTRACT_MODULES loaded
     run_id: str
     model_id: str
     uri: str
@@ -116,6 +121,11 @@ def find_model_uri(bucket: str, run_id: str, prefix: str = "") -> str:
     return f"gs://{bucket}/{found[0]}"
 
 
+def _served_file(relative: str) -> bool:
+    """The files the function reads; the pickled pipeline, input example and environment files stay behind."""
+    return relative == "MLmodel" or relative.startswith("code/") or relative.rpartition("/")[2] == SERVING_FORM_FILE
+
+
 def _download_folder(uri: str, dest: Path) -> None:
     bucket_name, prefix = _split_gs(uri)
     client = _storage_client()
@@ -124,13 +134,16 @@ def _download_folder(uri: str, dest: Path) -> None:
         if not blobs:
             raise ModelNotFound(f"nothing at {uri}")
         for blob in blobs:
-            target = dest / blob.name[len(prefix) + 1 :]
+            relative = blob.name[len(prefix) + 1 :]
+            if not _served_file(relative):
+                continue
+            target = dest / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             blob.download_to_filename(str(target), **_bounded())
 
 
 def load_model(uri: str, cache_dir: Path | None = None) -> LoadedModel:
-    """Load the model at ``uri``: a ``gs://`` folder or a local folder with an MLmodel file."""
+    """Load the serving form of the model at ``uri``: a ``gs://`` folder or a local folder with an MLmodel file."""
     if uri.startswith("gs://"):
         local = Path(tempfile.mkdtemp(prefix="model-", dir=cache_dir))
         _download_folder(uri, local)
@@ -151,34 +164,30 @@ def load_model(uri: str, cache_dir: Path | None = None) -> LoadedModel:
             f"the model at {uri} does not ship the ride contract (code/ride_contract): it was logged before "
             "ride_contract existed; retrain and promote a new version"
         )
+    form_path = _serving_form_path(local, sklearn_flavor, uri)
     if str(code_dir) not in sys.path:
         sys.path.insert(0, str(code_dir))
     contract = importlib.import_module("ride_contract")
     for module in CONTRACT_MODULES:
         importlib.import_module(f"ride_contract.{module}")
+    try:
+        form = contract.serving_form.ServingForm.load(form_path)
+    except contract.serving_form.ServingFormError as exc:
+        raise ModelNotFound(f"the model at {uri} has a serving form this function cannot score: {exc}") from exc
+    return LoadedModel(form, contract, str(description.get("run_id", "")), str(description.get("model_id", "")), uri)
 
-    model = _unpickle(local / sklearn_flavor.get("pickled_model", "model.pkl"), sklearn_flavor, uri)
-    return LoadedModel(model, contract, str(description.get("run_id", "")), str(description.get("model_id", "")), uri)
 
-
-def _unpickle(path: Path, flavor: dict[str, Any], uri: str) -> Any:
-    """The fitted model, read in the format the sklearn flavor names."""
-    serialization = flavor.get("serialization_format", "cloudpickle")
-    if not path.is_file():
-        raise ModelNotFound(f"the model at {uri} names {path.name} as its pickled model, but there is no such file")
-    if serialization == "cloudpickle":
-        import cloudpickle
-
-        with open(path, "rb") as f:
-            return cloudpickle.load(f)
-    if serialization == "pickle":
-        import pickle
-
-        with open(path, "rb") as f:
-            return pickle.load(f)  # noqa: S301 - our own registry's model, selected by RUN_ID
-    if serialization == "skops":
+def _serving_form_path(local: Path, flavor: dict[str, Any], uri: str) -> Path:
+    """The serving form the sklearn flavor lists among its extra files."""
+    listed = [entry.get("path", "") for entry in flavor.get("extra_files") or [] if isinstance(entry, dict)]
+    forms = [path for path in listed if path.rpartition("/")[2] == SERVING_FORM_FILE]
+    if not forms:
         raise ModelNotFound(
-            f"the model at {uri} is serialized with skops, which this function does not install; "
-            "log models with serialization_format cloudpickle (training/train.py does)"
+            f"the model at {uri} has no serving form ({SERVING_FORM_FILE} among the sklearn flavor's extra_files): "
+            "it was logged before serving forms existed, and this function does not run scikit-learn; "
+            "retrain and promote a new version"
         )
-    raise ModelNotFound(f"the model at {uri} has an unknown serialization_format {serialization!r}")
+    path = local / forms[0]
+    if not path.is_file():
+        raise ModelNotFound(f"the model at {uri} lists {forms[0]} as its serving form, but there is no such file")
+    return path

@@ -2,7 +2,8 @@
 
 The service gets its model, the model's ride contract and a publisher injected, so
 unit tests run it with a fake model and a list for a publisher, and the Cloud
-Function wires the real ones.
+Function wires the real ones. The model is the serving form (``ride_contract.serving_form``):
+a ride costs tens of microseconds to score, so each request scores its own ride.
 """
 
 from __future__ import annotations
@@ -10,13 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import queue
 import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -25,26 +23,7 @@ from typing import Any, Protocol
 # published again (the first may have been lost on the way, which is why the backend
 # resent it). A reused ride_id carrying another ride is a different ride, predicted afresh.
 RECENT_RIDES = 10_000
-MAX_BATCH = 64
-PREDICT_TIMEOUT_SECONDS = 30
 _LOG_LOCK = threading.Lock()
-
-
-def wait_awake(future: Future, budget_seconds: float, step: float = 0.5, clock: Callable[[], float] = time.monotonic) -> Any:
-    """``future.result()``, giving up after ``budget_seconds`` of this process being awake.
-
-    The clock runs on while the process is paused (SIGSTOP, a throttled instance), so a plain
-    timeout fails a request that was only frozen. A wait slice that took longer than asked was
-    a pause, and counts as one slice."""
-    spent = 0.0
-    while True:
-        started = clock()
-        try:
-            return future.result(timeout=min(step, budget_seconds - spent))
-        except TimeoutError:
-            spent += min(clock() - started, step)
-            if spent >= budget_seconds:
-                raise
 
 
 class PoisonMessage(ValueError):
@@ -69,53 +48,6 @@ def log(severity: str, message: str, **fields: Any) -> None:
     with _LOG_LOCK:
         sys.stdout.write(line)
         sys.stdout.flush()
-
-
-class MicroBatcher:
-    """Predicts the rides of concurrent requests in one model call.
-
-    A pipeline call costs about the same for one ride as for fifty (validation and
-    encoding overhead dominate), and push delivery hands an instance many messages
-    at once. Rides that arrive while a batch is being predicted form the next batch;
-    nothing waits for a batch to fill, so a lone ride is not delayed.
-    """
-
-    def __init__(self, predict_many: Callable[[Sequence[Any]], Sequence[float]], max_batch: int = MAX_BATCH):
-        self._predict_many = predict_many
-        self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[Any, Future]] = queue.SimpleQueue()
-        self._worker: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-
-    def predict(self, ride: Any) -> float:
-        self._ensure_worker()
-        result: Future = Future()
-        self._queue.put((ride, result))
-        return wait_awake(result, PREDICT_TIMEOUT_SECONDS)
-
-    def _ensure_worker(self) -> None:
-        # Started on first use, in the process that serves (gunicorn forks after import).
-        with self._start_lock:
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
-                self._worker.start()
-
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < self._max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                minutes = self._predict_many([ride for ride, _ in batch])
-            except Exception as exc:  # every waiting request fails, and Pub/Sub redelivers it
-                for _, result in batch:
-                    result.set_exception(exc)
-                continue
-            for (_, result), value in zip(batch, minutes, strict=True):
-                result.set_result(float(value))
 
 
 class RideDurationService:
@@ -145,7 +77,6 @@ class RideDurationService:
         # the first delivery is still publishing, so answering a ride is claimed under a lock.
         self._lock = threading.Lock()
         self._in_flight: dict[tuple[str, str], threading.Event] = {}
-        self._batcher = MicroBatcher(lambda rides: self.model.predict(self.contract.features.rides_frame(rides)))
 
     def decode(self, data: str | bytes | None, message_id: str | None) -> Any:
         """The message's ride, validated; raises PoisonMessage with the reason."""
@@ -170,7 +101,7 @@ class RideDurationService:
 
     def predict(self, ride: Any, fingerprint: str) -> Any:
         """The ride's RideResult (the contract's result message); ``fingerprint`` is ``ride.fingerprint()``."""
-        minutes = self._batcher.predict(ride)
+        minutes = float(self.model.predict([ride])[0])
         return self.contract.result.RideResult(
             ride_id=ride.ride_id,
             duration_final=round(minutes, 2),
@@ -246,13 +177,35 @@ class RideDurationService:
         log("WARNING", "dead-lettered message", reason=reason, message_id=message_id)
 
 
+def build_service(config: Any, loaded: Any, model: Any = None) -> RideDurationService:
+    """The service for a loaded model (model_store.LoadedModel) as the FunctionConfig says; it publishes to Pub/Sub.
+
+    ``model`` scores instead of the model's serving form (benchmarks/pipeline_function)."""
+    return RideDurationService(
+        model if model is not None else loaded.model,
+        loaded.contract,
+        PubSubPublisher(config.project_id, config.publish_timeout),
+        config.pull_topic,
+        config.deadletter_topic,
+        run_id=loaded.run_id,
+        model_version=config.model_version,
+        model_id=loaded.model_id,
+    )
+
+
 class PubSubPublisher:
-    """Blocking publish to Pub/Sub topics of one project."""
+    """Blocking publish to Pub/Sub topics of one project: one Publish call per result, in the request's thread.
+
+    The client library's batching publisher would start a commit thread and a future for
+    every one-message batch; calling the Publish RPC directly (its ``api``) halves the CPU a
+    result costs here and in the broker (benchmarks/stream_bench.py), and a ride waits for
+    its own publish anyway. Transient errors are retried within the publish timeout."""
 
     def __init__(self, project_id: str, timeout: float = 30.0):
         self._project_id = project_id
         self._timeout = timeout
         self._client = None
+        self._retry = None
         self._client_lock = threading.Lock()
         self._paths: dict[str, str] = {}
 
@@ -261,14 +214,15 @@ class PubSubPublisher:
         # (gunicorn workers), and the cold start does not pay for it.
         with self._client_lock:
             if self._client is None:
+                from google.api_core.retry import Retry
                 from google.cloud import pubsub_v1
 
-                # One message per batch: each call publishes one result and waits for it,
-                # so batching would only add its max_latency to every ride.
-                self._client = pubsub_v1.PublisherClient(batch_settings=pubsub_v1.types.BatchSettings(max_messages=1))
+                self._client = pubsub_v1.PublisherClient()
+                self._retry = Retry(initial=0.1, maximum=2.0, timeout=self._timeout)
             return self._client
 
     def publish(self, topic: str, data: bytes, **attributes: str) -> None:
         client = self._publisher()
         path = self._paths.setdefault(topic, client.topic_path(self._project_id, topic))
-        client.publish(path, data, **attributes).result(timeout=self._timeout)
+        message = {"data": data, "attributes": attributes}
+        client.api.publish(topic=path, messages=[message], retry=self._retry, timeout=self._timeout)

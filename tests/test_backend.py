@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -374,3 +375,37 @@ def test_the_backend_needs_only_its_folder_and_the_ride_contract():
     imported = set(ast.literal_eval(completed.stdout))
     assert {"backend", "ride_contract"} <= imported
     assert not imported & {"training", "data", "flows", "devstack", "serving_function", "pandas", "sklearn", "scipy"}
+
+
+def test_thread_cpu_is_counted_for_the_selected_threads_only():
+    import time
+
+    from backend.stream import threads_cpu_seconds
+
+    release = threading.Event()
+
+    def busy_then_wait(seconds: float, burned: threading.Event) -> None:
+        until = time.thread_time() + seconds
+        while time.thread_time() < until:
+            pass
+        burned.set()
+        release.wait()
+
+    burned = {"Thread-LeaseMaintainer": threading.Event(), "unrelated-worker": threading.Event()}
+    workers = [
+        threading.Thread(target=busy_then_wait, args=(0.3, burned["Thread-LeaseMaintainer"]), name="Thread-LeaseMaintainer"),
+        threading.Thread(target=busy_then_wait, args=(0.6, burned["unrelated-worker"]), name="unrelated-worker"),
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        assert all(event.wait(60) for event in burned.values())
+        counted = threads_cpu_seconds(lambda name: name == "Thread-LeaseMaintainer")
+        both = threads_cpu_seconds(lambda name: name in burned)
+    finally:
+        release.set()
+        for worker in workers:
+            worker.join()
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    assert 0.3 - tick <= counted < 0.6  # its own 0.3 s, not the other thread's
+    assert both >= 0.9 - 2 * tick

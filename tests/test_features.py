@@ -11,8 +11,9 @@ from conftest import DATA
 
 from data import load_trips
 from ride_contract.coarse import CoarseEstimator
-from ride_contract.features import FEATURE_COLUMNS, ride_features, rides_frame
+from ride_contract.features import FEATURE_COLUMNS, ride_feature_matrix
 from ride_contract.ride import RIDE_COLUMNS, InvalidRide, Ride, parse_ride
+from ride_contract.sklearn_features import ride_features, rides_frame
 
 
 @pytest.fixture(scope="module")
@@ -22,22 +23,26 @@ def real_trips() -> pd.DataFrame:
 
 
 def test_training_and_serving_features_are_identical(real_trips):
-    # Training: the loader's frame, datetimes as timestamps.
+    # Training: the loader's frame, datetimes as timestamps, through the pipeline's pandas step.
     at_training = ride_features(real_trips[RIDE_COLUMNS])
-    # Serving: the same rides as JSON messages (what the backend publishes), validated, then framed.
+    # Serving: the same rides as JSON messages (what the backend publishes), validated, as the function computes them.
     messages = [
         json.dumps({**r, "datetime": r["datetime"].strftime("%Y-%m-%d %H:%M:%S")})
         for r in real_trips[RIDE_COLUMNS].to_dict("records")
     ]
     rides = [Ride.model_validate_json(m) for m in messages]
-    at_serving = ride_features(rides_frame(rides))
-    pd.testing.assert_frame_equal(at_training, at_serving)
-    assert list(at_serving.columns) == FEATURE_COLUMNS
+    np.testing.assert_array_equal(at_training.to_numpy(dtype=np.float64), ride_feature_matrix(rides))
+    assert list(at_training.columns) == FEATURE_COLUMNS
+    # And pandas' own calendar agrees with the feature function's.
+    pickup = real_trips["datetime"]
+    np.testing.assert_array_equal(at_training["pickup_weekday"], pickup.dt.day_of_week)
+    np.testing.assert_array_equal(at_training["pickup_hour"], pickup.dt.hour + pickup.dt.minute / 60)
 
 
 def test_feature_values_for_one_ride():
     ride = Ride.model_validate({"datetime": "2022-06-23 11:36:42", "PULocationID": 34, "DOLocationID": 56, "trip_distance": 12})
-    row = ride_features(rides_frame([ride])).iloc[0].to_dict()
+    row = dict(zip(FEATURE_COLUMNS, ride_feature_matrix([ride])[0], strict=True))
+    assert row == ride_features(rides_frame([ride])).iloc[0].to_dict()
     assert row == {
         "PULocationID": 34,
         "DOLocationID": 56,
@@ -64,10 +69,17 @@ def test_logged_pipeline_predicts_the_same_for_frames_and_ride_dicts(local_model
 
 
 def test_aware_datetimes_become_nyc_local_time():
-    ride = Ride.model_validate(
-        {"datetime": "2022-06-23T15:36:42+00:00", "PULocationID": 1, "DOLocationID": 2, "trip_distance": 1}
-    )
-    assert str(ride.datetime) == "2022-06-23 11:36:42"
+    ride = {"datetime": "2022-06-23T15:36:42+00:00", "PULocationID": 1, "DOLocationID": 2, "trip_distance": 1}
+    assert str(Ride.model_validate(ride).datetime) == "2022-06-23 11:36:42"
+    # The pipeline's own step reads an aware time the same way, so a frame of them scores as the rides would.
+    assert ride_features(pd.DataFrame([ride]))["pickup_hour"].iloc[0] == pytest.approx(11.6)
+
+
+def test_weekdays_before_1970_are_counted_from_the_right_day():
+    # The feature function counts days from 1970-01-01 (a Thursday); TLC files hold pickups from 2009 and earlier.
+    pickups = pd.Series(pd.to_datetime(["1969-12-31 23:59", "1960-02-29 00:00", "2009-01-01 00:00", "2024-12-30 07:30"]))
+    frame = pd.DataFrame({"datetime": pickups, "PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0})
+    np.testing.assert_array_equal(ride_features(frame)["pickup_weekday"], pickups.dt.day_of_week)
 
 
 def test_parse_ride_names_every_bad_field():

@@ -15,8 +15,8 @@ from google.cloud import pubsub_v1
 from devstack.processes import ServiceError, function_server
 from devstack.pubsub import ensure_subscription, ensure_topic, pull_messages
 from devstack.traffic import real_rides
-from ride_contract.features import rides_frame
-from serving_function.model_store import find_model_uri, load_model
+from ride_contract.sklearn_features import rides_frame
+from serving_function.model_store import find_model_uri
 
 pytestmark = pytest.mark.integration
 
@@ -82,15 +82,19 @@ def stack_factory(emulators, gcs_model, tmp_path):
 
 
 @pytest.mark.parametrize("signature", sorted(SIGNATURES))
-def test_rides_pushed_to_the_function_come_back_on_the_pull_topic(signature, stack_factory, emulators, gcs_model, march_rides):
-    result, _ = gcs_model
+def test_rides_pushed_to_the_function_come_back_on_the_pull_topic(signature, stack_factory, gcs_model, march_rides, monkeypatch):
+    import mlflow
+
+    result, settings = gcs_model
     stack = stack_factory(signature).start()
     stack.publish([json.dumps(r).encode() for r in march_rides])
     answers = {a["ride_id"]: a for a in stack.results(len(march_rides))}
 
     assert set(answers) == {r["ride_id"] for r in march_rides}
-    reference = load_model(find_model_uri(emulators.bucket, result.run_id))
-    expected = reference.model.predict(rides_frame(march_rides))
+    # The function scores the serving form; the logged sklearn pipeline is the reference.
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # our own model
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    expected = mlflow.sklearn.load_model(result.model_uri).predict(rides_frame(march_rides))
     for ride, minutes in zip(march_rides, expected, strict=True):
         answer = answers[ride["ride_id"]]
         assert answer["duration_final"] == pytest.approx(minutes, abs=0.01)
@@ -152,3 +156,16 @@ def test_model_prefix_is_a_folder_not_a_string_prefix(emulators):
     assert found == f"gs://{emulators.bucket}/prefix-test/10/models/m-0a1b/artifacts"
     with pytest.raises(ModelNotFound, match="no model logged by run"):
         find_model_uri(emulators.bucket, run_id, "prefix-test/1")  # experiment 1 is not experiment 10
+
+
+def test_a_cold_start_downloads_only_what_it_serves_with(emulators, gcs_model, tmp_path):
+    from serving_function.model_store import load_model
+
+    result, _ = gcs_model
+    loaded = load_model(find_model_uri(emulators.bucket, result.run_id), cache_dir=tmp_path)
+    [folder] = tmp_path.iterdir()
+    downloaded = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert {"MLmodel", "extra_files/serving_form.npz", "code/ride_contract/serving_form.py"} <= downloaded
+    assert not {"model.pkl", "input_example.json", "requirements.txt", "conda.yaml"} & downloaded
+    assert all(p == "MLmodel" or p.startswith(("code/", "extra_files/")) for p in downloaded)
+    assert loaded.model.kind == "hist_gradient_boosting"

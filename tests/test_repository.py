@@ -84,11 +84,36 @@ def test_runtime_pins_match_the_lock(path):
         assert lock[name.lower()] == version, f"{path}: {name}=={version}, lock has {lock.get(name.lower())}"
 
 
-def test_the_function_installs_every_package_the_model_needs():
-    from training.models import RUNTIME_PACKAGES
+def _installed_closure(names: list[str]) -> set[str]:
+    """The packages ``names`` pull in, as installed here (markers evaluated, extras not taken)."""
+    from importlib.metadata import PackageNotFoundError, requires
 
-    pinned = dict(re.findall(r"([A-Za-z0-9_.\-]+)==(\S+)", (REPO / "serving_function/requirements.txt").read_text()))
-    assert set(RUNTIME_PACKAGES) <= set(pinned)
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    todo = [canonicalize_name(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requirements = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        for text in requirements:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(requirement.name))
+    return seen
+
+
+def test_the_function_installs_neither_scikit_learn_scipy_nor_pandas():
+    pinned = re.findall(r"^([A-Za-z0-9_.\-]+)==", (REPO / "serving_function/requirements.txt").read_text(), re.M)
+    closure = _installed_closure(pinned)
+    assert {"numpy", "pydantic", "google-cloud-storage", "grpcio"} <= closure  # the walk does find dependencies
+    assert not closure & {"scikit-learn", "scipy", "pandas", "pyarrow", "cloudpickle", "mlflow"}
 
 
 def test_one_python_version_for_training_the_function_and_the_backend():

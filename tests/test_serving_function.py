@@ -15,7 +15,8 @@ import ride_contract.features
 import ride_contract.result
 import ride_contract.ride
 from ride_contract.result import RideResult
-from ride_contract.ride import RIDE_COLUMNS, Ride
+from ride_contract.ride import Ride
+from ride_contract.sklearn_features import rides_frame
 from serving_function import prediction
 from serving_function.model_store import ModelNotFound, load_model
 from serving_function.prediction import RideDurationService
@@ -29,14 +30,16 @@ def b64(payload) -> str:
 
 
 class FakeModel:
-    """Predicts 2 minutes per mile, and records what it was asked."""
+    """Predicts 2 minutes per mile, and records the rides it was asked about."""
+
+    kind = "fake"
 
     def __init__(self):
-        self.frames = []
+        self.calls: list[list[Ride]] = []
 
-    def predict(self, frame):
-        self.frames.append(frame)
-        return frame["trip_distance"].to_numpy() * 2.0
+    def predict(self, rides):
+        self.calls.append(list(rides))
+        return np.array([ride.trip_distance * 2.0 for ride in rides])
 
 
 class RecordingPublisher:
@@ -79,10 +82,10 @@ def test_valid_ride_is_predicted_and_published_with_model_identity():
     ]
 
 
-def test_model_gets_raw_ride_columns_only():
+def test_model_gets_the_validated_ride():
     model = FakeModel()
     service(model=model).handle(b64(RIDE), message_id="m1")
-    assert list(model.frames[0].columns) == RIDE_COLUMNS
+    assert model.calls == [[Ride.model_validate(RIDE)]]
 
 
 def test_missing_ride_id_is_derived_from_message_id_so_redelivery_keeps_it():
@@ -99,7 +102,7 @@ def test_a_repeated_ride_is_not_predicted_again_but_its_result_is_published_agai
     publisher, model = RecordingPublisher(), FakeModel()
     svc = service(publisher, model)
     assert svc.handle(b64(RIDE), "m1") == svc.handle(b64(RIDE), "m2")  # e.g. resent by the backend
-    assert len(model.frames) == 1
+    assert len(model.calls) == 1
     assert len(publisher.sent) == 2 and publisher.sent[0] == publisher.sent[1]  # one logical result
 
 
@@ -110,7 +113,7 @@ def test_a_reused_ride_id_with_another_ride_is_predicted_afresh():
     other = svc.handle(b64({**RIDE, "trip_distance": 30}), "m2")  # same ride_id, a 30-mile ride
     assert (first.duration_final, other.duration_final) == (24.0, 60.0)
     assert first.ride_fingerprint != other.ride_fingerprint
-    assert len(model.frames) == 2
+    assert len(model.calls) == 2
 
 
 @pytest.mark.parametrize(
@@ -153,18 +156,24 @@ def test_answered_rides_memory_is_bounded(monkeypatch):
     assert [ride_id for ride_id, _ in svc._answered] == ["r7", "r8", "r9"]
 
 
-def test_load_model_from_logged_folder_predicts_like_the_pipeline(local_model):
+def test_load_model_reads_the_serving_form_which_predicts_like_the_logged_pipeline(local_model, monkeypatch):
+    import mlflow
+
     from training.registry import promote, resolve
 
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # our own model
     result, settings = local_model
     promote(result.version, settings)
     resolved = resolve("production", settings)
     loaded = load_model(resolved.artifact_uri)
     assert loaded.run_id == result.run_id and loaded.model_id.startswith("m-")
-    assert loaded.contract.__name__ == "ride_contract"
+    assert loaded.contract.__name__ == "ride_contract" and loaded.model.kind == "hist_gradient_boosting"
     rides = [Ride.model_validate(RIDE), Ride.model_validate({**RIDE, "trip_distance": 1.5})]
-    minutes = loaded.model.predict(loaded.contract.features.rides_frame(rides))
-    assert minutes.shape == (2,) and np.all((minutes > 1) & (minutes < 60)) and minutes[0] > minutes[1]
+    minutes = loaded.model.predict(rides)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    pipeline = mlflow.sklearn.load_model(result.model_uri)
+    np.testing.assert_allclose(minutes, pipeline.predict(rides_frame(rides)), atol=1e-9)
+    assert minutes[0] > minutes[1]
 
 
 def test_load_model_names_the_uri_it_tried(tmp_path):
@@ -180,13 +189,13 @@ def test_a_model_logged_before_the_ride_contract_is_refused_with_the_reason(tmp_
         load_model(str(tmp_path))
 
 
-def test_concurrent_rides_are_predicted_together_and_each_gets_its_own_answer():
+def test_concurrent_rides_each_get_their_own_answer():
     import threading
 
     class SlowModel(FakeModel):
-        def predict(self, frame):
-            threading.Event().wait(0.05)  # rides arriving meanwhile queue up for the next batch
-            return super().predict(frame)
+        def predict(self, rides):
+            threading.Event().wait(0.01)  # requests overlap inside the model
+            return super().predict(rides)
 
     model, publisher = SlowModel(), RecordingPublisher()
     svc = service(publisher, model)
@@ -201,12 +210,11 @@ def test_concurrent_rides_are_predicted_together_and_each_gets_its_own_answer():
     assert {record["ride_id"]: record["duration_final"] for _, record, _ in publisher.sent} == {
         f"r{i}": 2.0 * (i + 1) for i in range(20)
     }
-    assert len(model.frames) < 20 and max(len(f) for f in model.frames) > 1
 
 
 def test_a_failing_model_fails_the_request_so_it_is_redelivered():
     class BrokenModel:
-        def predict(self, frame):
+        def predict(self, rides):
             raise MemoryError("out of memory")
 
     publisher = RecordingPublisher()
@@ -256,24 +264,8 @@ def test_log_lines_stay_whole_under_concurrency(monkeypatch):
     assert len(lines) == 1600 and all(json.loads(line)["message"] == "prediction" for line in lines)
 
 
-def test_a_paused_process_does_not_use_up_the_predict_timeout():
-    import itertools
-    import threading
-    from concurrent.futures import Future
-
-    # Every wait slice appears to take 40 s of clock time, as when the process is paused meanwhile.
-    paused_clock = itertools.count(0, 40).__next__
-    answer: Future = Future()
-    threading.Timer(0.3, answer.set_result, args=[12.5]).start()
-    assert prediction.wait_awake(answer, budget_seconds=30, step=0.05, clock=paused_clock) == 12.5
-
-    never: Future = Future()
-    with pytest.raises(TimeoutError):  # awake time still runs out
-        prediction.wait_awake(never, budget_seconds=0.2, step=0.05)
-
-
 def _model_folder(tmp_path, flavors: dict, files: dict[str, bytes]):
-    """A logged-model folder as MLflow writes it: MLmodel (YAML), code/ride_contract, the pickle."""
+    """A logged-model folder as MLflow writes it: MLmodel (YAML), code/ride_contract, extra files."""
     import shutil
 
     import yaml
@@ -281,40 +273,105 @@ def _model_folder(tmp_path, flavors: dict, files: dict[str, bytes]):
     (tmp_path / "MLmodel").write_text(yaml.safe_dump({"run_id": "run-7", "model_id": "m-7", "flavors": flavors}))
     shutil.copytree(REPO / "ride_contract", tmp_path / "code" / "ride_contract")
     for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(content)
     return str(tmp_path)
 
 
-@pytest.mark.parametrize("serialization", ["cloudpickle", "pickle"])
-def test_the_sklearn_flavor_names_the_pickle_file_and_its_format(tmp_path, serialization):
-    import pickle
+def _linear_form() -> bytes:
+    """A serving form of a linear model: 3 minutes for any zone pair, plus 2 minutes per mile."""
+    import io
 
-    import cloudpickle
+    from ride_contract.features import FEATURE_COLUMNS
+    from ride_contract.serving_form import FORMAT, PAIR_BASE
 
-    dump = cloudpickle.dumps if serialization == "cloudpickle" else pickle.dumps
-    flavor = {"sklearn": {"pickled_model": "pipeline.bin", "serialization_format": serialization}}
-    loaded = load_model(_model_folder(tmp_path, flavor, {"pipeline.bin": dump({"fitted": serialization})}))
-    assert loaded.model == {"fitted": serialization}
-    assert (loaded.run_id, loaded.model_id) == ("run-7", "m-7")
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        format=np.array(FORMAT),
+        feature_columns=np.array(FEATURE_COLUMNS),
+        kind=np.array("linear"),
+        numeric_features=np.array([FEATURE_COLUMNS.index("trip_distance")]),
+        pair_table=np.full(PAIR_BASE * PAIR_BASE, 3.0),
+        numeric_coefficients=np.array([2.0]),
+    )
+    return buffer.getvalue()
+
+
+SERVED = {"sklearn": {"pickled_model": "model.pkl", "extra_files": [{"path": "extra_files/serving_form.npz"}]}}
+
+
+def test_the_serving_form_is_found_through_the_sklearn_flavors_extra_files_and_nothing_is_unpickled(tmp_path):
+    folder = _model_folder(tmp_path, SERVED, {"extra_files/serving_form.npz": _linear_form(), "model.pkl": b"not a pickle"})
+    loaded = load_model(folder)
+    assert (loaded.run_id, loaded.model_id, loaded.model.kind) == ("run-7", "m-7", "linear")
+    assert loaded.model.predict([Ride.model_validate(RIDE)]).tolist() == [3.0 + 2.0 * 12]
 
 
 @pytest.mark.parametrize(
     ("flavors", "files", "message"),
     [
-        (
-            {"sklearn": {"pickled_model": "model.skops", "serialization_format": "skops"}},
-            {"model.skops": b"x"},
-            "serialized with skops",
-        ),
         ({"python_function": {"loader_module": "mlflow.pyfunc.model"}}, {}, r"not an sklearn model \(flavors: python_function\)"),
-        ({"sklearn": {"pickled_model": "gone.pkl"}}, {}, "no such file"),
-        (
-            {"sklearn": {"pickled_model": "model.pkl", "serialization_format": "joblib"}},
-            {"model.pkl": b"x"},
-            "unknown serialization_format",
-        ),
+        ({"sklearn": {"pickled_model": "model.pkl"}}, {"model.pkl": b"x"}, r"no serving form .*retrain"),
+        (SERVED, {}, "no such file"),
+        (SERVED, {"extra_files/serving_form.npz": b"garbage"}, "not a readable serving form"),
     ],
 )
 def test_a_model_the_function_cannot_load_is_refused_saying_why(tmp_path, flavors, files, message):
     with pytest.raises(ModelNotFound, match=message):
         load_model(_model_folder(tmp_path, flavors, files))
+
+
+def test_a_serving_form_of_another_format_is_refused(tmp_path):
+    import io
+
+    with np.load(io.BytesIO(_linear_form())) as data:
+        arrays = dict(data)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{**arrays, "format": np.array("ridestream-serving-form/99")})
+    folder = _model_folder(tmp_path, SERVED, {"extra_files/serving_form.npz": buffer.getvalue()})
+    with pytest.raises(ModelNotFound, match=r"format 'ridestream-serving-form/99'"):
+        load_model(folder)
+
+
+def test_the_cold_start_imports_neither_scikit_learn_scipy_nor_pandas(local_model, tmp_path):
+    """The function's module, started as functions-framework would import it, on a real logged model."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    result, settings = local_model
+    logged = mlflow.MlflowClient(settings.tracking_uri).get_logged_model(result.model_uri.rpartition("/")[2])
+    check = (
+        "import sys, main; "
+        "print(main.SERVICE.model.kind, sorted(m for m in ('sklearn', 'scipy', 'pandas', 'pyarrow', 'mlflow') if m in sys.modules))"
+    )
+    env = {
+        **os.environ,
+        "MODEL_URI": logged.artifact_location,
+        "RUN_ID": result.run_id,
+        "GOOGLE_CLOUD_PROJECT": "cold-start",
+        "BACKEND_PULL_STREAM": "results",
+        "BACKEND_DEADLETTER_STREAM": "dead",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", check], cwd=REPO / "serving_function", env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split("\n")[-2] == "hist_gradient_boosting []", out.stdout + out.stderr
+
+
+def test_a_publish_the_broker_never_takes_fails_within_the_publish_timeout(monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a Pub/Sub address nothing answers at
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("PUBSUB_EMULATOR_HOST", f"127.0.0.1:{sock.getsockname()[1]}")
+    publisher = prediction.PubSubPublisher("ridestream-local", timeout=2.0)
+    started = time.monotonic()
+    with pytest.raises(Exception) as failure:  # the function fails the request: Pub/Sub redelivers the ride
+        publisher.publish("results", b"{}", ride_id="r-1")
+    assert time.monotonic() - started < 10
+    assert type(failure.value).__module__.startswith("google.api_core")

@@ -62,13 +62,25 @@ def test_run_logs_params_metrics_lineage_plots_and_a_self_contained_model(local_
     # The model ships the ride contract, and nothing else of the project.
     assert [p.name for p in (model_dir / "code").iterdir()] == ["ride_contract"]
     shipped = sorted(p.name for p in (model_dir / "code" / "ride_contract").iterdir())
-    assert shipped == ["__init__.py", "coarse.py", "features.py", "result.py", "ride.py"]
+    assert shipped == [
+        "__init__.py",
+        "coarse.py",
+        "features.py",
+        "result.py",
+        "ride.py",
+        "serving_form.py",
+        "sklearn_features.py",
+    ]
+    # Its serving form sits in the same folder, listed by the sklearn flavor, checked against the pipeline.
+    assert (model_dir / "extra_files" / "serving_form.npz").is_file()
+    assert run.data.metrics["serving_form_max_abs_diff_minutes"] < 1e-6
     # Exactly the pinned runtime packages (MLflow adds itself for its own loaders), nothing inferred.
     from importlib.metadata import version
 
     assert (model_dir / "requirements.txt").read_text().split() == [f"mlflow=={version('mlflow')}", *pip_requirements()]
     mlmodel = (model_dir / "MLmodel").read_text()
     assert '"name": "PULocationID"' in mlmodel and f"run_id: {result.run_id}" in mlmodel
+    assert "path: extra_files/serving_form.npz" in mlmodel
 
 
 def test_hyperparameter_search_logs_each_trial_as_a_nested_run(tmp_path):

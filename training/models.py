@@ -16,7 +16,7 @@ from sklearn.model_selection import KFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, TargetEncoder
 
-from ride_contract.features import RideFeaturizer
+from ride_contract.sklearn_features import RideFeaturizer
 
 ZONE_COLUMNS = ["PULocationID", "DOLocationID"]
 # HistGradientBoosting takes at most 255 bins per categorical feature; rare zones share one.

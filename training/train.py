@@ -4,7 +4,8 @@
 
 The run logs params, RMSE/MAE/R2 on validation and test, the data it read,
 plots, the coarse estimator the backend answers with, and the model (feature
-step included) with signature, input example and pinned requirements. A
+step included) with signature, input example, pinned requirements and its
+serving form (what the Cloud Function scores with, checked against the pipeline). A
 LinearRegression baseline and each hyperparameter trial are nested runs.
 """
 
@@ -30,7 +31,9 @@ import ride_contract
 from data import TLC_DOWNLOAD_BASE, TripDataError, load_trips, month_uri
 from ride_contract.features import FEATURE_COLUMNS
 from ride_contract.ride import RIDE_COLUMNS
-from training import coarse
+from ride_contract.serving_form import FILE_NAME as SERVING_FORM_FILE
+from ride_contract.serving_form import ServingForm
+from training import coarse, serving_form
 from training.models import DEFAULT_PARAMS, MODEL_FAMILIES, build_pipeline, pip_requirements, suggest_params
 from training.settings import Settings, configure_mlflow
 
@@ -156,8 +159,11 @@ def _log_plots(model: Pipeline, frame: pd.DataFrame, split: str, out_dir: Path) 
 CONTRACT_DIR = Path(ride_contract.__file__).resolve().parent
 
 
-def log_model(model: Pipeline, example: pd.DataFrame, metadata: dict[str, Any]) -> str:
-    """Log the pipeline to the active run; returns its models:/ URI."""
+def log_model(model: Pipeline, example: pd.DataFrame, form_path: Path, metadata: dict[str, Any]) -> str:
+    """Log the pipeline with its serving form to the active run; returns its models:/ URI.
+
+    The serving form goes into the same model folder (the sklearn flavor's extra_files), so
+    a registered version is still one folder, and mlflow.pyfunc.load_model still works."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -170,9 +176,17 @@ def log_model(model: Pipeline, example: pd.DataFrame, metadata: dict[str, Any]) 
         pip_requirements=pip_requirements(),
         code_paths=[str(CONTRACT_DIR)],
         serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
+        extra_files=[str(form_path)],
         metadata=metadata,
     )
     return info.model_uri
+
+
+def write_serving_form(model: Pipeline, frames: dict[str, pd.DataFrame], out_dir: Path) -> tuple[Path, float]:
+    """The model's serving form, checked against the pipeline on the validation and test rides."""
+    path = serving_form.write(model, out_dir / SERVING_FORM_FILE)
+    rides = pd.concat([frames["val"], frames["test"]], ignore_index=True)
+    return path, serving_form.check_parity(model, ServingForm.load(path), rides)
 
 
 @dataclass
@@ -237,9 +251,12 @@ def fit_and_log(config: TrainConfig, splits: Splits, settings: Settings) -> Trai
             metrics[f"coarse_{split}_rmse"] = coarse.rmse(coarse_model, frames[split])
         mlflow.log_metrics(metrics)
 
+        form_path, form_difference = write_serving_form(model, frames, Path(tmp))
+        mlflow.log_metric("serving_form_max_abs_diff_minutes", form_difference)
         model_uri = log_model(
             model,
             frames["train"],
+            form_path,
             metadata={"train_months": config.train_months, "feature_columns": FEATURE_COLUMNS},
         )
         return TrainResult(run.info.run_id, model_uri, metrics, params, fit_seconds=search_seconds)
