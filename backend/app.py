@@ -7,7 +7,8 @@ Routes:
                            the ride to BACKEND_PUSH_STREAM; with wait, up to N s for the final (200 when done)
   GET  /rides/<ride_id>    coarse + final, or pending
   GET  /healthz            the process is up
-  GET  /readyz             the stream (both topics) is reachable and the result listener runs
+  GET  /readyz             the stream (both topics) is reachable and the result listener runs; the model
+                           behind the latest result (model_served)
 """
 
 from __future__ import annotations
@@ -198,6 +199,7 @@ def create_app(
             "results_refused": getattr(listener, "refused", 0),
             "listener_last_error": listener.last_error,
             "listener_cpu_seconds": getattr(listener, "cpu_seconds", None),
+            "model_served": getattr(listener, "model_served", None),
         }
         return jsonify(body), 200 if ready else 503
 

@@ -141,6 +141,8 @@ class ResultListener(BackgroundLoop):
         self._store = store
         self.last_error: str | None = None
         self.received = 0
+        # The model behind the latest stored result: what is really answering riders (rollout status compares it).
+        self.model_served: dict[str, Any] | None = None
         self.refused = 0  # results for no pending ride here (unknown, or another ride under the same id)
         self._write_backoff = Backoff(initial=0.5, maximum=30)
 
@@ -179,6 +181,7 @@ class ResultListener(BackgroundLoop):
             log.warning("result refused", extra={"ride_id": result.ride_id, "reason": outcome.value})
         else:
             self.received += 1
+            self.model_served = {"model_version": result.model_version, "model_run_id": result.model_run_id, "at": time.time()}
         self.last_error = None  # results flow again
         message.ack()
 

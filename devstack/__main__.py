@@ -1,9 +1,9 @@
 """The local stack's commands.
 
-python -m devstack demo       # start everything, train, serve, stream real rides, redeploy; leaves the stack up
-python -m devstack redeploy   # restart the function with the RUN_ID of the `production` alias
-python -m devstack rollback   # production <- previous in the stack's registry, then redeploy
-python -m devstack status     # what runs where, and what is dead
+python -m devstack demo       # start everything, train, serve, stream real rides, promote; leaves the stack up
+python -m devstack redeploy   # deploy what the `production` alias says now, if the function serves anything else
+python -m devstack rollback   # production <- previous in the stack's registry; the rollout service follows
+python -m devstack status     # what runs where, what is dead, and registry vs deployed vs answering (exit 1 if they differ)
 python -m devstack restart SERVICE   # stop (the whole process group) and start again: same port, same data
 python -m devstack down       # stop every process the stack started, by PID
 """
@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+import requests
 from rich.console import Console
 from rich.table import Table
 
-from devstack.processes import ServiceError, answers_http, pid_alive
-from devstack.stack import DEFAULT_STACK_DIR, Stack
+from devstack.processes import ServiceError, pid_alive
+from devstack.stack import DEFAULT_STACK_DIR, REPO, Stack
 from devstack.traffic import real_rides, stream, summarize
 
 # Wide enough for the ride table even when output goes to a file or CI log (rich assumes 80 there).
@@ -36,14 +37,6 @@ def _start_redis(stack: Stack) -> str:
     except ServiceError as exc:
         console.print(f"[yellow]{exc}: one backend replica, results in memory[/yellow]")
         return ""
-
-
-def _resolve_production(stack: Stack):
-    from training import registry
-    from training.settings import Settings
-
-    stack.apply_env()
-    return registry.resolve(registry.PRODUCTION, Settings.from_env())
 
 
 def _show(outcomes, summary: dict, title: str, rows: int = 12) -> None:
@@ -65,6 +58,55 @@ def _show(outcomes, summary: dict, title: str, rows: int = 12) -> None:
     console.print_json(json.dumps(summary))
 
 
+def _promote_as_the_ui_does(stack: Stack, version: str, alias: str = "production") -> float:
+    """The MLflow UI's REST call (POST /api/2.0/mlflow/registered-models/alias); the time it was made."""
+    from mlflow import MlflowClient
+
+    from training.settings import Settings
+
+    at = time.time()
+    MlflowClient(stack.urls["mlflow"]).set_registered_model_alias(Settings.from_env().model_name, alias, version)
+    return at
+
+
+def _switch_under_traffic(stack: Stack, version: str) -> tuple[list, dict]:
+    """Promote ``version`` while riders keep coming; when did the first ride come back from it, and was any lost?"""
+    import threading
+
+    outcomes: list = []
+    stop = threading.Event()
+
+    def riders() -> None:
+        seed = 100
+        while not stop.is_set():  # small waves of real rides, back to back, until told to stop
+            outcomes.extend(stream(stack.backend_urls, real_rides(8, seed=seed), concurrency=4))
+            seed += 1
+
+    traffic = threading.Thread(target=riders)
+    traffic.start()
+    try:
+        time.sleep(3)  # riders are being answered by the old version
+        promoted_at = _promote_as_the_ui_does(stack, version)
+        stack.wait_rolled_out("production", version)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sum(o.model_version == str(version) for o in outcomes) < 20:
+            time.sleep(0.2)  # until riders have seen the new version for a while
+    finally:
+        stop.set()
+        traffic.join()
+    answered_by_new = [o.answered_at for o in outcomes if o.model_version == str(version) and o.answered_at]
+    summary = summarize(outcomes)
+    switch = {
+        "rides_during_switch": len(outcomes),
+        "lost": summary["lost"],
+        "seconds_from_alias_set_to_first_ride_answered_by_new_version": (
+            round(min(answered_by_new) - promoted_at, 2) if answered_by_new else None
+        ),
+        "model_versions_seen": summary["model_versions"],
+    }
+    return outcomes, switch
+
+
 def demo(args: argparse.Namespace) -> int:
     stack = Stack(args.stack_dir)
     if stack.state_path.exists():
@@ -81,18 +123,21 @@ def demo(args: argparse.Namespace) -> int:
         if not args.no_prefect_server:
             with console.status("starting the Prefect server (about 30 s)"):
                 stack.start_prefect()
-        console.rule("1. Prefect training flow on Jan/Feb/Mar 2021")
-        first = stack.run_training_flow("--trials", "1")
-        console.print(f"v{first['version']} -> {first['alias']}: {first['reason']}")
-
-        production = _resolve_production(stack)
+        stack.apply_env()  # this process is a client of the stack too (the registry, the comparison flow)
         redis_url = _start_redis(stack)
         replicas = 2 if redis_url else 1
-        with console.status(f"starting the function (RUN_ID {production.run_id}) and {replicas} backend replica(s)"):
-            stack.start_function(production.run_id, production.version)
+        with console.status(f"starting {replicas} backend replica(s) and the rollout service"):
             stack.start_backends(replicas, redis_url)
-        console.print(f"function serves v{production.version} (RUN_ID {production.run_id}) from {production.artifact_uri}")
+            stack.start_rollout("production=function,challenger=challenger")
         console.print(f"backend: {replicas} replica(s), results in {'Redis ' + redis_url if redis_url else 'memory'}")
+        console.print(f"rollout service {stack.urls['rollout']}: MLflow calls it (signed webhook) whenever an alias moves")
+
+        console.rule("1. Prefect training flow on Jan/Feb/Mar 2021; the rollout service deploys what it promotes")
+        first = stack.run_training_flow("--trials", "1")
+        console.print(f"v{first['version']} -> {first['alias']}: {first['reason']}")
+        with console.status(f"waiting for the rollout of v{first['version']}"):
+            entry = stack.wait_rolled_out("production", first["version"])
+        console.print(f"function serves v{first['version']}: {entry['history'][-1]['message']}")
 
         console.rule(f"2. {args.rides} real March 2021 rides through POST /predict")
         rides = real_rides(args.rides)
@@ -100,20 +145,27 @@ def demo(args: argparse.Namespace) -> int:
         outcomes = stream(stack.backend_urls, rides)
         _show(outcomes, summarize(outcomes, time.perf_counter() - started), "coarse now, final through the stream (minutes)")
 
-        console.rule("3. Lifecycle: train again, promote, redeploy")
-        second = stack.run_training_flow("--trials", "3", "--sample", "40000")
+        console.rule("3. A challenger in shadow, then promoted in the registry as the UI does")
+        # Held to challenger whatever its score: the demo shows the shadow deployment, then the promotion.
+        second = stack.run_training_flow("--trials", "3", "--sample", "40000", "--min-improvement", "1000")
         console.print(f"v{second['version']} -> {second['alias']}: {second['reason']}")
-        if not second["promoted"]:
-            # What an operator does in the MLflow UI (Models -> ride-duration -> alias production).
-            from training import registry
+        with console.status(f"waiting for the challenger v{second['version']} in shadow"):
+            stack.wait_rolled_out("challenger", second["version"])
+        shadow = stream(stack.backend_urls, real_rides(40, seed=3))
+        console.print(
+            f"riders answered by {summarize(shadow)['model_versions']}; the challenger v{second['version']} answered "
+            "the same rides into backend-shadow-stream, which no backend reads"
+        )
+        outcomes, switch = _switch_under_traffic(stack, second["version"])
+        _show(outcomes[-40:], switch, f"alias production -> v{second['version']} (REST, as the UI), riders kept coming", rows=5)
 
-            registry.promote(second["version"])
-            console.print(f"promoted v{second['version']} by hand, as an operator does in the MLflow UI (alias production)")
-        production = _resolve_production(stack)
-        with console.status(f"redeploying the function with RUN_ID {production.run_id}"):
-            stack.redeploy_function(production.run_id, production.version)
-        outcomes = stream(stack.backend_urls, real_rides(40, seed=1))
-        _show(outcomes, summarize(outcomes), f"after redeploy: rides answered by v{production.version}", rows=5)
+        console.rule("4. Champion vs challenger on the rides' actual durations (March 2021), logged to MLflow")
+        from flows.challenger_flow import challenger_flow
+
+        comparison = challenger_flow(
+            str(stack.log_dir / "function.log"), str(stack.log_dir / "challenger.log"), "2021-03", str(REPO / "data")
+        )
+        console.print_json(json.dumps(comparison))
 
         console.rule("the stack is up")
         console.print(f"MLflow UI:   {stack.urls['mlflow']}")
@@ -121,8 +173,12 @@ def demo(args: argparse.Namespace) -> int:
             console.print(f"Prefect UI:  {stack.urls['prefect']}")
         for url in stack.backend_urls:
             console.print(f"backend:     {url}  (POST /predict, GET /rides/<id>, /readyz)")
+        console.print(f"rollout:     {stack.urls['rollout']}/status")
         console.print(f"logs:        {stack.log_dir}")
-        console.print("next: promote another version in the MLflow UI, then `make redeploy`; `make down` stops everything.")
+        console.print(
+            "next: move the production alias in the MLflow UI and the function follows; `make status` compares; "
+            "`make rollback`; `make down` stops everything."
+        )
         return 0
     except BaseException:
         console.print("[red]demo failed or interrupted: stopping what it started[/red]")
@@ -131,21 +187,64 @@ def demo(args: argparse.Namespace) -> int:
         raise
 
 
+def _rollouts(stack: Stack, aliases: tuple[str, ...] = ("production", "challenger")) -> dict:
+    """Rollouts of the stack's function deployments, to look at or to run in this process."""
+    from devstack.rollout_target import LocalFunctionTarget
+    from rollout.app import previous_marker, registry_resolver
+    from rollout.reconcile import Rollout
+    from training.settings import Settings
+
+    stack.apply_env()
+    name = Settings.from_env().model_name
+    keys = {"production": "function", "challenger": "challenger"}
+    return {
+        alias: Rollout(
+            alias,
+            registry_resolver(name),
+            LocalFunctionTarget(stack.dir, keys[alias]),
+            after_rollout=previous_marker(name) if alias == "production" else None,
+        )
+        for alias in aliases
+    }
+
+
+def _sync_report(stack: Stack) -> dict:
+    """Registry vs deployed per alias (computed here: it holds whether the rollout service runs or not),
+    and what the backend's latest result was answered by."""
+    from rollout.__main__ import backend_served, judge
+
+    aliases = {alias: rollout.status() for alias, rollout in _rollouts(stack).items()}
+    if (aliases["challenger"]["registry"] or aliases["challenger"]["serving"]) is None:
+        aliases.pop("challenger")  # no challenger anywhere: nothing to compare
+    service_running = "rollout" in stack.urls and pid_alive(stack.pids.get("rollout", -1))
+    if service_running:  # its history of rollouts
+        service = requests.get(f"{stack.urls['rollout']}/status", timeout=30).json()["aliases"]
+        for alias, entry in aliases.items():
+            entry["history"] = service.get(alias, {}).get("history", [])
+    served = backend_served(stack.backend_urls[0]) if stack.backend_urls else None
+    report = judge({"aliases": aliases}, served)
+    if not service_running:
+        report["warning"] = "the rollout service is not running: alias moves are not followed until `make redeploy`"
+    return report
+
+
 def redeploy(args: argparse.Namespace) -> int:
+    """Reconcile now, through the rollout path: deploy what the registry's production alias says, if it differs."""
+    from devstack.rollout_target import LocalFunctionTarget
+    from rollout.app import previous_marker, registry_resolver
+    from rollout.reconcile import Rollout
+    from training.settings import Settings
+
     stack = Stack.load(args.stack_dir)
-    production = _resolve_production(stack)
-    answering = "function" in stack.urls and answers_http(stack.urls["function"])()
-    if stack.model.get("run_id") == production.run_id and answering:
-        console.print(f"the function already serves v{production.version} (RUN_ID {production.run_id})")
-        return 0
-    if not answering:
-        console.print("[yellow]the function is not answering: starting it again[/yellow]")
-    stack.redeploy_function(production.run_id, production.version)
-    console.print(f"function restarted with v{production.version} (RUN_ID {production.run_id})")
+    stack.apply_env()
+    name = Settings.from_env().model_name
+    rollout = Rollout("production", registry_resolver(name), LocalFunctionTarget(stack.dir), after_rollout=previous_marker(name))
+    console.print(rollout.reconcile())
     return 0
 
 
 def rollback(args: argparse.Namespace) -> int:
+    """production <- previous in the registry; the rollout service rolls the function back (the same path)."""
     from training import registry
     from training.settings import Settings
 
@@ -156,8 +255,12 @@ def rollback(args: argparse.Namespace) -> int:
     except LookupError as exc:
         console.print(f"[red]error:[/red] {exc.args[0]}")
         return 2
-    console.print(f"production is v{version} again")
-    return redeploy(args)
+    console.print(f"production is v{version} again in the registry; the rollout service follows")
+    if "rollout" not in stack.urls:
+        return redeploy(args)
+    entry = stack.wait_rolled_out("production", version)
+    console.print(f"function serves v{version}: {entry['history'][-1]['message']}")
+    return 0
 
 
 def restart(args: argparse.Namespace) -> int:
@@ -181,8 +284,14 @@ def down(args: argparse.Namespace) -> int:
 def status(args: argparse.Namespace) -> int:
     stack = Stack.load(args.stack_dir)
     alive = {key: "running" if pid_alive(pid) else "DEAD" for key, pid in stack.pids.items()}
-    console.print_json(json.dumps({"services": alive, "urls": stack.urls, "pids": stack.pids, "model": stack.model}))
-    return 0
+    report = {"services": alive, "urls": stack.urls, "pids": stack.pids, "models": stack.models, "sync": _sync_report(stack)}
+    console.print_json(json.dumps(report))
+    sync = report["sync"]
+    if "warning" in sync:
+        console.print(f"[yellow]warning:[/yellow] {sync['warning']}")
+    if not sync["in_sync"]:
+        console.print(f"[red]MISMATCH:[/red] {sync.get('mismatch')}")
+    return 0 if sync["in_sync"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ process) can stop exactly what was started.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -34,11 +35,24 @@ DEFAULT_STACK_DIR = REPO / ".stack"
 PROJECT = "ridestream-local"
 BUCKET = "ridestream-models"
 ARTIFACT_ROOT = f"gs://{BUCKET}/mlflow"
-TOPICS = {"push": "backend-push-stream", "pull": "backend-pull-stream", "dead": "backend-deadletter-stream"}
+TOPICS = {
+    "push": "backend-push-stream",
+    "pull": "backend-pull-stream",
+    "dead": "backend-deadletter-stream",
+    "shadow": "backend-shadow-stream",  # the challenger's results: no backend reads them
+}
 SUBSCRIPTIONS = {
     "push": "backend-push-stream-function",  # push -> the function
     "pull": "backend-pull-stream-backend",  # shared by every backend replica
     "dead": "backend-deadletter-stream-inspect",  # for people (and tests) to read dead letters
+    "shadow": "backend-push-stream-challenger",  # push -> the challenger function, a copy of every ride
+    "shadow_results": "backend-shadow-stream-inspect",  # the challenger's answers, for people and tests
+}
+# The function deployments: production answers riders; the challenger (alias challenger) answers
+# the same rides into the shadow topic only.
+FUNCTIONS = {
+    "function": {"subscription": SUBSCRIPTIONS["push"], "results": TOPICS["pull"]},
+    "challenger": {"subscription": SUBSCRIPTIONS["shadow"], "results": TOPICS["shadow"]},
 }
 
 
@@ -49,8 +63,17 @@ class Stack:
     urls: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
-    model: dict[str, str] = field(default_factory=dict)  # run_id and version the function serves
+    models: dict[str, dict] = field(default_factory=dict)  # per function key: the run_id and version it serves
     specs: dict[str, dict] = field(default_factory=dict)  # how to start each service again (restart)
+    # The services this process started or stopped: save() writes those, and keeps what other
+    # processes (the local rollout service) wrote for the rest.
+    changed: set[str] = field(default_factory=set)
+    removed: set[str] = field(default_factory=set)
+
+    @property
+    def model(self) -> dict:
+        """The model the production function serves."""
+        return self.models.get("function", {})
 
     @property
     def log_dir(self) -> Path:
@@ -88,6 +111,8 @@ class Stack:
 
     # --- bookkeeping -------------------------------------------------------------------------
     def _started(self, key: str, service: Service) -> Service:
+        self.removed.discard(key)
+        self.changed.add(key)
         self.services[key] = service
         self.specs[key] = service.spec()
         self.pids[key] = service.pid
@@ -96,10 +121,26 @@ class Stack:
         self.save()
         return service
 
+    _STATE_KEYS = ("pids", "ports", "urls", "models", "specs")
+
     def save(self) -> None:
+        """Write this process's view into the state file, merged with what other processes wrote meanwhile.
+
+        The demo and the local rollout service (which deploys functions) both change the stack;
+        each writes only what it started or stopped, under a file lock."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        state = {"pids": self.pids, "ports": self.ports, "urls": self.urls, "model": self.model, "specs": self.specs}
-        self.state_path.write_text(json.dumps(state, indent=2))
+        with open(self.dir / "state.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+            for name in self._STATE_KEYS:
+                mine = getattr(self, name)
+                merged = {**mine, **state.get(name, {})}
+                merged.update({key: mine[key] for key in self.changed if key in mine})
+                if name == "pids":  # a stopped service keeps its spec, port and URL: restart() needs them
+                    for key in self.removed:
+                        merged.pop(key, None)
+                setattr(self, name, merged)
+            self.state_path.write_text(json.dumps({name: getattr(self, name) for name in self._STATE_KEYS}, indent=2))
 
     @classmethod
     def load(cls, stack_dir: Path = DEFAULT_STACK_DIR) -> Stack:
@@ -107,10 +148,22 @@ class Stack:
         if not path.exists():
             raise ServiceError(f"no stack running from {stack_dir} (start one with `make demo`)")
         state = json.loads(path.read_text())
-        return cls(stack_dir, {}, state["urls"], state["pids"], state["ports"], state.get("model", {}), state.get("specs", {}))
+        return cls(stack_dir, {}, state["urls"], state["pids"], state["ports"], state.get("models", {}), state.get("specs", {}))
+
+    def refresh(self) -> None:
+        """Take in what other processes changed (a function the rollout service deployed)."""
+        other = Stack.load(self.dir)
+        for name in ("urls", "pids", "ports", "models", "specs"):
+            setattr(self, name, {**getattr(self, name), **getattr(other, name)})
+        for key, pid in other.pids.items():
+            service = self.services.get(key)
+            if service is not None and service.pid != pid:
+                self.services.pop(key)  # replaced by another process: stopped by PID from now on
 
     def stop_all(self) -> list[str]:
-        """Stop every process this stack started, newest first, by PID."""
+        """Stop every process this stack started, newest first, by PID (those other processes started too)."""
+        if self.state_path.exists():
+            self.refresh()
         stopped = []
         for key in reversed(list(self.pids)):
             service = self.services.get(key)
@@ -162,6 +215,8 @@ class Stack:
         elif key in self.pids:
             stop_pid(self.pids[key])
         self.pids.pop(key, None)
+        self.removed.add(key)
+        self.changed.discard(key)
         self.save()
 
     def ensure_topology(self) -> None:
@@ -172,9 +227,15 @@ class Stack:
             ensure_topic(PROJECT, topic, emulator_host=emulator)
         ensure_subscription(PROJECT, TOPICS["pull"], SUBSCRIPTIONS["pull"], emulator_host=emulator)
         ensure_subscription(PROJECT, TOPICS["dead"], SUBSCRIPTIONS["dead"], emulator_host=emulator)
-        if "function" in self.urls:
-            push_endpoint = self.urls["function"] + "/"
-            ensure_subscription(PROJECT, TOPICS["push"], SUBSCRIPTIONS["push"], push_endpoint, emulator_host=emulator)
+        ensure_subscription(PROJECT, TOPICS["shadow"], SUBSCRIPTIONS["shadow_results"], emulator_host=emulator)
+        for key, function in FUNCTIONS.items():
+            if key in self.urls:
+                push_endpoint = self.urls[key] + "/"
+                ensure_subscription(PROJECT, TOPICS["push"], function["subscription"], push_endpoint, emulator_host=emulator)
+            elif key == "function":
+                # Before the first deployment: a subscription that holds the rides (Pub/Sub keeps messages
+                # only for subscriptions that exist), switched to push once the function answers.
+                ensure_subscription(PROJECT, TOPICS["push"], function["subscription"], emulator_host=emulator)
 
     def start_mlflow(self, backend_store_uri: str | None = None) -> None:
         port = free_port()
@@ -195,8 +256,78 @@ class Stack:
             ARTIFACT_ROOT,
             "--no-serve-artifacts",
         ]
-        service = Service("mlflow", argv, port, self.log_dir, f"http://{HOST}:{port}/health", env=self.env())
+        env = {
+            **self.env(),
+            # Registry webhooks to the local rollout service: plain HTTP on loopback, which MLflow
+            # refuses by default (SSRF protection); the webhook list is re-read within a second.
+            "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+            "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+            "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+            # Webhook secrets are stored encrypted with this key; without it MLflow draws a new one
+            # per process and cannot read its webhooks after a restart.
+            "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": self.secrets()["mlflow_webhook_encryption_key"],
+        }
+        service = Service("mlflow", argv, port, self.log_dir, f"http://{HOST}:{port}/health", env=env)
         self._started("mlflow", service.start(timeout=120))
+
+    def secrets(self) -> dict[str, str]:
+        """This stack's own secrets, drawn at its first start, kept in its folder only (mode 600, never in git)."""
+        path = self.dir / "secrets.json"
+        if not path.exists():
+            import secrets as random_secrets
+
+            from cryptography.fernet import Fernet
+
+            self.dir.mkdir(parents=True, exist_ok=True)
+            drawn = {
+                "rollout_webhook_secret": random_secrets.token_urlsafe(32),
+                "mlflow_webhook_encryption_key": Fernet.generate_key().decode(),
+            }
+            path.touch(mode=0o600)
+            path.write_text(json.dumps(drawn))
+        return json.loads(path.read_text())
+
+    def start_rollout(self, aliases: str = "production=function") -> None:
+        """The rollout service (ROLLOUT_TARGET=local), and the MLflow webhook that feeds it."""
+        from rollout.register import register_webhook
+
+        port = free_port()
+        env = {
+            **self.env(),
+            "ROLLOUT_WEBHOOK_SECRET": self.secrets()["rollout_webhook_secret"],
+            "ROLLOUT_TARGET": "local",
+            "ROLLOUT_ALIASES": aliases,
+            "STACK_DIR": str(self.dir),
+            "ROLLOUT_RETRY_INITIAL_SECONDS": "1",
+            "ROLLOUT_RETRY_MAX_SECONDS": "10",
+        }
+        argv = [
+            str(VENV_BIN / "gunicorn"),
+            "--bind",
+            f"{HOST}:{port}",
+            "--workers",
+            "1",
+            "--threads",
+            "8",
+            "rollout.app:create_app()",
+        ]
+        service = Service("rollout", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=REPO)
+        self._started("rollout", service.start(timeout=60))
+        register_webhook(self.urls["mlflow"], f"{self.urls['rollout']}/webhooks/mlflow", env["ROLLOUT_WEBHOOK_SECRET"])
+
+    def wait_rolled_out(self, alias: str, version: str, timeout: float = 180) -> dict:
+        """Block until the rollout service reports ``alias`` at ``version`` deployed; its status then."""
+        import requests
+
+        deadline = time.monotonic() + timeout
+        entry: dict = {}
+        while time.monotonic() < deadline:
+            entry = requests.get(f"{self.urls['rollout']}/status", timeout=30).json()["aliases"][alias]
+            if entry["in_sync"] and (entry["serving"] or {}).get("version") == str(version):
+                self.refresh()
+                return entry
+            time.sleep(0.3)
+        raise ServiceError(f"{alias} v{version} was not rolled out within {timeout:.0f} s: {entry}")
 
     def start_prefect(self) -> None:
         port = free_port()
@@ -220,31 +351,40 @@ class Stack:
             )
         return json.loads(out.read_text())
 
-    def start_function(self, run_id: str, version: str, port: int | None = None) -> None:
+    def _function_service(self, key: str, run_id: str, version: str, port: int | None) -> Service:
         env = {
             **self.env(),
+            "BACKEND_PULL_STREAM": FUNCTIONS[key]["results"],
             "RUN_ID": run_id,
             "MODEL_VERSION": version,
             "MODEL_BUCKET": f"gs://{BUCKET}",
             "MODEL_PREFIX": "mlflow",
-            # One ride (or a small batch) per model call: OpenMP threads only spin against
-            # the other processes on the machine (measured: 10x slower with them).
+            # One ride per model call: OpenMP threads would only spin against the other processes.
             "OMP_NUM_THREADS": "1",
         }
-        service = function_server(self.log_dir, "predict_duration_cloudevent", "cloudevent", env, port=port)
-        self._started("function", service.start(timeout=120))
-        self.model = {"run_id": run_id, "version": version}
+        return function_server(self.log_dir, "predict_duration_cloudevent", "cloudevent", env, port=port, name=key)
+
+    def start_function(self, run_id: str, version: str, port: int | None = None, key: str = "function") -> None:
+        self._started(key, self._function_service(key, run_id, version, port).start(timeout=120))
+        self.models[key] = {"run_id": run_id, "version": version, "deployed_at": time.time()}
         self.save()
         self.ensure_topology()
 
-    def redeploy_function(self, run_id: str, version: str) -> None:
-        """Local equivalent of `gcloud functions deploy --update-env-vars RUN_ID=...`: restart with the new model.
+    def deploy_function(self, run_id: str, version: str, key: str = "function") -> None:
+        """Serve another model without a gap, as Cloud Functions rolls out a new revision.
 
-        Same port, so the push subscription is unchanged; pushes during the restart fail
-        and the emulator redelivers them."""
-        port = self.ports["function"]
-        self.stop("function")
-        self.start_function(run_id, version, port=port)
+        The new instance starts beside the old one, on its own port; only once it answers does
+        the push subscription move to it, and then the old one stops (gracefully: what it holds
+        is answered, or redelivered by Pub/Sub). If the new one cannot start (a model it cannot
+        load), it raises and the old one keeps serving, untouched."""
+        old_pid = self.pids.get(key)
+        self.start_function(run_id, version, port=free_port(), key=key)  # moves the push endpoint
+        if old_pid is not None and old_pid != self.pids[key]:
+            stop_pid(old_pid)
+
+    def redeploy_function(self, run_id: str, version: str) -> None:
+        """Local equivalent of `gcloud functions deploy --update-env-vars RUN_ID=...`."""
+        self.deploy_function(run_id, version)
 
     def start_backends(self, replicas: int = 1, redis_url: str = "", settings: dict[str, str] | None = None) -> None:
         """``settings``: backend environment variables (e.g. RESEND_AFTER_SECONDS), kept for restarts."""

@@ -31,6 +31,7 @@ class RideOutcome:
     model_version: str | None = None
     model_run_id: str | None = None
     latency_seconds: float | None = None  # POST sent -> final duration seen
+    answered_at: float | None = None  # time.time() when the final duration was seen
     error: str | None = None
 
 
@@ -103,6 +104,7 @@ def stream(
                 body = session.get(f"{other}/rides/{outcome.ride_id}", timeout=10).json()
             if body.get("status") == "done":
                 outcome.latency_seconds = time.perf_counter() - started
+                outcome.answered_at = time.time()
                 outcome.duration_final = body["duration_final"]
                 outcome.model_version = body.get("model_version")
                 outcome.model_run_id = body.get("model_run_id")

@@ -463,18 +463,32 @@ resource "google_sql_user" "mlflow" {
   password = random_password.mlflow_db.result
 }
 
-resource "google_secret_manager_secret" "mlflow_db_password" {
+# Every secret the system holds, by name; each reader is granted its own (the *_reads_* grants).
+locals {
+  secret_values = {
+    mlflow-db-password = random_password.mlflow_db.result
+    # What MLflow encrypts stored webhook secrets with: a Fernet key (32 random bytes, URL-safe base64).
+    mlflow-webhook-key = replace(replace(random_bytes.mlflow_webhook_key.base64, "+", "-"), "/", "_")
+    # What MLflow signs its webhooks with, and the rollout service checks.
+    rollout-webhook-secret = random_password.rollout_webhook.result
+  }
+}
+
+resource "google_secret_manager_secret" "app" {
   #checkov:skip=CKV_GCP_128:encrypted with Google-managed keys; a customer key is an option, not a need here
-  secret_id  = "${local.prefix}-mlflow-db-password"
+  # The names, not the values: for_each may not depend on sensitive values.
+  for_each   = toset(["mlflow-db-password", "mlflow-webhook-key", "rollout-webhook-secret"])
+  secret_id  = "${local.prefix}-${each.key}"
   depends_on = [google_project_service.apis]
   replication {
     auto {}
   }
 }
 
-resource "google_secret_manager_secret_version" "mlflow_db_password" {
-  secret      = google_secret_manager_secret.mlflow_db_password.id
-  secret_data = random_password.mlflow_db.result
+resource "google_secret_manager_secret_version" "app" {
+  for_each    = google_secret_manager_secret.app
+  secret      = each.value.id
+  secret_data = local.secret_values[each.key]
 }
 
 resource "google_service_account" "mlflow" {
@@ -489,7 +503,7 @@ resource "google_service_account" "training" {
 }
 
 resource "google_secret_manager_secret_iam_member" "mlflow_reads_db_password" {
-  secret_id = google_secret_manager_secret.mlflow_db_password.id
+  secret_id = google_secret_manager_secret.app["mlflow-db-password"].id
   role      = "roles/secretmanager.secretAccessor"
   member    = "serviceAccount:${google_service_account.mlflow.email}"
 }
@@ -524,7 +538,11 @@ resource "google_cloud_run_v2_service" "mlflow" {
   location            = var.region
   ingress             = "INGRESS_TRAFFIC_ALL"
   deletion_protection = var.deletion_protection
-  depends_on          = [google_project_service.apis, google_secret_manager_secret_iam_member.mlflow_reads_db_password]
+  depends_on = [
+    google_project_service.apis,
+    google_secret_manager_secret_iam_member.mlflow_reads_db_password,
+    google_secret_manager_secret_iam_member.mlflow_reads_webhook_key,
+  ]
 
   template {
     service_account = google_service_account.mlflow.email
@@ -551,7 +569,17 @@ resource "google_cloud_run_v2_service" "mlflow" {
         name = "DB_PASSWORD"
         value_source {
           secret_key_ref {
-            secret  = google_secret_manager_secret.mlflow_db_password.secret_id
+            secret  = google_secret_manager_secret.app["mlflow-db-password"].secret_id
+            version = "latest"
+          }
+        }
+      }
+      # Webhook secrets are stored encrypted with this key; it must outlive every server instance.
+      env {
+        name = "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"
+        value_source {
+          secret_key_ref {
+            secret  = google_secret_manager_secret.app["mlflow-webhook-key"].secret_id
             version = "latest"
           }
         }
@@ -605,4 +633,145 @@ resource "google_storage_bucket_iam_member" "sink_writes_prediction_logs" {
   bucket = google_storage_bucket.prediction_logs.name
   role   = "roles/storage.objectCreator"
   member = google_logging_project_sink.predictions.writer_identity
+}
+
+# --- rollout: the registry's production alias moves, the function follows ----------------------
+# MLflow calls the rollout service (a signed webhook) when an alias moves; it resolves the alias and
+# runs `gcloud functions deploy --update-env-vars` on the serving function, and nothing else.
+
+resource "random_password" "rollout_webhook" {
+  length  = 48
+  special = false
+}
+
+resource "random_bytes" "mlflow_webhook_key" {
+  length = 32
+}
+
+resource "google_secret_manager_secret_iam_member" "mlflow_reads_webhook_key" {
+  secret_id = google_secret_manager_secret.app["mlflow-webhook-key"].id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = "serviceAccount:${google_service_account.mlflow.email}"
+}
+
+resource "google_service_account" "rollout" {
+  account_id   = "${local.prefix}-rollout"
+  display_name = "ridestream rollout (redeploys the serving function)"
+}
+
+resource "google_secret_manager_secret_iam_member" "rollout_reads_webhook_secret" {
+  secret_id = google_secret_manager_secret.app["rollout-webhook-secret"].id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = "serviceAccount:${google_service_account.rollout.email}"
+}
+
+# It may update this function and no other: the role is granted on the function itself.
+resource "google_cloudfunctions2_function_iam_member" "rollout_updates_function" {
+  project        = var.project_id
+  location       = google_cloudfunctions2_function.predict.location
+  cloud_function = google_cloudfunctions2_function.predict.name
+  role           = "roles/cloudfunctions.developer"
+  member         = "serviceAccount:${google_service_account.rollout.email}"
+}
+
+# A new revision runs as the function's own identity: the rollout may act as that one only.
+resource "google_service_account_iam_member" "rollout_acts_as_function" {
+  service_account_id = google_service_account.function.name
+  role               = "roles/iam.serviceAccountUser"
+  member             = "serviceAccount:${google_service_account.rollout.email}"
+}
+
+# gcloud uploads the function's source before each deploy; that permission exists only per location.
+resource "google_project_iam_custom_role" "function_source_uploader" {
+  role_id     = "ridestream_${var.env}_function_source_uploader"
+  title       = "ridestream ${var.env}: upload function source"
+  permissions = ["cloudfunctions.functions.generateUploadUrl"]
+}
+
+resource "google_project_iam_member" "rollout_uploads_function_source" {
+  project = var.project_id
+  role    = google_project_iam_custom_role.function_source_uploader.id
+  member  = "serviceAccount:${google_service_account.rollout.email}"
+}
+
+# It reads the registry (aliases, versions) as a client of the MLflow server.
+resource "google_cloud_run_v2_service_iam_member" "rollout_uses_mlflow" {
+  name     = google_cloud_run_v2_service.mlflow.name
+  location = google_cloud_run_v2_service.mlflow.location
+  role     = "roles/run.invoker"
+  member   = "serviceAccount:${google_service_account.rollout.email}"
+}
+
+resource "google_cloud_run_v2_service" "rollout" {
+  name                = "${local.prefix}-rollout"
+  location            = var.region
+  ingress             = "INGRESS_TRAFFIC_ALL"
+  deletion_protection = var.deletion_protection
+  depends_on          = [google_project_service.apis, google_secret_manager_secret_iam_member.rollout_reads_webhook_secret]
+
+  template {
+    service_account = google_service_account.rollout.email
+    # One instance: rollouts are serialized in it, and it remembers deliveries against replays.
+    scaling {
+      min_instance_count = 0
+      max_instance_count = 1
+    }
+    # A deploy takes minutes; the worker thread must keep its CPU between requests.
+    timeout = "900s"
+    containers {
+      image = var.rollout_image
+      env {
+        name  = "ROLLOUT_ALIASES"
+        value = "production=${google_cloudfunctions2_function.predict.name}"
+      }
+      env {
+        name  = "MLFLOW_TRACKING_URI"
+        value = google_cloud_run_v2_service.mlflow.uri
+      }
+      # The MLflow server checks a Google ID token for this audience (its run.invoker grant below).
+      env {
+        name  = "MLFLOW_ID_TOKEN_AUDIENCE"
+        value = google_cloud_run_v2_service.mlflow.uri
+      }
+      env {
+        name  = "GCP_PROJECT"
+        value = var.project_id
+      }
+      env {
+        name  = "GCP_REGION"
+        value = var.region
+      }
+      env {
+        name = "ROLLOUT_WEBHOOK_SECRET"
+        value_source {
+          secret_key_ref {
+            secret  = google_secret_manager_secret.app["rollout-webhook-secret"].secret_id
+            version = "latest"
+          }
+        }
+      }
+      resources {
+        cpu_idle = false
+        limits = {
+          cpu    = "1"
+          memory = "1Gi"
+        }
+      }
+      startup_probe {
+        http_get {
+          path = "/healthz"
+        }
+      }
+    }
+  }
+}
+
+# MLflow's webhooks carry no Google identity: the service is public, and every call must carry a
+# valid HMAC signature of a fresh, first delivery (rollout/webhook.py), or it is refused with 401.
+resource "google_cloud_run_v2_service_iam_member" "mlflow_webhooks_reach_rollout" {
+  #checkov:skip=CKV_GCP_102:webhooks cannot authenticate with Google identities; the service verifies an HMAC signature on every call
+  name     = google_cloud_run_v2_service.rollout.name
+  location = google_cloud_run_v2_service.rollout.location
+  role     = "roles/run.invoker"
+  member   = "allUsers"
 }

@@ -25,10 +25,16 @@ output "service_accounts" {
     pusher   = google_service_account.pusher.email
     mlflow   = google_service_account.mlflow.email
     training = google_service_account.training.email
+    rollout  = google_service_account.rollout.email
   }
 }
 
 output "mlflow_url" {
   description = "MLFLOW_TRACKING_URI for training and the deploy commands (send an identity token: see the README)"
   value       = google_cloud_run_v2_service.mlflow.uri
+}
+
+output "rollout_webhook_url" {
+  description = "Register it once: python -m rollout register --url <this> (ROLLOUT_WEBHOOK_SECRET from Secret Manager)"
+  value       = "${google_cloud_run_v2_service.rollout.uri}/webhooks/mlflow"
 }

@@ -89,3 +89,8 @@ variable "mlflow_users" {
   type        = list(string)
   default     = []
 }
+
+variable "rollout_image" {
+  description = "Rollout service image (rollout/Dockerfile): follows the registry's production alias with the function"
+  type        = string
+}

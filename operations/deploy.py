@@ -32,8 +32,8 @@ ENTRY_POINT = "predict_duration_cloudevent"
 # One Python for training, the function and the backend image (tests/test_repository.py checks).
 PYTHON_VERSION = "3.11"
 RUNTIME = "python" + PYTHON_VERSION.replace(".", "")
-# Concurrent requests per instance are predicted in one batch (the micro-batcher), so an
-# instance takes many at once; one CPU, as Terraform sets it.
+# A ride costs well under a millisecond to score (the serving form), so an instance takes
+# many at once; one CPU, as Terraform sets it.
 CONCURRENCY = 16
 CPU = "1"
 MEMORY = "1Gi"
@@ -46,16 +46,16 @@ def _env(name: str, default: str | None = None) -> str:
     return value
 
 
-def _function() -> list[str]:
+def _function(name: str | None = None) -> list[str]:
     return [
-        _env("FUNCTION_NAME", "predict-duration"),
+        name or _env("FUNCTION_NAME", "predict-duration"),
         f"--project={_env('GCP_PROJECT')}",
         f"--region={_env('GCP_REGION', 'europe-west1')}",
     ]
 
 
-def _base_command() -> list[str]:
-    return ["gcloud", "functions", "deploy", *_function(), "--gen2", f"--source={SOURCE_DIR}", f"--entry-point={ENTRY_POINT}"]
+def _base_command(name: str | None = None) -> list[str]:
+    return ["gcloud", "functions", "deploy", *_function(name), "--gen2", f"--source={SOURCE_DIR}", f"--entry-point={ENTRY_POINT}"]
 
 
 def _model_env(model: ResolvedModel) -> dict[str, str]:
@@ -104,8 +104,18 @@ def deploy_commands(alias: str = PRODUCTION) -> list[list[str]]:
 
 def redeploy_command(alias: str = PRODUCTION) -> list[str]:
     """Same function and source, only the model identity changes."""
-    model_env = _model_env(resolve(alias))
-    return [*_base_command(), "--update-env-vars=" + ",".join(f"{k}={v}" for k, v in model_env.items())]
+    return model_redeploy_command(resolve(alias))
+
+
+def model_redeploy_command(model: ResolvedModel, function_name: str | None = None) -> list[str]:
+    """Point a deployed function at ``model``: a new revision, which takes traffic only once it starts."""
+    model_env = _model_env(model)
+    return [*_base_command(function_name), "--update-env-vars=" + ",".join(f"{k}={v}" for k, v in model_env.items())]
+
+
+def describe_command(function_name: str | None = None) -> list[str]:
+    """The deployed function as JSON: its serviceConfig.environmentVariables say which model it serves."""
+    return ["gcloud", "functions", "describe", *_function(function_name), "--gen2", "--format=json"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,3 +40,35 @@ def test_stopping_a_service_whose_leader_died_stops_its_orphans_and_frees_the_po
     assert not port_is_free(port)
     service.stop()
     assert port_is_free(port)
+
+
+def test_two_processes_changing_one_stack_keep_each_others_services(tmp_path):
+    """The demo and the local rollout service both write the stack's state: neither drops what the other started."""
+    from devstack.stack import Stack
+
+    def started(stack: Stack, key: str, pid: int) -> None:  # what _started() records, without a process
+        stack.pids[key] = pid
+        stack.changed.add(key)
+
+    demo = Stack(tmp_path)
+    started(demo, "backend-0", 101)
+    demo.save()
+    rollout = Stack.load(tmp_path)  # another process's view
+    started(rollout, "function", 202)
+    rollout.models["function"] = {"run_id": "r1", "version": "1"}
+    rollout.save()
+    started(demo, "backend-1", 303)
+    demo.save()  # still without the function in memory: it must not erase it
+    state = Stack.load(tmp_path)
+    assert state.pids == {"backend-0": 101, "function": 202, "backend-1": 303}
+    assert state.model == {"run_id": "r1", "version": "1"}
+    demo.refresh()
+    assert demo.pids["function"] == 202  # and the demo takes it over (to stop it with the rest)
+    started(rollout, "function", 404)  # the rollout service replaces the function
+    rollout.save()
+    demo.save()  # the demo's older view of the function must not bring the old one back
+    assert Stack.load(tmp_path).pids["function"] == 404
+    rollout.pids.pop("backend-0")
+    rollout.removed.add("backend-0")  # what stop() records
+    rollout.save()
+    assert "backend-0" not in Stack.load(tmp_path).pids

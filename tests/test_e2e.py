@@ -121,10 +121,7 @@ def test_redeploy_starts_a_dead_function_again_even_when_the_model_is_unchanged(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
     os.killpg(stack.pids["function"], signal.SIGKILL)
     assert redeploy(argparse.Namespace(stack_dir=stack.dir)) == 0  # what `make redeploy` runs
-    # That command is another process's view of the stack: take over what it started.
-    restarted = Stack.load(stack.dir)
-    stack.services.pop("function", None)
-    stack.pids["function"], stack.model = restarted.pids["function"], restarted.model
+    stack.refresh()  # that command is another view of the stack: take over what it started
     summary = summarize(stream(stack.backend_urls, real_rides(10, seed=11)))
     assert summary["lost"] == 0 and summary["model_versions"] == [first.version]
 
@@ -140,3 +137,35 @@ def test_promote_and_redeploy_switches_the_model_the_rides_carry(live):
     outcomes = stream(stack.backend_urls, real_rides(20, seed=7), concurrency=4)
     assert summarize(outcomes)["lost"] == 0
     assert {(o.model_run_id, o.model_version) for o in outcomes} == {(second.run_id, second.version)}
+
+
+def test_a_deployment_that_cannot_start_leaves_the_old_model_serving(live):
+    from devstack.processes import ServiceError
+
+    stack, _, _ = live
+    serving_pid, serving_version = stack.pids["function"], stack.model["version"]
+    with pytest.raises(ServiceError, match="no model logged by run"):
+        stack.deploy_function("0" * 32, "99")  # a version whose model the bucket does not have
+    assert stack.pids["function"] == serving_pid and stack.model["version"] == serving_version
+    summary = summarize(stream(stack.backend_urls, real_rides(20, seed=13)))
+    assert summary["lost"] == 0 and summary["model_versions"] == [serving_version]
+
+
+def test_the_shadow_challenger_answers_every_ride_but_never_reaches_the_riders(live):
+    stack, settings, _ = live
+    challenger = train(TrainConfig(trials=1, sample=8_000), settings)
+    stack.start_function(challenger.run_id, challenger.version, key="challenger")
+    try:
+        outcomes = stream(stack.backend_urls, real_rides(30, seed=17), concurrency=6)
+        summary = summarize(outcomes)
+        production = stack.model["version"]
+        # Riders only ever see production's answers, though the challenger answered every ride too.
+        assert summary["lost"] == 0 and summary["model_versions"] == [production] != [challenger.version]
+        shadow = [json.loads(m.data) for m in pull_messages(PROJECT, SUBSCRIPTIONS["shadow_results"], count=30, timeout=60)]
+        assert {r["ride_id"] for r in shadow} == {o.ride_id for o in outcomes}
+        assert {r["model_version"] for r in shadow} == {challenger.version}
+        for url in stack.backend_urls:
+            readiness = requests.get(f"{url}/readyz", timeout=10).json()
+            assert readiness["model_served"]["model_version"] == production
+    finally:
+        stack.stop("challenger")

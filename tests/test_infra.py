@@ -46,7 +46,7 @@ def test_every_terraform_file_parses():
 def test_the_system_is_all_there(resources):
     assert set(resources["google_pubsub_topic"]) == {"push", "pull", "deadletter"}
     assert {"models", "prediction_logs"} <= set(resources["google_storage_bucket"])
-    assert set(resources["google_service_account"]) == {"function", "backend", "pusher", "mlflow", "training"}
+    assert set(resources["google_service_account"]) == {"function", "backend", "pusher", "mlflow", "training", "rollout"}
     function = resources["google_cloudfunctions2_function"]["predict"]
     assert function["build_config"][0]["runtime"] == "python311"
     assert function["build_config"][0]["entry_point"] == "predict_duration_cloudevent"
@@ -75,6 +75,8 @@ def _grants(resources) -> list[tuple[str, str, str, str]]:
                     or body.get("subscription")
                     or body.get("bucket")
                     or body.get("secret_id")
+                    or body.get("cloud_function")
+                    or body.get("service_account_id")
                     or body.get("name")
                     or body.get("project", "")
                 )
@@ -88,13 +90,21 @@ def test_no_broad_roles_no_project_level_grants_and_no_keys(resources):
     for kind, _, role, _ in grants:
         assert not re.search(r"owner|editor|admin", role, re.IGNORECASE), role
         assert kind.endswith("_iam_member"), kind  # additive; never replaces others' bindings
-    # Grants sit on the bucket, topic, subscription, secret or service. The one exception: Cloud SQL
-    # has no instance-level IAM, so that grant is on the project, narrowed by a condition to one instance.
+    # Grants sit on the bucket, topic, subscription, secret, function or service. Two exceptions: Cloud
+    # SQL has no instance-level IAM, so that grant is on the project, narrowed by a condition to one
+    # instance; and uploading function source is a per-location permission, granted as a custom role
+    # that holds it alone.
     project_level = resources.get("google_project_iam_member", {})
-    assert set(project_level) == {"mlflow_connects_to_its_database"}
+    assert set(project_level) == {"mlflow_connects_to_its_database", "rollout_uploads_function_source"}
     grant = project_level["mlflow_connects_to_its_database"]
     assert grant["role"] == "roles/cloudsql.client"
     assert "google_sql_database_instance.mlflow.name" in grant["condition"][0]["expression"]
+    uploader = resources["google_project_iam_custom_role"]["function_source_uploader"]
+    assert uploader["permissions"] == ["cloudfunctions.functions.generateUploadUrl"]
+    assert (
+        project_level["rollout_uploads_function_source"]["role"]
+        == "${google_project_iam_custom_role.function_source_uploader.id}"
+    )
     assert "google_service_account_key" not in resources
     provider_text = (INFRA / "versions.tf").read_text()
     assert "credentials =" not in provider_text
@@ -104,7 +114,7 @@ def test_each_identity_gets_exactly_what_it_uses(resources):
     by_member: dict[str, set[tuple[str, str]]] = defaultdict(set)
     for _, target, role, member in _grants(resources):
         owner = re.search(r"google_service_account\.(\w+)\.email", member)
-        resource = re.search(r"(google_\w+\.\w+)", target)
+        resource = re.search(r'(google_\w+\.\w+(?:\["[^"]+"\])?)', target)
         by_member[owner.group(1) if owner else member].add((role, resource.group(1) if resource else target))
     assert by_member["function"] == {
         ("roles/storage.objectViewer", "google_storage_bucket.models"),
@@ -119,7 +129,8 @@ def test_each_identity_gets_exactly_what_it_uses(resources):
     }
     assert by_member["pusher"] == {("roles/run.invoker", "google_cloudfunctions2_function.predict")}
     assert by_member["mlflow"] == {
-        ("roles/secretmanager.secretAccessor", "google_secret_manager_secret.mlflow_db_password"),
+        ("roles/secretmanager.secretAccessor", 'google_secret_manager_secret.app["mlflow-db-password"]'),
+        ("roles/secretmanager.secretAccessor", 'google_secret_manager_secret.app["mlflow-webhook-key"]'),
         ("roles/cloudsql.client", "${var.project_id}"),
         ("roles/storage.objectViewer", "google_storage_bucket.models"),
     }
@@ -127,6 +138,16 @@ def test_each_identity_gets_exactly_what_it_uses(resources):
         ("roles/storage.objectUser", "google_storage_bucket.models"),
         ("roles/run.invoker", "google_cloud_run_v2_service.mlflow"),
     }
+    # The rollout service: its webhook secret, the registry, and this one function (and acting as its identity).
+    assert by_member["rollout"] == {
+        ("roles/secretmanager.secretAccessor", 'google_secret_manager_secret.app["rollout-webhook-secret"]'),
+        ("roles/cloudfunctions.developer", "google_cloudfunctions2_function.predict"),
+        ("roles/iam.serviceAccountUser", "google_service_account.function"),
+        ("${google_project_iam_custom_role.function_source_uploader.id}", "${var.project_id}"),
+        ("roles/run.invoker", "google_cloud_run_v2_service.mlflow"),
+    }
+    # MLflow's webhooks carry no Google identity: anyone may call the rollout service, which checks an HMAC.
+    assert by_member["allUsers"] == {("roles/run.invoker", "google_cloud_run_v2_service.rollout")}
     # Riders (var.backend_invokers, allUsers by default) on the backend; operators (var.mlflow_users) on MLflow.
     assert by_member["${each.value}"] == {
         ("roles/run.invoker", "google_cloud_run_v2_service.backend"),
@@ -335,7 +356,8 @@ def test_the_mlflow_server_keeps_its_registry_in_cloud_sql_and_its_password_in_s
     assert "google_sql_database_instance.mlflow.connection_name" in volume["cloud_sql_instance"][0]["instances"][0]
     env = {e["name"]: e for e in server["containers"][0]["env"]}
     assert (
-        "google_secret_manager_secret.mlflow_db_password" in env["DB_PASSWORD"]["value_source"][0]["secret_key_ref"][0]["secret"]
+        'google_secret_manager_secret.app["mlflow-db-password"]'
+        in env["DB_PASSWORD"]["value_source"][0]["secret_key_ref"][0]["secret"]
     )
     assert "value" not in env["DB_PASSWORD"]  # never in the service's configuration
     assert "google_storage_bucket.models.name" in env["ARTIFACT_ROOT"]["value"]

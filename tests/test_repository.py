@@ -72,6 +72,7 @@ def _lock() -> dict[str, str]:
         "serving_function/requirements.txt",
         "backend/requirements.txt",
         "tracking_server/requirements.txt",
+        "rollout/requirements.txt",
         "python_env.yaml",
         "conda.yaml",
     ],
@@ -122,7 +123,7 @@ def test_one_python_version_for_training_the_function_and_the_backend():
     version = PYTHON_VERSION
     assert re.search(rf'^python: "{re.escape(version)}"$', (REPO / "python_env.yaml").read_text(), re.M)
     assert f"- python={version}\n" in (REPO / "conda.yaml").read_text()
-    for dockerfile in ("backend/Dockerfile", "tracking_server/Dockerfile"):
+    for dockerfile in ("backend/Dockerfile", "tracking_server/Dockerfile", "rollout/Dockerfile"):
         assert f"FROM python:{version}-slim\n" in (REPO / dockerfile).read_text(), dockerfile
     assert f'runtime     = "{RUNTIME}"' in (REPO / "infra/main.tf").read_text()
     assert f'requires-python = ">={version}"' in (REPO / "pyproject.toml").read_text()
@@ -137,11 +138,13 @@ def test_no_file_claims_the_conda_env_manager():
         assert all("refuses" in line for line in claims), (name, claims)
 
 
-@pytest.mark.parametrize("dockerfile", ["backend/Dockerfile", "tracking_server/Dockerfile"])
+@pytest.mark.parametrize("dockerfile", ["backend/Dockerfile", "tracking_server/Dockerfile", "rollout/Dockerfile"])
 def test_every_file_an_image_copies_is_in_the_build_context(dockerfile):
     # .dockerignore excludes everything ("**") but what it re-includes with "!".
     included = [line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")]
-    copies = re.findall(r"^COPY\s+(\S+)\s", (REPO / dockerfile).read_text(), re.M)
+    copies = [
+        source for line in re.findall(r"^COPY\s+(.+)$", (REPO / dockerfile).read_text(), re.M) for source in line.split()[:-1]
+    ]
     assert copies
     for source in copies:
         assert any(source.rstrip("/") == kept or source.startswith(kept + "/") for kept in included), source

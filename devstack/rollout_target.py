@@ -1,0 +1,38 @@
+"""The local stack's function deployments as rollout targets (ROLLOUT_TARGET=local).
+
+The local rollout service and `python -m devstack redeploy` both deploy through this;
+a file lock serializes them, as one rollout service does on Google Cloud.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+
+from devstack.processes import pid_alive
+from devstack.stack import FUNCTIONS, Stack
+from rollout.reconcile import Deployment
+
+
+class LocalFunctionTarget:
+    def __init__(self, stack_dir: str | Path, key: str = "function"):
+        if key not in FUNCTIONS:
+            raise ValueError(f"no local function {key!r}; there are: {', '.join(FUNCTIONS)}")
+        self.stack_dir = Path(stack_dir)
+        self.key = key
+        self.name = f"local {key} (functions-framework)"
+
+    def serving(self) -> Deployment | None:
+        """What the running instance was started with; None if it is not running (it is then started again)."""
+        stack = Stack.load(self.stack_dir)
+        model, pid = stack.models.get(self.key), stack.pids.get(self.key)
+        if not model or pid is None or not pid_alive(pid):
+            return None
+        return Deployment(model["version"], model["run_id"], deployed_at=model.get("deployed_at"))
+
+    def deploy(self, model: Deployment) -> None:
+        with open(self.stack_dir / "rollout.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            stack = Stack.load(self.stack_dir)
+            stack.apply_env()
+            stack.deploy_function(model.run_id, model.version, key=self.key)

@@ -1,0 +1,279 @@
+"""The rollout service: signed webhooks only, the production alias of our model only, serialized and idempotent
+rollouts that end on the latest version, failures that leave the old model serving, and the mismatch report."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import pytest
+
+from rollout.app import create_app
+from rollout.reconcile import Deployment, Rollout
+from rollout.settings import RolloutSettings
+from rollout.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Rejected, WebhookVerifier, sign
+
+SECRET = "test-secret-not-used-anywhere-else"
+SETTINGS = RolloutSettings(SECRET, "ride-duration", {"production": "function"}, "local", ".stack", 300, 0.05, 0.2)
+V1, V2, V3 = (Deployment(str(v), f"run-{v}", f"gs://models/m-{v}") for v in (1, 2, 3))
+
+
+def event(alias: str = "production", version: str = "2", name: str = "ride-duration", action: str = "created") -> bytes:
+    data = {"name": name, "alias": alias, "version": version}
+    return json.dumps(
+        {"entity": "model_version_alias", "action": action, "timestamp": "2026-12-01T00:00:00Z", "data": data}
+    ).encode()
+
+
+def signed(body: bytes, secret: str = SECRET, delivery: str | None = None, timestamp: int | None = None) -> dict:
+    delivery = delivery or str(uuid.uuid4())
+    stamp = str(timestamp if timestamp is not None else int(time.time()))
+    return {
+        DELIVERY_ID_HEADER: delivery,
+        TIMESTAMP_HEADER: stamp,
+        SIGNATURE_HEADER: sign(secret, delivery, stamp, body),
+        "Content-Type": "application/json",
+    }
+
+
+class Registry:
+    """Aliases -> deployments, moved by the test as an operator would in the UI."""
+
+    def __init__(self, **aliases: Deployment):
+        self.aliases = dict(aliases)
+
+    def resolve(self, alias: str) -> Deployment | None:
+        return self.aliases.get(alias)
+
+
+class FakeTarget:
+    """Serves one deployment; deploying takes a while and can be made to fail."""
+
+    name = "fake function"
+
+    def __init__(self, serving: Deployment | None = None, deploy_seconds: float = 0.0):
+        self.current = serving
+        self.deployed: list[str] = []
+        self.failures_left = 0
+        self.deploy_seconds = deploy_seconds
+
+    def serving(self) -> Deployment | None:
+        return self.current
+
+    def deploy(self, model: Deployment) -> None:
+        time.sleep(self.deploy_seconds)
+        if self.failures_left:
+            self.failures_left -= 1
+            raise RuntimeError(f"v{model.version} did not start: cannot load its model")
+        self.deployed.append(model.version)
+        self.current = model
+
+
+class RecordingRollout:
+    def __init__(self):
+        self.requests: list[str] = []
+
+    def request(self, reason: str) -> None:
+        self.requests.append(reason)
+
+    def status(self) -> dict:
+        return {"in_sync": True}
+
+
+@pytest.fixture
+def webhook_app():
+    rollout = RecordingRollout()
+    app = create_app(SETTINGS, rollouts={"production": rollout}, verifier=WebhookVerifier(SECRET))
+    return app.test_client(), rollout
+
+
+def test_a_signed_alias_event_starts_a_rollout(webhook_app):
+    client, rollout = webhook_app
+    body = event()
+    response = client.post("/webhooks/mlflow", data=body, headers=signed(body))
+    assert response.status_code == 202 and response.get_json()["alias"] == "production"
+    assert len(rollout.requests) == 1 and "v2" in rollout.requests[0]
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        (lambda body: {"Content-Type": "application/json"}, "unsigned"),
+        (lambda body: signed(body, secret="another-secret"), "does not match"),
+        (lambda body: signed(event(version="3")), "does not match"),  # the signature of another body
+        (lambda body: signed(body, timestamp=int(time.time()) - 3600), "tolerance"),
+        (lambda body: {**signed(body), TIMESTAMP_HEADER: "yesterday"}, "Unix seconds"),
+    ],
+)
+def test_unsigned_wrongly_signed_or_stale_calls_get_401_and_change_nothing(webhook_app, headers, reason):
+    client, rollout = webhook_app
+    body = event()
+    response = client.post("/webhooks/mlflow", data=body, headers=headers(body))
+    assert response.status_code == 401 and reason in response.get_json()["reason"]
+    assert rollout.requests == []
+
+
+def test_a_replayed_delivery_gets_401_even_within_the_tolerance(webhook_app):
+    client, rollout = webhook_app
+    body = event()
+    headers = signed(body)
+    assert client.post("/webhooks/mlflow", data=body, headers=headers).status_code == 202
+    replay = client.post("/webhooks/mlflow", data=body, headers=headers)
+    assert replay.status_code == 401 and "replay" in replay.get_json()["reason"]
+    assert len(rollout.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (event(name="another-model"), "is not 'ride-duration'"),
+        (event(alias="staging"), "is not rolled out"),
+        (
+            json.dumps({"entity": "model_version", "action": "created", "data": {"name": "ride-duration"}}).encode(),
+            "not an alias event",
+        ),
+    ],
+)
+def test_events_for_another_model_or_another_alias_are_ignored(webhook_app, body, why):
+    client, rollout = webhook_app
+    response = client.post("/webhooks/mlflow", data=body, headers=signed(body))
+    assert response.status_code == 200 and why in response.get_json()["ignored"]
+    assert rollout.requests == []
+
+
+def test_the_verifier_needs_a_secret():
+    with pytest.raises(ValueError, match="secret is required"):
+        WebhookVerifier("")
+    with pytest.raises(Rejected):
+        WebhookVerifier(SECRET).verify({}, b"{}")
+
+
+def test_two_promotions_in_quick_succession_end_on_the_last_one():
+    registry, target = Registry(production=V1), FakeTarget(V1, deploy_seconds=0.3)
+    rollout = Rollout("production", registry.resolve, target, 0.05, 0.2).start()
+    try:
+        assert rollout.wait_idle(10)
+        registry.aliases["production"] = V2
+        rollout.request("v2 promoted")
+        time.sleep(0.1)  # v2 is being deployed when v3 is promoted
+        registry.aliases["production"] = V3
+        rollout.request("v3 promoted")
+        assert rollout.wait_idle(10)
+    finally:
+        rollout.stop()
+    assert target.current == V3 and target.deployed[-1] == "3"
+    assert target.deployed in (["2", "3"], ["3"])  # never v3 then v2
+
+
+def test_a_repeated_event_is_a_no_op():
+    registry, target = Registry(production=V2), FakeTarget(V1)
+    rollout = Rollout("production", registry.resolve, target, 0.05, 0.2).start()
+    try:
+        for _ in range(3):
+            rollout.request("the same event, delivered again")
+            assert rollout.wait_idle(10)
+    finally:
+        rollout.stop()
+    assert target.deployed == ["2"]
+    assert rollout.reconcile() == "already serving v2"
+
+
+def test_a_failed_rollout_is_retried_and_the_old_model_serves_meanwhile():
+    registry, target = Registry(production=V2), FakeTarget(V1)
+    target.failures_left = 2
+    rollout = Rollout("production", registry.resolve, target, retry_initial_seconds=0.3, retry_max_seconds=1).start()
+    try:
+        deadline = time.monotonic() + 5
+        while rollout.failures == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status = rollout.status()
+        assert target.current == V1  # still serving the old model
+        assert status["in_sync"] is False and status["state"] == "failing"
+        assert "cannot load its model" in status["last_error"] and status["retry_in_seconds"] is not None
+        assert rollout.wait_idle(10)  # retried until it worked
+    finally:
+        rollout.stop()
+    assert target.current == V2 and rollout.status()["in_sync"] is True
+
+
+def test_a_deleted_production_alias_leaves_the_function_serving():
+    registry, target = Registry(), FakeTarget(V1)
+    rollout = Rollout("production", registry.resolve, target)
+    assert "no 'production' alias" in rollout.reconcile()
+    assert target.current == V1 and target.deployed == []
+
+
+def test_the_status_flags_a_registry_that_moved_without_the_function():
+    registry, target = Registry(production=V2), FakeTarget(V1)
+    rollout = Rollout("production", registry.resolve, target)  # not started: nobody rolls it out
+    app = create_app(SETTINGS, rollouts={"production": rollout}, verifier=WebhookVerifier(SECRET))
+    report = app.test_client().get("/status").get_json()
+    entry = report["aliases"]["production"]
+    assert report["in_sync"] is False
+    assert (entry["registry"]["version"], entry["serving"]["version"], entry["state"]) == ("2", "1", "out of sync")
+    rollout.reconcile()
+    assert app.test_client().get("/status").get_json()["in_sync"] is True
+
+
+def test_the_status_command_flags_riders_answered_by_another_model(monkeypatch):
+    from rollout import __main__ as cli
+
+    production = {"in_sync": True, "registry": {"version": "2", "run_id": "run-2"}, "serving": {"deployed_at": 1000.0}}
+    answers = {
+        "/status": {"in_sync": True, "aliases": {"production": production}},
+        "/readyz": {"model_served": {"model_version": "1", "model_run_id": "run-1", "at": 1001.0}},
+    }
+
+    class Response:
+        def __init__(self, url: str):
+            self.url = url
+
+        def json(self):  # a fresh body per call, as over HTTP
+            return json.loads(json.dumps(answers["/" + self.url.rpartition("/")[2]]))
+
+    monkeypatch.setattr(cli.requests, "get", lambda url, timeout: Response(url))
+    report = cli.status("http://rollout", "http://backend")
+    assert report["in_sync"] is False and "answered by v1" in report["mismatch"] and "production is v2" in report["mismatch"]
+    answers["/readyz"]["model_served"]["at"] = 999.0  # answered before v2 was deployed: no ride since, no verdict
+    assert cli.status("http://rollout", "http://backend")["in_sync"] is True
+    answers["/readyz"]["model_served"] = {"model_version": "2", "model_run_id": "run-2", "at": 1002.0}
+    assert cli.status("http://rollout", "http://backend")["in_sync"] is True
+
+
+def test_rollouts_of_one_alias_never_overlap():
+    registry = Registry(production=V1)
+    inside, overlaps = threading.Semaphore(1), []
+
+    class Watching(FakeTarget):
+        def deploy(self, model):
+            if not inside.acquire(blocking=False):
+                overlaps.append(model.version)
+                return
+            try:
+                super().deploy(model)
+            finally:
+                inside.release()
+
+    target = Watching(None, deploy_seconds=0.05)
+    rollout = Rollout("production", registry.resolve, target, 0.05, 0.2).start()
+    try:
+        for version in (V2, V3, V1, V2, V3):
+            registry.aliases["production"] = version
+            rollout.request("promotion")
+            time.sleep(0.02)
+        assert rollout.wait_idle(10)
+    finally:
+        rollout.stop()
+    assert overlaps == [] and target.current == V3
+
+
+def test_after_a_production_rollout_the_replaced_version_is_reported_for_the_previous_alias():
+    registry, target, replaced = Registry(production=V2), FakeTarget(V1), []
+    rollout = Rollout(
+        "production", registry.resolve, target, after_rollout=lambda before, after: replaced.append((before, after))
+    )
+    rollout.reconcile()
+    rollout.reconcile()  # nothing moved: nothing to report
+    assert replaced == [(V1, V2)]
