@@ -14,7 +14,7 @@ GOOGLE_PROVIDER_BINDINGS := 16.12.1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup test test-fast lint demo down redeploy rollback status train promote resolve flow monitor bench bench-candidates coarse-model provider-schema lock clean
+.PHONY: setup test test-fast lint demo down redeploy rollback status watch train promote resolve flow monitor bench bench-candidates coarse-model provider-schema lock clean
 
 # The venv is refreshed whenever the lock file, the project's metadata or this file changes. uv is installed
 # into the venv itself, so a machine without uv gets the same, fast install path. The project is
@@ -52,6 +52,9 @@ redeploy: setup  ## deploy what the registry calls production now, if the local 
 
 rollback: setup  ## production <- previous in the stack's registry; the rollout service rolls the function back
 	$(PY) -m devstack rollback
+
+watch: setup  ## a live view of the local stream (Ctrl-C stops)
+	$(PY) -m devstack watch
 
 status: setup  ## the local stack: services, and registry vs deployed vs answering riders (exit 1 on a mismatch)
 	$(PY) -m devstack status

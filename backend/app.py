@@ -78,6 +78,14 @@ def _unavailable(message: str, **details: Any):
     return body, status, {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
 
+def _stream_figures(store: ResultStore) -> dict[str, Any] | None:
+    """The stream as every replica sees it (the shared store's figures); None while the store is down."""
+    try:
+        return store.stats(time.time())
+    except StoreUnavailable:
+        return None
+
+
 def create_app(
     settings: BackendSettings | None = None,
     publisher: Any = None,
@@ -200,6 +208,7 @@ def create_app(
             "listener_last_error": listener.last_error,
             "listener_cpu_seconds": getattr(listener, "cpu_seconds", None),
             "model_served": getattr(listener, "model_served", None),
+            "stream": _stream_figures(store),
         }
         return jsonify(body), 200 if ready else 503
 

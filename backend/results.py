@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -55,6 +55,35 @@ class ResultStore(Protocol):
 
     def ping(self) -> None: ...
 
+    def stats(self, now: float) -> dict[str, Any]:
+        """Shared by every replica: pending rides, and the final durations of the last minute (rate, latency)."""
+
+
+# The window the stream's figures are computed over (rides/s over the last STATS_RATE_SECONDS).
+STATS_WINDOW_SECONDS = 60
+STATS_RATE_SECONDS = 10
+
+
+def _stream_stats(pending: int, finals: list[tuple[float, float]], now: float) -> dict[str, Any]:
+    """``finals``: (settled at, milliseconds from POST to final) of the last window."""
+    latencies = sorted(ms for _, ms in finals)
+
+    def percentile(share: float) -> float | None:
+        return round(latencies[min(len(latencies) - 1, int(share * len(latencies)))], 1) if latencies else None
+
+    recent = sum(1 for at, _ in finals if at >= now - STATS_RATE_SECONDS)
+    return {
+        "pending_rides": pending,
+        "finals_per_second": round(recent / STATS_RATE_SECONDS, 1),
+        "latency_ms_p50": percentile(0.5),
+        "latency_ms_p95": percentile(0.95),
+        "finals_in_window": len(latencies),
+    }
+
+
+def _latency_ms(record: dict[str, Any], now: float) -> float:
+    return max(0.0, (now - float(record.get("requested_at", now))) * 1000)
+
 
 def _completion(record: dict[str, Any] | None, result: dict[str, Any], status: str) -> Completion | None:
     """Why ``result`` must not be stored on ``record``, or None if it may."""
@@ -82,6 +111,7 @@ class InMemoryResultStore:
         self._rides: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
         self._due: dict[str, float] = {}  # pending ride_id -> when to resend
         self._sends: dict[str, int] = {}
+        self._finals: deque[tuple[float, float]] = deque(maxlen=100_000)  # (settled at, ms from POST)
         self._changed = threading.Condition()
         self._ttl = ttl_seconds
         self._max = max_rides
@@ -119,6 +149,9 @@ class InMemoryResultStore:
                 return refused
             self._rides[ride_id] = (created, _settle(record, result, status))
             self._forget(ride_id)
+            if status == "done":
+                now = time.time()
+                self._finals.append((now, _latency_ms(record, now)))
             self._changed.notify_all()
             return Completion.STORED
 
@@ -145,6 +178,11 @@ class InMemoryResultStore:
 
     def ping(self) -> None:
         return None
+
+    def stats(self, now: float) -> dict[str, Any]:
+        with self._changed:
+            finals = [f for f in self._finals if f[0] >= now - STATS_WINDOW_SECONDS]
+            return _stream_stats(len(self._due), finals, now)
 
 
 # Record and schedule in one step: a ride is never recorded without being due a resend.
@@ -183,6 +221,7 @@ class RedisResultStore:
         self._prefix = prefix
         self._pending = f"{prefix}:pending"
         self._sends = f"{prefix}:sends"
+        self._finals = f"{prefix}:finals"  # sorted set: "<ride_id>:<ms from POST>" scored by when it was settled
         self._create = self._redis.register_script(_CREATE)
         self._claim_due = self._redis.register_script(_CLAIM_DUE)
 
@@ -226,6 +265,10 @@ class RedisResultStore:
             pipe.multi()
             pipe.set(key, json.dumps(_settle(record, result, status)), keepttl=True)
             pipe.zrem(self._pending, ride_id).hdel(self._sends, ride_id)
+            if status == "done":
+                now = time.time()
+                pipe.zadd(self._finals, {f"{ride_id}:{_latency_ms(record, now):.1f}": now})
+                pipe.zremrangebyscore(self._finals, 0, now - STATS_WINDOW_SECONDS)
             pipe.publish(self._channel(ride_id), status)
             outcome.append(Completion.STORED)
 
@@ -255,6 +298,12 @@ class RedisResultStore:
 
     def ping(self) -> None:
         self._call(self._redis.ping)
+
+    def stats(self, now: float) -> dict[str, Any]:
+        pipe = self._redis.pipeline()
+        pipe.zcard(self._pending).zrangebyscore(self._finals, now - STATS_WINDOW_SECONDS, "+inf", withscores=True)
+        pending, finals = self._call(pipe.execute)
+        return _stream_stats(pending, [(at, float(member.rsplit(b":", 1)[1])) for member, at in finals], now)
 
 
 def make_store(redis_url: str, ttl_seconds: int, prefix: str = "ridestream") -> ResultStore:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.gcs import split_gs_uri
+from data.progress import progress_bar
 
 DATA_DIR = Path(__file__).resolve().parent
 TLC_DOWNLOAD_BASE = "https://d37ci6vzurychx.cloudfront.net/trip-data"
@@ -157,4 +158,13 @@ def load_trips(uris: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     uris = [uris] if isinstance(uris, (str, Path)) else list(uris)
     if not uris:
         raise TripDataError("no trip files given")
-    return pd.concat([read_trips(u) for u in uris], ignore_index=True)
+    if not any(str(u).startswith(("gs://", "http://", "https://")) for u in uris):
+        return pd.concat([read_trips(u) for u in uris], ignore_index=True)
+    frames = []
+    with progress_bar() as progress:  # downloads take a while: one step per file, on a terminal only
+        reading = progress.add_task("reading TLC months", total=len(uris))
+        for uri in uris:
+            progress.update(reading, description=f"reading {str(uri).rpartition('/')[2]}")
+            frames.append(read_trips(uri))
+            progress.advance(reading)
+    return pd.concat(frames, ignore_index=True)

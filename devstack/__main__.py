@@ -5,6 +5,7 @@ python -m devstack redeploy   # deploy what the `production` alias says now, if 
 python -m devstack rollback   # production <- previous in the stack's registry; the rollout service follows
 python -m devstack status     # what runs where, what is dead, and registry vs deployed vs answering (exit 1 if they differ)
 python -m devstack restart SERVICE   # stop (the whole process group) and start again: same port, same data
+python -m devstack watch      # a live view: rides/s, latency, pending rides, dead letters, models (Ctrl-C stops)
 python -m devstack down       # stop every process the stack started, by PID
 """
 
@@ -25,6 +26,8 @@ from devstack.processes import ServiceError, pid_alive
 from devstack.stack import DEFAULT_STACK_DIR, REPO, Stack
 from devstack.traffic import real_rides, stream, summarize
 
+# The UIs' usual addresses when free (bookmarks keep working); other free ports when not.
+MLFLOW_PORT, PREFECT_PORT = 5000, 4200
 # Wide enough for the ride table even when output goes to a file or CI log (rich assumes 80 there).
 console = Console(width=max(110, shutil.get_terminal_size((110, 24)).columns))
 
@@ -118,11 +121,11 @@ def demo(args: argparse.Namespace) -> int:
     try:
         with console.status("starting the Pub/Sub emulator, gcp-storage-emulator and the MLflow server"):
             stack.start_emulators()
-            stack.start_mlflow(args.mlflow_backend_store)
+            stack.start_mlflow(args.mlflow_backend_store, preferred_port=MLFLOW_PORT)
             stack.ensure_topology()
         if not args.no_prefect_server:
             with console.status("starting the Prefect server (about 30 s)"):
-                stack.start_prefect()
+                stack.start_prefect(preferred_port=PREFECT_PORT)
         stack.apply_env()  # this process is a client of the stack too (the registry, the comparison flow)
         redis_url = _start_redis(stack)
         replicas = 2 if redis_url else 1
@@ -168,12 +171,20 @@ def demo(args: argparse.Namespace) -> int:
         console.print_json(json.dumps(comparison))
 
         console.rule("the stack is up")
-        console.print(f"MLflow UI:   {stack.urls['mlflow']}")
+        console.print(
+            f"MLflow UI:   {stack.urls['mlflow']}"
+            + ("" if stack.ports["mlflow"] == MLFLOW_PORT else f" ({MLFLOW_PORT} was taken)")
+        )
         if "prefect" in stack.urls:
-            console.print(f"Prefect UI:  {stack.urls['prefect']}")
+            taken = "" if stack.ports["prefect"] == PREFECT_PORT else f" ({PREFECT_PORT} was taken)"
+            console.print(f"Prefect UI:  {stack.urls['prefect']}{taken}")
         for url in stack.backend_urls:
             console.print(f"backend:     {url}  (POST /predict, GET /rides/<id>, /readyz)")
         console.print(f"rollout:     {stack.urls['rollout']}/status")
+        from training.settings import Settings
+
+        page = f"{stack.urls['mlflow']}/#/models/{Settings.from_env().model_name}/versions/{second['version']}"
+        console.print(f"[bold]why v{second['version']} serves, in the registry:[/bold] {page}")
         console.print(f"logs:        {stack.log_dir}")
         console.print(
             "next: move the production alias in the MLflow UI and the function follows; `make status` compares; "
@@ -294,6 +305,14 @@ def status(args: argparse.Namespace) -> int:
     return 0 if sync["in_sync"] else 1
 
 
+def watch(args: argparse.Namespace) -> int:
+    from devstack.watch import watch as live_view
+
+    stack = Stack.load(args.stack_dir)
+    live_view(stack, console, args.seconds)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m devstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -312,11 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     restart_cmd.add_argument("service")
     sub.add_parser("down")
     sub.add_parser("status")
+    watch_cmd = sub.add_parser("watch", help="a live view of the stream: rides/s, latency, pending, dead letters, models")
+    watch_cmd.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C)")
     args = parser.parse_args(argv)
     try:
-        return {"demo": demo, "redeploy": redeploy, "rollback": rollback, "restart": restart, "down": down, "status": status}[
-            args.command
-        ](args)
+        commands = {"demo": demo, "redeploy": redeploy, "rollback": rollback, "restart": restart, "down": down}
+        return {**commands, "status": status, "watch": watch}[args.command](args)
     except ServiceError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

@@ -42,7 +42,10 @@ def port_is_free(port: int) -> bool:
             return False
 
 
-def free_port() -> int:
+def free_port(preferred: int | None = None) -> int:
+    """``preferred`` when nothing listens there (a stable address people can bookmark), else any free port."""
+    if preferred is not None and port_is_free(preferred):
+        return preferred
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]

@@ -45,6 +45,7 @@ SUBSCRIPTIONS = {
     "push": "backend-push-stream-function",  # push -> the function
     "pull": "backend-pull-stream-backend",  # shared by every backend replica
     "dead": "backend-deadletter-stream-inspect",  # for people (and tests) to read dead letters
+    "dead_watch": "backend-deadletter-stream-watch",  # what `devstack watch` counts, apart from the above
     "shadow": "backend-push-stream-challenger",  # push -> the challenger function, a copy of every ride
     "shadow_results": "backend-shadow-stream-inspect",  # the challenger's answers, for people and tests
 }
@@ -227,6 +228,7 @@ class Stack:
             ensure_topic(PROJECT, topic, emulator_host=emulator)
         ensure_subscription(PROJECT, TOPICS["pull"], SUBSCRIPTIONS["pull"], emulator_host=emulator)
         ensure_subscription(PROJECT, TOPICS["dead"], SUBSCRIPTIONS["dead"], emulator_host=emulator)
+        ensure_subscription(PROJECT, TOPICS["dead"], SUBSCRIPTIONS["dead_watch"], emulator_host=emulator)
         ensure_subscription(PROJECT, TOPICS["shadow"], SUBSCRIPTIONS["shadow_results"], emulator_host=emulator)
         for key, function in FUNCTIONS.items():
             if key in self.urls:
@@ -237,8 +239,8 @@ class Stack:
                 # only for subscriptions that exist), switched to push once the function answers.
                 ensure_subscription(PROJECT, TOPICS["push"], function["subscription"], emulator_host=emulator)
 
-    def start_mlflow(self, backend_store_uri: str | None = None) -> None:
-        port = free_port()
+    def start_mlflow(self, backend_store_uri: str | None = None, preferred_port: int | None = None) -> None:
+        port = free_port(preferred_port)
         store = backend_store_uri or f"sqlite:///{self.dir / 'mlflow.db'}"
         argv = [
             str(VENV_BIN / "mlflow"),
@@ -329,8 +331,8 @@ class Stack:
             time.sleep(0.3)
         raise ServiceError(f"{alias} v{version} was not rolled out within {timeout:.0f} s: {entry}")
 
-    def start_prefect(self) -> None:
-        port = free_port()
+    def start_prefect(self, preferred_port: int | None = None) -> None:
+        port = free_port(preferred_port)
         env = {**self.env(), "PREFECT_HOME": str(self.dir / "prefect"), "PREFECT_API_URL": f"http://{HOST}:{port}/api"}
         argv = [str(VENV_BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
         service = Service("prefect", argv, port, self.log_dir, f"http://{HOST}:{port}/api/health", env=env)

@@ -181,6 +181,22 @@ def log_to_mlflow(report: dict, plot: str, params: dict, settings: Settings) -> 
         return run.info.run_id
 
 
+@task(name="publish-summary", cache_policy=NONE)
+def publish_summary(report: dict, verdict: str, name: str) -> None:
+    """The drift summary as a table on the flow run in the Prefect UI, with a link to the full HTML report."""
+    from prefect.artifacts import create_link_artifact, create_table_artifact
+
+    metrics = report["metrics"]
+    rows = [
+        {"measure": key.removeprefix("drift_score_"), "drift score": round(value, 4)}
+        for key, value in metrics.items()
+        if key.startswith("drift_score_")
+    ]
+    rows += [{"measure": key, "value": round(value, 4)} for key, value in metrics.items() if not key.startswith("drift_score_")]
+    create_table_artifact(rows, key="drift-summary", description=f"{name}: {verdict}")
+    create_link_artifact(Path(report["html"]).resolve().as_uri(), link_text=f"{name} (Evidently report)", key="drift-report")
+
+
 @flow(name="monitor-drift", log_prints=True)
 def monitoring_flow(
     reference_month: str = "2021-01",
@@ -201,6 +217,7 @@ def monitoring_flow(
     drift_share = report["metrics"]["drift_share"]
     verdict = "drift: look at the report" if drift_share >= DRIFT_SHARE_ALERT else "no material drift"
     get_run_logger().info("%s (%.0f%% of columns drifted); report %s", verdict, 100 * drift_share, report["html"])
+    publish_summary(report, verdict, name)
     return {
         "report": report["html"],
         "plot": plot,

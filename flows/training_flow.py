@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from data import TripDataError, latest_split
+from flows.version_story import plot_links, version_story
 from ride_contract.ride import MAX_LOCATION_ID, MIN_LOCATION_ID, RIDE_COLUMNS
 from training import registry
 from training.settings import Settings, configure_mlflow
@@ -129,6 +130,21 @@ def promote(
     return decision
 
 
+@task(name="describe-version", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def describe_version(version: str, config: TrainConfig, candidate: TrainResult, decision: Decision, settings: Settings) -> str:
+    """The decision and its numbers on the version's page in the MLflow UI, and as this flow run's artifact."""
+    from mlflow import MlflowClient
+    from prefect.artifacts import create_markdown_artifact
+
+    experiment_id = MlflowClient(settings.tracking_uri).get_run(candidate.run_id).info.experiment_id
+    months = {"train": config.train_months, "val": config.val_months, "test": config.test_months}
+    links = plot_links(settings.tracking_uri, experiment_id, candidate.run_id)
+    description, tags = version_story(version, months, candidate.metrics, decision, links)
+    registry.describe(version, description, tags, settings)
+    create_markdown_artifact(description, key="model-decision", description=f"{settings.model_name} v{version}")
+    return description
+
+
 @flow(name="train-ride-duration", log_prints=True)
 def training_flow(
     train_months: list[str] | None = None,
@@ -161,6 +177,7 @@ def training_flow(
     candidate_rmse, production, production_rmse = evaluate(candidate, splits.frames["test"], settings)
     version = register(candidate, settings)
     decision = promote(version, candidate_rmse, production, production_rmse, min_improvement, settings)
+    describe_version(version, config, candidate, decision, settings)
     return {"run_id": candidate.run_id, **asdict(decision)}
 
 

@@ -207,3 +207,23 @@ def test_the_dockerfile_command_serves_the_app(emulators, streams, tmp_path):
         assert requests.post(url + "/predict", json={**RIDE, "PULocationID": 999}, timeout=10).status_code == 400
     logs = server.log_path.read_text()
     assert '"message": "ride accepted"' in logs  # structured JSON logs
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_the_stores_stream_figures_count_pending_rides_and_time_finals_from_their_post(kind, redis_prefix):
+    import time
+
+    from backend.results import InMemoryResultStore, RedisResultStore
+
+    store = InMemoryResultStore() if kind == "memory" else RedisResultStore(REDIS_URL, 60, redis_prefix)
+    now = time.time()
+    for i, waited in enumerate((0.1, 0.2, 0.3, 2.0)):  # requested `waited` seconds ago
+        record = {"ride_id": f"r{i}", "status": "pending", "fingerprint": "f", "requested_at": now - waited}
+        assert store.create(f"r{i}", record, resend_at=now + 60) is None
+    store.create("still-pending", {"ride_id": "p", "status": "pending", "requested_at": now}, resend_at=now + 60)
+    for i in range(4):
+        store.complete(f"r{i}", {"ride_id": f"r{i}", "duration_final": 10.0, "ride_fingerprint": "f"})
+    figures = store.stats(time.time())
+    assert figures["pending_rides"] == 1 and figures["finals_in_window"] == 4
+    assert figures["finals_per_second"] == 0.4  # four finals over the last ten seconds
+    assert 200 <= figures["latency_ms_p50"] < 1000 and 2000 <= figures["latency_ms_p95"] < 3000

@@ -169,3 +169,27 @@ def test_the_shadow_challenger_answers_every_ride_but_never_reaches_the_riders(l
             assert readiness["model_served"]["model_version"] == production
     finally:
         stack.stop("challenger")
+
+
+def test_the_live_view_shows_the_streams_figures_the_dead_letters_and_the_models(live, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from devstack.watch import watch
+
+    stack, settings, _ = live
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
+    publisher = pubsub_v1.PublisherClient()
+    publisher.publish(publisher.topic_path(PROJECT, TOPICS["push"]), b"{not a ride").result(timeout=30)
+    assert summarize(stream(stack.backend_urls, real_rides(30, seed=19), concurrency=6))["lost"] == 0
+
+    console = Console(file=io.StringIO(), width=120, height=60, force_terminal=True, color_system=None, record=True)
+    assert watch(stack, console, seconds=4) >= 3  # refreshed every second
+    frame = console.export_text().rsplit("stream (all replicas, last minute)", 1)[1]  # the last one drawn
+    figures = requests.get(f"{stack.backend_urls[0]}/readyz", timeout=10).json()["stream"]
+    assert f"{figures['latency_ms_p50']} ms" in frame and f"{figures['latency_ms_p95']} ms" in frame
+    assert figures["finals_in_window"] >= 30 and figures["pending_rides"] == 0
+    assert "not JSON" in frame  # the dead letter's reason
+    production = stack.model["version"]
+    assert f"v{production}" in frame and f"production = v{production}" in frame and "MISMATCH" not in frame

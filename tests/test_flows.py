@@ -150,3 +150,41 @@ def test_prefect_yaml_matches_the_lock_the_schedules_and_uses_worker_pools():
     }
     text = (REPO / "prefect.yaml").read_text()
     assert "--type cloud-run:push" not in text  # push pools need Prefect Cloud; this project runs its own server
+
+
+def test_each_version_tells_its_story_in_the_registry_and_the_flow_run(mlflow_server, prefect_harness, monkeypatch):
+    """Description and tags, read back through the MLflow REST API (what the UI shows), and the Prefect artifact."""
+    import requests
+    from prefect.artifacts import Artifact
+
+    monkeypatch.setenv("TRIP_DATA_BASE", str(DATA))
+    training_flow(trials=1, sample=5_000)
+    worse = training_flow(model_family="linear", trials=1, sample=5_000)
+
+    answer = requests.get(
+        f"{mlflow_server}/api/2.0/mlflow/model-versions/get", params={"name": "ride-duration", "version": "2"}, timeout=30
+    )
+    version = answer.json()["model_version"]
+    tags = {tag["key"]: tag["value"] for tag in version["tags"]}
+    run = requests.get(f"{mlflow_server}/api/2.0/mlflow/runs/get", params={"run_id": worse["run_id"]}, timeout=30).json()
+    metrics = {m["key"]: m["value"] for m in run["run"]["data"]["metrics"]}
+    assert tags["decision"] == "challenger" and tags["decision_reason"] == worse["reason"]
+    assert tags["train_months"] == "2021-01" and tags["test_months"] == "2021-03"
+    assert tags["production_version_at_evaluation"] == "1"
+    assert tags["production_test_rmse_at_evaluation"] == f"{worse['production_rmse']:.3f}"
+    for key in ("val_rmse", "test_rmse", "coarse_test_rmse"):
+        assert tags[key] == f"{metrics[key]:.3f}", key
+    assert tags["baseline_test_rmse"] == "-"  # a linear candidate is its own baseline
+    first = requests.get(
+        f"{mlflow_server}/api/2.0/mlflow/model-versions/get", params={"name": "ride-duration", "version": "1"}, timeout=30
+    ).json()["model_version"]
+    assert float({t["key"]: t["value"] for t in first["tags"]}["baseline_test_rmse"]) > 0
+    assert "promoted to **production**" in first["description"]
+    description = version["description"]
+    assert "kept as **challenger**" in description and worse["reason"] in description
+    assert f"| production (v1) test RMSE, same rides, at evaluation | {worse['production_rmse']:.3f} | 2021-03 |" in description
+    plots = f"{mlflow_server}/#/experiments/{run['run']['info']['experiment_id']}/runs/{worse['run_id']}/artifacts/plots/"
+    assert f"({plots}test_predictions.png)" in description
+
+    artifact = Artifact.get("model-decision")  # the latest flow run's
+    assert artifact is not None and artifact.type == "markdown" and artifact.data == description

@@ -39,6 +39,15 @@ def test_february_against_january_shows_only_small_drift(production, tmp_path):
         "report/drift-2021-01-vs-2021-02.html",
         "report/drift-2021-01-vs-2021-02.png",
     }
+    # And on the flow run in the Prefect UI: the summary as a table, the report as a link.
+    from prefect.artifacts import Artifact
+
+    table = Artifact.get("drift-summary")
+    rows = {row["measure"]: row for row in json.loads(table.data)} if isinstance(table.data, str) else {}
+    assert table.type == "table" and rows["drift_share"]["value"] == round(result["drift_share"], 4)
+    assert rows["trip_distance"]["drift score"] == round(result["drift_score_trip_distance"], 4)
+    link = Artifact.get("drift-report")
+    assert f"({(tmp_path / 'reports' / 'drift-2021-01-vs-2021-02.html').as_uri()})" in link.data  # a markdown link
 
 
 def test_a_shifted_month_raises_the_alert(production, tmp_path, monkeypatch):

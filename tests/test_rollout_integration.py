@@ -8,7 +8,7 @@ import time
 import pytest
 from werkzeug.serving import make_server
 
-from devstack.processes import HOST, VENV_BIN, Service, free_port
+from devstack.processes import HOST, free_port
 from rollout.app import create_app, registry_resolver
 from rollout.reconcile import Rollout
 from rollout.register import register_webhook
@@ -18,28 +18,6 @@ from rollout.webhook import WebhookVerifier
 pytestmark = pytest.mark.integration
 SECRET = "integration-secret"
 MODEL = "ride-duration"
-
-
-@pytest.fixture
-def mlflow_server(tmp_path, monkeypatch):
-    from cryptography.fernet import Fernet
-
-    port = free_port()
-    argv = [
-        str(VENV_BIN / "mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--default-artifact-root", str(tmp_path / "artifacts"),
-    ]  # fmt: skip
-    env = {
-        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
-        "MLFLOW_WEBHOOK_CACHE_TTL": "1",
-        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-    with Service("mlflow", argv, port, tmp_path / "logs", f"http://{HOST}:{port}/health", env=env) as server:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-        monkeypatch.setenv("MODEL_NAME", MODEL)
-        yield server.url
 
 
 class Target:

@@ -223,3 +223,25 @@ def test_postgresql_backend_store(tmp_path):
         )
         admin.execute(f'DROP DATABASE "{database}"')
         admin.close()
+
+
+def test_progress_bars_are_drawn_on_a_terminal_and_never_into_logs(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from data.progress import progress_bar
+
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=80)
+    with progress_bar(terminal) as progress:
+        progress.add_task("hgb trials", total=2, completed=2)
+    assert "hgb trials" in terminal.file.getvalue() and "2/2" in terminal.file.getvalue()
+
+    # A real search (two trials) with stderr going to a pipe, as in CI or a log file: no bar.
+    completed = _run(
+        [sys.executable, "-m", "training.train", "--trials", "2", "--sample", "3000", "--no-register"],
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        MLFLOW_ARTIFACT_ROOT=str(tmp_path / "artifacts"),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "trials" not in completed.stderr and "━" not in completed.stderr

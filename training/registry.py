@@ -87,6 +87,15 @@ def promote(version: str, settings: Settings | None = None) -> str | None:
     return old
 
 
+def describe(version: str, description: str, tags: dict[str, str], settings: Settings | None = None) -> None:
+    """The version's description and tags, as the MLflow UI shows them on its version page and table."""
+    settings = settings or Settings.from_env()
+    client = _client(settings)
+    client.update_model_version(settings.model_name, str(version), description=description)
+    for key, value in tags.items():
+        client.set_model_version_tag(settings.model_name, str(version), key, value)
+
+
 def rollback(settings: Settings | None = None) -> str:
     """Point ``production`` back at ``previous`` (and ``previous`` at what production was). Returns the version now serving."""
     settings = settings or Settings.from_env()

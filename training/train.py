@@ -29,6 +29,7 @@ from sklearn.pipeline import Pipeline
 
 import ride_contract
 from data import TLC_DOWNLOAD_BASE, TripDataError, load_trips, month_uri
+from data.progress import progress_bar
 from ride_contract.features import FEATURE_COLUMNS
 from ride_contract.ride import RIDE_COLUMNS
 from ride_contract.serving_form import FILE_NAME as SERVING_FORM_FILE
@@ -125,7 +126,11 @@ def search(family: str, trials: int, train: pd.DataFrame, val: pd.DataFrame) -> 
             best.update(rmse=rmse, model=model, params=params)
         return rmse
 
-    study.optimize(objective, n_trials=trials)
+    with progress_bar() as progress:  # on a terminal only: logs and CI output stay clean
+        trial_bar = progress.add_task(f"{family} trials", total=trials)
+        for _ in range(trials):
+            study.optimize(objective, n_trials=1)
+            progress.update(trial_bar, advance=1, description=f"{family} trials (best val RMSE {best['rmse']:.3f})")
     return best["model"], best["params"], best["rmse"]
 
 

@@ -1,0 +1,151 @@
+"""`python -m devstack watch`: a live view of the local stream, refreshed every second.
+
+What it shows comes from what the stack already exposes: the backends' /readyz (the shared
+store's pending rides, finals per second and latency from POST to final, results refused),
+the dead-letter topic (a subscription of its own, so the inspection one keeps its messages),
+and the registry against the function deployments (the same comparison `status` makes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from devstack.stack import PROJECT, SUBSCRIPTIONS, Stack
+
+REFRESH_SECONDS = 1.0
+
+
+@dataclass
+class Snapshot:
+    stream: dict[str, Any] | None = None  # the shared store's figures (backend /readyz "stream")
+    backends: dict[str, dict[str, Any] | str] = field(default_factory=dict)  # url -> readyz, or why not
+    dead_letters: int = 0
+    dead_letter_reasons: list[str] = field(default_factory=list)
+    deployments: dict[str, Any] = field(default_factory=dict)  # alias -> Rollout.status()
+
+
+class DeadLetters:
+    """Counts the dead-letter topic's messages through the watch's own subscription, keeping the latest reasons."""
+
+    def __init__(self, emulator_host: str):
+        from devstack.pubsub import subscriber_client
+
+        self._subscriber = subscriber_client(emulator_host)
+        self._path = self._subscriber.subscription_path(PROJECT, SUBSCRIPTIONS["dead_watch"])
+        self.count = 0
+        self.reasons: deque[str] = deque(maxlen=5)
+
+    def poll(self) -> None:
+        from google.api_core import exceptions
+
+        try:
+            response = self._subscriber.pull(subscription=self._path, max_messages=100, timeout=0.5)
+        except (exceptions.DeadlineExceeded, exceptions.RetryError):
+            return
+        if not response.received_messages:
+            return
+        self._subscriber.acknowledge(subscription=self._path, ack_ids=[m.ack_id for m in response.received_messages])
+        for received in response.received_messages:
+            self.count += 1
+            try:
+                self.reasons.append(json.loads(received.message.data).get("reason", "?"))
+            except ValueError:
+                self.reasons.append(received.message.attributes.get("reason", "?"))
+
+
+def collect(stack: Stack, dead_letters: DeadLetters, deployments: dict[str, Any]) -> Snapshot:
+    snapshot = Snapshot()
+    for url in stack.backend_urls:
+        try:
+            readiness = requests.get(f"{url}/readyz", timeout=5).json()
+            snapshot.backends[url] = readiness
+            snapshot.stream = snapshot.stream or readiness.get("stream")
+        except (requests.RequestException, ValueError) as exc:
+            snapshot.backends[url] = f"{type(exc).__name__}"
+    dead_letters.poll()
+    snapshot.dead_letters, snapshot.dead_letter_reasons = dead_letters.count, list(dead_letters.reasons)
+    for alias, rollout in deployments.items():
+        try:
+            snapshot.deployments[alias] = rollout.status()
+        except Exception as exc:  # the registry may be down: say so, keep watching
+            snapshot.deployments[alias] = {"problem": f"{type(exc).__name__}: {exc}"}
+    return snapshot
+
+
+def _figure(value: Any, unit: str = "") -> str:
+    return "-" if value is None else f"{value}{unit}"
+
+
+def render(snapshot: Snapshot) -> Group:
+    stream = snapshot.stream or {}
+    traffic = Table(title="stream (all replicas, last minute)", show_header=True, expand=False)
+    for column in ("rides/s", "p50 latency", "p95 latency", "pending rides", "dead letters"):
+        traffic.add_column(column, justify="right")
+    traffic.add_row(
+        _figure(stream.get("finals_per_second")),
+        _figure(stream.get("latency_ms_p50"), " ms"),
+        _figure(stream.get("latency_ms_p95"), " ms"),
+        _figure(stream.get("pending_rides")),
+        str(snapshot.dead_letters),
+    )
+    models = Table(title="models", show_header=True)
+    for column in ("deployment", "serves", "registry says", ""):
+        models.add_column(column)
+    for alias, entry in snapshot.deployments.items():
+        serving, wanted = entry.get("serving") or {}, entry.get("registry") or {}
+        flag = Text("ok", style="green") if entry.get("in_sync") else Text("MISMATCH", style="bold red")
+        models.add_row(
+            f"{alias} ({'function' if alias == 'production' else alias})",
+            f"v{serving['version']}" if serving else "nothing",
+            f"{alias} = v{wanted['version']}" if wanted else f"no {alias} alias",
+            flag if (serving or wanted) else Text("-"),
+        )
+    replicas = Table(title="backend replicas", show_header=True)
+    for column in ("replica", "ready", "results", "refused", "answered by"):
+        replicas.add_column(column)
+    for url, readiness in snapshot.backends.items():
+        if isinstance(readiness, str):
+            replicas.add_row(url, Text(readiness, style="red"), "-", "-", "-")
+            continue
+        served = readiness.get("model_served") or {}
+        replicas.add_row(
+            url,
+            "yes" if readiness.get("ready") else Text("no", style="red"),
+            str(readiness.get("results_received", "-")),
+            str(readiness.get("results_refused", "-")),
+            f"v{served['model_version']}" if served else "-",
+        )
+    parts: list[Any] = [traffic, models, replicas]
+    if snapshot.dead_letter_reasons:
+        parts.append(Text("latest dead letters: " + " | ".join(r[:60] for r in snapshot.dead_letter_reasons)))
+    return Group(*parts)
+
+
+def watch(stack: Stack, console: Console, seconds: float | None = None, deployments: dict[str, Any] | None = None) -> int:
+    """Refresh the view every second, for ``seconds`` (None: until Ctrl-C). Returns the number of refreshes."""
+    from devstack.__main__ import _rollouts
+
+    deployments = deployments if deployments is not None else _rollouts(stack)
+    dead_letters = DeadLetters(f"127.0.0.1:{stack.ports['pubsub']}")
+    refreshes = 0
+    ends = None if seconds is None else time.monotonic() + seconds
+    with Live(render(collect(stack, dead_letters, deployments)), console=console, auto_refresh=False) as live:
+        try:
+            while ends is None or time.monotonic() < ends:
+                started = time.monotonic()
+                live.update(render(collect(stack, dead_letters, deployments)), refresh=True)
+                refreshes += 1
+                time.sleep(max(0.0, REFRESH_SECONDS - (time.monotonic() - started)))
+        except KeyboardInterrupt:
+            pass
+    return refreshes
