@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from devstack.processes import ServiceError, pid_alive
+from devstack.rollout_target import local_rollouts
 from devstack.stack import DEFAULT_STACK_DIR, REPO, Stack
 from devstack.traffic import real_rides, stream, summarize
 
@@ -198,33 +199,12 @@ def demo(args: argparse.Namespace) -> int:
         raise
 
 
-def _rollouts(stack: Stack, aliases: tuple[str, ...] = ("production", "challenger")) -> dict:
-    """Rollouts of the stack's function deployments, to look at or to run in this process."""
-    from devstack.rollout_target import LocalFunctionTarget
-    from rollout.app import previous_marker, registry_resolver
-    from rollout.reconcile import Rollout
-    from training.settings import Settings
-
-    stack.apply_env()
-    name = Settings.from_env().model_name
-    keys = {"production": "function", "challenger": "challenger"}
-    return {
-        alias: Rollout(
-            alias,
-            registry_resolver(name),
-            LocalFunctionTarget(stack.dir, keys[alias]),
-            after_rollout=previous_marker(name) if alias == "production" else None,
-        )
-        for alias in aliases
-    }
-
-
 def _sync_report(stack: Stack) -> dict:
     """Registry vs deployed per alias (computed here: it holds whether the rollout service runs or not),
     and what the backend's latest result was answered by."""
     from rollout.__main__ import backend_served, judge
 
-    aliases = {alias: rollout.status() for alias, rollout in _rollouts(stack).items()}
+    aliases = {alias: rollout.status() for alias, rollout in local_rollouts(stack).items()}
     if (aliases["challenger"]["registry"] or aliases["challenger"]["serving"]) is None:
         aliases.pop("challenger")  # no challenger anywhere: nothing to compare
     service_running = "rollout" in stack.urls and pid_alive(stack.pids.get("rollout", -1))
@@ -241,16 +221,8 @@ def _sync_report(stack: Stack) -> dict:
 
 def redeploy(args: argparse.Namespace) -> int:
     """Reconcile now, through the rollout path: deploy what the registry's production alias says, if it differs."""
-    from devstack.rollout_target import LocalFunctionTarget
-    from rollout.app import previous_marker, registry_resolver
-    from rollout.reconcile import Rollout
-    from training.settings import Settings
-
     stack = Stack.load(args.stack_dir)
-    stack.apply_env()
-    name = Settings.from_env().model_name
-    rollout = Rollout("production", registry_resolver(name), LocalFunctionTarget(stack.dir), after_rollout=previous_marker(name))
-    console.print(rollout.reconcile())
+    console.print(local_rollouts(stack, ("production",))["production"].reconcile())
     return 0
 
 

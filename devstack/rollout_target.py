@@ -33,6 +33,27 @@ class LocalFunctionTarget:
     def deploy(self, model: Deployment) -> None:
         with open(self.stack_dir / "rollout.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            stack = Stack.load(self.stack_dir)
-            stack.apply_env()
-            stack.deploy_function(model.run_id, model.version, key=self.key)
+            Stack.load(self.stack_dir).deploy_function(model.run_id, model.version, key=self.key)
+
+
+# Which function deployment each rolled-out alias drives.
+DEPLOYMENT_OF_ALIAS = {"production": "function", "challenger": "challenger"}
+
+
+def local_rollouts(stack: Stack, aliases: tuple[str, ...] = ("production", "challenger")) -> dict:
+    """Rollouts of the stack's function deployments, run (or looked at) in this process rather than the service."""
+    from rollout.app import previous_marker, registry_resolver
+    from rollout.reconcile import Rollout
+    from training.settings import Settings
+
+    stack.apply_env()  # this process becomes a client of the stack's registry
+    name = Settings.from_env().model_name
+    return {
+        alias: Rollout(
+            alias,
+            registry_resolver(name),
+            LocalFunctionTarget(stack.dir, DEPLOYMENT_OF_ALIAS[alias]),
+            after_rollout=previous_marker(name) if alias == "production" else None,
+        )
+        for alias in aliases
+    }

@@ -133,9 +133,9 @@ def render(snapshot: Snapshot) -> Group:
 
 def watch(stack: Stack, console: Console, seconds: float | None = None, deployments: dict[str, Any] | None = None) -> int:
     """Refresh the view every second, for ``seconds`` (None: until Ctrl-C). Returns the number of refreshes."""
-    from devstack.__main__ import _rollouts
+    from devstack.rollout_target import local_rollouts
 
-    deployments = deployments if deployments is not None else _rollouts(stack)
+    deployments = deployments if deployments is not None else local_rollouts(stack)
     dead_letters = DeadLetters(f"127.0.0.1:{stack.ports['pubsub']}")
     refreshes = 0
     ends = None if seconds is None else time.monotonic() + seconds
