@@ -57,6 +57,20 @@ FUNCTIONS = {
 }
 
 
+def local_webhook_env(encryption_key: str) -> dict[str, str]:
+    """What an MLflow server on this machine needs to send registry webhooks to a service on loopback."""
+    return {
+        # Plain HTTP to loopback, which MLflow refuses by default (SSRF protection).
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        # The webhook list is re-read within a second, so a webhook registered just now is called.
+        "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+        # Webhook secrets are stored encrypted with this key; without it MLflow draws a new one
+        # per process and cannot read its webhooks after a restart.
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": encryption_key,
+    }
+
+
 @dataclass
 class Stack:
     dir: Path = DEFAULT_STACK_DIR
@@ -154,7 +168,7 @@ class Stack:
     def refresh(self) -> None:
         """Take in what other processes changed (a function the rollout service deployed)."""
         other = Stack.load(self.dir)
-        for name in ("urls", "pids", "ports", "models", "specs"):
+        for name in self._STATE_KEYS:
             setattr(self, name, {**getattr(self, name), **getattr(other, name)})
         for key, pid in other.pids.items():
             service = self.services.get(key)
@@ -258,17 +272,7 @@ class Stack:
             ARTIFACT_ROOT,
             "--no-serve-artifacts",
         ]
-        env = {
-            **self.env(),
-            # Registry webhooks to the local rollout service: plain HTTP on loopback, which MLflow
-            # refuses by default (SSRF protection); the webhook list is re-read within a second.
-            "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-            "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
-            "MLFLOW_WEBHOOK_CACHE_TTL": "1",
-            # Webhook secrets are stored encrypted with this key; without it MLflow draws a new one
-            # per process and cannot read its webhooks after a restart.
-            "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": self.secrets()["mlflow_webhook_encryption_key"],
-        }
+        env = {**self.env(), **local_webhook_env(self.secrets()["mlflow_webhook_encryption_key"])}
         service = Service("mlflow", argv, port, self.log_dir, f"http://{HOST}:{port}/health", env=env)
         self._started("mlflow", service.start(timeout=120))
 

@@ -30,6 +30,7 @@ _MLMODEL_IN_BUCKET = re.compile(r"(^|/)models/m-[0-9a-f]+/artifacts/MLmodel$")
 
 # What the function uses of the model's ride contract: the schema, the features, the scorer, the result message.
 CONTRACT_MODULES = ("ride", "features", "serving_form", "result")
+# ride_contract.serving_form.FILE_NAME: the file is found before the model's own contract is imported.
 SERVING_FORM_FILE = "serving_form.npz"
 
 

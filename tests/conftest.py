@@ -110,19 +110,14 @@ def mlflow_server(tmp_path, monkeypatch):
     from cryptography.fernet import Fernet
 
     from devstack.processes import HOST, VENV_BIN, Service, free_port
+    from devstack.stack import local_webhook_env
 
     port = free_port()
     argv = [
         str(VENV_BIN / "mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--default-artifact-root", str(tmp_path / "artifacts"),
     ]  # fmt: skip
-    env = {
-        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
-        "MLFLOW_WEBHOOK_CACHE_TTL": "1",
-        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
+    env = {**local_webhook_env(Fernet.generate_key().decode()), "MLFLOW_DISABLE_TELEMETRY": "true"}
     with Service("mlflow", argv, port, tmp_path / "logs", f"http://{HOST}:{port}/health", env=env) as server:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
         monkeypatch.setenv("MODEL_NAME", "ride-duration")

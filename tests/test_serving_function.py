@@ -375,3 +375,10 @@ def test_a_publish_the_broker_never_takes_fails_within_the_publish_timeout(monke
         publisher.publish("results", b"{}", ride_id="r-1")
     assert time.monotonic() - started < 10
     assert type(failure.value).__module__.startswith("google.api_core")
+
+
+def test_the_function_looks_for_the_file_training_writes():
+    from ride_contract.serving_form import FILE_NAME
+    from serving_function import model_store
+
+    assert model_store.SERVING_FORM_FILE == FILE_NAME

@@ -17,10 +17,10 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import LinearRegression
 from sklearn.pipeline import Pipeline
 
-from ride_contract.features import FEATURE_COLUMNS, feature_matrix
+from ride_contract.features import FEATURE_COLUMNS
 from ride_contract.ride import MIN_LOCATION_ID, RIDE_COLUMNS
 from ride_contract.serving_form import FORMAT, PAIR_BASE, ForestForm, LinearForm, ServingForm
-from ride_contract.sklearn_features import RideFeaturizer
+from ride_contract.sklearn_features import RideFeaturizer, ride_features
 
 # The encoders may read these features: a ride's zones. Everything else must pass through as it is.
 PAIR_FEATURES = ("PULocationID", "DOLocationID", "PU_DO")
@@ -39,10 +39,8 @@ def _pair_domain() -> pd.DataFrame:
     # Zone 0 does not exist; its rows are never looked up (rides are validated), so they take zone 1's values.
     pu, do = np.maximum(pu, MIN_LOCATION_ID), np.maximum(do, MIN_LOCATION_ID)
     pickup = np.full(len(pu), np.datetime64("2021-01-04T08:00"), dtype="datetime64[ns]")
-    features = feature_matrix(pickup, pu, do, np.ones(len(pu)))
-    return pd.DataFrame(features, columns=FEATURE_COLUMNS).astype(
-        dict.fromkeys(["PULocationID", "DOLocationID", "PU_DO", "pickup_weekday"], "int64")
-    )
+    # Through the pipeline's own feature step, as the encoders saw their training rides.
+    return ride_features(pd.DataFrame({"datetime": pickup, "PULocationID": pu, "DOLocationID": do, "trip_distance": 1.0}))
 
 
 def _split_inputs(encode: Any) -> tuple[list[int], list[int], list[str]]:
@@ -140,8 +138,6 @@ def write(pipeline: Pipeline, path: Path) -> Path:
 
 def max_difference(pipeline: Pipeline, form: ServingForm, rides: pd.DataFrame) -> float:
     """Largest |serving form - pipeline| in minutes over ``rides`` (a frame with the ride columns)."""
-    from ride_contract.sklearn_features import ride_features
-
     expected = pipeline.predict(rides[RIDE_COLUMNS])
     served = form.predict_features(ride_features(rides[RIDE_COLUMNS]).to_numpy(dtype=np.float64))
     return float(np.max(np.abs(served - expected))) if len(rides) else 0.0
