@@ -3,17 +3,21 @@
     gunicorn --bind 127.0.0.1:8080 --threads 8 "backend.app:create_app()"
 
 Routes:
-  POST /predict[?wait=N]   validate, answer {ride_id, duration_coarse, status: pending} (202) and publish
-                           the ride to BACKEND_PUSH_STREAM; with wait, up to N s for the final (200 when done)
-  GET  /rides/<ride_id>    coarse + final, or pending
+  POST /predict[?wait=N]   validate, record the ride (the outbox), publish it to BACKEND_PUSH_STREAM and
+                           answer {ride_id, duration_coarse, status: pending} (202); with wait, up to N s
+                           for the final (200 when done). A ride whose publish failed stays recorded and
+                           is published by the outbox's sender: still 202.
+  GET  /rides/<ride_id>[?wait=N]   coarse + final, or pending; with wait, up to N s for the final
   GET  /healthz            the process is up
-  GET  /readyz             the stream (both topics) is reachable and the result listener runs; the model
-                           behind the latest result (model_served)
+  GET  /readyz             the stream (both topics) is reachable and the result listener runs (503 if not);
+                           "status": "degraded" when finals arrive late; the model behind the latest
+                           result (model_served)
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import datetime as dt
 import json
 import logging
@@ -23,11 +27,18 @@ import uuid
 from typing import Any
 
 from flask import Flask, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException
 
 from backend.results import ResultStore, StoreUnavailable, make_store
 from backend.settings import BackendSettings
-from backend.stream import PublishError, Redelivery, ResultListener, RidePublisher, stream_problem
+from backend.stream import (
+    PUBLISH_RETRY_SECONDS,
+    PublishError,
+    Redelivery,
+    ResultListener,
+    RidePublisher,
+    stream_problem,
+)
 from ride_contract.coarse import CoarseEstimator
 from ride_contract.ride import InvalidRide, parse_ride
 
@@ -78,12 +89,35 @@ def _unavailable(message: str, **details: Any):
     return body, status, {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
 
-def _stream_figures(store: ResultStore) -> dict[str, Any] | None:
-    """The stream as every replica sees it (the shared store's figures); None while the store is down."""
+# Readiness checks run side by side, each given READY_CHECK_SECONDS: /readyz answers within about
+# that long even when a dependency hangs.
+READY_CHECK_SECONDS = 2.0
+_READY_CHECKS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="readyz")
+
+
+def _run_checks(checks: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Each check's answer; "no answer within N s" for one that has not answered in time."""
+    futures = {name: _READY_CHECKS.submit(check) for name, check in checks.items()}
+    concurrent.futures.wait(futures.values(), timeout=seconds)
+    return {name: future.result() if future.done() else f"no answer within {seconds:g} s" for name, future in futures.items()}
+
+
+def _stream_figures(store: ResultStore) -> dict[str, Any] | str:
+    """The stream as every replica sees it (the shared store's figures); why not, while the store is down."""
     try:
         return store.stats(time.time())
-    except StoreUnavailable:
-        return None
+    except StoreUnavailable as exc:
+        return str(exc)
+
+
+def degraded_reasons(figures: dict[str, Any] | None, late_p95_ms: float) -> list[str]:
+    """Why riders are served worse than they should be, from the stream figures (empty: they are not)."""
+    if not figures:
+        return []
+    p95 = figures.get("latency_ms_p95")
+    if p95 is not None and p95 > late_p95_ms:
+        return [f"finals arrive late: p95 {p95:,.0f} ms from POST over the last minute (limit {late_p95_ms:,.0f} ms)"]
+    return []
 
 
 def create_app(
@@ -95,10 +129,12 @@ def create_app(
     """Wire the app; tests inject a fake publisher/store, production builds the real ones from the environment."""
     _configure_logging()
     settings = settings or BackendSettings.from_env()
-    store = store or make_store(settings.redis_url, settings.result_ttl_seconds, settings.redis_prefix)
+    store = store or make_store(
+        settings.redis_url, settings.result_ttl_seconds, settings.redis_prefix, settings.redis_timeout_seconds
+    )
     publisher = publisher or RidePublisher(settings.project_id, settings.push_topic, settings.publish_timeout_seconds)
     if listener is None:
-        listener = ResultListener(settings.project_id, settings.pull_subscription, store).start()
+        listener = ResultListener(settings.project_id, settings.pull_subscription, store, settings.result_pull).start()
     redelivery = Redelivery(publisher, store, settings.resend_after_seconds, settings.resend_max_attempts).start()
     # gunicorn's graceful stop (SIGTERM: a deploy, Cloud Run scale-in) exits the worker normally: stop
     # pulling then, which nacks the results this replica holds so the others get them at once.
@@ -118,15 +154,31 @@ def create_app(
         log.exception("unhandled error", extra={"path": request.path})
         return _error(500, "internal error")
 
-    @app.post("/predict")
-    def predict():
+    def _wait_seconds() -> float:
         wait = request.args.get("wait", "0")
         try:
             wait_seconds = float(wait)
         except ValueError:
-            return _error(400, "wait must be a number of seconds", wait=wait)
+            raise BadRequest("wait must be a number of seconds") from None
         if not 0 <= wait_seconds <= settings.max_wait_seconds:
-            return _error(400, f"wait must be between 0 and {settings.max_wait_seconds:g} seconds", wait=wait)
+            raise BadRequest(f"wait must be between 0 and {settings.max_wait_seconds:g} seconds")
+        return wait_seconds
+
+    def _publish(ride_id: str, message: bytes) -> None:
+        """Publish a recorded ride; if the stream does not take it now, the outbox's sender will."""
+        now = time.time()
+        try:
+            publisher.publish(message, ride_id=ride_id)
+        except PublishError as exc:
+            # Never forgotten: the ride stays recorded and due, and the next sweep publishes it.
+            store.reschedule(ride_id, now + PUBLISH_RETRY_SECONDS)
+            log.error("publish failed; the outbox will publish the ride", extra={"ride_id": ride_id, "error": str(exc)})
+            return
+        store.published(ride_id, time.time() + settings.resend_after_seconds)
+
+    @app.post("/predict")
+    def predict():
+        wait_seconds = _wait_seconds()
         payload = request.get_json(silent=True)
         if payload is None:
             return _error(400, "body must be a JSON object (Content-Type: application/json)")
@@ -148,21 +200,24 @@ def create_app(
             "fingerprint": ride.fingerprint(),
             "requested_at": now,
         }
-        existing = store.create(ride_id, record, resend_at=now + settings.resend_after_seconds)
+        message = ride.model_dump_json().encode()
+        # Recorded before it is published (the outbox): whatever the publish does, the ride is
+        # pending and due, so it reaches the stream.
+        existing = store.create(ride_id, record, resend_at=now + PUBLISH_RETRY_SECONDS)
         if existing is not None:
             if existing.get("fingerprint") != record["fingerprint"]:
                 return _error(409, "ride_id already used for another ride; omit ride_id to get a fresh one", ride_id=ride_id)
-            # The same ride again (a client retry): its record, whatever happened before. The ride is
-            # in the stream or due a resend, so nothing is published here.
+            # The same ride again (a client retry). A failed ride is tried afresh; a pending one
+            # that is not in the stream yet (its first publish failed or still hangs) is published
+            # now; any other is answered as it stands.
+            if existing.get("status") == "failed" and store.reopen(ride_id, record, now + PUBLISH_RETRY_SECONDS):
+                log.info("failed ride asked again", extra={"ride_id": ride_id})
+                _publish(ride_id, message)
+                return _answer(record, wait_seconds)
+            if existing.get("status") == "pending" and store.publishes(ride_id) == 0:
+                _publish(ride_id, message)
             return _answer(existing, wait_seconds)
-        try:
-            publisher.publish(ride.model_dump_json().encode(), ride_id=ride_id)
-        except PublishError as exc:
-            store.discard(ride_id)  # not in the stream: the client retries with this ride_id
-            log.error("publish failed", extra={"ride_id": ride_id, "error": str(exc)})
-            return _unavailable(
-                "the ride stream is unavailable; retry", ride_id=ride_id, duration_coarse=record["duration_coarse"]
-            )
+        _publish(ride_id, message)
         log.info("ride accepted", extra={"ride_id": ride_id, "duration_coarse": record["duration_coarse"]})
         return _answer(record, wait_seconds)
 
@@ -181,9 +236,13 @@ def create_app(
 
     @app.get("/rides/<ride_id>")
     def ride_status(ride_id: str):
+        wait_seconds = _wait_seconds()
+        g.ride_id = ride_id
         record = store.get(ride_id)
         if record is None:
             return _error(404, "unknown ride_id (or its result expired)", ride_id=ride_id)
+        if wait_seconds > 0 and record.get("status") == "pending":
+            record = store.wait(ride_id, wait_seconds) or record
         return jsonify(record)
 
     @app.get("/healthz")
@@ -192,23 +251,35 @@ def create_app(
 
     @app.get("/readyz")
     def readyz():
-        checks = {
-            "push_stream": stream_problem(publisher.check, 2.0),
-            "pull_stream": stream_problem(listener.check, 2.0),
-            "result_listener": None if listener.running else "not running",
-            "result_store": stream_problem(lambda timeout: store.ping(), 2.0),
-        }
+        seconds = READY_CHECK_SECONDS
+        answers = _run_checks(
+            {
+                "push_stream": lambda: stream_problem(publisher.check, seconds),
+                "pull_stream": lambda: stream_problem(listener.check, seconds),
+                "result_store": lambda: stream_problem(lambda timeout: store.ping(), seconds),
+                "stream": lambda: _stream_figures(store),
+            },
+            seconds,
+        )
+        figures = answers.pop("stream")
+        checks = {**answers, "result_listener": None if listener.running else "not running"}
         ready = all(problem is None for problem in checks.values())
+        figures = figures if isinstance(figures, dict) else None
+        degraded = degraded_reasons(figures, settings.late_final_p95_ms)
         body = {
             "ready": ready,
+            # ok: riders are answered on time; degraded: they are answered, late; down: not ready.
+            "status": "down" if not ready else "degraded" if degraded else "ok",
+            "degraded": degraded,
             "checks": {name: problem or "ok" for name, problem in checks.items()},
             "results_received": listener.received,
             "rides_resent": redelivery.resent,
+            "rides_published_from_outbox": redelivery.recovered,
             "results_refused": getattr(listener, "refused", 0),
             "listener_last_error": listener.last_error,
             "listener_cpu_seconds": getattr(listener, "cpu_seconds", None),
             "model_served": getattr(listener, "model_served", None),
-            "stream": _stream_figures(store),
+            "stream": figures,
         }
         return jsonify(body), 200 if ready else 503
 

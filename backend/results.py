@@ -6,9 +6,14 @@ may die with rides in flight, so the records *and* the pending-ride bookkeeping
 live in a store all of them share. Any live replica resends any overdue ride; a
 claim (a lease of ``lease_seconds``) makes sure two replicas never both resend it.
 
+The store is also the rides' outbox: a ride is recorded *before* it is published,
+with a count of the publishes the broker confirmed (0 at first) and a time it is due
+again. A publish that fails or hangs leaves the ride pending and due, so a resend (or
+the client's retry) publishes it; a recorded ride is never forgotten.
+
 A result is stored only on the pending ride it answers (same ride_id and the same
-ride, by fingerprint): a result for an unknown or another ride is refused, never
-turned into a "done" ride.
+ride, by fingerprint): a result for an unknown or another ride, or one that does not
+say which ride it answers, is refused, never turned into a "done" ride.
 """
 
 from __future__ import annotations
@@ -36,17 +41,30 @@ class Completion(StrEnum):
 
 class ResultStore(Protocol):
     def create(self, ride_id: str, record: dict[str, Any], resend_at: float) -> dict[str, Any] | None:
-        """Record a new pending ride due a resend at ``resend_at`` (epoch seconds).
+        """Record a new pending ride, not yet published, due a (re)send at ``resend_at`` (epoch seconds).
 
         Returns None when created, else the record already under ``ride_id`` (nothing changed)."""
 
-    def discard(self, ride_id: str) -> None: ...
+    def reopen(self, ride_id: str, record: dict[str, Any], resend_at: float) -> bool:
+        """Make a failed ride pending again (the same ride asked again), unpublished; False if it is not failed."""
+
+    def published(self, ride_id: str, resend_at: float) -> None:
+        """Count one publish the broker confirmed for a pending ride, and when it is due again."""
+
+    def publishes(self, ride_id: str) -> int:
+        """Publishes confirmed so far for a pending ride (0: it is not in the stream yet)."""
+
+    def reschedule(self, ride_id: str, at: float) -> None:
+        """A pending ride is due again at ``at`` (its publish failed: try again soon)."""
+
+    def forget_pending(self, ride_id: str) -> None:
+        """Drop a ride from the pending bookkeeping (its record is gone or settled)."""
 
     def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> Completion:
         """Settle a pending ride with its result (or, with status "failed", the reason) and wake whoever waits."""
 
     def claim_due(self, now: float, lease_seconds: float, limit: int = 100) -> list[tuple[str, int]]:
-        """Pending rides due a resend, as (ride_id, publishes so far), each claimed for ``lease_seconds``."""
+        """Pending rides due a (re)send, as (ride_id, confirmed publishes), each claimed for ``lease_seconds``."""
 
     def get(self, ride_id: str) -> dict[str, Any] | None: ...
 
@@ -91,8 +109,9 @@ def _completion(record: dict[str, Any] | None, result: dict[str, Any], status: s
         return Completion.UNKNOWN
     if record.get("status") == "done" or (record.get("status") == "failed" and status == "failed"):
         return Completion.SETTLED  # a late true answer may still replace "failed"
+    # Fail closed: a result that does not name the ride it answers cannot be matched to this one.
     answered, asked = result.get("ride_fingerprint"), record.get("fingerprint")
-    if answered and asked and answered != asked:
+    if status == "done" and (not answered or not asked or answered != asked):
         return Completion.MISMATCH
     return None
 
@@ -133,12 +152,36 @@ class InMemoryResultStore:
                 return dict(self._rides[ride_id][1])
             self._rides[ride_id] = (time.monotonic(), dict(record))
             self._due[ride_id] = resend_at
-            self._sends[ride_id] = 1
+            self._sends[ride_id] = 0
             return None
 
-    def discard(self, ride_id: str) -> None:
+    def reopen(self, ride_id: str, record: dict[str, Any], resend_at: float) -> bool:
         with self._changed:
-            self._rides.pop(ride_id, None)
+            entry = self._rides.get(ride_id)
+            if entry is None or entry[1].get("status") != "failed":
+                return False
+            self._rides[ride_id] = (time.monotonic(), dict(record))
+            self._due[ride_id] = resend_at
+            self._sends[ride_id] = 0
+            return True
+
+    def published(self, ride_id: str, resend_at: float) -> None:
+        with self._changed:
+            if ride_id in self._due:
+                self._due[ride_id] = resend_at
+                self._sends[ride_id] += 1
+
+    def publishes(self, ride_id: str) -> int:
+        with self._changed:
+            return self._sends.get(ride_id, 0)
+
+    def reschedule(self, ride_id: str, at: float) -> None:
+        with self._changed:
+            if ride_id in self._due:
+                self._due[ride_id] = at
+
+    def forget_pending(self, ride_id: str) -> None:
+        with self._changed:
             self._forget(ride_id)
 
     def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> Completion:
@@ -162,7 +205,6 @@ class InMemoryResultStore:
             for _, ride_id in due:
                 self._due[ride_id] = now + lease_seconds
                 claimed.append((ride_id, self._sends[ride_id]))
-                self._sends[ride_id] += 1
             return claimed
 
     def get(self, ride_id: str) -> dict[str, Any] | None:
@@ -185,24 +227,43 @@ class InMemoryResultStore:
             return _stream_stats(len(self._due), finals, now)
 
 
-# Record and schedule in one step: a ride is never recorded without being due a resend.
+# Record and schedule in one step: a ride is never recorded without being due a (re)send.
 _CREATE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-  redis.call('HSET', KEYS[3], ARGV[4], 1)
+  redis.call('HSET', KEYS[3], ARGV[4], 0)
   return false
 end
 return redis.call('GET', KEYS[1])
 """
-# Claim the due rides atomically: whoever runs this first owns them for the lease.
+# A failed ride asked again: pending and unpublished once more, in one step.
+_REOPEN = """
+local raw = redis.call('GET', KEYS[1])
+if not raw or cjson.decode(raw)['status'] ~= 'failed' then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[4], 0)
+return 1
+"""
+# A confirmed publish of a ride still pending: count it, and when it is due again.
+_PUBLISHED = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+  redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+end
+return 0
+"""
+# Claim the due rides atomically: whoever runs this first owns them for the lease. Publishes
+# are counted when the broker confirms them (_PUBLISHED), never here.
 _CLAIM_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 local claimed = {}
 for _, ride_id in ipairs(due) do
   redis.call('ZADD', KEYS[1], ARGV[2], ride_id)
-  local sends = redis.call('HINCRBY', KEYS[2], ride_id, 1) - 1
   table.insert(claimed, ride_id)
-  table.insert(claimed, sends)
+  table.insert(claimed, tonumber(redis.call('HGET', KEYS[2], ride_id) or '0'))
 end
 return claimed
 """
@@ -212,17 +273,25 @@ class RedisResultStore:
     """One JSON value per ride (``<prefix>:ride:<id>``) with a TTL; the pending rides in a sorted set
     by resend time with their publish counts beside it; a Redis channel per ride wakes waiters."""
 
-    def __init__(self, url: str, ttl_seconds: int = 86400, prefix: str = "ridestream"):
+    def __init__(self, url: str, ttl_seconds: int = 86400, prefix: str = "ridestream", timeout_seconds: float = 1.0):
         import redis
 
-        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
-        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
+        # Every Redis failure a request can meet is a 503 to retry, never a 500: down, hanging
+        # (the socket timeout), loading its data, or refusing writes (ResponseError: OOM under
+        # maxmemory, READONLY during a failover, BUSY script).
+        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError)
+        # A hanging Redis costs a request ``timeout_seconds``, not the rider's patience.
+        self._redis = redis.Redis.from_url(
+            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds, health_check_interval=30
+        )
         self._ttl = ttl_seconds
         self._prefix = prefix
         self._pending = f"{prefix}:pending"
         self._sends = f"{prefix}:sends"
         self._finals = f"{prefix}:finals"  # sorted set: "<ride_id>:<ms from POST>" scored by when it was settled
         self._create = self._redis.register_script(_CREATE)
+        self._reopen = self._redis.register_script(_REOPEN)
+        self._published = self._redis.register_script(_PUBLISHED)
         self._claim_due = self._redis.register_script(_CLAIM_DUE)
 
     def _key(self, ride_id: str) -> str:
@@ -245,9 +314,22 @@ class RedisResultStore:
         )
         return json.loads(existing) if existing else None
 
-    def discard(self, ride_id: str) -> None:
+    def reopen(self, ride_id: str, record: dict[str, Any], resend_at: float) -> bool:
+        keys = [self._key(ride_id), self._pending, self._sends]
+        return bool(self._call(self._reopen, keys=keys, args=[json.dumps(record), self._ttl, resend_at, ride_id]))
+
+    def published(self, ride_id: str, resend_at: float) -> None:
+        self._call(self._published, keys=[self._pending, self._sends], args=[ride_id, resend_at])
+
+    def publishes(self, ride_id: str) -> int:
+        return int(self._call(self._redis.hget, self._sends, ride_id) or 0)
+
+    def reschedule(self, ride_id: str, at: float) -> None:
+        self._call(self._redis.zadd, self._pending, {ride_id: at}, xx=True)
+
+    def forget_pending(self, ride_id: str) -> None:
         pipe = self._redis.pipeline()
-        pipe.delete(self._key(ride_id)).zrem(self._pending, ride_id).hdel(self._sends, ride_id)
+        pipe.zrem(self._pending, ride_id).hdel(self._sends, ride_id)
         self._call(pipe.execute)
 
     def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> Completion:
@@ -306,5 +388,7 @@ class RedisResultStore:
         return _stream_stats(pending, [(at, float(member.rsplit(b":", 1)[1])) for member, at in finals], now)
 
 
-def make_store(redis_url: str, ttl_seconds: int, prefix: str = "ridestream") -> ResultStore:
-    return RedisResultStore(redis_url, ttl_seconds, prefix) if redis_url else InMemoryResultStore(ttl_seconds)
+def make_store(redis_url: str, ttl_seconds: int, prefix: str = "ridestream", timeout_seconds: float = 1.0) -> ResultStore:
+    if redis_url:
+        return RedisResultStore(redis_url, ttl_seconds, prefix, timeout_seconds)
+    return InMemoryResultStore(ttl_seconds)

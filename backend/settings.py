@@ -24,6 +24,11 @@ class BackendSettings:
     publish_timeout_seconds: float
     resend_after_seconds: float  # a ride still pending this long is published again
     resend_max_attempts: int  # then it is marked failed
+    redis_timeout_seconds: float  # a hanging Redis costs a request this long before its 503
+    # How results are pulled: "streaming" (production), or "unary" Pull calls, the default on the
+    # Pub/Sub emulator, whose streaming pull keeps feeding the streams of dead clients.
+    result_pull: str
+    late_final_p95_ms: float  # /readyz says "degraded" when the p95 from POST to final is above this
 
     @classmethod
     def from_env(cls) -> BackendSettings:
@@ -41,4 +46,7 @@ class BackendSettings:
             publish_timeout_seconds=float(env("PUBLISH_TIMEOUT_SECONDS", "10")),
             resend_after_seconds=float(env("RESEND_AFTER_SECONDS", "30")),
             resend_max_attempts=int(env("RESEND_MAX_ATTEMPTS", "5")),
+            redis_timeout_seconds=float(env("REDIS_TIMEOUT_SECONDS", "1")),
+            result_pull=env("RESULT_PULL") or ("unary" if env("PUBSUB_EMULATOR_HOST") else "streaming"),
+            late_final_p95_ms=float(env("LATE_FINAL_P95_SECONDS", "5")) * 1000,
         )

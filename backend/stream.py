@@ -24,6 +24,10 @@ class PublishError(RuntimeError):
     pass
 
 
+# A ride whose publish failed is due again this soon (not after a whole resend period).
+PUBLISH_RETRY_SECONDS = 2.0
+
+
 class RidePublisher:
     """One Publish call per ride, in the request's thread.
 
@@ -129,13 +133,43 @@ def threads_cpu_seconds(selected: Any) -> float | None:
 FLOW_CONTROL = pubsub_v1.types.FlowControl(max_messages=100, max_duration_per_lease_extension=10)
 
 
+# How long one unary Pull waits for results. Short, so that a replica that dies leaves no
+# outstanding Pull behind for long: the broker hands a waiting Pull the next results, and a dead
+# one's come back only after the subscription's ack deadline.
+PULL_WAIT_SECONDS = 2.0
+PULL_MODES = ("streaming", "unary")
+
+
+class _PulledMessage:
+    """A result of a unary Pull, with the ack()/nack() of the streaming client's messages."""
+
+    def __init__(self, received: Any, acks: list[str], nacks: list[str]):
+        self.data = received.message.data
+        self._ack_id, self._acks, self._nacks = received.ack_id, acks, nacks
+
+    def ack(self) -> None:
+        self._acks.append(self._ack_id)
+
+    def nack(self) -> None:
+        self._nacks.append(self._ack_id)
+
+
 class ResultListener(BackgroundLoop):
-    """Streaming pull on the results subscription; stores each result, acks only after it is stored."""
+    """Pulls the results subscription; stores each result, acks only after it is stored.
+
+    ``streaming`` (production): the client library's streaming pull. ``unary``: a loop of
+    Pull calls, for the Pub/Sub emulator, which keeps delivering to the streaming pulls of
+    clients that are gone: after a backend replica dies, a share of the results sits in
+    a dead stream until its ack deadline, for minutes, while every check is green
+    (tests/test_faults.py reproduces it, with both modes)."""
 
     thread_name = "result-listener"
 
-    def __init__(self, project_id: str, subscription: str, store: ResultStore):
+    def __init__(self, project_id: str, subscription: str, store: ResultStore, mode: str = "streaming"):
         super().__init__()
+        if mode not in PULL_MODES:
+            raise ValueError(f"result pull mode {mode!r}: choose one of {', '.join(PULL_MODES)}")
+        self.mode = mode
         self._subscriber = pubsub_v1.SubscriberClient()
         self.subscription_path = self._subscriber.subscription_path(project_id, subscription)
         self._store = store
@@ -155,10 +189,11 @@ class ResultListener(BackgroundLoop):
         try:
             result = RideResult.model_validate_json(message.data)
         except ValidationError as exc:
-            # No redelivery can make it valid; ack it and say so loudly.
-            log.error(
-                "malformed result dropped", extra={"data": message.data[:500].decode("utf-8", "replace"), "error": str(exc)}
-            )
+            # Malformed, out of the duration bounds, or not naming its ride: no redelivery can make
+            # it valid, so it is acked and said loudly, and never shown to a rider; the ride stays
+            # pending and is resent.
+            self.refused += 1
+            log.error("invalid result refused", extra={"data": message.data[:500].decode("utf-8", "replace"), "error": str(exc)})
             message.ack()
             return
         try:
@@ -186,6 +221,43 @@ class ResultListener(BackgroundLoop):
         message.ack()
 
     def _run(self) -> None:
+        if self.mode == "unary":
+            self._pull_loop()
+        else:
+            self._stream_loop()
+
+    def _pull_loop(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                response = self._subscriber.pull(
+                    subscription=self.subscription_path, max_messages=100, timeout=PULL_WAIT_SECONDS, retry=None
+                )
+            except gexc.DeadlineExceeded:
+                continue  # nothing arrived meanwhile
+            except Exception as exc:  # the broker is unreachable: say so, then try again
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("result pull failed, retrying", extra={"error": self.last_error})
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10)
+                continue
+            backoff = 0.5
+            acks: list[str] = []
+            nacks: list[str] = []
+            for received in response.received_messages:
+                self._on_message(_PulledMessage(received, acks, nacks))
+            try:
+                if acks:
+                    self._subscriber.acknowledge(subscription=self.subscription_path, ack_ids=acks)
+                if nacks:  # back to the subscription at once, for whichever replica pulls next
+                    self._subscriber.modify_ack_deadline(
+                        subscription=self.subscription_path, ack_ids=nacks, ack_deadline_seconds=0
+                    )
+            except Exception as exc:  # unacked results come back after the ack deadline; stored ones settle as repeats
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("could not acknowledge results", extra={"error": self.last_error})
+
+    def _stream_loop(self) -> None:
         backoff = 0.5
         while not self._stop.is_set():
             future = self._subscriber.subscribe(self.subscription_path, self._on_message, flow_control=FLOW_CONTROL)
@@ -221,20 +293,29 @@ def stream_problem(check: Any, seconds: float) -> str | None:
 
 
 class Redelivery(BackgroundLoop):
-    """Publishes again the accepted rides that got no final duration in time, whichever replica took them.
+    """The outbox's sender: publishes the recorded rides that are not in the stream yet, and again
+    those that got no final duration in time, whichever replica took them.
 
-    Pub/Sub keeps what it acknowledged, but a broker restart (the emulator keeps nothing),
-    a result lost on its way, or the replica that accepted a ride dying must not leave a
-    rider pending forever. The due rides live in the shared store; each sweep claims a
-    batch (a lease of ``after_seconds``), so two replicas never both resend a ride.
-    Repeats are safe: the function and the store are idempotent per ride. After
-    ``max_attempts`` publishes the ride is marked failed, with the reason.
+    A ride's first publish happens in its POST; if that failed or hung, the ride is still
+    recorded and due, and a sweep publishes it. Pub/Sub keeps what it acknowledged, but a
+    broker restart (the emulator keeps nothing), a result lost on its way, or the replica that
+    accepted a ride dying must not leave a rider pending forever either. The due rides live in
+    the shared store; each sweep claims a batch (a lease of ``after_seconds``), so two replicas
+    never both resend a ride. Repeats are safe: the function and the store are idempotent per
+    ride. A ride is marked failed, with the reason, after ``max_attempts`` publishes the broker
+    confirmed, or when it could not be published at all for ``max_attempts * after_seconds``.
     """
 
     thread_name = "redelivery"
 
     def __init__(
-        self, publisher: RidePublisher, store: ResultStore, after_seconds: float, max_attempts: int, interval: float = 1.0
+        self,
+        publisher: RidePublisher,
+        store: ResultStore,
+        after_seconds: float,
+        max_attempts: int,
+        interval: float = 1.0,
+        retry_seconds: float = PUBLISH_RETRY_SECONDS,
     ):
         super().__init__()
         self._publisher = publisher
@@ -242,27 +323,50 @@ class Redelivery(BackgroundLoop):
         self._after = after_seconds
         self._max_attempts = max_attempts
         self._interval = interval
-        self.resent = 0
+        self._retry = retry_seconds
+        self.resent = 0  # publishes of rides already in the stream once
+        self.recovered = 0  # first publishes of rides whose POST could not publish them
+
+    def _give_up_reason(self, record: dict[str, Any], sends: int, now: float) -> str | None:
+        waited = now - float(record.get("requested_at", now))
+        if sends >= self._max_attempts:
+            return f"no final duration after {sends} publishes over {waited:.0f} s"
+        if sends == 0 and waited >= self._max_attempts * self._after:
+            return f"the ride stream did not take the ride for {waited:.0f} s"
+        return None
 
     def sweep(self) -> None:
-        """One pass: resend the overdue rides this replica claims, give up on hopeless ones."""
-        for ride_id, sends in self._store.claim_due(time.time(), self._after):
+        """One pass: publish the due rides this replica claims, give up on hopeless ones."""
+        now = time.time()
+        claimed = self._store.claim_due(now, self._after)
+        for index, (ride_id, sends) in enumerate(claimed):
             record = self._store.get(ride_id)
             if record is None or record.get("status") != "pending":
-                continue  # answered meanwhile (the store unschedules it) or expired
-            if sends >= self._max_attempts:
-                reason = f"no final duration after {sends} publishes over {sends * self._after:.0f} s"
+                # Expired (TTL, or evicted under memory pressure) or settled: nothing left to send,
+                # and it must not be claimed again every lease, forever.
+                self._store.forget_pending(ride_id)
+                continue
+            reason = self._give_up_reason(record, sends, now)
+            if reason is not None:
                 self._store.complete(ride_id, {"ride_id": ride_id, "error": reason}, status="failed")
                 log.error("ride failed", extra={"ride_id": ride_id, "error": reason})
                 continue
-            message = ride_message(ride_id, record)
             try:
-                self._publisher.publish(message, ride_id=ride_id)
-            except PublishError as exc:  # still due: the next claim, after the lease, tries again
-                log.warning("resend failed, will retry", extra={"ride_id": ride_id, "error": str(exc)})
-                continue
-            self.resent += 1
-            log.warning("ride resent", extra={"ride_id": ride_id, "attempt": sends + 1})
+                self._publisher.publish(ride_message(ride_id, record), ride_id=ride_id)
+            except PublishError as exc:
+                # The broker is down or hanging: this ride and the rest of the batch are due again
+                # soon, instead of each waiting out its own publish timeout now.
+                log.warning("publish failed, will retry", extra={"ride_id": ride_id, "error": str(exc)})
+                for later, _ in claimed[index:]:
+                    self._store.reschedule(later, time.time() + self._retry)
+                return
+            self._store.published(ride_id, time.time() + self._after)
+            if sends == 0:
+                self.recovered += 1
+                log.warning("ride published from the outbox", extra={"ride_id": ride_id})
+            else:
+                self.resent += 1
+                log.warning("ride resent", extra={"ride_id": ride_id, "attempt": sends + 1})
 
     def _run(self) -> None:
         store_down = False

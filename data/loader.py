@@ -20,11 +20,10 @@ import pyarrow.parquet as pq
 
 from data.gcs import split_gs_uri
 from data.progress import progress_bar
+from ride_contract.ride import MAX_DURATION_MINUTES, MIN_DURATION_MINUTES
 
 DATA_DIR = Path(__file__).resolve().parent
 TLC_DOWNLOAD_BASE = "https://d37ci6vzurychx.cloudfront.net/trip-data"
-MIN_DURATION_MINUTES = 1.0
-MAX_DURATION_MINUTES = 60.0
 DOWNLOAD_TIMEOUT_SECONDS = 60
 
 # Green files use lpep_*, yellow files tpep_*; both are read the same way.

@@ -3,7 +3,7 @@
 python -m devstack demo       # start everything, train, serve, stream real rides, promote; leaves the stack up
 python -m devstack redeploy   # deploy what the `production` alias says now, if the function serves anything else
 python -m devstack rollback   # production <- previous in the stack's registry; the rollout service follows
-python -m devstack status     # what runs where, what is dead, and registry vs deployed vs answering (exit 1 if they differ)
+python -m devstack status     # what runs where, what is dead, registry vs deployed vs answering, riders served on time (exit 1 if not)
 python -m devstack restart SERVICE   # stop (the whole process group) and start again: same port, same data
 python -m devstack watch      # a live view: rides/s, latency, pending rides, dead letters, models (Ctrl-C stops)
 python -m devstack down       # stop every process the stack started, by PID
@@ -264,17 +264,39 @@ def down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _riders(stack: Stack) -> dict[str, dict]:
+    """Per backend replica, how riders are served: its /readyz status (ok, degraded, down) and why."""
+    health = {}
+    for url in stack.backend_urls:
+        try:
+            readiness = requests.get(f"{url}/readyz", timeout=10).json()
+            health[url] = {"status": readiness.get("status", "down"), "degraded": readiness.get("degraded", [])}
+        except (requests.RequestException, ValueError) as exc:
+            health[url] = {"status": "down", "degraded": [f"no /readyz answer: {type(exc).__name__}"]}
+    return health
+
+
 def status(args: argparse.Namespace) -> int:
     stack = Stack.load(args.stack_dir)
     alive = {key: "running" if pid_alive(pid) else "DEAD" for key, pid in stack.pids.items()}
-    report = {"services": alive, "urls": stack.urls, "pids": stack.pids, "models": stack.models, "sync": _sync_report(stack)}
+    report = {
+        "services": alive,
+        "urls": stack.urls,
+        "pids": stack.pids,
+        "models": stack.models,
+        "sync": _sync_report(stack),
+        "riders": _riders(stack),
+    }
     console.print_json(json.dumps(report))
     sync = report["sync"]
     if "warning" in sync:
         console.print(f"[yellow]warning:[/yellow] {sync['warning']}")
     if not sync["in_sync"]:
         console.print(f"[red]MISMATCH:[/red] {sync.get('mismatch')}")
-    return 0 if sync["in_sync"] else 1
+    unhealthy = {url: entry for url, entry in report["riders"].items() if entry["status"] != "ok"}
+    for url, entry in unhealthy.items():
+        console.print(f"[yellow]{entry['status'].upper()}:[/yellow] {url}: {'; '.join(entry['degraded']) or 'not ready'}")
+    return 0 if sync["in_sync"] and not unhealthy else 1
 
 
 def watch(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from devstack.processes import HOST, ServiceError
 from devstack.pubsub import publisher_client
 from devstack.stack import ARTIFACT_ROOT, BUCKET, PROJECT, TOPICS, Stack
 from devstack.traffic import real_rides, run_clients
+from ride_contract.ride import MAX_DURATION_MINUTES, MIN_DURATION_MINUTES
 
 # Short enough that recovery is quick here, long enough that a healthy ride is never resent.
 # Rides are resent every 5 s for up to 150 s (production: every 30 s, 5 times) before they fail.
@@ -59,6 +60,7 @@ class FaultOutcome:
     failed: int
     lost: int  # accepted, but neither done nor failed when the bound ran out; or never accepted
     wrong: int  # a final duration that is not the model's prediction for that ride
+    out_of_bounds: int  # a final duration outside the ride contract's bounds (1-60 min): must be 0
     server_errors: int  # HTTP 500-599 other than 503: must be 0
     retried_503: int  # refusals the clients retried (each with Retry-After)
     missing_retry_after: int
@@ -80,6 +82,9 @@ class FaultStack:
         self.reuse_statuses: list[int] = []
         self.storage_outage_error = ""
         self.timings: dict[str, float] = {}  # what the scenario measured on the way
+        self.request_timeout = 15.0  # how long a client waits for a replica before it tries the next
+        self.on_time: bool | None = None  # backend-restart-on-time: finals back on time in the bound
+        self.dead_letters: dict[str, int] = {}  # poison-messages: dead letters per source
         self._publisher = None
 
     def start(self) -> FaultStack:
@@ -95,6 +100,8 @@ class FaultStack:
         result = train(TrainConfig(trials=1, sample=20_000, register=False), settings)
         self.run_id = result.run_id
         stack.start_function(result.run_id, "1")
+        # The shadow challenger answers every ride too (into a topic no backend reads), as on the demo stack.
+        stack.start_function(result.run_id, "1", key="challenger")
         stack.start_backends(2, redis_url, BACKEND_SETTINGS)
         from serving_function.model_store import find_model_uri, load_model
 
@@ -105,12 +112,14 @@ class FaultStack:
         self.stack.stop_all()
 
     def expected(self, rides: list[dict]) -> list[float]:
+        """What the function must answer: the model's prediction as served (within the bounds)."""
         validated = [self.model.contract.ride.parse_ride(ride) for ride in rides]
-        return [round(float(m), 2) for m in self.model.model.predict(validated)]
+        return [float(m) for m in self.model.contract.result.served_minutes(self.model.model.predict(validated))]
 
     # --- clients ---------------------------------------------------------------------------------
     def send(self, rides: list[RideSeen], concurrency: int = 8, give_up_after: float = 120) -> None:
-        """POST every ride until a replica accepts it (202/200), retrying 503s and dead replicas."""
+        """POST every ride until a replica accepts it (202/200), retrying 503s and dead replicas, and
+        replicas that do not answer within ``request_timeout`` (a client behind a load balancer gives up)."""
         urls = self.stack.backend_urls
         started = time.monotonic()
 
@@ -123,7 +132,9 @@ class FaultStack:
                 url = urls[(index + attempt) % len(urls)]
                 attempt += 1
                 try:
-                    response = session.post(f"{url}/predict", json={**seen.ride, "ride_id": seen.ride_id}, timeout=15)
+                    response = session.post(
+                        f"{url}/predict", json={**seen.ride, "ride_id": seen.ride_id}, timeout=self.request_timeout
+                    )
                 except requests.RequestException:
                     time.sleep(0.2)  # that replica is gone: the next one
                     continue
@@ -170,6 +181,7 @@ class FaultStack:
         done = [r for r in rides if r.final and r.final["status"] == "done"]
         failed = [r for r in rides if r.final and r.final["status"] == "failed"]
         wrong = [r for r in done if abs(r.final["duration_final"] - expected[r.ride_id]) > 0.011]
+        out_of_bounds = [r for r in done if not MIN_DURATION_MINUTES <= r.final["duration_final"] <= MAX_DURATION_MINUTES]
         statuses = [s for r in rides for s in r.statuses]
         return FaultOutcome(
             scenario=name,
@@ -178,6 +190,7 @@ class FaultStack:
             failed=len(failed),
             lost=len(rides) - len(done) - len(failed),
             wrong=len(wrong),
+            out_of_bounds=len(out_of_bounds),
             server_errors=sum(1 for s in statuses if s >= 500 and s != 503),
             retried_503=statuses.count(503),
             missing_retry_after=sum(r.missing_retry_after for r in rides),
@@ -197,12 +210,15 @@ class FaultStack:
         return self.outcome(name, rides, repaired[0] if repaired else time.monotonic(), settled_at)
 
     # --- direct access to the ride stream (a misbehaving sender, duplicate delivery) ------------
-    def publish_ride(self, ride: dict, times: int = 1) -> None:
-        if self._publisher is None:  # one client (and gRPC channel) for every ride a scenario sends
+    def publisher(self):
+        if self._publisher is None:  # one client (and gRPC channel) for every message a scenario sends
             self._publisher = publisher_client(f"{HOST}:{self.stack.ports['pubsub']}")
-        topic = self._publisher.topic_path(PROJECT, TOPICS["push"])
+        return self._publisher
+
+    def publish_ride(self, ride: dict, times: int = 1) -> None:
+        topic = self.publisher().topic_path(PROJECT, TOPICS["push"])
         for _ in range(times):
-            self._publisher.publish(topic, json.dumps(ride).encode(), ride_id=ride["ride_id"]).result(timeout=30)
+            self.publisher().publish(topic, json.dumps(ride).encode(), ride_id=ride["ride_id"]).result(timeout=30)
 
 
 # --- the scenarios: each breaks something a little after the rides start, repairs it, returns when --
@@ -286,6 +302,242 @@ def duplicate_messages(fs: FaultStack) -> float:
     return time.monotonic()
 
 
+def _signal_group(fs: FaultStack, key: str, sig: signal.Signals) -> None:
+    os.killpg(fs.stack.pids[key], sig)
+
+
+def publish_hangs_and_clients_retry(fs: FaultStack) -> float:
+    """Pub/Sub freezes (SIGSTOP) for 12 s: publishes hang. Clients give up on a replica after 1.5 s and
+    retry the same ride_id on the other, while the first request's publish is still hanging, then fails."""
+    fs.request_timeout = 1.5
+    time.sleep(1.5)
+    _signal_group(fs, "pubsub", signal.SIGSTOP)
+    time.sleep(12)
+    _signal_group(fs, "pubsub", signal.SIGCONT)
+    return time.monotonic()
+
+
+def redis_hangs(fs: FaultStack) -> float:
+    """The shared store freezes (SIGSTOP) for 10 s: requests must get their 503 within about a second,
+    and /readyz must still answer within its checks."""
+    time.sleep(1.5)
+    _signal_group(fs, "redis", signal.SIGSTOP)
+    time.sleep(2)
+    url = fs.stack.backend_urls[0]
+    started = time.monotonic()
+    try:
+        readiness = requests.get(f"{url}/readyz", timeout=10)
+        fs.timings["/readyz answered during the hang after (s)"] = round(time.monotonic() - started, 1)
+        fs.timings["/readyz status during the hang"] = readiness.status_code
+    except requests.RequestException:
+        fs.timings["/readyz answered during the hang after (s)"] = round(time.monotonic() - started, 1)
+    started = time.monotonic()
+    response = requests.post(f"{url}/predict", json={**fs.current[0].ride, "ride_id": "hang-probe"}, timeout=10)
+    fs.timings["POST answered during the hang after (s)"] = round(time.monotonic() - started, 1)
+    fs.timings["POST status during the hang"] = response.status_code
+    time.sleep(6)
+    _signal_group(fs, "redis", signal.SIGCONT)
+    return time.monotonic()
+
+
+def redis_out_of_memory(fs: FaultStack) -> float:
+    """The shared store is full for 8 s (maxmemory below what it holds, noeviction as in infra/): every
+    write is refused with OOM, which riders must see as 503s to retry, never as 500s."""
+    import redis
+
+    client = redis.Redis.from_url(fs.stack.urls["redis"])
+    time.sleep(1.5)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", max(1, int(client.info("memory")["used_memory"]) // 2))
+    time.sleep(8)
+    client.config_set("maxmemory", 0)
+    return time.monotonic()
+
+
+def _timed_rides(fs: FaultStack, rides: list[dict], prefix: str, rate: float) -> list[tuple[float, float]]:
+    """POST each ride with ?wait=10 at ``rate`` per second; (sent at, seconds until its final) for each."""
+    started = time.monotonic()
+    timed: list[tuple[float, float]] = []
+
+    def post(session: requests.Session, job: tuple[int, dict]) -> None:
+        index, ride = job
+        time.sleep(max(0.0, started + index / rate - time.monotonic()))
+        sent = time.monotonic()
+        for attempt in range(20):
+            url = fs.stack.backend_urls[(index + attempt) % len(fs.stack.backend_urls)]
+            try:
+                response = session.post(f"{url}/predict?wait=10", json={**ride, "ride_id": f"{prefix}-{index}"}, timeout=15)
+            except requests.RequestException:
+                time.sleep(0.2)
+                continue
+            if response.status_code == 503:
+                time.sleep(float(response.headers.get("Retry-After", 1)))
+                continue
+            # Not answered within the wait: as late as the wait, at least.
+            timed.append((sent, time.monotonic() - sent if response.status_code == 200 else 10.0))
+            return
+
+    run_clients(post, list(enumerate(rides)), concurrency=16)
+    return sorted(timed)
+
+
+def _p95(latencies: list[float]) -> float:
+    ordered = sorted(latencies)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else float("inf")
+
+
+# After a backend restart, finals must be back on time (p95 under this multiple of the baseline) within this.
+ON_TIME_FACTOR = 2.0
+ON_TIME_WITHIN_SECONDS = 30
+
+
+def backends_restart_then_results_on_time(fs: FaultStack) -> float:
+    """Both replicas are killed (-9) and started again, one after the other, as `devstack restart` does.
+    Riders' finals must be back to their usual latency within ON_TIME_WITHIN_SECONDS: on the emulator's
+    streaming pull they stayed 10-60 s late for minutes (the dead clients' streams kept results)."""
+    extra = iter([ride for ride, _ in real_rides(40 + 50 * ON_TIME_WITHIN_SECONDS // 5, seed=11)])
+    baseline = [latency for _, latency in _timed_rides(fs, [next(extra) for _ in range(40)], "baseline", rate=10)]
+    limit = ON_TIME_FACTOR * _p95(baseline)
+    for key in ("backend-0", "backend-1"):
+        os.killpg(fs.stack.pids[key], signal.SIGKILL)
+        fs.stack.restart(key)
+    repaired = time.monotonic()
+    # 5 s windows of rides (10/s) until one is on time, for at most ON_TIME_WITHIN_SECONDS.
+    fs.on_time, late, window = False, 0, 0
+    while not fs.on_time and time.monotonic() - repaired < ON_TIME_WITHIN_SECONDS:
+        timed = _timed_rides(fs, [next(extra) for _ in range(50)], f"after-restart-{window}", rate=10)
+        latencies = [latency for _, latency in timed]
+        late += sum(latency > limit for latency in latencies)
+        fs.on_time = _p95(latencies) <= limit
+        window += 1
+    fs.timings["baseline p95 (ms)"] = round(_p95(baseline) * 1000)
+    fs.timings["on time after the restart, within (s)"] = round(time.monotonic() - repaired, 1) if fs.on_time else None
+    fs.timings["p95 of the last 5 s window (ms)"] = round(_p95(latencies) * 1000)
+    fs.timings["late after the restart (> 2x baseline p95)"] = late
+    return repaired
+
+
+def poison_messages(fs: FaultStack) -> float:
+    """Undecodable and invalid rides straight onto the ride stream, seen by production and the shadow
+    challenger: each deployment dead-letters each once, saying which it is."""
+    from devstack.watch import DeadLetters
+
+    watch = DeadLetters(f"{HOST}:{fs.stack.ports['pubsub']}")
+    watch.poll()  # what earlier scenarios left
+    before = dict(watch.by_source)
+    time.sleep(1)
+    poison = [b"{not json", json.dumps({"ride_id": "poison-1", "PULocationID": 999}).encode(), b"[1, 2]"]
+    topic = fs.publisher().topic_path(PROJECT, TOPICS["push"])
+    for data in poison:
+        fs.publisher().publish(topic, data, sender="fault-suite").result(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        watch.poll()
+        counted = {source: watch.by_source[source] - before.get(source, 0) for source in watch.by_source}
+        if sum(counted.values()) >= 2 * len(poison):
+            break
+        time.sleep(0.5)
+    watch.poll()
+    fs.dead_letters = {source: watch.by_source[source] - before.get(source, 0) for source in watch.by_source}
+    return time.monotonic()
+
+
+def failed_cold_starts(fs: FaultStack) -> float:
+    """Three instances try to start on a model whose serving form is corrupt: each fails naming the
+    model, and none leaves its download in the instances' temporary folder (on Cloud Functions, memory)."""
+    from google.cloud import storage
+
+    from devstack.processes import function_server
+
+    time.sleep(1)
+    bucket = storage.Client().bucket(BUCKET)
+    source = fs.model.uri.removeprefix(f"gs://{BUCKET}/")
+    for blob in bucket.list_blobs(prefix=source + "/"):
+        target = bucket.blob("broken/" + blob.name[len(source) + 1 :])
+        data = b"not a serving form" if blob.name.endswith("serving_form.npz") else blob.download_as_bytes()
+        target.upload_from_string(data)
+    tmp = fs.stack.dir / "tmp" / "cold-starts"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {**fs.stack.env(), "MODEL_URI": f"gs://{BUCKET}/broken", "RUN_ID": "", "TMPDIR": str(tmp)}
+    failures = 0
+    for attempt in range(3):
+        instance = function_server(fs.stack.log_dir, "predict_duration_cloudevent", "cloudevent", env, name=f"cold-{attempt}")
+        try:
+            instance.start(timeout=60)
+            instance.stop()
+        except ServiceError as exc:
+            failures += "serving form" in str(exc)
+    fs.timings["cold starts that failed naming the serving form"] = failures
+    fs.timings["folders left in the instances' /tmp"] = len(list(tmp.iterdir()))
+    return time.monotonic()
+
+
+def dead_subscribers_reproduction(fs: FaultStack, mode: str, results: int = 32) -> dict[str, int]:
+    """The emulator's defect on plain clients: two result listeners (the backend's own code, in
+    ``mode``) are killed (-9), a new one starts, and results are published. Returns how many reached
+    the new listener within 2 s, late, or not within 25 s. On streaming pull the emulator keeps
+    feeding the dead listeners' streams; unary Pulls do not wait on a dead client."""
+    import subprocess
+    import sys
+    import uuid
+
+    from devstack.pubsub import ensure_subscription, ensure_topic
+
+    emulator = f"{HOST}:{fs.stack.ports['pubsub']}"
+    topic = f"probe-{mode}-{uuid.uuid4().hex[:6]}"
+    ensure_topic(PROJECT, topic, emulator)
+    ensure_subscription(PROJECT, topic, topic + "-sub", emulator_host=emulator)
+    logs = fs.stack.dir / "logs"
+    env = {**os.environ, **fs.stack.env()}
+
+    def listener(name: str) -> subprocess.Popen:
+        with open(logs / f"{topic}-{name}.jsonl", "w") as out:
+            argv = [sys.executable, "-m", "devstack.pull_probe", mode, topic + "-sub"]
+            return subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+
+    def publish(prefix: str, count: int) -> dict[str, float]:
+        sent = {}
+        path = fs.publisher().topic_path(PROJECT, topic)
+        for index in range(count):
+            ride_id = f"{prefix}-{index}"
+            result = {"ride_id": ride_id, "duration_final": 10.0, "model_run_id": "probe", "ride_fingerprint": "probe"}
+            sent[ride_id] = time.time()
+            fs.publisher().publish(path, json.dumps(result).encode()).result(timeout=30)
+            time.sleep(0.05)
+        return sent
+
+    doomed = [listener("a"), listener("b")]
+    survivor = None
+    try:
+        time.sleep(4)
+        publish("warm", 20)
+        time.sleep(2)
+        for process in doomed:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        survivor = listener("c")
+        time.sleep(4)
+        sent = publish("after", results)
+        deadline = time.monotonic() + 25
+        stored: dict[str, float] = {}
+        while time.monotonic() < deadline and len(stored) < results:
+            time.sleep(0.5)
+            for line in (logs / f"{topic}-c.jsonl").read_text().splitlines():
+                entry = json.loads(line)
+                stored.setdefault(entry["ride_id"], entry["at"])
+        on_time = sum(1 for ride_id, at in sent.items() if ride_id in stored and stored[ride_id] - at <= 2)
+        return {
+            "results": results,
+            "on_time": on_time,
+            "late": len(sent.keys() & stored.keys()) - on_time,
+            "missing": len(sent.keys() - stored.keys()),
+        }
+    finally:
+        for process in [*doomed, survivor]:
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
 SCENARIOS: dict[str, tuple[Callable[[FaultStack], float], int, int]] = {
     # name: (fault, rides, seed)
     "backend-replica-kill": (backend_replica_down(signal.SIGKILL), 120, 1),
@@ -295,6 +547,12 @@ SCENARIOS: dict[str, tuple[Callable[[FaultStack], float], int, int]] = {
     "function-kill-and-pause": (kill_and_pause_function, 120, 4),
     "reuse": (reuse_ride_ids, 60, 0),
     "duplicates": (duplicate_messages, 30, 5),
+    "publish-hang-retry": (publish_hangs_and_clients_retry, 120, 7),
+    "redis-hang": (redis_hangs, 120, 8),
+    "redis-oom": (redis_out_of_memory, 120, 9),
+    "backend-restart-on-time": (backends_restart_then_results_on_time, 20, 10),
+    "poison-messages": (poison_messages, 30, 12),
+    "failed-cold-starts": (failed_cold_starts, 30, 13),
 }
 
 
@@ -302,6 +560,7 @@ def run_scenario(fs: FaultStack, name: str, rides: int | None = None) -> FaultOu
     fault, count, seed = SCENARIOS[name]
     fs.reuse_statuses.clear()
     fs.timings.clear()
+    fs.request_timeout = 15.0
     outcome = fs.run(name, rides or count, fault, seed=seed)
     if name == "reuse":
         outcome.notes.append(f"another ride under a used ride_id: HTTP {sorted(set(fs.reuse_statuses))}")

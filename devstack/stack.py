@@ -365,6 +365,7 @@ class Stack:
             "MODEL_VERSION": version,
             "MODEL_BUCKET": f"gs://{BUCKET}",
             "MODEL_PREFIX": "mlflow",
+            "DEPLOYMENT_NAME": key,
             # One ride per model call: OpenMP threads would only spin against the other processes.
             "OMP_NUM_THREADS": "1",
         }

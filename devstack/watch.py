@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +30,25 @@ class Snapshot:
     stream: dict[str, Any] | None = None  # the shared store's figures (backend /readyz "stream")
     backends: dict[str, dict[str, Any] | str] = field(default_factory=dict)  # url -> readyz, or why not
     dead_letters: int = 0
+    dead_letters_by_source: dict[str, int] = field(default_factory=dict)  # deployment (or Pub/Sub) -> count
     dead_letter_reasons: list[str] = field(default_factory=list)
     deployments: dict[str, Any] = field(default_factory=dict)  # alias -> Rollout.status()
 
 
+# What Pub/Sub itself sets on a message it forwards after its last delivery attempt.
+PUBSUB_FORWARDED = "CloudPubSubDeadLetterSourceSubscription"
+
+
+def dead_letter_source(attributes: Any) -> str:
+    """Who put a message on the dead-letter topic: the function deployment that refused it, or Pub/Sub."""
+    if PUBSUB_FORWARDED in attributes:
+        return f"pubsub ({attributes[PUBSUB_FORWARDED]})"
+    return attributes.get("deployment") or "unknown"
+
+
 class DeadLetters:
-    """Counts the dead-letter topic's messages through the watch's own subscription, keeping the latest reasons."""
+    """Counts the dead-letter topic's messages through the watch's own subscription, per source (the
+    function deployment that refused the ride, or Pub/Sub after its last attempt), keeping the latest reasons."""
 
     def __init__(self, emulator_host: str):
         from devstack.pubsub import subscriber_client
@@ -43,6 +56,7 @@ class DeadLetters:
         self._subscriber = subscriber_client(emulator_host)
         self._path = self._subscriber.subscription_path(PROJECT, SUBSCRIPTIONS["dead_watch"])
         self.count = 0
+        self.by_source: Counter[str] = Counter()
         self.reasons: deque[str] = deque(maxlen=5)
 
     def poll(self) -> None:
@@ -56,11 +70,18 @@ class DeadLetters:
             return
         self._subscriber.acknowledge(subscription=self._path, ack_ids=[m.ack_id for m in response.received_messages])
         for received in response.received_messages:
+            attributes = received.message.attributes
             self.count += 1
+            self.by_source[dead_letter_source(attributes)] += 1
+            if PUBSUB_FORWARDED in attributes:  # the raw ride, as it was published
+                self.reasons.append(
+                    f"undeliverable after {attributes.get('CloudPubSubDeadLetterSourceDeliveryCount', '?')} tries"
+                )
+                continue
             try:
                 self.reasons.append(json.loads(received.message.data).get("reason", "?"))
             except ValueError:
-                self.reasons.append(received.message.attributes.get("reason", "?"))
+                self.reasons.append(attributes.get("reason", "?"))
 
 
 def collect(stack: Stack, dead_letters: DeadLetters, deployments: dict[str, Any]) -> Snapshot:
@@ -74,6 +95,7 @@ def collect(stack: Stack, dead_letters: DeadLetters, deployments: dict[str, Any]
             snapshot.backends[url] = f"{type(exc).__name__}"
     dead_letters.poll()
     snapshot.dead_letters, snapshot.dead_letter_reasons = dead_letters.count, list(dead_letters.reasons)
+    snapshot.dead_letters_by_source = dict(dead_letters.by_source)
     for alias, rollout in deployments.items():
         try:
             snapshot.deployments[alias] = rollout.status()
@@ -111,21 +133,29 @@ def render(snapshot: Snapshot) -> Group:
             flag if (serving or wanted) else Text("-"),
         )
     replicas = Table(title="backend replicas", show_header=True)
-    for column in ("replica", "ready", "results", "refused", "answered by"):
+    for column in ("replica", "health", "results", "refused", "answered by"):
         replicas.add_column(column)
+    degraded: list[str] = []
     for url, readiness in snapshot.backends.items():
         if isinstance(readiness, str):
             replicas.add_row(url, Text(readiness, style="red"), "-", "-", "-")
             continue
         served = readiness.get("model_served") or {}
+        health = readiness.get("status") or ("ok" if readiness.get("ready") else "down")
+        degraded += readiness.get("degraded") or []
         replicas.add_row(
             url,
-            "yes" if readiness.get("ready") else Text("no", style="red"),
+            Text(health, style={"ok": "green", "degraded": "bold yellow"}.get(health, "bold red")),
             str(readiness.get("results_received", "-")),
             str(readiness.get("results_refused", "-")),
             f"v{served['model_version']}" if served else "-",
         )
     parts: list[Any] = [traffic, models, replicas]
+    for reason in dict.fromkeys(degraded):  # the shared figures: every replica says the same
+        parts.append(Text(f"DEGRADED: {reason}", style="bold yellow"))
+    if snapshot.dead_letters_by_source:
+        sources = ", ".join(f"{source} {count}" for source, count in sorted(snapshot.dead_letters_by_source.items()))
+        parts.append(Text(f"dead letters by source: {sources}"))
     if snapshot.dead_letter_reasons:
         parts.append(Text("latest dead letters: " + " | ".join(r[:60] for r in snapshot.dead_letter_reasons)))
     return Group(*parts)

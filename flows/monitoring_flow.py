@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from data import load_trips, month_uri, split_gs_uri
+from ride_contract.result import served_minutes
 from ride_contract.ride import RIDE_COLUMNS
 from ride_contract.sklearn_features import ride_features
 from training import registry
@@ -86,7 +87,7 @@ def scored_month(month: str, alias: str, settings: Settings) -> pd.DataFrame:
     configure_mlflow(settings)
     trips = load_trips(month_uri(month, settings.data_base))
     model = registry.load_registered_model(f"models:/{settings.model_name}@{alias}")
-    return monitoring_frame(trips, model.predict(trips[RIDE_COLUMNS]), trips["duration"])
+    return monitoring_frame(trips, served_minutes(model.predict(trips[RIDE_COLUMNS])), trips["duration"])
 
 
 @task(name="reference-data", retries=2, retry_delay_seconds=10, cache_policy=NONE)

@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from data import available_months, load_trips, month_uri, split_gs_uri
+from ride_contract.result import served_minutes
 from ride_contract.ride import RIDE_COLUMNS
 from training import registry
 from training.settings import Settings, configure_mlflow
@@ -38,7 +39,9 @@ def predict(trips: pd.DataFrame, alias: str, settings: Settings) -> pd.DataFrame
     configure_mlflow(settings)
     model = registry.resolve(alias, settings)
     predictions = trips.rename(columns={"duration": "duration_actual"})
-    predictions["duration_predicted"] = registry.load_registered_model(model.model_uri).predict(trips[RIDE_COLUMNS])
+    # What riders would have been told: the answers as the function serves them.
+    predicted = registry.load_registered_model(model.model_uri).predict(trips[RIDE_COLUMNS])
+    predictions["duration_predicted"] = served_minutes(predicted)
     predictions["model_version"] = model.version
     predictions["model_run_id"] = model.run_id
     return predictions

@@ -112,9 +112,11 @@ resource "google_pubsub_subscription" "function_push" {
       service_account_email = google_service_account.pusher.email
     }
   }
+  # Each publish of a ride is tried this many times; the backend publishes a ride at most
+  # RESEND_MAX_ATTEMPTS (5) times, so an outage delivers one ride at most 25 times, not 50.
   dead_letter_policy {
     dead_letter_topic     = google_pubsub_topic.deadletter.id
-    max_delivery_attempts = 10
+    max_delivery_attempts = 5
   }
   retry_policy {
     minimum_backoff = "5s"
@@ -270,9 +272,11 @@ resource "google_cloudfunctions2_function" "predict" {
 
 # --- the backend's shared result store ----------------------------------------------------------
 
-# Optional (memorystore_size_gb > 0). Pending rides and finished results live here, so it must keep
+# The default (memorystore_size_gb = 1). Pending rides and finished results live here, so it must keep
 # them: STANDARD_HA replicates to a standby that takes over on failure, and RDB snapshots (hourly,
-# Memorystore for Redis' persistence mode) bring the data back after a full restart.
+# Memorystore for Redis' persistence mode) bring the data back after a full restart. noeviction: when
+# it is full it refuses writes (the backend answers 503, retry) instead of Memorystore's default
+# volatile-lru silently evicting pending rides, which all have a TTL.
 resource "google_redis_instance" "results" {
   #checkov:skip=CKV_GCP_97:reached only over the VPC's private IP; TLS would need the server CA distributed to every replica
   count              = var.memorystore_size_gb > 0 ? 1 : 0
@@ -288,6 +292,9 @@ resource "google_redis_instance" "results" {
     persistence_mode    = "RDB"
     rdb_snapshot_period = "ONE_HOUR"
   }
+  redis_configs = {
+    maxmemory-policy = "noeviction"
+  }
 }
 
 # --- the backend on Cloud Run ------------------------------------------------------------------
@@ -298,6 +305,15 @@ resource "google_cloud_run_v2_service" "backend" {
   ingress             = "INGRESS_TRAFFIC_ALL"
   deletion_protection = var.deletion_protection
   depends_on          = [google_project_service.apis]
+
+  # Without a shared store every restart, deploy (two revisions overlap) or scale event loses rides:
+  # refused unless asked for by name.
+  lifecycle {
+    precondition {
+      condition     = local.shared_store || var.allow_in_memory_results
+      error_message = "The backend needs a shared result store or it loses rides: keep memorystore_size_gb > 0 (default 1), set redis_url, or set allow_in_memory_results = true for a throwaway project."
+    }
+  }
 
   template {
     service_account = google_service_account.backend.email

@@ -38,15 +38,26 @@ variable "model_version" {
 }
 
 variable "redis_url" {
-  description = "An existing Redis (with persistence) shared by the backend replicas; ignored when memorystore_size_gb > 0 (empty: one replica, results in memory)"
+  description = "An existing Redis (with persistence, maxmemory-policy noeviction) shared by the backend replicas; used only with memorystore_size_gb = 0"
   type        = string
   default     = ""
 }
 
+# The default keeps every ride: pending rides and finished results live in a shared, replicated store.
 variable "memorystore_size_gb" {
-  description = "Create a Memorystore Redis (STANDARD_HA, RDB snapshots) of this size for the backend replicas; 0: none"
+  description = "Create a Memorystore Redis (STANDARD_HA, RDB snapshots, noeviction) of this size for the backend replicas; 0: none (then redis_url, or allow_in_memory_results)"
   type        = number
-  default     = 0
+  default     = 1
+  validation {
+    condition     = var.memorystore_size_gb >= 0
+    error_message = "memorystore_size_gb is a size in GB, or 0 for none."
+  }
+}
+
+variable "allow_in_memory_results" {
+  description = "Without a shared store, run one backend instance that keeps rides in its memory: every restart, deploy or scale event loses every pending and finished ride. For throwaway test projects only."
+  type        = bool
+  default     = false
 }
 
 variable "network" {

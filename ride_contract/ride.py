@@ -15,6 +15,11 @@ MIN_LOCATION_ID = 1
 MAX_LOCATION_ID = 265
 # Longest plausible NYC taxi ride; larger values in TLC files are meter glitches.
 MAX_TRIP_DISTANCE_MILES = 200.0
+# The answers a rider may be given, in minutes: the training target's range (data.loader keeps
+# only trips of 1-60 min), so no model has learnt anything outside it. The serving function
+# clips every prediction into it and the result message refuses anything outside it.
+MIN_DURATION_MINUTES = 1.0
+MAX_DURATION_MINUTES = 60.0
 NYC = ZoneInfo("America/New_York")
 
 RIDE_COLUMNS = ["datetime", "PULocationID", "DOLocationID", "trip_distance"]

@@ -28,6 +28,9 @@ class FunctionConfig:
     model_prefix: str  # optional folder in the bucket to narrow the search (e.g. "mlflow/1")
     model_version: str  # registry version, for the record; set by deploy/redeploy
     publish_timeout: float
+    # Which deployment this is, in its dead letters: DEPLOYMENT_NAME, else the service name
+    # Cloud Functions sets (K_SERVICE).
+    deployment: str
 
     @classmethod
     def from_env(cls) -> FunctionConfig:
@@ -45,4 +48,5 @@ class FunctionConfig:
             model_prefix=os.environ.get("MODEL_PREFIX", "").strip("/"),
             model_version=os.environ.get("MODEL_VERSION", ""),
             publish_timeout=float(os.environ.get("PUBLISH_TIMEOUT_SECONDS", "30")),
+            deployment=os.environ.get("DEPLOYMENT_NAME") or os.environ.get("K_SERVICE") or "serving-function",
         )

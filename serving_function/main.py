@@ -40,11 +40,12 @@ SERVICE = _build_service()
 
 def predict_duration(event, context):
     """1st gen Pub/Sub background function: event["data"] is the base64 ride JSON."""
-    SERVICE.handle(event.get("data"), message_id=getattr(context, "event_id", None))
+    SERVICE.handle(event.get("data"), message_id=getattr(context, "event_id", None), attributes=event.get("attributes"))
 
 
 @functions_framework.cloud_event
 def predict_duration_cloudevent(cloud_event):
     """2nd gen (Eventarc) Pub/Sub CloudEvent: the message is in data["message"]."""
     message = (cloud_event.data or {}).get("message", {})
-    SERVICE.handle(message.get("data"), message_id=message.get("messageId") or cloud_event["id"])
+    message_id = message.get("messageId") or cloud_event["id"]
+    SERVICE.handle(message.get("data"), message_id=message_id, attributes=message.get("attributes"))

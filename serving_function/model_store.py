@@ -144,12 +144,24 @@ def _download_folder(uri: str, dest: Path) -> None:
 
 
 def load_model(uri: str, cache_dir: Path | None = None) -> LoadedModel:
-    """Load the serving form of the model at ``uri``: a ``gs://`` folder or a local folder with an MLmodel file."""
-    if uri.startswith("gs://"):
-        local = Path(tempfile.mkdtemp(prefix="model-", dir=cache_dir))
-        _download_folder(uri, local)
-    else:
-        local = Path(uri.removeprefix("file://"))
+    """Load the serving form of the model at ``uri``: a ``gs://`` folder or a local folder with an MLmodel file.
+
+    A ``gs://`` model is downloaded into a temporary folder that is removed once it is loaded,
+    or once loading failed: on Cloud Functions ``/tmp`` is the instance's memory, and an
+    instance that failed to start must not leave its download behind for the next one."""
+    if not uri.startswith("gs://"):
+        return _load_folder(Path(uri.removeprefix("file://")), uri)
+    with tempfile.TemporaryDirectory(prefix="model-", dir=cache_dir) as tmp:
+        _download_folder(uri, Path(tmp))
+        code_dir = str(Path(tmp) / "code")
+        try:
+            return _load_folder(Path(tmp), uri)  # the arrays and the contract's modules are in memory now
+        finally:
+            if code_dir in sys.path:
+                sys.path.remove(code_dir)
+
+
+def _load_folder(local: Path, uri: str) -> LoadedModel:
     mlmodel = local / "MLmodel"
     if not mlmodel.is_file():
         raise ModelNotFound(f"no MLmodel file at {uri}")
@@ -171,6 +183,11 @@ def load_model(uri: str, cache_dir: Path | None = None) -> LoadedModel:
     contract = importlib.import_module("ride_contract")
     for module in CONTRACT_MODULES:
         importlib.import_module(f"ride_contract.{module}")
+    if not hasattr(contract.result, "served_minutes"):
+        raise ModelNotFound(
+            f"the model at {uri} ships a ride contract without duration bounds (ride_contract.result.served_minutes): "
+            "it could answer riders with any number of minutes; retrain and promote a new version"
+        )
     try:
         form = contract.serving_form.ServingForm.load(form_path)
     except contract.serving_form.ServingFormError as exc:

@@ -23,6 +23,11 @@ from typing import Any, Protocol
 # published again (the first may have been lost on the way, which is why the backend
 # resent it). A reused ride_id carrying another ride is a different ride, predicted afresh.
 RECENT_RIDES = 10_000
+# A second delivery of a ride being answered waits this long for the first, well inside the
+# function's own timeout (60 s, infra/), so it fails and is redelivered instead of being cut off.
+IN_FLIGHT_WAIT_SECONDS = 20
+# The function's dead letters: {format, reason, message_id, data, attributes, deployment, model ...}.
+DEAD_LETTER_FORMAT = "ridestream-refused-ride/1"
 _LOG_LOCK = threading.Lock()
 
 
@@ -61,6 +66,7 @@ class RideDurationService:
         run_id: str,
         model_version: str = "",
         model_id: str = "",
+        deployment: str = "",
     ):
         self.model = model
         # The model's own ride_contract package: .ride validates, .features frames, .result answers.
@@ -71,6 +77,9 @@ class RideDurationService:
         self.run_id = run_id
         self.model_version = model_version
         self.model_id = model_id
+        # Which deployment this is (production's, the shadow challenger's): every dead letter says so.
+        self.deployment = deployment
+        self.clipped = 0  # answers whose raw prediction lay outside the duration bounds
         # (ride_id, ride fingerprint) -> the RideResult published
         self._answered: OrderedDict[tuple[str, str], Any] = OrderedDict()
         # functions-framework serves requests on threads: a duplicate can arrive while
@@ -100,27 +109,46 @@ class RideDurationService:
             raise PoisonMessage(f"invalid ride: {exc}") from exc
 
     def predict(self, ride: Any, fingerprint: str) -> Any:
-        """The ride's RideResult (the contract's result message); ``fingerprint`` is ``ride.fingerprint()``."""
-        minutes = float(self.model.predict([ride])[0])
-        return self.contract.result.RideResult(
-            ride_id=ride.ride_id,
-            duration_final=round(minutes, 2),
+        """The ride's RideResult (the contract's result message); ``fingerprint`` is ``ride.fingerprint()``.
+
+        A raw prediction outside the contract's duration bounds is answered with the nearest
+        bound, marked ``clipped``, counted and logged with the raw value: riders are never told
+        a negative or a three-hour ride, and operators see how often the model strays."""
+        predicted = float(self.model.predict([ride])[0])
+        result = self.contract.result.RideResult.answer(
+            ride.ride_id,
+            predicted,
+            fingerprint,
             model_run_id=self.run_id,
             model_version=self.model_version,
             model_id=self.model_id,
-            ride_fingerprint=fingerprint,
         )
+        if result.clipped:
+            with self._lock:
+                self.clipped += 1
+            log(
+                "WARNING",
+                "prediction clipped",
+                ride_id=ride.ride_id,
+                predicted_minutes=predicted,
+                duration_final=result.duration_final,
+                clipped_total=self.clipped,
+                model_version=self.model_version,
+            )
+        return result
 
-    def handle(self, data: str | bytes | None, message_id: str | None = None) -> Any:
-        """Answer one message with its RideResult. Returns None for a poison message (dead-lettered)."""
+    def handle(self, data: str | bytes | None, message_id: str | None = None, attributes: dict | None = None) -> Any:
+        """Answer one message with its RideResult. Returns None for a poison message (dead-lettered).
+
+        ``attributes``: the Pub/Sub message's own, carried into its dead letter."""
         started = time.perf_counter()
         try:
             ride = self.decode(data, message_id)
         except PoisonMessage as exc:
-            self._dead_letter(data, message_id, str(exc))
+            self._dead_letter(data, message_id, str(exc), attributes)
             return None
         if ride.ride_id is None:
-            self._dead_letter(data, message_id, "ride has no ride_id and the message no id to derive one from")
+            self._dead_letter(data, message_id, "ride has no ride_id and the message no id to derive one from", attributes)
             return None
 
         fingerprint = ride.fingerprint()  # once per ride: it keys the memory and goes into the result
@@ -131,7 +159,7 @@ class RideDurationService:
             if previous is None and in_flight is None:
                 self._in_flight[key] = threading.Event()
         if in_flight is not None:  # the other delivery publishes; this one only waits for it
-            in_flight.wait(timeout=60)
+            in_flight.wait(timeout=IN_FLIGHT_WAIT_SECONDS)
             concurrent = self._answered.get(key)
             if concurrent is None:  # the first delivery failed: fail this one too, Pub/Sub retries
                 raise RuntimeError(f"ride {ride.ride_id}: a concurrent delivery of it failed")
@@ -169,20 +197,31 @@ class RideDurationService:
             while len(self._answered) > RECENT_RIDES:
                 self._answered.popitem(last=False)
 
-    def _dead_letter(self, data: str | bytes | None, message_id: str | None, reason: str) -> None:
+    def _dead_letter(self, data: str | bytes | None, message_id: str | None, reason: str, attributes: dict | None = None) -> None:
         raw = data.decode("ascii", "replace") if isinstance(data, bytes) else (data or "")
-        record = {"reason": reason, "message_id": message_id, "data": raw, "model_run_id": self.run_id}
+        record = {
+            "format": DEAD_LETTER_FORMAT,
+            "reason": reason,
+            "message_id": message_id,
+            "data": raw,
+            "attributes": dict(attributes or {}),
+            "deployment": self.deployment,
+            "model_run_id": self.run_id,
+            "model_version": self.model_version,
+        }
+        # The same topic also receives what Pub/Sub itself forwards after its last delivery attempt
+        # (the raw ride, with CloudPubSubDeadLetter* attributes): the format attribute tells
+        # the function's refusals apart, and the deployment which function refused it.
+        tags = {"format": DEAD_LETTER_FORMAT, "deployment": self.deployment, "reason": reason[:1024]}
         # Raises on failure like a result publish: a poison message is never dropped silently.
-        self.publisher.publish(self.deadletter_topic, json.dumps(record).encode(), reason=reason[:1024])
-        log("WARNING", "dead-lettered message", reason=reason, message_id=message_id)
+        self.publisher.publish(self.deadletter_topic, json.dumps(record).encode(), **tags)
+        log("WARNING", "dead-lettered message", reason=reason, message_id=message_id, deployment=self.deployment)
 
 
-def build_service(config: Any, loaded: Any, model: Any = None) -> RideDurationService:
-    """The service for a loaded model (model_store.LoadedModel) as the FunctionConfig says; it publishes to Pub/Sub.
-
-    ``model`` scores instead of the model's serving form (benchmarks/pipeline_function)."""
+def build_service(config: Any, loaded: Any) -> RideDurationService:
+    """The service for a loaded model (model_store.LoadedModel) as the FunctionConfig says; it publishes to Pub/Sub."""
     return RideDurationService(
-        model if model is not None else loaded.model,
+        loaded.model,
         loaded.contract,
         PubSubPublisher(config.project_id, config.publish_timeout),
         config.pull_topic,
@@ -190,6 +229,7 @@ def build_service(config: Any, loaded: Any, model: Any = None) -> RideDurationSe
         run_id=loaded.run_id,
         model_version=config.model_version,
         model_id=loaded.model_id,
+        deployment=config.deployment,
     )
 
 

@@ -22,6 +22,12 @@ from ride_contract.ride import Ride
 RIDE = {"datetime": "2022-06-23 11:36:42", "PULocationID": 34, "DOLocationID": 56, "trip_distance": 12}
 
 
+def answer(ride_id: str, minutes: float, ride: dict = RIDE, **extra) -> dict:
+    """The function's result for ``ride``, as it publishes it (naming the ride by its fingerprint)."""
+    fingerprint = Ride.model_validate(ride).fingerprint()
+    return {"ride_id": ride_id, "duration_final": minutes, "model_run_id": "r", "ride_fingerprint": fingerprint, **extra}
+
+
 class RecordingPublisher:
     def __init__(self):
         self.sent: list[tuple[dict, dict]] = []
@@ -81,7 +87,7 @@ def test_result_from_the_stream_is_served_by_ride_id(backend):
     client, _, store = backend
     ride_id = client.post("/predict", json=RIDE).get_json()["ride_id"]
     assert client.get(f"/rides/{ride_id}").get_json()["status"] == "pending"
-    store.complete(ride_id, {"ride_id": ride_id, "duration_final": 31.5, "model_run_id": "r", "model_version": "2"})
+    store.complete(ride_id, answer(ride_id, 31.5, model_version="2"))
     body = client.get(f"/rides/{ride_id}").get_json()
     assert body["status"] == "done" and body["duration_final"] == 31.5 and "duration_coarse" in body
 
@@ -94,7 +100,7 @@ def test_wait_returns_the_final_duration_when_it_arrives_in_time(backend):
             threading.Event().wait(0.01)
         ride_id = publisher.sent[0][0]["ride_id"]
         threading.Event().wait(0.2)
-        store.complete(ride_id, {"ride_id": ride_id, "duration_final": 17.0, "model_run_id": "r", "model_version": "1"})
+        store.complete(ride_id, answer(ride_id, 17.0, model_version="1"))
 
     threading.Thread(target=answer_soon).start()
     response = client.post("/predict?wait=3", json=RIDE)
@@ -117,10 +123,8 @@ def test_concurrent_requests_each_get_their_own_result(backend):
         while answered < len(rides):
             pending = publisher.sent[answered:]
             for ride, _ in reversed(pending):
-                store.complete(
-                    ride["ride_id"],
-                    {"ride_id": ride["ride_id"], "duration_final": ride["trip_distance"] * 3, "model_run_id": "r"},
-                )
+                ride_id = ride.pop("ride_id")
+                store.complete(ride_id, answer(ride_id, ride["trip_distance"] * 3, ride))
             answered += len(pending)
             threading.Event().wait(0.01)
 
@@ -146,7 +150,7 @@ def test_client_ride_id_is_kept_and_a_retry_of_the_same_ride_gets_its_record(bac
     assert first.status_code == 202 and first.get_json()["ride_id"] == "app-42"
     retry = client.post("/predict", json={**RIDE, "ride_id": "app-42"})
     assert retry.status_code == 202 and retry.get_json() == first.get_json()
-    store.complete("app-42", {"ride_id": "app-42", "duration_final": 9.0, "model_run_id": "r"})
+    store.complete("app-42", answer("app-42", 9.0))
     done = client.post("/predict", json={**RIDE, "ride_id": "app-42"})
     assert done.status_code == 200 and done.get_json()["duration_final"] == 9.0
     assert len(publisher.sent) == 1  # retries publish nothing: the ride is in the stream or due a resend
@@ -160,25 +164,150 @@ def test_a_reused_ride_id_with_another_ride_is_409(backend):
     assert len(publisher.sent) == 1
 
 
-def test_stream_outage_answers_503_and_keeps_nothing_half_done(backend):
+def test_a_ride_the_stream_does_not_take_stays_recorded_and_the_outbox_publishes_it(backend):
+    from backend.stream import Redelivery
+
     client, publisher, store = backend
+    client.application.extensions["ridestream"]["redelivery"].stop()  # this test sweeps by itself
     publisher.fail = True
     response = client.post("/predict", json=RIDE)
-    assert response.status_code == 503 and "retry" in response.get_json()["error"]
-    assert response.headers["Retry-After"] == "1"
-    ride_id = response.get_json()["ride_id"]  # given even though the client sent none: retry with it
-    assert store.get(ride_id) is None and store.claim_due(float("inf"), 30) == []
+    # Accepted all the same: the ride is recorded (the outbox), not forgotten.
+    assert response.status_code == 202 and response.get_json()["status"] == "pending"
+    ride_id = response.get_json()["ride_id"]
+    assert store.get(ride_id)["status"] == "pending" and store.publishes(ride_id) == 0
     assert client.get("/readyz").status_code == 503
+    redelivery = Redelivery(publisher, store, after_seconds=30, max_attempts=5, retry_seconds=0)
+    store.reschedule(ride_id, 0)  # due now (the POST made it due in PUBLISH_RETRY_SECONDS)
+    redelivery.sweep()  # the broker is still down: due again soon, and no publish counted
+    assert store.publishes(ride_id) == 0 and publisher.sent == []
     publisher.fail = False
-    assert client.post("/predict", json={**RIDE, "ride_id": ride_id}).status_code == 202
+    redelivery.sweep()
+    assert [attrs["ride_id"] for _, attrs in publisher.sent] == [ride_id]
+    assert store.publishes(ride_id) == 1 and redelivery.recovered == 1 and redelivery.resent == 0
     assert client.get("/readyz").get_json()["ready"] is True
+
+
+def test_a_retry_of_a_ride_not_yet_in_the_stream_publishes_it(backend):
+    client, publisher, store = backend
+    publisher.fail = True
+    assert client.post("/predict", json={**RIDE, "ride_id": "unsent"}).status_code == 202
+    publisher.fail = False
+    retry = client.post("/predict", json={**RIDE, "ride_id": "unsent"})
+    assert retry.status_code == 202 and [attrs["ride_id"] for _, attrs in publisher.sent] == ["unsent"]
+    assert store.publishes("unsent") == 1
+    client.post("/predict", json={**RIDE, "ride_id": "unsent"})  # in the stream now: nothing more
+    assert len(publisher.sent) == 1
+
+
+class HangingPublisher(RecordingPublisher):
+    """The first publish hangs until released, then fails (Pub/Sub paused, then its deadline)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hanging = threading.Event()
+        self.release = threading.Event()
+
+    def publish(self, data: bytes, **attributes: str) -> None:
+        if not self.hanging.is_set():
+            self.hanging.set()
+            self.release.wait(10)
+            raise PublishError("deadline exceeded")
+        super().publish(data, **attributes)
+
+
+def test_a_retry_while_the_first_publish_hangs_is_not_lost_when_that_publish_fails():
+    # Two replicas share one store; the client gives up on the first and retries on the second.
+    publisher, store = HangingPublisher(), InMemoryResultStore()
+    first = create_app(settings(), publisher=publisher, store=store, listener=IdleListener()).test_client()
+    second = create_app(settings(), publisher=publisher, store=store, listener=IdleListener()).test_client()
+    ride = {**RIDE, "ride_id": "raced"}
+    hung = threading.Thread(target=lambda: first.post("/predict", json=ride))
+    hung.start()
+    assert publisher.hanging.wait(5)
+    retry = second.post("/predict", json=ride)
+    assert retry.status_code == 202 and [attrs["ride_id"] for _, attrs in publisher.sent] == ["raced"]
+    publisher.release.set()  # now the first request's publish fails
+    hung.join(10)
+    assert store.get("raced")["status"] == "pending"  # still there: its result can land
+    assert store.complete("raced", answer("raced", 12.5)) == Completion.STORED
+    assert second.get("/rides/raced").get_json()["duration_final"] == 12.5
+
+
+def test_a_failed_ride_asked_again_with_its_own_ride_id_is_tried_afresh(backend):
+    client, publisher, store = backend
+    client.post("/predict", json={**RIDE, "ride_id": "unlucky"})
+    store.complete("unlucky", {"ride_id": "unlucky", "error": "no final duration after 5 publishes"}, status="failed")
+    again = client.post("/predict", json={**RIDE, "ride_id": "unlucky"})
+    assert again.status_code == 202 and again.get_json()["status"] == "pending" and "error" not in again.get_json()
+    assert [attrs["ride_id"] for _, attrs in publisher.sent] == ["unlucky", "unlucky"]
+    assert store.publishes("unlucky") == 1
+    assert store.complete("unlucky", answer("unlucky", 8.0)) == Completion.STORED
+    # Another ride under the failed ride's id is still refused.
+    assert client.post("/predict", json={**RIDE, "ride_id": "unlucky", "trip_distance": 3}).status_code == 409
+
+
+def test_get_ride_waits_for_the_final_when_asked_to(backend):
+    client, _, store = backend
+    ride_id = client.post("/predict", json=RIDE).get_json()["ride_id"]
+    threading.Timer(0.3, lambda: store.complete(ride_id, answer(ride_id, 21.0))).start()
+    assert client.get(f"/rides/{ride_id}?wait=3").get_json()["duration_final"] == 21.0
+    assert client.get(f"/rides/{ride_id}?wait=abc").status_code == 400
+
+
+def test_readyz_says_degraded_when_finals_arrive_late():
+    from backend.app import degraded_reasons
+
+    store = InMemoryResultStore()
+    app = create_app(settings(late_final_p95_ms=500), publisher=RecordingPublisher(), store=store, listener=IdleListener())
+    client = app.test_client()
+    assert client.get("/readyz").get_json()["status"] == "ok"
+    import time as clock
+
+    for index in range(20):  # finals 2 s after their POST
+        ride_id = f"late-{index}"
+        store.create(
+            ride_id,
+            {
+                "ride_id": ride_id,
+                "status": "pending",
+                "fingerprint": answer(ride_id, 1)["ride_fingerprint"],
+                "requested_at": clock.time() - 2,
+            },
+            resend_at=0,
+        )
+        store.complete(ride_id, answer(ride_id, 10.0))
+    body = client.get("/readyz").get_json()
+    assert body["ready"] is True and body["status"] == "degraded" and "p95 2," in body["degraded"][0]
+    assert degraded_reasons({"latency_ms_p95": 400.0}, 500) == []
+    app.extensions["ridestream"]["redelivery"].stop()
+
+
+class HangingStore(InMemoryResultStore):
+    """Redis frozen (SIGSTOP): every call hangs."""
+
+    def ping(self) -> None:
+        threading.Event().wait(10)
+
+    def stats(self, now: float):
+        threading.Event().wait(10)
+
+
+def test_readyz_answers_within_its_checks_when_the_store_hangs():
+    import time as clock
+
+    app = create_app(settings(), publisher=RecordingPublisher(), store=HangingStore(), listener=IdleListener())
+    started = clock.monotonic()
+    response = app.test_client().get("/readyz")
+    assert clock.monotonic() - started < 3
+    assert response.status_code == 503 and "no answer within 2 s" in response.get_json()["checks"]["result_store"]
+    app.extensions["ridestream"]["redelivery"].stop()
 
 
 class DownStore(InMemoryResultStore):
     """A store whose every call fails as Redis does when it is down."""
 
     def __getattribute__(self, name):
-        if name in ("create", "get", "wait", "complete", "claim_due", "discard", "ping"):
+        if name in ("create", "get", "wait", "complete", "claim_due", "published", "reschedule", "ping"):
             raise StoreUnavailable("Redis unavailable: ConnectionError: connection refused")
         return super().__getattribute__(name)
 
@@ -200,7 +329,7 @@ def test_store_outage_answers_503_with_retry_after_never_500_and_publishes_nothi
 def test_a_ride_answered_on_the_stream_but_never_posted_does_not_block_its_post(backend):
     client, publisher, store = backend
     # A sender published straight to the ride topic; its result arrives for a ride nobody POSTed.
-    assert store.complete("direct-1", {"ride_id": "direct-1", "duration_final": 3.0, "model_run_id": "r"}) == "unknown"
+    assert store.complete("direct-1", answer("direct-1", 3.0)) == "unknown"
     response = client.post("/predict", json={**RIDE, "ride_id": "direct-1"})
     assert response.status_code == 202 and response.get_json()["status"] == "pending"
     assert [attrs["ride_id"] for _, attrs in publisher.sent] == ["direct-1"]
@@ -208,12 +337,14 @@ def test_a_ride_answered_on_the_stream_but_never_posted_does_not_block_its_post(
 
 def test_a_result_for_no_pending_ride_is_refused_not_made_into_a_ride():
     store = InMemoryResultStore()
-    result = {"ride_id": "ghost", "duration_final": 9.0, "model_run_id": "r"}
+    result = {"ride_id": "ghost", "duration_final": 9.0, "model_run_id": "r", "ride_fingerprint": "aaaa"}
     assert store.complete("ghost", result) == Completion.UNKNOWN
     assert store.get("ghost") is None
 
     store.create("r1", {"ride_id": "r1", "status": "pending", "fingerprint": "aaaa"}, resend_at=0)
     assert store.complete("r1", {**result, "ride_id": "r1", "ride_fingerprint": "bbbb"}) == Completion.MISMATCH
+    # Fail closed: a result that does not say which ride it answers is not stored on any.
+    assert store.complete("r1", {**result, "ride_id": "r1", "ride_fingerprint": ""}) == Completion.MISMATCH
     assert store.get("r1")["status"] == "pending"
     assert store.complete("r1", {**result, "ride_id": "r1", "ride_fingerprint": "aaaa"}) == Completion.STORED
     assert store.complete("r1", {**result, "ride_id": "r1", "duration_final": 1.0}) == Completion.SETTLED
@@ -309,8 +440,13 @@ def test_random_garbage_never_gives_500(backend):
         assert client.post("/predict", json=payload).status_code in (202, 400)
 
 
-def _pending(store, ride_id: str) -> None:
-    store.create(ride_id, {"ride_id": ride_id, "status": "pending", "ride": dict(RIDE)}, resend_at=0)
+def _pending(store, ride_id: str, published: int = 1) -> None:
+    """A recorded ride, published ``published`` times."""
+    fingerprint = Ride.model_validate(RIDE).fingerprint()
+    record = {"ride_id": ride_id, "status": "pending", "ride": dict(RIDE), "fingerprint": fingerprint}
+    store.create(ride_id, record, resend_at=0)
+    for _ in range(published):
+        store.published(ride_id, resend_at=0)
 
 
 def test_unanswered_rides_are_published_again_then_marked_failed():
@@ -320,15 +456,15 @@ def test_unanswered_rides_are_published_again_then_marked_failed():
     redelivery = Redelivery(publisher, store, after_seconds=0, max_attempts=3)
     for ride_id in ("lost", "answered"):
         _pending(store, ride_id)
-    store.complete("answered", {"ride_id": "answered", "duration_final": 9.0, "model_run_id": "r"})
+    store.complete("answered", answer("answered", 9.0))
 
     redelivery.sweep()
     redelivery.sweep()
     assert [attrs["ride_id"] for _, attrs in publisher.sent] == ["lost", "lost"]  # sends 2 and 3
     # The ride itself, rebuilt from its record.
     assert Ride.model_validate(publisher.sent[0][0]) == Ride.model_validate({**RIDE, "ride_id": "lost"})
-    publisher.fail = True
     redelivery.sweep()  # the third send was the last: no more publishing, the ride is failed
+    assert len(publisher.sent) == 2
     assert store.get("lost")["status"] == "failed" and "3 publishes" in store.get("lost")["error"]
     assert store.wait("lost", timeout=1)["status"] == "failed"
     assert store.get("answered")["status"] == "done" and redelivery.resent == 2
@@ -338,13 +474,42 @@ def test_a_resend_that_cannot_publish_is_tried_again_later():
     from backend.stream import Redelivery
 
     publisher, store = RecordingPublisher(), InMemoryResultStore()
-    redelivery = Redelivery(publisher, store, after_seconds=0, max_attempts=5)
+    redelivery = Redelivery(publisher, store, after_seconds=0, max_attempts=5, retry_seconds=0)
     _pending(store, "r")
     publisher.fail = True
     redelivery.sweep()
+    assert store.publishes("r") == 1  # a publish that failed is not counted
     publisher.fail = False
     redelivery.sweep()
-    assert len(publisher.sent) == 1 and redelivery.resent == 1
+    assert len(publisher.sent) == 1 and redelivery.resent == 1 and store.publishes("r") == 2
+
+
+def test_a_ride_the_stream_never_takes_fails_saying_so_not_after_publishes_that_never_happened():
+    import time as clock
+
+    from backend.stream import Redelivery
+
+    publisher, store = RecordingPublisher(), InMemoryResultStore()
+    redelivery = Redelivery(publisher, store, after_seconds=1, max_attempts=3, retry_seconds=0)
+    # Recorded 10 s ago and never taken by the stream (more than 3 attempts x 1 s).
+    fingerprint = Ride.model_validate(RIDE).fingerprint()
+    record = {"ride_id": "r", "status": "pending", "ride": dict(RIDE), "fingerprint": fingerprint}
+    store.create("r", {**record, "requested_at": clock.time() - 10}, resend_at=0)
+    publisher.fail = True
+    redelivery.sweep()
+    assert store.get("r")["status"] == "failed"
+    assert "did not take the ride for 10 s" in store.get("r")["error"] and publisher.sent == []
+
+
+def test_a_pending_ride_whose_record_vanished_is_dropped_from_the_bookkeeping():
+    from backend.stream import Redelivery
+
+    publisher, store = RecordingPublisher(), InMemoryResultStore()
+    _pending(store, "evicted")
+    store._rides.pop("evicted")  # TTL or eviction (volatile-lru) removed the record, not its schedule
+    assert store.stats(0)["pending_rides"] == 1
+    Redelivery(publisher, store, after_seconds=0, max_attempts=5).sweep()
+    assert store.stats(0)["pending_rides"] == 0 and store.claim_due(float("inf"), 30) == []
 
 
 def test_a_claimed_ride_is_not_resent_by_another_replica_until_its_lease_ends():
@@ -352,7 +517,8 @@ def test_a_claimed_ride_is_not_resent_by_another_replica_until_its_lease_ends():
     _pending(store, "r")
     assert store.claim_due(now=100, lease_seconds=30) == [("r", 1)]
     assert store.claim_due(now=110, lease_seconds=30) == []  # another replica, inside the lease
-    assert store.claim_due(now=131, lease_seconds=30) == [("r", 2)]  # the lease ran out: anyone may
+    # The lease ran out: anyone may. A claim is not a publish: the count is still 1.
+    assert store.claim_due(now=131, lease_seconds=30) == [("r", 1)]
 
 
 def test_failed_result_writes_back_off_exponentially_up_to_a_cap():

@@ -20,6 +20,7 @@ from backend.results import RedisResultStore
 from backend.settings import BackendSettings
 from devstack.processes import Service, answers_http, free_port
 from devstack.pubsub import ensure_subscription, ensure_topic, pull_messages
+from ride_contract.ride import Ride
 
 pytestmark = pytest.mark.integration
 
@@ -42,26 +43,51 @@ def redis_prefix():
 def test_redis_store_is_shared_between_replicas(redis_prefix):
     replica_a = RedisResultStore(REDIS_URL, ttl_seconds=60, prefix=redis_prefix)
     replica_b = RedisResultStore(REDIS_URL, ttl_seconds=60, prefix=redis_prefix)
-    assert replica_a.create("r1", {"ride_id": "r1", "status": "pending", "duration_coarse": 9.0}, resend_at=100) is None
+    record = {"ride_id": "r1", "status": "pending", "duration_coarse": 9.0, "fingerprint": "f1"}
+    assert replica_a.create("r1", record, resend_at=100) is None
     existing = replica_b.create("r1", {"ride_id": "r1", "status": "pending"}, resend_at=100)  # one ride_id, one ride
-    assert existing == {"ride_id": "r1", "status": "pending", "duration_coarse": 9.0}
+    assert existing == record and replica_b.publishes("r1") == 0  # recorded before it is published (the outbox)
 
-    # Either replica may resend a ride the other accepted, but never both within the lease.
-    assert replica_b.claim_due(now=100, lease_seconds=30) == [("r1", 1)]
+    # Either replica may resend a ride the other accepted, but never both within the lease; a claim is
+    # not a publish: only a publish the broker confirmed counts.
+    assert replica_b.claim_due(now=100, lease_seconds=30) == [("r1", 0)]
     assert replica_a.claim_due(now=110, lease_seconds=30) == []
-    assert replica_a.claim_due(now=131, lease_seconds=30) == [("r1", 2)]
+    replica_a.published("r1", resend_at=131)
+    assert replica_a.claim_due(now=131, lease_seconds=30) == [("r1", 1)]
+    replica_b.reschedule("r1", at=140)  # its publish failed: due again soon
+    assert replica_a.claim_due(now=139, lease_seconds=30) == [] and replica_a.claim_due(140, 30) == [("r1", 1)]
 
     waited: list = []
     waiter = threading.Thread(target=lambda: waited.append(replica_a.wait("r1", timeout=5)))
     waiter.start()
     threading.Event().wait(0.2)
-    replica_b.complete("r1", {"ride_id": "r1", "duration_final": 12.5, "model_run_id": "abc"})
+    result = {"ride_id": "r1", "duration_final": 12.5, "model_run_id": "abc", "ride_fingerprint": "f1"}
+    assert replica_b.complete("r1", {**result, "ride_fingerprint": ""}) == "mismatch"  # fails closed
+    replica_b.complete("r1", result)
     waiter.join()
-    assert waited[0] == {"ride_id": "r1", "status": "done", "duration_coarse": 9.0, "duration_final": 12.5, "model_run_id": "abc"}
+    assert waited[0] == {**record, "status": "done", "duration_final": 12.5, "model_run_id": "abc"}
     assert replica_a.wait("r2", timeout=0.2) is None
     assert replica_a.claim_due(now=1e12, lease_seconds=30) == []  # answered: no longer due a resend
-    assert replica_b.complete("r2", {"ride_id": "r2", "duration_final": 1.0, "model_run_id": "abc"}) == "unknown"
+    assert replica_b.complete("r2", {**result, "ride_id": "r2"}) == "unknown"
     assert replica_a.get("r2") is None  # a result for no ride is not made into one
+
+
+def test_redis_store_reopens_failed_rides_and_forgets_vanished_ones(redis_prefix):
+    import redis
+
+    store = RedisResultStore(REDIS_URL, ttl_seconds=60, prefix=redis_prefix)
+    record = {"ride_id": "r1", "status": "pending", "fingerprint": "f1"}
+    store.create("r1", record, resend_at=100)
+    store.published("r1", resend_at=100)
+    assert store.reopen("r1", record, resend_at=100) is False  # only a failed ride is tried afresh
+    store.complete("r1", {"ride_id": "r1", "error": "no final"}, status="failed")
+    assert store.stats(0)["pending_rides"] == 0
+    assert store.reopen("r1", record, resend_at=100) is True
+    assert store.get("r1") == record and store.publishes("r1") == 0 and store.claim_due(100, 30) == [("r1", 0)]
+
+    redis.Redis.from_url(REDIS_URL).delete(f"{redis_prefix}:ride:r1")  # expired, or evicted
+    store.forget_pending("r1")
+    assert store.stats(0)["pending_rides"] == 0 and store.claim_due(1e12, 30) == []
 
 
 def test_redis_store_down_is_store_unavailable_not_a_crash():
@@ -90,7 +116,12 @@ class StandInConsumer:
         while not self.stop.is_set():
             for message in pull_messages(self.project, self.subscription, 100, timeout=1):
                 ride = json.loads(message.data)
-                result = {"ride_id": ride["ride_id"], "duration_final": ride["trip_distance"] * 2, "model_run_id": "stand-in"}
+                result = {
+                    "ride_id": ride["ride_id"],
+                    "duration_final": ride["trip_distance"] * 2,
+                    "model_run_id": "stand-in",
+                    "ride_fingerprint": Ride.model_validate(ride).fingerprint(),
+                }
                 publisher.publish(topic, json.dumps(result).encode()).result(timeout=10)
 
 

@@ -4,6 +4,7 @@ subscription, two gunicorn backend replicas sharing Redis, real March 2021 rides
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -32,7 +33,7 @@ def live(tmp_path_factory):
         stack.ensure_topology()
         for name, value in stack.env().items():
             patch.setenv(name, value)
-        patch.setenv("PUBLISH_TIMEOUT_SECONDS", "3")  # the backends answer 503 quickly during the outage
+        patch.setenv("PUBLISH_TIMEOUT_SECONDS", "3")  # a publish to the stopped emulator gives up quickly
         patch.setenv("RESEND_AFTER_SECONDS", "10")  # and publish again what the dead emulator took with it
         settings = Settings(f"sqlite:///{tmp / 'mlflow.db'}", "ride-duration", ARTIFACT_ROOT, "ride-duration", str(DATA))
         first = train(TrainConfig(trials=1, sample=20_000), settings)
@@ -83,8 +84,9 @@ def test_pubsub_outage_mid_stream_is_reported_and_loses_no_ride(live):
     stack.stop("pubsub")
     ready = requests.get(f"{backend}/readyz", timeout=30)
     assert ready.status_code == 503 and ready.json()["checks"]["push_stream"] != "ok"
+    # Accepted all the same: recorded in the outbox, published once the stream is back.
     during = requests.post(f"{backend}/predict", json=rides[0][0], timeout=30)
-    assert during.status_code == 503 and "retry" in during.json()["error"]
+    assert during.status_code == 202 and during.json()["status"] == "pending", during.json()
     time.sleep(3)
 
     stack.restart("pubsub")  # the emulator keeps nothing: restart() creates the topics and subscriptions again
@@ -96,6 +98,8 @@ def test_pubsub_outage_mid_stream_is_reported_and_loses_no_ride(live):
         pytest.fail("the backend did not report ready after the emulator came back")
 
     clients.join(timeout=240)
+    final = requests.get(f"{backend}/rides/{during.json()['ride_id']}?wait=10", timeout=30).json()
+    assert final["status"] == "done", final
     summary = summarize(outcomes)
     # Rides refused during the outage were retried; rides the dead emulator held were published again.
     assert summary["rides"] == len(rides) and summary["lost"] == 0, summary
@@ -184,12 +188,18 @@ def test_the_live_view_shows_the_streams_figures_the_dead_letters_and_the_models
     publisher.publish(publisher.topic_path(PROJECT, TOPICS["push"]), b"{not a ride").result(timeout=30)
     assert summarize(stream(stack.backend_urls, real_rides(30, seed=19), concurrency=6))["lost"] == 0
 
-    console = Console(file=io.StringIO(), width=120, height=60, force_terminal=True, color_system=None, record=True)
-    assert watch(stack, console, seconds=4) >= 3  # refreshed every second
-    frame = console.export_text().rsplit("stream (all replicas, last minute)", 1)[1]  # the last one drawn
-    figures = requests.get(f"{stack.backend_urls[0]}/readyz", timeout=10).json()["stream"]
+    # The figures cover the last minute, so an earlier test's final may leave the window between the
+    # last frame and the look-up below: then the view is asked again.
+    for _ in range(3):
+        console = Console(file=io.StringIO(), width=120, height=60, force_terminal=True, color_system=None, record=True)
+        assert watch(stack, console, seconds=4) >= 3  # refreshed every second
+        frame = console.export_text().rsplit("stream (all replicas, last minute)", 1)[1]  # the last one drawn
+        figures = requests.get(f"{stack.backend_urls[0]}/readyz", timeout=10).json()["stream"]
+        if f"{figures['latency_ms_p50']} ms" in frame and f"{figures['latency_ms_p95']} ms" in frame:
+            break
     assert f"{figures['latency_ms_p50']} ms" in frame and f"{figures['latency_ms_p95']} ms" in frame
     assert figures["finals_in_window"] >= 30 and figures["pending_rides"] == 0
     assert "not JSON" in frame  # the dead letter's reason
+    assert re.search(r"dead letters by source: .*\bfunction \d+", frame)  # which deployment refused them
     production = stack.model["version"]
     assert f"v{production}" in frame and f"production = v{production}" in frame and "MISMATCH" not in frame

@@ -96,3 +96,16 @@ def test_coarse_estimator_round_trips_and_follows_its_hourly_lines():
     assert again.predict_ride(ride.model_copy(update={"trip_distance": 100.0})) == 60  # capped distance, clipped minutes
     with pytest.raises(ValueError, match="24 hourly"):
         CoarseEstimator([1.0], [1.0], 30)
+
+
+def test_a_rides_fingerprint_is_pinned():
+    """The backend computes it with its own ride_contract, the function with the model's copy: any change
+    to its canonical form would turn every result of an already deployed model into a mismatch."""
+    from ride_contract.ride import Ride
+
+    ride = {"datetime": "2022-06-23 11:36:42", "PULocationID": 34, "DOLocationID": 56, "trip_distance": 12}
+    assert Ride.model_validate(ride).fingerprint() == "bae18b3d73261312"
+    # Neither the ride_id nor how the same values are written changes it.
+    same = {**ride, "ride_id": "app-1", "datetime": "2022-06-23T11:36:42-04:00", "trip_distance": 12.0}
+    assert Ride.model_validate(same).fingerprint() == "bae18b3d73261312"
+    assert Ride.model_validate({**ride, "trip_distance": 12.01}).fingerprint() != "bae18b3d73261312"

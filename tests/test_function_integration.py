@@ -158,13 +158,21 @@ def test_model_prefix_is_a_folder_not_a_string_prefix(emulators):
         find_model_uri(emulators.bucket, run_id, "prefix-test/1")  # experiment 1 is not experiment 10
 
 
-def test_a_cold_start_downloads_only_what_it_serves_with(emulators, gcs_model, tmp_path):
-    from serving_function.model_store import load_model
+def test_a_cold_start_downloads_only_what_it_serves_with_and_keeps_none_of_it(emulators, gcs_model, tmp_path, monkeypatch):
+    from serving_function import model_store
 
     result, _ = gcs_model
-    loaded = load_model(find_model_uri(emulators.bucket, result.run_id), cache_dir=tmp_path)
-    [folder] = tmp_path.iterdir()
-    downloaded = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    seen: list[set[str]] = []
+    download = model_store._download_folder
+
+    def recording(uri, dest):  # what lands in the temporary folder, looked at before it is removed
+        download(uri, dest)
+        seen.append({p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()})
+
+    monkeypatch.setattr(model_store, "_download_folder", recording)
+    loaded = model_store.load_model(find_model_uri(emulators.bucket, result.run_id), cache_dir=tmp_path)
+    [downloaded] = seen
+    assert list(tmp_path.iterdir()) == []  # on Cloud Functions /tmp is memory: nothing stays behind
     assert {"MLmodel", "extra_files/serving_form.npz", "code/ride_contract/serving_form.py"} <= downloaded
     assert not {"model.pkl", "input_example.json", "requirements.txt", "conda.yaml"} & downloaded
     assert all(p == "MLmodel" or p.startswith(("code/", "extra_files/")) for p in downloaded)

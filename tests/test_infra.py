@@ -369,3 +369,26 @@ def test_the_mlflow_server_keeps_its_registry_in_cloud_sql_and_its_password_in_s
     dockerfile = (REPO / "tracking_server/Dockerfile").read_text()
     for needed in ("${DB_PASSWORD}", "/cloudsql/${CLOUD_SQL_INSTANCE}", "${ARTIFACT_ROOT}", "--no-serve-artifacts", "USER app"):
         assert needed in dockerfile, needed
+
+
+def test_the_default_deployment_keeps_every_ride_in_a_shared_store(resources):
+    """Results in one instance's memory lose every pending and finished ride on each restart or deploy."""
+    with open(INFRA / "variables.tf") as f:
+        variables = {name: body for block in _clean(hcl2.load(f))["variable"] for name, body in block.items()}
+    assert variables["memorystore_size_gb"]["default"] >= 1 and variables["allow_in_memory_results"]["default"] is False
+    redis = resources["google_redis_instance"]["results"]
+    assert redis["redis_configs"] == {"maxmemory-policy": "noeviction"}  # full: refuse (503), never evict pending rides
+    [guard] = resources["google_cloud_run_v2_service"]["backend"]["lifecycle"][0]["precondition"]
+    assert guard["condition"] == "${local.shared_store || var.allow_in_memory_results}"
+
+
+def test_a_ride_is_delivered_a_bounded_number_of_times_and_duplicates_wait_inside_the_function_timeout(resources):
+    from backend.settings import BackendSettings
+    from serving_function.prediction import IN_FLIGHT_WAIT_SECONDS
+
+    push = resources["google_pubsub_subscription"]["function_push"]
+    publishes = BackendSettings.from_env().resend_max_attempts
+    assert publishes * push["dead_letter_policy"][0]["max_delivery_attempts"] <= 25
+    # A second delivery waiting for the first must give up (and be redelivered) before the function is cut off.
+    timeout = resources["google_cloudfunctions2_function"]["predict"]["service_config"][0]["timeout_seconds"]
+    assert timeout / 2 >= IN_FLIGHT_WAIT_SECONDS

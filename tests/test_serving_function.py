@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,8 +56,53 @@ class RecordingPublisher:
 
 def service(publisher=None, model=None) -> RideDurationService:
     return RideDurationService(
-        model or FakeModel(), ride_contract, publisher or RecordingPublisher(), "results", "dead", "run-1", "7"
+        model or FakeModel(),
+        ride_contract,
+        publisher or RecordingPublisher(),
+        "results",
+        "dead",
+        "run-1",
+        "7",
+        deployment="function-prod",
     )
+
+
+class ConstantModel:
+    """Answers every ride with the same raw number of minutes."""
+
+    kind = "fake"
+
+    def __init__(self, minutes: float):
+        self.minutes = minutes
+
+    def predict(self, rides):
+        return np.full(len(rides), self.minutes)
+
+
+@pytest.mark.parametrize(("raw", "served"), [(-2.38, 1.0), (0.2, 1.0), (75.04, 60.0), (1.0, 1.0), (60.0, 60.0), (13.456, 13.46)])
+def test_answers_outside_the_duration_bounds_are_clipped_marked_counted_and_logged(raw, served, capsys):
+    publisher = RecordingPublisher()
+    svc = service(publisher, ConstantModel(raw))
+    result = svc.handle(b64(RIDE), "m1")
+    clipped = not 1.0 <= raw <= 60.0
+    assert result.duration_final == served and result.clipped is clipped
+    assert publisher.sent[0][1]["duration_final"] == served and publisher.sent[0][1]["clipped"] is clipped
+    assert svc.clipped == int(clipped)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    clip_lines = [line for line in lines if line["message"] == "prediction clipped"]
+    assert [line["predicted_minutes"] for line in clip_lines] == ([raw] if clipped else [])
+
+
+def test_the_result_message_refuses_durations_outside_the_bounds_and_results_naming_no_ride():
+    from pydantic import ValidationError
+
+    fields = {"ride_id": "r", "model_run_id": "run", "ride_fingerprint": "abc"}
+    for minutes in (-2.38, 0.99, 60.01, float("nan")):
+        with pytest.raises(ValidationError):
+            RideResult(**fields, duration_final=minutes)
+    with pytest.raises(ValidationError):
+        RideResult(**{**fields, "ride_fingerprint": ""}, duration_final=10)
+    assert RideResult(**fields, duration_final=60).duration_final == 60
 
 
 def test_valid_ride_is_predicted_and_published_with_model_identity():
@@ -76,6 +122,7 @@ def test_valid_ride_is_predicted_and_published_with_model_identity():
                 "model_version": "7",
                 "model_id": "",
                 "ride_fingerprint": fingerprint,
+                "clipped": False,
             },
             {"ride_id": "r-1"},
         )
@@ -132,11 +179,15 @@ def test_a_reused_ride_id_with_another_ride_is_predicted_afresh():
 )
 def test_poison_message_goes_to_dead_letter_with_reason_and_original_data(data, reason):
     publisher = RecordingPublisher()
-    assert service(publisher).handle(data, message_id="m9") is None
+    assert service(publisher).handle(data, message_id="m9", attributes={"ride_id": "r-9", "sender": "app"}) is None
     [(topic, record, attributes)] = publisher.sent
     assert topic == "dead"
     assert reason in record["reason"] and reason in attributes["reason"]
     assert record["data"] == (data or "") and record["message_id"] == "m9"
+    # Which deployment refused it, in which format, and the message's own attributes.
+    assert attributes["deployment"] == record["deployment"] == "function-prod"
+    assert attributes["format"] == record["format"] == prediction.DEAD_LETTER_FORMAT
+    assert record["attributes"] == {"ride_id": "r-9", "sender": "app"} and record["model_version"] == "7"
 
 
 def test_publish_failure_raises_so_pubsub_redelivers_and_is_not_remembered():
@@ -375,6 +426,47 @@ def test_a_publish_the_broker_never_takes_fails_within_the_publish_timeout(monke
         publisher.publish("results", b"{}", ride_id="r-1")
     assert time.monotonic() - started < 10
     assert type(failure.value).__module__.startswith("google.api_core")
+
+
+def test_failed_cold_starts_leave_no_model_download_behind(tmp_path, monkeypatch):
+    """Each cold start downloads the model into a temporary folder; none may outlive it, loaded or not."""
+    from serving_function import model_store
+
+    (tmp_path / "bucket").mkdir()
+    folder = Path(_model_folder(tmp_path / "bucket", SERVED, {"extra_files/serving_form.npz": b"not a serving form"}))
+    files = {f"m/{path.relative_to(folder)}": path for path in folder.rglob("*") if path.is_file()}
+
+    class FakeBlob:
+        def __init__(self, name):
+            self.name = name
+
+        def download_to_filename(self, target, **kwargs):
+            Path(target).write_bytes(files[self.name].read_bytes())
+
+    class FakeStorage:  # what _download_folder asks of the storage client
+        def list_blobs(self, bucket, prefix, **kwargs):
+            return [FakeBlob(name) for name in files]
+
+    monkeypatch.setattr(model_store, "_storage_client", FakeStorage)
+    cache = tmp_path / "tmp"
+    cache.mkdir()
+    for _ in range(5):
+        with pytest.raises(ModelNotFound, match="serving form"):
+            model_store.load_model("gs://bucket/m", cache_dir=cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_a_model_whose_contract_has_no_duration_bounds_is_refused(tmp_path, monkeypatch):
+    import sys
+
+    folder = Path(_model_folder(tmp_path, SERVED, {"extra_files/serving_form.npz": _linear_form()}))
+    result_module = folder / "code" / "ride_contract" / "result.py"
+    result_module.write_text(result_module.read_text().replace("def served_minutes", "def _old_unbounded"))
+    for name in [m for m in sys.modules if m == "ride_contract" or m.startswith("ride_contract.")]:
+        monkeypatch.delitem(sys.modules, name)  # import the model's own copy, as a cold start does
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(ModelNotFound, match="without duration bounds"):
+        load_model(str(folder))
 
 
 def test_the_function_looks_for_the_file_training_writes():

@@ -145,25 +145,31 @@ def test_registry_cli_prints_the_production_run_id(local_model):
     assert unknown.returncode == 2 and unknown.stderr.startswith("error:")
 
 
-def test_mlflow_run_trains_on_several_months_and_registers(tmp_path):
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_bare_mlflow_run_trains_on_several_months_and_registers_in_the_run_it_was_given(tmp_path):
+    """`mlflow run .` as a first-time user types it: no --experiment-name, an empty store. Training logs
+    into the run and experiment `mlflow run` made, and registers the model from there."""
     from mlflow import MlflowClient
 
-    # `mlflow run` would create a missing experiment with artifacts under ./mlruns, in the repository.
-    MlflowClient(tracking_uri).create_experiment("ride-duration", artifact_location=str(tmp_path / "artifacts"))
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # The empty store is made here, so its Default experiment keeps its artifacts in tmp_path/mlruns,
+    # not in the repository (an empty store made by `mlflow run` would use the repository's ./mlruns).
+    subprocess.run(
+        [sys.executable, "-c", f"import mlflow; mlflow.MlflowClient({tracking_uri!r}).search_experiments()"],
+        cwd=tmp_path,
+        check=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
     # MLflow quotes each parameter, so both months arrive as one argument.
     params = ["-P", "trials=1", "-P", "train_month=2021-01 2021-02", "-P", "val_month=2021-03", "-P", "test_month=2021-03"]
-    completed = _run(
-        ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "ride-duration", *params],
-        tracking_uri,
-        MLFLOW_ARTIFACT_ROOT=str(tmp_path / "artifacts"),
-    )
+    completed = _run(["mlflow", "run", ".", "--env-manager", "local", *params], tracking_uri)
     assert completed.returncode == 0, completed.stderr[-3000:]
     summary = json.loads(completed.stdout[completed.stdout.index("{") :])
     assert summary["version"] == "1" and summary["metrics"]["val_rmse"] <= 5.4
     client = MlflowClient(tracking_uri)
-    assert client.get_model_version("ride-duration", "1").run_id == summary["run_id"]
     run = client.get_run(summary["run_id"])
+    assert run.info.experiment_id == "0" and run.info.status == "FINISHED"  # the run `mlflow run` created
+    assert [e.name for e in client.search_experiments()] == ["Default"]  # no second experiment on the side
+    assert client.get_model_version("ride-duration", "1").run_id == summary["run_id"]
     assert run.data.params["train_months"] == "2021-01,2021-02"
     assert int(run.data.params["train_rows"]) == 73_906 + 61_920  # both months, after the 1-60 min and in-month filters
 
@@ -245,3 +251,26 @@ def test_progress_bars_are_drawn_on_a_terminal_and_never_into_logs(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "trials" not in completed.stderr and "━" not in completed.stderr
+
+
+def test_an_experiment_created_meanwhile_by_another_process_is_used_not_an_error(tmp_path, monkeypatch):
+    """Flows start several tasks at once: one may create the experiment between another's look-up and
+    its create (RESOURCE_ALREADY_EXISTS), which must not fail the run."""
+    import mlflow
+
+    from training.settings import configure_mlflow
+
+    settings = settings_for(tmp_path)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    existing = mlflow.create_experiment(settings.experiment_name)
+    looked_up = mlflow.get_experiment_by_name
+    calls = []
+
+    def not_there_yet(name):  # the first look-up ran before the other process created it
+        calls.append(name)
+        return None if len(calls) == 1 else looked_up(name)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", not_there_yet)
+    assert configure_mlflow(settings) == existing

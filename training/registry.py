@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from training.settings import Settings, configure_mlflow
+from training.settings import Settings
 
 PRODUCTION = "production"
 CHALLENGER = "challenger"
@@ -37,9 +37,13 @@ class ResolvedModel:
 
 
 def _client(settings: Settings):
+    """A client of the tracking store. The registry needs no experiment: none is set or created here
+    (under `mlflow run`, registering must not add an experiment beside the run's)."""
+    import mlflow
     from mlflow import MlflowClient
 
-    configure_mlflow(settings)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    mlflow.set_tracking_uri(settings.tracking_uri)
     return MlflowClient(settings.tracking_uri)
 
 

@@ -36,14 +36,29 @@ class Settings:
 
 
 def configure_mlflow(settings: Settings) -> str:
-    """Point MLflow at the tracking store and experiment; returns the experiment id."""
+    """Point MLflow at the tracking store and experiment; returns the experiment id.
+
+    Under ``mlflow run`` the run already exists (MLFLOW_RUN_ID): training logs into that run
+    and its experiment, whatever ``--experiment-name`` was or was not given. (MLFLOW_EXPERIMENT_ID
+    is no guide: ``mlflow.set_experiment`` leaves it behind in the process's environment.)"""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(settings.tracking_uri)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        experiment_id = mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
+        mlflow.set_experiment(experiment_id=experiment_id)
+        return experiment_id
     experiment = mlflow.get_experiment_by_name(settings.experiment_name)
     if experiment is None:
-        experiment_id = mlflow.create_experiment(settings.experiment_name, artifact_location=settings.artifact_root or None)
+        try:
+            experiment_id = mlflow.create_experiment(settings.experiment_name, artifact_location=settings.artifact_root or None)
+        except MlflowException:  # created meanwhile by another process (flows start several): use that one
+            experiment = mlflow.get_experiment_by_name(settings.experiment_name)
+            if experiment is None:
+                raise
+            experiment_id = experiment.experiment_id
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)

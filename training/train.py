@@ -31,6 +31,7 @@ import ride_contract
 from data import TLC_DOWNLOAD_BASE, TripDataError, load_trips, month_uri
 from data.progress import progress_bar
 from ride_contract.features import FEATURE_COLUMNS
+from ride_contract.result import served_minutes
 from ride_contract.ride import RIDE_COLUMNS
 from ride_contract.serving_form import FILE_NAME as SERVING_FORM_FILE
 from ride_contract.serving_form import ServingForm
@@ -73,7 +74,8 @@ def load_split(months: list[str], settings: Settings, sample: int | None = None)
 
 
 def score(model: Any, frame: pd.DataFrame) -> dict[str, float]:
-    predicted = model.predict(frame[RIDE_COLUMNS])
+    """The model's metrics on the answers riders get: predictions clipped into the duration bounds."""
+    predicted = served_minutes(model.predict(frame[RIDE_COLUMNS]))
     actual = frame[TARGET].to_numpy()
     return {
         "rmse": float(root_mean_squared_error(actual, predicted)),
@@ -141,7 +143,7 @@ def _log_plots(model: Pipeline, frame: pd.DataFrame, split: str, out_dir: Path) 
     import matplotlib.pyplot as plt
     import mlflow
 
-    predicted = model.predict(frame[RIDE_COLUMNS])
+    predicted = served_minutes(model.predict(frame[RIDE_COLUMNS]))
     actual = frame[TARGET].to_numpy()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     left.hexbin(actual, predicted, gridsize=60, bins="log", cmap="viridis")

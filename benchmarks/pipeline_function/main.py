@@ -6,6 +6,8 @@ with it), one DataFrame per ride. Cold start, memory and handler time of both ru
 side by side in one benchmark run.
 """
 
+from dataclasses import replace
+
 from pipeline_model import load_pipeline
 
 from serving_function.function_config import FunctionConfig
@@ -15,7 +17,7 @@ from serving_function.prediction import build_service
 CONFIG = FunctionConfig.from_env()
 MODEL_URI = CONFIG.model_uri or find_model_uri(CONFIG.model_bucket, CONFIG.run_id, CONFIG.model_prefix)
 # The contract and identity as the function loads them; the scoring by the unpickled pipeline.
-SERVICE = build_service(CONFIG, load_model(MODEL_URI), model=load_pipeline(MODEL_URI))
+SERVICE = build_service(CONFIG, replace(load_model(MODEL_URI), model=load_pipeline(MODEL_URI)))
 
 
 def predict_duration(event, context):
