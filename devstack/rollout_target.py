@@ -1,4 +1,4 @@
-"""The local stack's function deployments as rollout targets (ROLLOUT_TARGET=local).
+"""The local stack's function deployments as rollout targets (devstack.rollout_service injects them).
 
 The local rollout service and `python -m devstack redeploy` both deploy through this;
 a file lock serializes them, as one rollout service does on Google Cloud.
@@ -42,7 +42,7 @@ DEPLOYMENT_OF_ALIAS = {"production": "function", "challenger": "challenger"}
 
 def local_rollouts(stack: Stack, aliases: tuple[str, ...] = ("production", "challenger")) -> dict:
     """Rollouts of the stack's function deployments, run (or looked at) in this process rather than the service."""
-    from rollout.app import previous_marker, registry_resolver
+    from rollout.app import production_guard, registry_resolver
     from rollout.reconcile import Rollout
     from training.settings import Settings
 
@@ -53,7 +53,7 @@ def local_rollouts(stack: Stack, aliases: tuple[str, ...] = ("production", "chal
             alias,
             registry_resolver(name),
             LocalFunctionTarget(stack.dir, DEPLOYMENT_OF_ALIAS[alias]),
-            after_rollout=previous_marker(name) if alias == "production" else None,
+            **(production_guard(name) if alias == "production" else {}),
         )
         for alias in aliases
     }

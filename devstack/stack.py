@@ -294,14 +294,14 @@ class Stack:
         return json.loads(path.read_text())
 
     def start_rollout(self, aliases: str = "production=function") -> None:
-        """The rollout service (ROLLOUT_TARGET=local), and the MLflow webhook that feeds it."""
+        """The rollout service on the stack's function deployments (devstack.rollout_service), and the
+        MLflow webhook that feeds it."""
         from rollout.register import register_webhook
 
         port = free_port()
         env = {
             **self.env(),
             "ROLLOUT_WEBHOOK_SECRET": self.secrets()["rollout_webhook_secret"],
-            "ROLLOUT_TARGET": "local",
             "ROLLOUT_ALIASES": aliases,
             "STACK_DIR": str(self.dir),
             "ROLLOUT_RETRY_INITIAL_SECONDS": "1",
@@ -315,7 +315,7 @@ class Stack:
             "1",
             "--threads",
             "8",
-            "rollout.app:create_app()",
+            "devstack.rollout_service:create_app()",
         ]
         service = Service("rollout", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=REPO)
         self._started("rollout", service.start(timeout=60))

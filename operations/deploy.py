@@ -37,6 +37,7 @@ RUNTIME = "python" + PYTHON_VERSION.replace(".", "")
 CONCURRENCY = 16
 CPU = "1"
 MEMORY = "1Gi"
+MAX_INSTANCES = 20  # as infra/ deploys it (tests/test_infra.py ties the two)
 
 
 def _env(name: str, default: str | None = None) -> str:
@@ -86,7 +87,7 @@ def deploy_commands(alias: str = PRODUCTION) -> list[list[str]]:
         f"--memory={MEMORY}",
         f"--cpu={CPU}",
         f"--concurrency={CONCURRENCY}",
-        f"--max-instances={_env('FUNCTION_MAX_INSTANCES', '10')}",
+        f"--max-instances={_env('FUNCTION_MAX_INSTANCES', str(MAX_INSTANCES))}",
         "--retry",  # failed deliveries (publish errors) are retried; poison messages are dead-lettered by the code
         "--set-env-vars=" + ",".join(f"{k}={v}" for k, v in env_vars.items()),
     ]

@@ -35,6 +35,9 @@ from ride_contract.ride import MAX_LOCATION_ID
 
 FORMAT = "ridestream-serving-form/1"
 FILE_NAME = "serving_form.npz"
+# Beside it: real rides and what the fitted pipeline answered for them, as served. A rollout's
+# pre-flight loads the version through the function's loader and must answer them alike.
+REFERENCE_FILE = "reference_rides.json"
 PAIR_BASE = MAX_LOCATION_ID + 1  # a ride's row in the pair table: PULocationID * PAIR_BASE + DOLocationID
 N_BINS = 256  # HistGradientBoosting's bins: up to 255 for values, the last for missing values
 MISSING_BIN = N_BINS - 1

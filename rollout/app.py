@@ -11,13 +11,16 @@ Routes:
   GET  /healthz           the process is up
 
 One worker process: rollouts are serialized per alias by its worker thread, and the
-replay guard remembers deliveries in memory (Terraform runs one instance).
+replay guard remembers deliveries in memory (Terraform runs one instance). The targets
+are Cloud Functions deployments; the local stack injects its own (devstack.rollout_service):
+this deployable imports nothing of the stack.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -64,8 +67,9 @@ def registry_resolver(model_name: str, mlflow_audience: str = ""):
 
 
 def previous_marker(model_name: str, mlflow_audience: str = ""):
-    """After production moves, alias ``previous`` names the version it replaced, however the alias was moved
-    (the UI sets only production): `make rollback` / `operations.deploy rollback` then have a way back."""
+    """Before production switches, alias ``previous`` names the version really serving, however the alias
+    was moved (the UI sets only production): `make rollback` / `operations.deploy rollback` then go back
+    to it, also when the new version failed to deploy (and the one before it still serves)."""
     from mlflow import MlflowClient
 
     from training import registry
@@ -73,33 +77,103 @@ def previous_marker(model_name: str, mlflow_audience: str = ""):
 
     client = MlflowClient(Settings.from_env().tracking_uri)
 
-    def mark(before: Deployment | None, after: Deployment) -> None:
-        if before is not None and before.version and before.version != after.version:
+    def mark(serving: Deployment | None, wanted: Deployment) -> None:
+        if serving is not None and serving.version and serving.version != wanted.version:
             authenticate_to_mlflow(mlflow_audience)
-            client.set_registered_model_alias(model_name, registry.PREVIOUS, before.version)
+            client.set_registered_model_alias(model_name, registry.PREVIOUS, serving.version)
 
     return mark
 
 
-def build_targets(settings: RolloutSettings) -> dict[str, Target]:
-    """alias -> its deployment target, as ROLLOUT_TARGET and ROLLOUT_ALIASES say."""
-    if settings.target == "local":
-        from devstack.rollout_target import LocalFunctionTarget
+class RegistryStory:
+    """What became of each rollout, on the version's page in the MLflow UI: a paragraph appended to its
+    description, and ``rollout_*`` tags. A version blocked at pre-flight is tagged ``rollout_status=blocked``
+    with the reason, and the alias goes back to the version still serving: once a rollout has ended, the
+    registry never names a version that riders are not getting."""
 
-        return {alias: LocalFunctionTarget(settings.stack_dir, key) for alias, key in settings.aliases.items()}
-    if settings.target == "cloud":
-        from rollout.cloud import CloudFunctionTarget
+    def __init__(self, model_name: str, mlflow_audience: str = ""):
+        from mlflow import MlflowClient
 
-        return {alias: CloudFunctionTarget(name) for alias, name in settings.aliases.items()}
-    raise RuntimeError(f"ROLLOUT_TARGET must be cloud or local, not {settings.target!r}")
+        from training.settings import Settings
+
+        self.model_name, self._audience = model_name, mlflow_audience
+        self._client = MlflowClient(Settings.from_env().tracking_uri)
+
+    def _tell(self, version: str, tags: dict[str, str], paragraph: str) -> None:
+        authenticate_to_mlflow(self._audience)
+        description = self._client.get_model_version(self.model_name, version).description or ""
+        self._client.update_model_version(self.model_name, version, description=f"{description}\n\n{paragraph}".strip())
+        for key, value in tags.items():
+            self._client.set_model_version_tag(self.model_name, version, key, value)
+
+    @staticmethod
+    def _now() -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+    def blocked(self, alias: str, wanted: Deployment, serving: Deployment | None, verdict: Any) -> None:
+        kept = (
+            f"Riders stayed on v{serving.version}, and the {alias} alias was moved back to it"
+            if serving
+            else "Nothing was deployed"
+        )
+        self._tell(
+            wanted.version,
+            {
+                "rollout_status": "blocked",
+                "rollout_phase": "preflight",
+                "rollout_reason": verdict.reason[:5000],
+                "rollout_preflight_max_diff_minutes": str(verdict.max_diff_minutes),
+            },
+            f"**Rollout to {alias} blocked at pre-flight** ({self._now()}): {verdict.reason}. {kept}.",
+        )
+        if serving is not None and serving.version != wanted.version:
+            self._client.set_registered_model_alias(self.model_name, alias, serving.version)
+
+    def rolled_out(self, alias: str, now_serving: Deployment, before: Deployment | None, verdict: Any, seconds: float) -> None:
+        replaced = f", replacing v{before.version}" if before else ""
+        checked = f"pre-flight passed ({verdict.reason}, largest difference {verdict.max_diff_minutes} min); " if verdict else ""
+        self._tell(
+            now_serving.version,
+            {
+                "rollout_status": f"serving {alias}",
+                "rollout_seconds": str(seconds),
+                **({"rollout_preflight_max_diff_minutes": str(verdict.max_diff_minutes)} if verdict else {}),
+            },
+            f"**Rolled out to {alias}** ({self._now()}): {checked}serving after {seconds} s{replaced}.",
+        )
+
+
+def production_guard(model_name: str, mlflow_audience: str = "") -> dict[str, Any]:
+    """What a production Rollout is given: the pre-flight, the version's story, and the `previous` marker."""
+    return {
+        "preflight": preflight_check,
+        "story": RegistryStory(model_name, mlflow_audience),
+        "before_switch": previous_marker(model_name, mlflow_audience),
+    }
+
+
+def preflight_check(model: Deployment) -> Any:
+    """The version loaded and scored as a cold start would (rollout.preflight), in a process of its own."""
+    from rollout.preflight import run
+
+    return run(model.artifact_uri, model.run_id)
+
+
+def cloud_targets(settings: RolloutSettings) -> dict[str, Target]:
+    """alias -> the Cloud Functions deployment it drives, as ROLLOUT_ALIASES says."""
+    from rollout.cloud import CloudFunctionTarget
+
+    return {alias: CloudFunctionTarget(name) for alias, name in settings.aliases.items()}
 
 
 def create_app(
     settings: RolloutSettings | None = None,
     rollouts: dict[str, Rollout] | None = None,
     verifier: WebhookVerifier | None = None,
+    targets: dict[str, Target] | None = None,
 ) -> Flask:
-    """Wire the service; tests inject rollouts on fake targets, production builds them from the environment."""
+    """Wire the service. Tests inject rollouts on fake targets, the local stack its own targets;
+    production builds Cloud Functions targets from the environment."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings or RolloutSettings.from_env()
     verifier = verifier or WebhookVerifier(settings.webhook_secret, settings.tolerance_seconds)
@@ -112,9 +186,10 @@ def create_app(
                 target,
                 settings.retry_initial_seconds,
                 settings.retry_max_seconds,
-                after_rollout=previous_marker(settings.model_name, settings.mlflow_audience) if alias == "production" else None,
+                resync_seconds=settings.resync_seconds,
+                **(production_guard(settings.model_name, settings.mlflow_audience) if alias == "production" else {}),
             ).start()
-            for alias, target in build_targets(settings).items()
+            for alias, target in (targets if targets is not None else cloud_targets(settings)).items()
         }
     app = Flask(__name__)
     app.extensions["rollouts"] = rollouts

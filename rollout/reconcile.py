@@ -1,7 +1,9 @@
 """Keep a deployment serving the model version one registry alias points at: serialized, idempotent, retried.
 
 Webhook events only say "look again": the worker reads the alias from the registry
-itself, compares it with what the target serves, and deploys only the difference. So
+itself, compares it with what the target serves, and deploys only the difference. It
+also looks again every ``resync_seconds`` without being told (level-triggered): MLflow
+delivers each webhook fire-and-forget, so a lost delivery is corrected within one period. So
 a repeated event is a no-op, two quick promotions end on the last one (however the
 events interleave or arrive), and an alias moved back is a rollback by the same path.
 A deployment that fails is reported and tried again with backoff; the target's
@@ -52,11 +54,20 @@ class Rollout:
         target: Target,
         retry_initial_seconds: float = 2.0,
         retry_max_seconds: float = 60.0,
-        after_rollout: Callable[[Deployment | None, Deployment], None] | None = None,
+        before_switch: Callable[[Deployment | None, Deployment], None] | None = None,
+        resync_seconds: float = 60.0,
+        preflight: Callable[[Deployment], Any] | None = None,
+        story: Any = None,
     ):
         self.alias = alias
-        # Told (what served before, what serves now) after each rollout: production marks the former `previous`.
-        self._after_rollout = after_rollout
+        # Told (what serves now, what is about to replace it) before each deploy: production marks the
+        # version really serving as `previous`, so a rollback after a failed rollout goes back one step.
+        self._before_switch = before_switch
+        self.resync_seconds = resync_seconds
+        # Before a version is deployed, it must pass this (rollout.preflight.run: .passed, .reason);
+        # ``story`` is told what became of it (.blocked / .rolled_out) and keeps the registry honest.
+        self._preflight = preflight
+        self._story = story
         self._resolve = resolve
         self.target = target
         self._retry_initial, self._retry_max = retry_initial_seconds, retry_max_seconds
@@ -95,8 +106,8 @@ class Rollout:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            delay = None if self.retry_at is None else max(0.0, self.retry_at - time.time())
-            self._wake.wait(delay)
+            delay = self.resync_seconds if self.retry_at is None else max(0.0, self.retry_at - time.time())
+            self._wake.wait(min(delay, self.resync_seconds))  # woken by a webhook, a retry, or the resync
             if self._stop.is_set():
                 return
             self._wake.clear()
@@ -138,16 +149,29 @@ class Rollout:
                     "from": asdict(serving) if serving else None,
                 },
             )
+            verdict = self._preflight(wanted) if self._preflight is not None else None
+            if verdict is not None and not verdict.passed:
+                kept = f"v{serving.version} keeps serving" if serving else "nothing is deployed"
+                if self._story is not None:
+                    self._story.blocked(self.alias, wanted, serving, verdict)
+                return self._record(
+                    "blocked", f"v{wanted.version} blocked at pre-flight: {verdict.reason}; {kept}", serving, wanted
+                )
+            if self._before_switch is not None and serving is not None:
+                try:
+                    self._before_switch(serving, wanted)
+                except Exception as exc:  # bookkeeping only: the rollout goes on
+                    log.warning("%s: before the switch: %s: %s", self.alias, type(exc).__name__, exc)
             self.target.deploy(wanted)
             now_serving = self.target.serving()
             if now_serving is None or now_serving.run_id != wanted.run_id:
                 raise RuntimeError(f"{self.target.name} reports {now_serving} after deploying v{wanted.version}")
             seconds = round(time.time() - started, 2)
-            if self._after_rollout is not None:
+            if self._story is not None:
                 try:
-                    self._after_rollout(serving, now_serving)
+                    self._story.rolled_out(self.alias, now_serving, serving, verdict, seconds)
                 except Exception as exc:  # bookkeeping only: the rollout itself succeeded
-                    log.warning("%s: after rollout: %s: %s", self.alias, type(exc).__name__, exc)
+                    log.warning("%s: telling the version's story: %s: %s", self.alias, type(exc).__name__, exc)
             return self._record("rolled out", f"v{wanted.version} serving after {seconds} s", now_serving, wanted, seconds)
 
     def _record(
@@ -190,5 +214,6 @@ class Rollout:
             "last_error": self.last_error,
             "failures": self.failures,
             "retry_in_seconds": round(self.retry_at - time.time(), 1) if self.retry_at else None,
+            "resync_seconds": self.resync_seconds,
             "history": list(self.history)[-5:],
         }

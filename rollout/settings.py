@@ -10,13 +10,13 @@ from dataclasses import dataclass
 class RolloutSettings:
     webhook_secret: str  # ROLLOUT_WEBHOOK_SECRET: the secret the MLflow webhook signs with (Secret Manager on GCP)
     model_name: str  # MODEL_NAME: the registered model whose aliases are rolled out
-    # ROLLOUT_ALIASES: alias=target pairs; production always, challenger for the shadow deployment if set
+    # ROLLOUT_ALIASES: alias=function pairs; production always, challenger for the shadow deployment if set
     aliases: dict[str, str]
-    target: str  # ROLLOUT_TARGET: "cloud" (Cloud Functions through gcloud) or "local" (the devstack)
-    stack_dir: str  # STACK_DIR: the local stack's folder (target "local")
     tolerance_seconds: float  # WEBHOOK_TOLERANCE_SECONDS: how old a signed call may be
     retry_initial_seconds: float
     retry_max_seconds: float
+    # ROLLOUT_RESYNC_SECONDS: how often the registry is read without a webhook (a lost delivery is corrected then)
+    resync_seconds: float = 60.0
     # MLFLOW_ID_TOKEN_AUDIENCE: the MLflow server's URL when it sits behind Cloud Run IAM (an ID token per call)
     mlflow_audience: str = ""
 
@@ -31,10 +31,9 @@ class RolloutSettings:
             webhook_secret=secret,
             model_name=os.environ.get("MODEL_NAME", "ride-duration"),
             aliases=aliases,
-            target=os.environ.get("ROLLOUT_TARGET", "cloud"),
-            stack_dir=os.environ.get("STACK_DIR", ".stack"),
             tolerance_seconds=float(os.environ.get("WEBHOOK_TOLERANCE_SECONDS", "300")),
             retry_initial_seconds=float(os.environ.get("ROLLOUT_RETRY_INITIAL_SECONDS", "2")),
             retry_max_seconds=float(os.environ.get("ROLLOUT_RETRY_MAX_SECONDS", "60")),
+            resync_seconds=float(os.environ.get("ROLLOUT_RESYNC_SECONDS", "60")),
             mlflow_audience=os.environ.get("MLFLOW_ID_TOKEN_AUDIENCE", ""),
         )

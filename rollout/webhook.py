@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import hmac
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 SIGNATURE_HEADER = "X-MLflow-Signature"
@@ -41,8 +41,12 @@ class WebhookVerifier:
         self._secret = secret
         self._tolerance = tolerance_seconds
         self._clock = clock
-        # Delivery ids seen within the tolerance window: older ones are refused by their timestamp anyway.
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        # Delivery ids seen, kept until their *signed* timestamp leaves the window: from then on a replay
+        # is refused by its timestamp anyway. Keyed on the sender's clock, not on when it arrived, so a
+        # sender whose clock runs ahead cannot reopen the window (an id evicted by arrival time 300 s
+        # after a call stamped 250 s ahead would be fresh again for another 250 s).
+        self._seen: dict[str, int] = {}
+        self._expiry: list[tuple[int, str]] = []  # heap of (signed timestamp, delivery id)
         self._lock = threading.Lock()
 
     def verify(self, headers: Mapping[str, str], body: bytes) -> str:
@@ -64,9 +68,11 @@ class WebhookVerifier:
         if not any(hmac.compare_digest(expected, candidate) for candidate in signature.split()):
             raise Rejected("signature does not match")
         with self._lock:
-            while self._seen and next(iter(self._seen.values())) < now - self._tolerance:
-                self._seen.popitem(last=False)
+            while self._expiry and self._expiry[0][0] < now - self._tolerance:
+                _, expired = heapq.heappop(self._expiry)
+                self._seen.pop(expired, None)
             if delivery_id in self._seen:
                 raise Rejected(f"delivery {delivery_id[:64]} was already received (replay)")
-            self._seen[delivery_id] = now
+            self._seen[delivery_id] = sent_at
+            heapq.heappush(self._expiry, (sent_at, delivery_id))
         return delivery_id

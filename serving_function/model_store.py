@@ -122,6 +122,21 @@ def find_model_uri(bucket: str, run_id: str, prefix: str = "") -> str:
     return f"gs://{bucket}/{found[0]}"
 
 
+def read_model_file(uri: str, relative: str) -> bytes:
+    """One file of the model folder at ``uri`` (``gs://`` or local), with the cold start's bounded retries."""
+    if not uri.startswith("gs://"):
+        path = Path(uri.removeprefix("file://")) / relative
+        if not path.is_file():
+            raise ModelNotFound(f"no {relative} in the model at {uri}")
+        return path.read_bytes()
+    bucket_name, prefix = _split_gs(uri)
+    with _reading(f"{uri}/{relative}"):
+        blob = _storage_client().bucket(bucket_name).blob(f"{prefix}/{relative}")
+        if not blob.exists(**_bounded()):
+            raise ModelNotFound(f"no {relative} in the model at {uri}")
+        return blob.download_as_bytes(**_bounded())
+
+
 def _served_file(relative: str) -> bool:
     """The files the function reads; the pickled pipeline, input example and environment files stay behind."""
     return relative == "MLmodel" or relative.startswith("code/") or relative.rpartition("/")[2] == SERVING_FORM_FILE

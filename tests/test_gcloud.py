@@ -71,7 +71,7 @@ def test_deploy_redeploy_and_rollback_send_the_requests_we_mean(cloud):
     service = body["serviceConfig"]
     assert service["serviceAccountEmail"] == RUNTIME_ACCOUNT
     assert (service["availableCpu"], service["availableMemory"]) == ("1", "1Gi")
-    assert (service["maxInstanceRequestConcurrency"], service["maxInstanceCount"]) == (16, 10)
+    assert (service["maxInstanceRequestConcurrency"], service["maxInstanceCount"]) == (16, deploy.MAX_INSTANCES) == (16, 20)
     assert {k: service["environmentVariables"][k] for k in ("RUN_ID", "MODEL_URI", "MODEL_VERSION")} == {
         "RUN_ID": first.run_id,
         "MODEL_URI": first.artifact_uri,

@@ -392,3 +392,11 @@ def test_a_ride_is_delivered_a_bounded_number_of_times_and_duplicates_wait_insid
     # A second delivery waiting for the first must give up (and be redelivered) before the function is cut off.
     timeout = resources["google_cloudfunctions2_function"]["predict"]["service_config"][0]["timeout_seconds"]
     assert timeout / 2 >= IN_FLIGHT_WAIT_SECONDS
+
+
+def test_the_quick_gcloud_path_deploys_the_function_with_terraforms_limits(resources):
+    from operations import deploy
+
+    service = resources["google_cloudfunctions2_function"]["predict"]["service_config"][0]
+    assert service["max_instance_count"] == deploy.MAX_INSTANCES
+    assert service["max_instance_request_concurrency"] == deploy.CONCURRENCY

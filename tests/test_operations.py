@@ -41,7 +41,7 @@ def test_deploy_and_redeploy_commands_use_the_production_run_and_no_keys(local_m
         "--member=serviceAccount:fn-trigger@ridestream-prod.iam.gserviceaccount.com",
     ]
     # Micro-batching needs concurrent requests per instance; sizes as Terraform sets them.
-    assert {"--concurrency=16", "--cpu=1", "--memory=1Gi", "--max-instances=10"} <= set(first)
+    assert {"--concurrency=16", "--cpu=1", "--memory=1Gi", "--max-instances=20"} <= set(first)
     assert not any(a.startswith("--build-service-account") for a in first)
     [env_vars] = [a for a in first if a.startswith("--set-env-vars=")]
     assert f"RUN_ID={production.run_id}" in env_vars and f"MODEL_VERSION={production.version}" in env_vars

@@ -148,3 +148,28 @@ def test_every_file_an_image_copies_is_in_the_build_context(dockerfile):
     assert copies
     for source in copies:
         assert any(source.rstrip("/") == kept or source.startswith(kept + "/") for kept in included), source
+
+
+def test_the_deployables_imports_have_no_circle_and_none_reaches_into_the_local_stack():
+    """Each top-level folder is one deployable: the imports between them (at any depth of a module)
+    form no circle, and no deployable imports devstack/, which runs them all on one machine."""
+    import ast
+
+    packages = {"backend", "data", "devstack", "flows", "operations", "ride_contract", "rollout", "serving_function", "training"}
+    graph: dict[str, set[str]] = {name: set() for name in packages}
+    for package in packages:
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in packages and top != package:
+                        graph[package].add(top)
+    assert not {name for name, uses in graph.items() if "devstack" in uses} - {"devstack"}, graph
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})) for nxt in graph[start])
+
+    assert [name for name in packages if reaches(name, name, {name})] == [], graph

@@ -16,7 +16,7 @@ from rollout.settings import RolloutSettings
 from rollout.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Rejected, WebhookVerifier, sign
 
 SECRET = "test-secret-not-used-anywhere-else"
-SETTINGS = RolloutSettings(SECRET, "ride-duration", {"production": "function"}, "local", ".stack", 300, 0.05, 0.2)
+SETTINGS = RolloutSettings(SECRET, "ride-duration", {"production": "function"}, 300, 0.05, 0.2)
 V1, V2, V3 = (Deployment(str(v), f"run-{v}", f"gs://models/m-{v}") for v in (1, 2, 3))
 
 
@@ -269,11 +269,54 @@ def test_rollouts_of_one_alias_never_overlap():
     assert overlaps == [] and target.current == V3
 
 
-def test_after_a_production_rollout_the_replaced_version_is_reported_for_the_previous_alias():
+def test_before_a_production_switch_the_version_really_serving_is_reported_for_the_previous_alias():
     registry, target, replaced = Registry(production=V2), FakeTarget(V1), []
     rollout = Rollout(
-        "production", registry.resolve, target, after_rollout=lambda before, after: replaced.append((before, after))
+        "production", registry.resolve, target, before_switch=lambda serving, wanted: replaced.append((serving, wanted))
     )
     rollout.reconcile()
     rollout.reconcile()  # nothing moved: nothing to report
     assert replaced == [(V1, V2)]
+
+
+def test_previous_is_the_serving_version_after_a_failed_rollout():
+    """v2 serves, v3 is promoted and cannot start: a rollback must go to v2, not to the v1 before it."""
+    registry, target, previous = Registry(production=V3), FakeTarget(V2), {"alias": "1"}
+    target.failures_left = 1
+    rollout = Rollout(
+        "production", registry.resolve, target, before_switch=lambda serving, wanted: previous.update(alias=serving.version)
+    )
+    with pytest.raises(RuntimeError, match="did not start"):
+        rollout.reconcile()
+    assert target.current == V2 and previous["alias"] == "2"
+
+
+def test_a_missed_webhook_is_corrected_by_the_resync():
+    """MLflow delivers each webhook fire-and-forget; a lost one must not leave the old model serving."""
+    registry, target = Registry(production=V1), FakeTarget(None)
+    rollout = Rollout("production", registry.resolve, target, 0.05, 0.2, resync_seconds=0.3).start()
+    try:
+        assert rollout.wait_idle(5) and target.current == V1
+        registry.aliases["production"] = V2  # moved, and its webhook never arrives: no request()
+        deadline = time.monotonic() + 5
+        while target.current != V2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert target.current == V2 and rollout.status()["resync_seconds"] == 0.3
+    finally:
+        rollout.stop()
+
+
+def test_a_replay_from_a_sender_whose_clock_runs_ahead_is_refused_after_the_window():
+    """The seen ids are kept by the signed timestamp: a call stamped 250 s ahead, replayed 301 s later,
+    is still a replay (keyed on arrival time it was forgotten at 300 s and accepted again)."""
+    now = [1_000_000.0]
+    verifier = WebhookVerifier(SECRET, tolerance_seconds=300, clock=lambda: now[0])
+    body = event()
+    headers = signed(body, delivery="skewed", timestamp=int(now[0]) + 250)
+    assert verifier.verify(headers, body) == "skewed"
+    now[0] += 301
+    with pytest.raises(Rejected, match="replay"):
+        verifier.verify(headers, body)
+    now[0] += 300  # now the signed timestamp itself is too old
+    with pytest.raises(Rejected, match="timestamp"):
+        verifier.verify(headers, body)

@@ -37,7 +37,7 @@ class Target:
 def rollout_service(mlflow_server):
     target = Target()
     rollout = Rollout("production", registry_resolver(MODEL), target, 0.2, 1).start()
-    settings = RolloutSettings(SECRET, MODEL, {"production": "function"}, "local", ".stack", 300, 0.2, 1)
+    settings = RolloutSettings(SECRET, MODEL, {"production": "function"}, 300, 0.2, 1)
     app = create_app(settings, rollouts={"production": rollout}, verifier=WebhookVerifier(SECRET))
     server = make_server(HOST, free_port(), app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

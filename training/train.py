@@ -32,9 +32,9 @@ from data import TLC_DOWNLOAD_BASE, TripDataError, load_trips, month_uri
 from data.progress import progress_bar
 from ride_contract.features import FEATURE_COLUMNS
 from ride_contract.result import served_minutes
-from ride_contract.ride import RIDE_COLUMNS
+from ride_contract.ride import RIDE_COLUMNS, InvalidRide, parse_ride
 from ride_contract.serving_form import FILE_NAME as SERVING_FORM_FILE
-from ride_contract.serving_form import ServingForm
+from ride_contract.serving_form import REFERENCE_FILE, ServingForm
 from training import coarse, serving_form
 from training.models import DEFAULT_PARAMS, MODEL_FAMILIES, build_pipeline, pip_requirements, suggest_params
 from training.settings import Settings, configure_mlflow
@@ -166,11 +166,34 @@ def _log_plots(model: Pipeline, frame: pd.DataFrame, split: str, out_dir: Path) 
 CONTRACT_DIR = Path(ride_contract.__file__).resolve().parent
 
 
-def log_model(model: Pipeline, example: pd.DataFrame, form_path: Path, metadata: dict[str, Any]) -> str:
-    """Log the pipeline with its serving form to the active run; returns its models:/ URI.
+REFERENCE_RIDES = 200
 
-    The serving form goes into the same model folder (the sklearn flavor's extra_files), so
-    a registered version is still one folder, and mlflow.pyfunc.load_model still works."""
+
+def write_reference_rides(model: Pipeline, test: pd.DataFrame, out_dir: Path) -> Path:
+    """Real test rides a rider can send, with the pipeline's answers as served: what a rollout's pre-flight
+    checks the version against, through the serving function's own loader and scorer."""
+    rows = test[RIDE_COLUMNS].sample(min(len(test), REFERENCE_RIDES * 2), random_state=0).to_dict("records")
+    rides = []
+    for row in rows:
+        ride = {**row, "datetime": row["datetime"].isoformat(sep=" "), "trip_distance": float(row["trip_distance"])}
+        try:
+            parse_ride(ride)
+        except InvalidRide:
+            continue
+        rides.append({k: v.item() if hasattr(v, "item") else v for k, v in ride.items()})
+        if len(rides) == REFERENCE_RIDES:
+            break
+    answers = served_minutes(model.predict(pd.DataFrame(rides, columns=RIDE_COLUMNS)))
+    path = out_dir / REFERENCE_FILE
+    path.write_text(json.dumps({"rides": rides, "served_minutes": answers.tolist()}))
+    return path
+
+
+def log_model(model: Pipeline, example: pd.DataFrame, files: list[Path], metadata: dict[str, Any]) -> str:
+    """Log the pipeline with its serving form and reference rides to the active run; returns its models:/ URI.
+
+    Both go into the same model folder (the sklearn flavor's extra_files), so a registered
+    version is still one folder, and mlflow.pyfunc.load_model still works."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -183,7 +206,7 @@ def log_model(model: Pipeline, example: pd.DataFrame, form_path: Path, metadata:
         pip_requirements=pip_requirements(),
         code_paths=[str(CONTRACT_DIR)],
         serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
-        extra_files=[str(form_path)],
+        extra_files=[str(path) for path in files],
         metadata=metadata,
     )
     return info.model_uri
@@ -263,7 +286,7 @@ def fit_and_log(config: TrainConfig, splits: Splits, settings: Settings) -> Trai
         model_uri = log_model(
             model,
             frames["train"],
-            form_path,
+            [form_path, write_reference_rides(model, frames["test"], Path(tmp))],
             metadata={"train_months": config.train_months, "feature_columns": FEATURE_COLUMNS},
         )
         return TrainResult(run.info.run_id, model_uri, metrics, params, fit_seconds=search_seconds)
@@ -298,7 +321,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-month", type=months, nargs="+", default=[["2021-03"]], help=month_help)
     parser.add_argument("--model-family", choices=MODEL_FAMILIES, default="hgb")
     parser.add_argument("--trials", type=int, default=TrainConfig.trials, help="hyperparameter trials (1 = defaults only)")
-    parser.add_argument("--sample", type=int, default=None, help="rows per split (quick runs)")
+    parser.add_argument("--sample", type=int, default=None, help="rows per split (quick runs); 0 = all")
     parser.add_argument(
         "--data-base", default=None, help='folder, gs:// prefix or URL with the TLC files; "tlc": the public download'
     )
