@@ -307,18 +307,18 @@ def _signal_group(fs: FaultStack, key: str, sig: signal.Signals) -> None:
 
 
 def publish_hangs_and_clients_retry(fs: FaultStack) -> float:
-    """Pub/Sub freezes (SIGSTOP) for 12 s: publishes hang. Clients give up on a replica after 1.5 s and
+    """Pub/Sub freezes (SIGSTOP) for 8 s: publishes hang (their timeout here is 3 s). Clients give up on a replica after 1.5 s and
     retry the same ride_id on the other, while the first request's publish is still hanging, then fails."""
     fs.request_timeout = 1.5
     time.sleep(1.5)
     _signal_group(fs, "pubsub", signal.SIGSTOP)
-    time.sleep(12)
+    time.sleep(8)
     _signal_group(fs, "pubsub", signal.SIGCONT)
     return time.monotonic()
 
 
 def redis_hangs(fs: FaultStack) -> float:
-    """The shared store freezes (SIGSTOP) for 10 s: requests must get their 503 within about a second,
+    """The shared store freezes (SIGSTOP) for about 7 s: requests must get their 503 within about a second,
     and /readyz must still answer within its checks."""
     time.sleep(1.5)
     _signal_group(fs, "redis", signal.SIGSTOP)
@@ -335,13 +335,13 @@ def redis_hangs(fs: FaultStack) -> float:
     response = requests.post(f"{url}/predict", json={**fs.current[0].ride, "ride_id": "hang-probe"}, timeout=10)
     fs.timings["POST answered during the hang after (s)"] = round(time.monotonic() - started, 1)
     fs.timings["POST status during the hang"] = response.status_code
-    time.sleep(6)
+    time.sleep(3)
     _signal_group(fs, "redis", signal.SIGCONT)
     return time.monotonic()
 
 
 def redis_out_of_memory(fs: FaultStack) -> float:
-    """The shared store is full for 8 s (maxmemory below what it holds, noeviction as in infra/): every
+    """The shared store is full for 5 s (maxmemory below what it holds, noeviction as in infra/): every
     write is refused with OOM, which riders must see as 503s to retry, never as 500s."""
     import redis
 
@@ -349,7 +349,7 @@ def redis_out_of_memory(fs: FaultStack) -> float:
     time.sleep(1.5)
     client.config_set("maxmemory-policy", "noeviction")
     client.config_set("maxmemory", max(1, int(client.info("memory")["used_memory"]) // 2))
-    time.sleep(8)
+    time.sleep(5)
     client.config_set("maxmemory", 0)
     return time.monotonic()
 
@@ -509,14 +509,14 @@ def dead_subscribers_reproduction(fs: FaultStack, mode: str, results: int = 32) 
     doomed = [listener("a"), listener("b")]
     survivor = None
     try:
-        time.sleep(4)
+        time.sleep(3)  # both listeners pulling
         publish("warm", 20)
-        time.sleep(2)
+        time.sleep(1.5)
         for process in doomed:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         survivor = listener("c")
-        time.sleep(4)
+        time.sleep(3)
         sent = publish("after", results)
         deadline = time.monotonic() + 25
         stored: dict[str, float] = {}
@@ -547,9 +547,9 @@ SCENARIOS: dict[str, tuple[Callable[[FaultStack], float], int, int]] = {
     "function-kill-and-pause": (kill_and_pause_function, 120, 4),
     "reuse": (reuse_ride_ids, 60, 0),
     "duplicates": (duplicate_messages, 30, 5),
-    "publish-hang-retry": (publish_hangs_and_clients_retry, 120, 7),
-    "redis-hang": (redis_hangs, 120, 8),
-    "redis-oom": (redis_out_of_memory, 120, 9),
+    "publish-hang-retry": (publish_hangs_and_clients_retry, 100, 7),
+    "redis-hang": (redis_hangs, 100, 8),
+    "redis-oom": (redis_out_of_memory, 100, 9),
     "backend-restart-on-time": (backends_restart_then_results_on_time, 20, 10),
     "poison-messages": (poison_messages, 30, 12),
     "failed-cold-starts": (failed_cold_starts, 30, 13),

@@ -162,7 +162,7 @@ def test_every_zone_pair_at_the_smallest_distances_is_answered_within_the_durati
                     "trip_distance": np.full(pairs, miles),
                 }
             )
-            for when in ("2021-03-03 17:30", "2021-03-01 08:00")  # a Wednesday evening, a Monday morning
+            for when in ("2021-03-03 17:30",)  # a Wednesday evening, where the demo's production said -2.38 min
             for miles in (0.01, 0.1, 0.5)
         ],
         ignore_index=True,
