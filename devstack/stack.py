@@ -176,10 +176,21 @@ class Stack:
                 self.services.pop(key)  # replaced by another process: stopped by PID from now on
 
     def stop_all(self) -> list[str]:
-        """Stop every process this stack started, newest first, by PID (those other processes started too)."""
+        """Stop every process this stack started, by PID (those other processes started too): the rollout
+        service first, since it starts functions itself (on a webhook or its resync, it would start again one
+        just stopped), then what it recorded meanwhile is read again, then the rest, newest first."""
         if self.state_path.exists():
             self.refresh()
         stopped = []
+        if "rollout" in self.pids:
+            with open(self.dir / "rollout.lock", "w") as lock:  # not in the middle of one of its deploys
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                stop_pid(self.pids["rollout"])
+            stopped.append(f"rollout (pid {self.pids.pop('rollout')})")
+            self.services.pop("rollout", None)
+            if self.state_path.exists():
+                self.refresh()
+                self.pids.pop("rollout", None)
         for key in reversed(list(self.pids)):
             service = self.services.get(key)
             if service is not None:

@@ -72,3 +72,18 @@ def test_two_processes_changing_one_stack_keep_each_others_services(tmp_path):
     rollout.removed.add("backend-0")  # what stop() records
     rollout.save()
     assert "backend-0" not in Stack.load(tmp_path).pids
+
+
+def test_the_rollout_service_is_stopped_before_the_functions_it_would_start_again(tmp_path):
+    """`make down` stops the controller first: on its resync it would start a function just stopped."""
+    from devstack.stack import Stack
+
+    stack = Stack(tmp_path / "stack")
+    for key in ("rollout", "function"):  # the rollout service started before the function it deployed
+        process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        stack.pids[key], stack.changed = process.pid, {*stack.changed, key}
+    stack.save()
+    pids = dict(stack.pids)
+    stopped = Stack.load(stack.dir).stop_all()
+    assert [line.split()[0] for line in stopped] == ["rollout", "function"]
+    assert not any(pid_alive(pid) for pid in pids.values())
