@@ -33,7 +33,6 @@ from backend.results import ResultStore, StoreUnavailable, make_store
 from backend.settings import BackendSettings
 from backend.stream import (
     PUBLISH_RETRY_SECONDS,
-    PublishError,
     Redelivery,
     ResultListener,
     RidePublisher,
@@ -102,12 +101,12 @@ def _run_checks(checks: dict[str, Any], seconds: float) -> dict[str, Any]:
     return {name: future.result() if future.done() else f"no answer within {seconds:g} s" for name, future in futures.items()}
 
 
-def _stream_figures(store: ResultStore) -> dict[str, Any] | str:
-    """The stream as every replica sees it (the shared store's figures); why not, while the store is down."""
+def _stream_figures(store: ResultStore) -> dict[str, Any] | None:
+    """The stream as every replica sees it (the shared store's figures); None while the store is down."""
     try:
         return store.stats(time.time())
-    except StoreUnavailable as exc:
-        return str(exc)
+    except StoreUnavailable:
+        return None
 
 
 def degraded_reasons(figures: dict[str, Any] | None, late_p95_ms: float) -> list[str]:
@@ -164,18 +163,6 @@ def create_app(
             raise BadRequest(f"wait must be between 0 and {settings.max_wait_seconds:g} seconds")
         return wait_seconds
 
-    def _publish(ride_id: str, message: bytes) -> None:
-        """Publish a recorded ride; if the stream does not take it now, the outbox's sender will."""
-        now = time.time()
-        try:
-            publisher.publish(message, ride_id=ride_id)
-        except PublishError as exc:
-            # Never forgotten: the ride stays recorded and due, and the next sweep publishes it.
-            store.reschedule(ride_id, now + PUBLISH_RETRY_SECONDS)
-            log.error("publish failed; the outbox will publish the ride", extra={"ride_id": ride_id, "error": str(exc)})
-            return
-        store.published(ride_id, time.time() + settings.resend_after_seconds)
-
     @app.post("/predict")
     def predict():
         wait_seconds = _wait_seconds()
@@ -212,12 +199,12 @@ def create_app(
             # now; any other is answered as it stands.
             if existing.get("status") == "failed" and store.reopen(ride_id, record, now + PUBLISH_RETRY_SECONDS):
                 log.info("failed ride asked again", extra={"ride_id": ride_id})
-                _publish(ride_id, message)
+                redelivery.send(ride_id, message)
                 return _answer(record, wait_seconds)
             if existing.get("status") == "pending" and store.publishes(ride_id) == 0:
-                _publish(ride_id, message)
+                redelivery.send(ride_id, message)
             return _answer(existing, wait_seconds)
-        _publish(ride_id, message)
+        redelivery.send(ride_id, message)  # if the stream does not take it now, a sweep will
         log.info("ride accepted", extra={"ride_id": ride_id, "duration_coarse": record["duration_coarse"]})
         return _answer(record, wait_seconds)
 
@@ -262,9 +249,9 @@ def create_app(
             seconds,
         )
         figures = answers.pop("stream")
+        figures = figures if isinstance(figures, dict) else None  # None, or "no answer within" while it hangs
         checks = {**answers, "result_listener": None if listener.running else "not running"}
         ready = all(problem is None for problem in checks.values())
-        figures = figures if isinstance(figures, dict) else None
         degraded = degraded_reasons(figures, settings.late_final_p95_ms)
         body = {
             "ready": ready,

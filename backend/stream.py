@@ -161,7 +161,8 @@ class ResultListener(BackgroundLoop):
     Pull calls, for the Pub/Sub emulator, which keeps delivering to the streaming pulls of
     clients that are gone: after a backend replica dies, a share of the results sits in
     a dead stream until its ack deadline, for minutes, while every check is green
-    (tests/test_faults.py reproduces it, with both modes)."""
+    (devstack.faults.dead_subscribers_reproduction; tests/test_faults.py runs it in unary
+    mode, benchmarks/fault_bench.py --reproduce in both)."""
 
     thread_name = "result-listener"
 
@@ -327,6 +328,19 @@ class Redelivery(BackgroundLoop):
         self.resent = 0  # publishes of rides already in the stream once
         self.recovered = 0  # first publishes of rides whose POST could not publish them
 
+    def send(self, ride_id: str, message: bytes) -> bool:
+        """Publish a recorded ride and record what the broker did: one more confirmed publish, due again
+        in ``after_seconds``; or, when it did not take the ride, due again in ``retry_seconds``. A POST's
+        first publish and every sweep go through here. True when the broker took it."""
+        try:
+            self._publisher.publish(message, ride_id=ride_id)
+        except PublishError as exc:  # never forgotten: still recorded and due
+            self._store.reschedule(ride_id, time.time() + self._retry)
+            log.warning("publish failed; the outbox publishes the ride again soon", extra={"ride_id": ride_id, "error": str(exc)})
+            return False
+        self._store.published(ride_id, time.time() + self._after)
+        return True
+
     def _give_up_reason(self, record: dict[str, Any], sends: int, now: float) -> str | None:
         waited = now - float(record.get("requested_at", now))
         if sends >= self._max_attempts:
@@ -351,16 +365,12 @@ class Redelivery(BackgroundLoop):
                 self._store.complete(ride_id, {"ride_id": ride_id, "error": reason}, status="failed")
                 log.error("ride failed", extra={"ride_id": ride_id, "error": reason})
                 continue
-            try:
-                self._publisher.publish(ride_message(ride_id, record), ride_id=ride_id)
-            except PublishError as exc:
-                # The broker is down or hanging: this ride and the rest of the batch are due again
-                # soon, instead of each waiting out its own publish timeout now.
-                log.warning("publish failed, will retry", extra={"ride_id": ride_id, "error": str(exc)})
-                for later, _ in claimed[index:]:
+            if not self.send(ride_id, ride_message(ride_id, record)):
+                # The broker is down or hanging: the rest of the batch is due again soon too, instead
+                # of each ride waiting out its own publish timeout now.
+                for later, _ in claimed[index + 1 :]:
                     self._store.reschedule(later, time.time() + self._retry)
                 return
-            self._store.published(ride_id, time.time() + self._after)
             if sends == 0:
                 self.recovered += 1
                 log.warning("ride published from the outbox", extra={"ride_id": ride_id})

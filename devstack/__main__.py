@@ -199,10 +199,10 @@ def demo(args: argparse.Namespace) -> int:
         raise
 
 
-def _sync_report(stack: Stack) -> dict:
+def _sync_report(stack: Stack, served: dict | None) -> dict:
     """Registry vs deployed per alias (computed here: it holds whether the rollout service runs or not),
-    and what the backend's latest result was answered by."""
-    from rollout.__main__ import backend_served, judge
+    and ``served``, the model behind a backend's latest result (its /readyz ``model_served``)."""
+    from rollout.__main__ import judge
 
     aliases = {alias: rollout.status() for alias, rollout in local_rollouts(stack).items()}
     if (aliases["challenger"]["registry"] or aliases["challenger"]["serving"]) is None:
@@ -212,7 +212,6 @@ def _sync_report(stack: Stack) -> dict:
         service = requests.get(f"{stack.urls['rollout']}/status", timeout=30).json()["aliases"]
         for alias, entry in aliases.items():
             entry["history"] = service.get(alias, {}).get("history", [])
-    served = backend_served(stack.backend_urls[0]) if stack.backend_urls else None
     report = judge({"aliases": aliases}, served)
     if not service_running:
         report["warning"] = "the rollout service is not running: alias moves are not followed until `make redeploy`"
@@ -264,28 +263,31 @@ def down(args: argparse.Namespace) -> int:
     return 0
 
 
-def _riders(stack: Stack) -> dict[str, dict]:
-    """Per backend replica, how riders are served: its /readyz status (ok, degraded, down) and why."""
-    health = {}
+def _readiness(stack: Stack) -> dict[str, dict]:
+    """Each backend replica's /readyz, read once: how riders are served (status ok, degraded or down,
+    and why) and the model behind its latest result."""
+    bodies = {}
     for url in stack.backend_urls:
         try:
-            readiness = requests.get(f"{url}/readyz", timeout=10).json()
-            health[url] = {"status": readiness.get("status", "down"), "degraded": readiness.get("degraded", [])}
+            bodies[url] = requests.get(f"{url}/readyz", timeout=10).json()
         except (requests.RequestException, ValueError) as exc:
-            health[url] = {"status": "down", "degraded": [f"no /readyz answer: {type(exc).__name__}"]}
-    return health
+            bodies[url] = {"status": "down", "degraded": [f"no /readyz answer: {type(exc).__name__}"]}
+    return bodies
 
 
 def status(args: argparse.Namespace) -> int:
     stack = Stack.load(args.stack_dir)
     alive = {key: "running" if pid_alive(pid) else "DEAD" for key, pid in stack.pids.items()}
+    readiness = _readiness(stack)
     report = {
         "services": alive,
         "urls": stack.urls,
         "pids": stack.pids,
         "models": stack.models,
-        "sync": _sync_report(stack),
-        "riders": _riders(stack),
+        "sync": _sync_report(stack, next(iter(readiness.values()), {}).get("model_served")),
+        "riders": {
+            url: {"status": body.get("status", "down"), "degraded": body.get("degraded", [])} for url, body in readiness.items()
+        },
     }
     console.print_json(json.dumps(report))
     sync = report["sync"]

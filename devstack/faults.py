@@ -413,7 +413,7 @@ def backends_restart_then_results_on_time(fs: FaultStack) -> float:
     fs.timings["baseline p95 (ms)"] = round(_p95(baseline) * 1000)
     fs.timings["on time after the restart, within (s)"] = round(time.monotonic() - repaired, 1) if fs.on_time else None
     fs.timings["p95 of the last 5 s window (ms)"] = round(_p95(latencies) * 1000)
-    fs.timings["late after the restart (> 2x baseline p95)"] = late
+    fs.timings[f"late after the restart (> {ON_TIME_FACTOR:g}x baseline p95)"] = late
     return repaired
 
 

@@ -51,18 +51,18 @@ def check(model_uri: str, run_id: str = "") -> Preflight:
     except (ModelNotFound, ModelStoreUnavailable, ValueError) as exc:
         return Preflight(False, f"does not load as the function loads it: {exc}", seconds=round(time.monotonic() - started, 2))
     contract = loaded.contract
+    if not reference["rides"]:
+        return Preflight(False, "the model's reference rides are empty", seconds=round(time.monotonic() - started, 2))
     try:
         rides = [contract.ride.parse_ride(ride) for ride in reference["rides"]]
-        served = contract.result.served_minutes(loaded.model.predict(rides))
+        served = contract.result.served_minutes(loaded.model.predict(rides)).tolist()
     except Exception as exc:  # the version's own contract or scorer fails on real rides
-        return Preflight(False, f"cannot answer its reference rides: {type(exc).__name__}: {exc}")
-    expected = reference["served_minutes"]
-    diff = float(max(abs(a - b) for a, b in zip(served.tolist(), expected, strict=True))) if rides else 0.0
+        reason = f"cannot answer its reference rides: {type(exc).__name__}: {exc}"
+        return Preflight(False, reason, seconds=round(time.monotonic() - started, 2))
+    diff = float(max(abs(a - b) for a, b in zip(served, reference["served_minutes"], strict=True)))
     low, high = contract.ride.MIN_DURATION_MINUTES, contract.ride.MAX_DURATION_MINUTES
-    out_of_bounds = int(sum(not low <= minutes <= high for minutes in served.tolist()))
+    out_of_bounds = sum(not low <= minutes <= high for minutes in served)
     seconds = round(time.monotonic() - started, 2)
-    if not rides:
-        return Preflight(False, "the model's reference rides are empty", seconds=seconds)
     if diff > TOLERANCE_MINUTES or out_of_bounds:
         reason = (
             f"answers its {len(rides)} reference rides up to {diff:.3f} min away from what training recorded "
