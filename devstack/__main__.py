@@ -24,7 +24,8 @@ from rich.table import Table
 
 from devstack.processes import ServiceError, pid_alive
 from devstack.rollout_target import local_rollouts
-from devstack.stack import DEFAULT_STACK_DIR, REPO, Stack
+from devstack.rollouts import production_version, promote_under_traffic, version_tags
+from devstack.stack import DEFAULT_STACK_DIR, Stack
 from devstack.traffic import real_rides, stream, summarize
 
 # The UIs' usual addresses when free (bookmarks keep working); other free ports when not.
@@ -62,53 +63,10 @@ def _show(outcomes, summary: dict, title: str, rows: int = 12) -> None:
     console.print_json(json.dumps(summary))
 
 
-def _promote_as_the_ui_does(stack: Stack, version: str, alias: str = "production") -> float:
-    """The MLflow UI's REST call (POST /api/2.0/mlflow/registered-models/alias); the time it was made."""
+def _run_metrics(stack: Stack, run_id: str) -> dict[str, float]:
     from mlflow import MlflowClient
 
-    from training.settings import Settings
-
-    at = time.time()
-    MlflowClient(stack.urls["mlflow"]).set_registered_model_alias(Settings.from_env().model_name, alias, version)
-    return at
-
-
-def _switch_under_traffic(stack: Stack, version: str) -> tuple[list, dict]:
-    """Promote ``version`` while riders keep coming; when did the first ride come back from it, and was any lost?"""
-    import threading
-
-    outcomes: list = []
-    stop = threading.Event()
-
-    def riders() -> None:
-        seed = 100
-        while not stop.is_set():  # small waves of real rides, back to back, until told to stop
-            outcomes.extend(stream(stack.backend_urls, real_rides(8, seed=seed), concurrency=4))
-            seed += 1
-
-    traffic = threading.Thread(target=riders)
-    traffic.start()
-    try:
-        time.sleep(3)  # riders are being answered by the old version
-        promoted_at = _promote_as_the_ui_does(stack, version)
-        stack.wait_rolled_out("production", version)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and sum(o.model_version == str(version) for o in outcomes) < 20:
-            time.sleep(0.2)  # until riders have seen the new version for a while
-    finally:
-        stop.set()
-        traffic.join()
-    answered_by_new = [o.answered_at for o in outcomes if o.model_version == str(version) and o.answered_at]
-    summary = summarize(outcomes)
-    switch = {
-        "rides_during_switch": len(outcomes),
-        "lost": summary["lost"],
-        "seconds_from_alias_set_to_first_ride_answered_by_new_version": (
-            round(min(answered_by_new) - promoted_at, 2) if answered_by_new else None
-        ),
-        "model_versions_seen": summary["model_versions"],
-    }
-    return outcomes, switch
+    return MlflowClient(stack.urls["mlflow"]).get_run(run_id).data.metrics
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -149,27 +107,44 @@ def demo(args: argparse.Namespace) -> int:
         outcomes = stream(stack.backend_urls, rides)
         _show(outcomes, summarize(outcomes, time.perf_counter() - started), "coarse now, final through the stream (minutes)")
 
-        console.rule("3. A challenger in shadow, then promoted in the registry as the UI does")
-        # Held to challenger whatever its score: the demo shows the shadow deployment, then the promotion.
-        second = stack.run_training_flow("--trials", "3", "--sample", "40000", "--min-improvement", "1000")
-        console.print(f"v{second['version']} -> {second['alias']}: {second['reason']}")
-        with console.status(f"waiting for the challenger v{second['version']} in shadow"):
-            stack.wait_rolled_out("challenger", second["version"])
-        shadow = stream(stack.backend_urls, real_rides(40, seed=3))
+        console.rule("3. v2, trained on more months, promoted as the UI does: pre-flight, shadow, switch, bake")
+        second = stack.run_training("--train-month", "2021-01", "2022-01", "2022-02", "--trials", "1")
+        v1_metrics = _run_metrics(stack, first["run_id"])
         console.print(
-            f"riders answered by {summarize(shadow)['model_versions']}; the challenger v{second['version']} answered "
-            "the same rides into backend-shadow-stream, which no backend reads"
+            f"v{second['version']} is trained on Jan 2021 + Jan and Feb 2022, v{first['version']} on Jan 2021 only: "
+            f"validation (Feb 2021) RMSE {second['metrics']['val_rmse']:.3f} against {v1_metrics['val_rmse']:.3f}, "
+            f"test (Mar 2021) RMSE {second['metrics']['test_rmse']:.3f} against {v1_metrics['test_rmse']:.3f}"
         )
-        outcomes, switch = _switch_under_traffic(stack, second["version"])
-        _show(outcomes[-40:], switch, f"alias production -> v{second['version']} (REST, as the UI), riders kept coming", rows=5)
+        outcomes, better = promote_under_traffic(stack, second["version"])
+        _show(outcomes[-20:], better, f"alias production -> v{second['version']} (REST, as the UI), riders kept coming", rows=5)
 
-        console.rule("4. Champion vs challenger on the rides' actual durations (March 2021), logged to MLflow")
-        from flows.challenger_flow import challenger_flow
-
-        comparison = challenger_flow(
-            str(stack.log_dir / "function.log"), str(stack.log_dir / "challenger.log"), "2021-03", str(REPO / "data")
+        console.rule("4. A broken version (trained on shuffled durations) promoted the same way: the guard blocks it")
+        broken = stack.run_training("--shuffle-targets", "--trials", "1")
+        console.print(
+            f"v{broken['version']}: the durations of its training rides were shuffled among them; it loads and "
+            f"passes pre-flight (test RMSE {broken['metrics']['test_rmse']:.3f})"
         )
-        console.print_json(json.dumps(comparison))
+        outcomes, blocked = promote_under_traffic(stack, broken["version"])
+        blocked["alias_back_on"] = production_version(stack)
+        tags = version_tags(stack, broken["version"])
+        blocked["version_page_tags"] = {
+            k: tags[k][:300] for k in ("rollout_status", "rollout_phase", "rollout_reason") if k in tags
+        }
+        _show(outcomes[-20:], blocked, f"alias production -> v{broken['version']}: blocked", rows=5)
+
+        console.rule(
+            f"5. Rollback to v{first['version']} (known good: pre-flight, no shadow), then forward to v{second['version']}"
+        )
+        _, back = promote_under_traffic(stack, first["version"])
+        _, forward = promote_under_traffic(stack, second["version"])
+        figures = {
+            "better_version": better,
+            "broken_version": blocked,
+            "rollback": {k: back[k] for k in ("outcome", "seconds_from_alias_set_to_riders_on_it", "lost", "message")},
+            "forward_again": {k: forward[k] for k in ("outcome", "seconds_from_alias_set_to_riders_on_it", "lost", "message")},
+        }
+        (stack.dir / "rollout-figures.json").write_text(json.dumps(figures, indent=1))
+        console.print_json(json.dumps(figures))
 
         console.rule("the stack is up")
         console.print(
@@ -184,8 +159,9 @@ def demo(args: argparse.Namespace) -> int:
         console.print(f"rollout:     {stack.urls['rollout']}/status")
         from training.settings import Settings
 
-        page = f"{stack.urls['mlflow']}/#/models/{Settings.from_env().model_name}/versions/{second['version']}"
-        console.print(f"[bold]why v{second['version']} serves, in the registry:[/bold] {page}")
+        versions = f"{stack.urls['mlflow']}/#/models/{Settings.from_env().model_name}/versions"
+        console.print(f"[bold]how v{second['version']} got to riders:[/bold] {versions}/{second['version']}")
+        console.print(f"[bold]why v{broken['version']} did not:[/bold]   {versions}/{broken['version']}")
         console.print(f"logs:        {stack.log_dir}")
         console.print(
             "next: move the production alias in the MLflow UI and the function follows; `make status` compares; "
@@ -210,8 +186,11 @@ def _sync_report(stack: Stack, served: dict | None) -> dict:
     service_running = "rollout" in stack.urls and pid_alive(stack.pids.get("rollout", -1))
     if service_running:  # its history of rollouts
         service = requests.get(f"{stack.urls['rollout']}/status", timeout=30).json()["aliases"]
-        for alias, entry in aliases.items():
-            entry["history"] = service.get(alias, {}).get("history", [])
+        for alias, entry in aliases.items():  # its phase under way, its failures, its history of rollouts
+            for key in ("phase", "state", "last_error", "history"):
+                entry[key] = service.get(alias, {}).get(key)
+            if entry["phase"]:  # a rollout under way is not a mismatch yet
+                entry["in_sync"] = False
     report = judge({"aliases": aliases}, served)
     if not service_running:
         report["warning"] = "the rollout service is not running: alias moves are not followed until `make redeploy`"
@@ -293,7 +272,12 @@ def status(args: argparse.Namespace) -> int:
     sync = report["sync"]
     if "warning" in sync:
         console.print(f"[yellow]warning:[/yellow] {sync['warning']}")
-    if not sync["in_sync"]:
+    from devstack.watch import describe_phase
+
+    phases = [line for alias, entry in sync["aliases"].items() if (line := describe_phase(alias, entry))]
+    for line in phases:
+        console.print(f"[cyan]{line}[/cyan]")
+    if not sync["in_sync"] and not any(line.startswith("ROLLING") for line in phases):
         console.print(f"[red]MISMATCH:[/red] {sync.get('mismatch')}")
     unhealthy = {url: entry for url, entry in report["riders"].items() if entry["status"] != "ok"}
     for url, entry in unhealthy.items():

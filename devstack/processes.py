@@ -126,7 +126,9 @@ class Service:
     def log_path(self) -> Path:
         return self.log_dir / f"{self.name}.log"
 
-    def start(self, timeout: float = 60) -> Service:
+    def start(self, timeout: float = 60, on_spawn: Callable[[int], None] | None = None) -> Service:
+        """Start and wait until ready. ``on_spawn(pid)``: told as soon as the process exists, before it is
+        ready, so that whoever started it can stop it even if it dies while waiting (a killed controller)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -138,6 +140,8 @@ class Service:
                 cwd=self.cwd,
                 start_new_session=True,  # own process group: stop() reaches its children too
             )
+        if on_spawn is not None:
+            on_spawn(self.process.pid)
         check = ready_check(self.ready)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -63,6 +63,16 @@ def ensure_subscription(
     return path
 
 
+def delete_subscription(project: str, subscription: str, emulator_host: str | None = None) -> None:
+    """Remove a subscription if it exists (what it held goes with it)."""
+    subscriber = subscriber_client(emulator_host)
+    try:
+        with contextlib.suppress(exceptions.NotFound):
+            subscriber.delete_subscription(subscription=subscriber.subscription_path(project, subscription))
+    finally:
+        subscriber.close()
+
+
 def pull_messages(project: str, subscription: str, count: int, timeout: float = 30) -> list[pubsub_v1.types.PubsubMessage]:
     """Synchronously pull and ack until ``count`` messages arrived or ``timeout`` passed."""
     import time

@@ -35,6 +35,12 @@ class LocalFunctionTarget:
             fcntl.flock(lock, fcntl.LOCK_EX)
             Stack.load(self.stack_dir).deploy_function(model.run_id, model.version, key=self.key)
 
+    def retire(self) -> None:
+        """No version is wanted here (no challenger alias): stop serving one."""
+        with open(self.stack_dir / "rollout.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            Stack.load(self.stack_dir).retire_function(self.key)
+
 
 # Which function deployment each rolled-out alias drives.
 DEPLOYMENT_OF_ALIAS = {"production": "function", "challenger": "challenger"}

@@ -48,6 +48,19 @@ SUBSCRIPTIONS = {
     "dead_watch": "backend-deadletter-stream-watch",  # what `devstack watch` counts, apart from the above
     "shadow": "backend-push-stream-challenger",  # push -> the challenger function, a copy of every ride
     "shadow_results": "backend-shadow-stream-inspect",  # the challenger's answers, for people and tests
+    # The rollout controller's own copies of every answer and refusal, for its shadow analysis and bake.
+    "analysis_pull": "backend-pull-stream-rollout",
+    "analysis_shadow": "backend-shadow-stream-rollout",
+    "analysis_dead": "backend-deadletter-stream-rollout",
+}
+# The local stack's analysis windows: small, so that the demo's rollouts take seconds, not the
+# production defaults' minutes (rollout.settings.AnalysisSettings).
+DEMO_ANALYSIS = {
+    "ROLLOUT_SHADOW_MIN_RIDES": "60",
+    "ROLLOUT_SHADOW_MAX_MINUTES": "2",
+    "ROLLOUT_BAKE_MINUTES": "0.15",
+    "ROLLOUT_BAKE_MIN_RIDES": "60",
+    "ROLLOUT_ANSWER_GRACE_SECONDS": "3",
 }
 # The function deployments: production answers riders; the challenger (alias challenger) answers
 # the same rides into the shadow topic only.
@@ -255,6 +268,8 @@ class Stack:
         ensure_subscription(PROJECT, TOPICS["dead"], SUBSCRIPTIONS["dead"], emulator_host=emulator)
         ensure_subscription(PROJECT, TOPICS["dead"], SUBSCRIPTIONS["dead_watch"], emulator_host=emulator)
         ensure_subscription(PROJECT, TOPICS["shadow"], SUBSCRIPTIONS["shadow_results"], emulator_host=emulator)
+        for topic, subscription in (("pull", "analysis_pull"), ("shadow", "analysis_shadow"), ("dead", "analysis_dead")):
+            ensure_subscription(PROJECT, TOPICS[topic], SUBSCRIPTIONS[subscription], emulator_host=emulator)
         for key, function in FUNCTIONS.items():
             if key in self.urls:
                 push_endpoint = self.urls[key] + "/"
@@ -304,9 +319,10 @@ class Stack:
             path.write_text(json.dumps(drawn))
         return json.loads(path.read_text())
 
-    def start_rollout(self, aliases: str = "production=function") -> None:
+    def start_rollout(self, aliases: str = "production=function,challenger=challenger", settings: dict | None = None) -> None:
         """The rollout service on the stack's function deployments (devstack.rollout_service), and the
-        MLflow webhook that feeds it."""
+        MLflow webhook that feeds it. ``settings``: its environment beyond the stack's (DEMO_ANALYSIS by
+        default), kept for a restart."""
         from rollout.register import register_webhook
 
         port = free_port()
@@ -317,6 +333,10 @@ class Stack:
             "STACK_DIR": str(self.dir),
             "ROLLOUT_RETRY_INITIAL_SECONDS": "1",
             "ROLLOUT_RETRY_MAX_SECONDS": "10",
+            "GCP_PROJECT": PROJECT,
+            "ANALYSIS_RESULT_SUBSCRIPTIONS": f"{SUBSCRIPTIONS['analysis_pull']},{SUBSCRIPTIONS['analysis_shadow']}",
+            "ANALYSIS_DEADLETTER_SUBSCRIPTION": SUBSCRIPTIONS["analysis_dead"],
+            **(DEMO_ANALYSIS if settings is None else settings),
         }
         argv = [
             str(VENV_BIN / "gunicorn"),
@@ -345,6 +365,42 @@ class Stack:
                 return entry
             time.sleep(0.3)
         raise ServiceError(f"{alias} v{version} was not rolled out within {timeout:.0f} s: {entry}")
+
+    def wait_rollout_ended(self, alias: str, version: str, since: float, timeout: float = 300) -> dict:
+        """Block until the rollout service has ended a rollout of ``alias`` to ``version`` begun after ``since``
+        (rolled out, blocked or rolled back) and settled; its status then, with ``ended``: that record."""
+        import requests
+
+        deadline = time.monotonic() + timeout
+        entry: dict = {}
+        while time.monotonic() < deadline:
+            entry = requests.get(f"{self.urls['rollout']}/status", timeout=30).json()["aliases"][alias]
+            ended = [
+                h
+                for h in entry["history"]
+                if h["version"] == str(version) and h["at"] >= since and h["outcome"] in ("rolled out", "blocked", "rolled back")
+            ]
+            if ended and entry["in_sync"]:
+                self.refresh()
+                return {**entry, "ended": ended[-1]}
+            time.sleep(0.3)
+        raise ServiceError(f"the rollout of {alias} v{version} did not end within {timeout:.0f} s: {entry}")
+
+    def run_training(self, *train_args: str) -> dict:
+        """`python -m training.train` against the stack's registry: a version registered with no alias (its JSON)."""
+        env = {**os.environ, **self.env()}
+        with open(self.log_dir / "training.log", "ab") as log:
+            done = subprocess.run(
+                [sys.executable, "-m", "training.train", *train_args],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                check=True,
+            )
+        # Its JSON is printed last; MLflow may print a line of its own before it (the run's address).
+        return json.loads(done.stdout[done.stdout.rfind("\n{\n") + 1 :])
 
     def start_prefect(self, preferred_port: int | None = None) -> None:
         port = free_port(preferred_port)
@@ -383,10 +439,39 @@ class Stack:
         return function_server(self.log_dir, "predict_duration_cloudevent", "cloudevent", env, port=port, name=key)
 
     def start_function(self, run_id: str, version: str, port: int | None = None, key: str = "function") -> None:
-        self._started(key, self._function_service(key, run_id, version, port).start(timeout=120))
+        # An instance is in the state file from its first moment (as <key>-starting), so that one whose
+        # starter died before it was ready (a controller killed mid-deploy) is stopped, not orphaned.
+        starting = f"{key}-starting"
+        if starting in self.pids:
+            stop_pid(self.pids.pop(starting))
+
+        def spawned(pid: int) -> None:
+            self.pids[starting] = pid
+            self.removed.discard(starting)
+            self.changed.add(starting)
+            self.save()
+
+        try:
+            service = self._function_service(key, run_id, version, port).start(timeout=120, on_spawn=spawned)
+        finally:  # ready, or stopped by Service.start: either way no longer starting
+            self.pids.pop(starting, None)
+            self.changed.discard(starting)
+            self.removed.add(starting)
+            self.save()
+        self._started(key, service)
         self.models[key] = {"run_id": run_id, "version": version, "deployed_at": time.time()}
         self.save()
         self.ensure_topology()
+
+    def retire_function(self, key: str) -> None:
+        """Stop a deployment and its push subscription: nothing left to answer, and no backlog of rides
+        waiting for the next instance (as untagging a Cloud Run revision does)."""
+        from devstack.pubsub import delete_subscription
+
+        self.stop(key)
+        delete_subscription(PROJECT, FUNCTIONS[key]["subscription"], emulator_host=f"{HOST}:{self.ports['pubsub']}")
+        self.urls.pop(key, None)
+        self.save()
 
     def deploy_function(self, run_id: str, version: str, key: str = "function") -> None:
         """Serve another model without a gap, as Cloud Functions rolls out a new revision.

@@ -33,6 +33,33 @@ class Snapshot:
     dead_letters_by_source: dict[str, int] = field(default_factory=dict)  # deployment (or Pub/Sub) -> count
     dead_letter_reasons: list[str] = field(default_factory=list)
     deployments: dict[str, Any] = field(default_factory=dict)  # alias -> Rollout.status()
+    controller: dict[str, Any] = field(default_factory=dict)  # alias -> the rollout service's phase, or why not
+
+
+def describe_phase(alias: str, entry: dict[str, Any]) -> str | None:
+    """One line for a rollout under way (its phase, age and figures) or failing; None when settled."""
+    phase = entry.get("phase")
+    if phase:
+        figures = phase.get("figures") or {}
+        shown = ", ".join(
+            f"{label} {figures[key]}"
+            for key, label in (
+                ("rides", "rides"),
+                ("median_abs_diff_minutes", "median |N-M| min"),
+                ("mean_diff_minutes", "mean N-M min"),
+                ("p95_answer_ms", "p95 answer ms"),
+                ("missing_rate", "unanswered"),
+                ("extra_dead_letter_rate", "extra dead letters"),
+            )
+            if figures.get(key) is not None
+        )
+        return (
+            f"ROLLING OUT {alias} v{phase['version']} (from v{phase.get('from') or '-'}): {phase['phase']}, "
+            f"{phase.get('seconds', 0):.0f} s" + (f": {shown}" if shown else "")
+        )
+    if entry.get("last_error"):
+        return f"FAILING {alias}: {entry['last_error'][:200]}"
+    return None
 
 
 # What Pub/Sub itself sets on a message it forwards after its last delivery attempt.
@@ -96,6 +123,11 @@ def collect(stack: Stack, dead_letters: DeadLetters, deployments: dict[str, Any]
     dead_letters.poll()
     snapshot.dead_letters, snapshot.dead_letter_reasons = dead_letters.count, list(dead_letters.reasons)
     snapshot.dead_letters_by_source = dict(dead_letters.by_source)
+    if "rollout" in stack.urls:
+        try:
+            snapshot.controller = requests.get(f"{stack.urls['rollout']}/readyz", timeout=5).json().get("aliases", {})
+        except (requests.RequestException, ValueError) as exc:
+            snapshot.controller = {"-": {"last_error": f"the rollout service does not answer: {type(exc).__name__}"}}
     for alias, rollout in deployments.items():
         try:
             snapshot.deployments[alias] = rollout.status()
@@ -151,6 +183,9 @@ def render(snapshot: Snapshot) -> Group:
             f"v{served['model_version']}" if served else "-",
         )
     parts: list[Any] = [traffic, models, replicas]
+    for alias, entry in snapshot.controller.items():
+        if line := describe_phase(alias, entry):
+            parts.append(Text(line, style="bold cyan" if line.startswith("ROLLING") else "bold red"))
     for reason in dict.fromkeys(degraded):  # the shared figures: every replica says the same
         parts.append(Text(f"DEGRADED: {reason}", style="bold yellow"))
     if snapshot.dead_letters_by_source:

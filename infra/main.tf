@@ -4,6 +4,7 @@ locals {
     push       = "${local.prefix}-backend-push-stream"
     pull       = "${local.prefix}-backend-pull-stream"
     deadletter = "${local.prefix}-backend-deadletter-stream"
+    shadow     = "${local.prefix}-backend-shadow-stream" # the shadow revision's answers: no backend reads them
   }
   # Pub/Sub's own service agent moves undeliverable messages to the dead-letter topic.
   pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
@@ -75,6 +76,11 @@ resource "google_pubsub_topic" "pull" {
   name = local.topics.pull
 }
 
+resource "google_pubsub_topic" "shadow" {
+  #checkov:skip=CKV_GCP_83:rides and results are encrypted at rest with Google-managed keys; a customer key (kms_key_name) is an option, not a need here
+  name = local.topics.shadow
+}
+
 resource "google_pubsub_topic" "deadletter" {
   #checkov:skip=CKV_GCP_83:rides and results are encrypted at rest with Google-managed keys; a customer key (kms_key_name) is an option, not a need here
   name = local.topics.deadletter
@@ -127,6 +133,43 @@ resource "google_pubsub_subscription" "function_push" {
   }
 }
 
+# The shadow revision (a rollout's candidate, or the version riders may go back to during a bake)
+# gets a copy of every ride at its tag's URL; it answers into the shadow topic, which riders never see.
+# Until a rollout tags a revision `shadow`, the URL does not answer and these copies wait (7 days at most).
+resource "google_pubsub_subscription" "function_shadow_push" {
+  name                 = "${local.topics.push}-shadow"
+  topic                = google_pubsub_topic.push.id
+  ack_deadline_seconds = 60
+  push_config {
+    push_endpoint = replace(google_cloudfunctions2_function.predict.service_config[0].uri, "https://", "https://shadow---")
+    oidc_token {
+      service_account_email = google_service_account.pusher.email
+      audience              = google_cloudfunctions2_function.predict.service_config[0].uri
+    }
+  }
+  message_retention_duration = "600s" # the least Pub/Sub keeps; an older shadow copy judges nothing
+  retry_policy {
+    minimum_backoff = "10s"
+    maximum_backoff = "600s"
+  }
+  expiration_policy {
+    ttl = ""
+  }
+}
+
+# The rollout controller's own copies of every answer and refusal: its shadow analysis and bake
+# pair the two versions' answers to the same rides (rollout/analysis.py).
+resource "google_pubsub_subscription" "rollout_analysis" {
+  for_each                   = { pull = google_pubsub_topic.pull.id, shadow = google_pubsub_topic.shadow.id, deadletter = google_pubsub_topic.deadletter.id }
+  name                       = "${local.prefix}-rollout-analysis-${each.key}"
+  topic                      = each.value
+  ack_deadline_seconds       = 30
+  message_retention_duration = "3600s"
+  expiration_policy {
+    ttl = ""
+  }
+}
+
 # --- identities: one per component, no keys ---------------------------------------------------
 
 resource "google_service_account" "function" {
@@ -154,6 +197,12 @@ resource "google_storage_bucket_iam_member" "function_reads_models" {
 
 resource "google_pubsub_topic_iam_member" "function_publishes_results" {
   topic  = google_pubsub_topic.pull.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${google_service_account.function.email}"
+}
+
+resource "google_pubsub_topic_iam_member" "function_publishes_shadow_answers" {
+  topic  = google_pubsub_topic.shadow.id
   role   = "roles/pubsub.publisher"
   member = "serviceAccount:${google_service_account.function.email}"
 }
@@ -652,8 +701,9 @@ resource "google_storage_bucket_iam_member" "sink_writes_prediction_logs" {
 }
 
 # --- rollout: the registry's production alias moves, the function follows ----------------------
-# MLflow calls the rollout service (a signed webhook) when an alias moves; it resolves the alias and
-# runs `gcloud functions deploy --update-env-vars` on the serving function, and nothing else.
+# MLflow calls the rollout service (a signed webhook) when an alias moves, and it reads the registry
+# every minute besides; it takes a new production version through pre-flight, shadow analysis,
+# switch and bake, as revisions and traffic of the function's Cloud Run service (rollout/).
 
 resource "random_password" "rollout_webhook" {
   length  = 48
@@ -681,13 +731,13 @@ resource "google_secret_manager_secret_iam_member" "rollout_reads_webhook_secret
   member    = "serviceAccount:${google_service_account.rollout.email}"
 }
 
-# It may update this function and no other: the role is granted on the function itself.
-resource "google_cloudfunctions2_function_iam_member" "rollout_updates_function" {
-  project        = var.project_id
-  location       = google_cloudfunctions2_function.predict.location
-  cloud_function = google_cloudfunctions2_function.predict.name
-  role           = "roles/cloudfunctions.developer"
-  member         = "serviceAccount:${google_service_account.rollout.email}"
+# It changes which model serves (revisions and traffic of the function's Cloud Run service) and
+# nothing else: the role is granted on that one service. No source upload, no build (rollout/cloud.py).
+resource "google_cloud_run_v2_service_iam_member" "rollout_updates_function_revisions" {
+  location = var.region
+  name     = google_cloudfunctions2_function.predict.service_config[0].service
+  role     = "roles/run.developer"
+  member   = "serviceAccount:${google_service_account.rollout.email}"
 }
 
 # A new revision runs as the function's own identity: the rollout may act as that one only.
@@ -697,17 +747,12 @@ resource "google_service_account_iam_member" "rollout_acts_as_function" {
   member             = "serviceAccount:${google_service_account.rollout.email}"
 }
 
-# gcloud uploads the function's source before each deploy; that permission exists only per location.
-resource "google_project_iam_custom_role" "function_source_uploader" {
-  role_id     = "ridestream_${var.env}_function_source_uploader"
-  title       = "ridestream ${var.env}: upload function source"
-  permissions = ["cloudfunctions.functions.generateUploadUrl"]
-}
-
-resource "google_project_iam_member" "rollout_uploads_function_source" {
-  project = var.project_id
-  role    = google_project_iam_custom_role.function_source_uploader.id
-  member  = "serviceAccount:${google_service_account.rollout.email}"
+# It reads its own copies of the answers and the dead letters, and nothing else of the streams.
+resource "google_pubsub_subscription_iam_member" "rollout_reads_analysis" {
+  for_each     = google_pubsub_subscription.rollout_analysis
+  subscription = each.value.id
+  role         = "roles/pubsub.subscriber"
+  member       = "serviceAccount:${google_service_account.rollout.email}"
 }
 
 # It reads the registry (aliases, versions) as a client of the MLflow server.
@@ -727,18 +772,37 @@ resource "google_cloud_run_v2_service" "rollout" {
 
   template {
     service_account = google_service_account.rollout.email
-    # One instance: rollouts are serialized in it, and it remembers deliveries against replays.
+    # Exactly one controller, always on: rollouts are serialized in it, its resync runs whether or
+    # not a webhook arrives, its analysis reads the streams between requests, and it remembers
+    # deliveries against replays. What a rollout must survive a restart is in the registry.
     scaling {
-      min_instance_count = 0
+      min_instance_count = 1
       max_instance_count = 1
     }
     # A deploy takes minutes; the worker thread must keep its CPU between requests.
     timeout = "900s"
     containers {
       image = var.rollout_image
+      # production: the revision with the traffic; challenger: the revision tagged shadow, of the same service.
       env {
         name  = "ROLLOUT_ALIASES"
-        value = "production=${google_cloudfunctions2_function.predict.name}"
+        value = "production=${local.function_service_name},challenger=${local.function_service_name}"
+      }
+      env {
+        name  = "BACKEND_PULL_STREAM"
+        value = google_pubsub_topic.pull.name
+      }
+      env {
+        name  = "BACKEND_SHADOW_STREAM"
+        value = google_pubsub_topic.shadow.name
+      }
+      env {
+        name  = "ANALYSIS_RESULT_SUBSCRIPTIONS"
+        value = "${google_pubsub_subscription.rollout_analysis["pull"].name},${google_pubsub_subscription.rollout_analysis["shadow"].name}"
+      }
+      env {
+        name  = "ANALYSIS_DEADLETTER_SUBSCRIPTION"
+        value = google_pubsub_subscription.rollout_analysis["deadletter"].name
       }
       env {
         name  = "MLFLOW_TRACKING_URI"

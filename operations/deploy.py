@@ -1,10 +1,15 @@
 """Deploy the serving function to Cloud Functions (2nd gen), point it at a new model, or roll it back.
 
-    python -m operations.deploy deploy     # first deployment, the model of the `production` alias
-    python -m operations.deploy redeploy   # after promoting in the MLflow UI: only the model identity changes
+    python -m operations.deploy deploy     # first deployment (the code), the model of the `production` alias
+    python -m operations.deploy redeploy   # break-glass: serve what the registry's production says now
     python -m operations.deploy rollback   # production <- previous in the registry, then redeploy
     ... --dry-run                          # print the gcloud commands (rollback: and change no alias)
 
+With the rollout service running (infra/), a promotion in the registry reaches riders by
+itself, guarded (pre-flight, shadow analysis, bake: rollout/); redeploy and rollback here are
+for an operator without it. They run the pre-flight too, then change only which model serves:
+a revision of the function's Cloud Run service with the model's identity, and its traffic
+(rollout.cloud): no source upload, no build.
 The function runs as its own service account, and its Pub/Sub trigger invokes it as
 another one that may invoke this function only (no key files anywhere). Settings come
 from the environment: GCP_PROJECT, GCP_REGION, FUNCTION_NAME, FUNCTION_SERVICE_ACCOUNT,
@@ -23,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rollout.cloud import CloudRunFunctionTarget
+from rollout.reconcile import Deployment
 from training import registry
 from training.registry import PRODUCTION, ResolvedModel, resolve
 
@@ -103,20 +110,37 @@ def deploy_commands(alias: str = PRODUCTION) -> list[list[str]]:
     return [deploy, invoker]
 
 
-def redeploy_command(alias: str = PRODUCTION) -> list[str]:
-    """Same function and source, only the model identity changes."""
-    return model_redeploy_command(resolve(alias))
+def function_target() -> CloudRunFunctionTarget:
+    """The production role of the function's Cloud Run service (it has the function's name)."""
+    return CloudRunFunctionTarget(
+        _env("FUNCTION_NAME", "predict-duration"),
+        _env("GCP_PROJECT"),
+        _env("GCP_REGION", "europe-west1"),
+        "production",
+        _env("BACKEND_PULL_STREAM", "backend-pull-stream"),
+    )
 
 
-def model_redeploy_command(model: ResolvedModel, function_name: str | None = None) -> list[str]:
-    """Point a deployed function at ``model``: a new revision, which takes traffic only once it starts."""
-    model_env = _model_env(model)
-    return [*_base_command(function_name), "--update-env-vars=" + ",".join(f"{k}={v}" for k, v in model_env.items())]
+def redeploy(alias: str = PRODUCTION, dry_run: bool = False) -> int:
+    """Serve the model ``alias`` names, after its pre-flight: a new revision (or the one it had) and the traffic."""
+    model = resolve(alias)
+    deployment = Deployment(model.version, model.run_id, model.artifact_uri)
+    target = function_target()
+    if dry_run:
+        suffix = f"p-v{model.version}-<time>"
+        for command in (target.new_revision_command(deployment, suffix), target.traffic_command(f"{target.service}-{suffix}")):
+            print(shlex.join(command))
+        return 0
+    from rollout.preflight import run
 
-
-def describe_command(function_name: str | None = None) -> list[str]:
-    """The deployed function as JSON: its serviceConfig.environmentVariables say which model it serves."""
-    return ["gcloud", "functions", "describe", *_function(function_name), "--gen2", "--format=json"]
+    verdict = run(model.artifact_uri, model.run_id)
+    if not verdict.passed:
+        print(f"error: v{model.version} fails its pre-flight, nothing changed: {verdict.reason}", file=sys.stderr)
+        return 1
+    target.deploy(deployment)
+    serving = target.serving()
+    print(f"{target.name} serves v{serving.version if serving else '-'} (run {serving.run_id if serving else '-'})")
+    return 0 if serving is not None and serving.run_id == model.run_id else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         except (LookupError, MlflowException) as exc:
             print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
             return 2
-    commands = deploy_commands(alias) if args.action == "deploy" else [redeploy_command(alias)]
-    for command in commands:
+    if args.action != "deploy":
+        return redeploy(alias, args.dry_run)
+    for command in deploy_commands(alias):
         print(shlex.join(command))
         if not args.dry_run and (code := subprocess.call(command)) != 0:
             return code

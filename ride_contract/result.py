@@ -38,9 +38,12 @@ class RideResult(BaseModel):
     ride_fingerprint: str = Field(min_length=1)
     # The model's own answer was outside the bounds and duration_final is the nearest bound.
     clipped: bool = False
+    # The function's time from receiving the message to this answer (decode, validate, score), in ms:
+    # the rollout's analysis watches a new version's p95 of it.
+    answer_ms: float | None = None
 
     @classmethod
-    def answer(cls, ride_id: str, predicted: float, ride_fingerprint: str, **model: str) -> RideResult:
+    def answer(cls, ride_id: str, predicted: float, ride_fingerprint: str, **model: Any) -> RideResult:
         """The result for a raw prediction: served_minutes of it, marked ``clipped`` when it was out of bounds."""
         duration = float(served_minutes(predicted))
         clipped = not MIN_DURATION_MINUTES <= predicted <= MAX_DURATION_MINUTES

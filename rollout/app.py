@@ -1,4 +1,4 @@
-"""The rollout service: MLflow registry webhooks in, the serving function redeployed to follow its aliases.
+"""The rollout service: MLflow registry webhooks in, the serving function following its aliases, guarded.
 
     gunicorn --workers 1 --bind 127.0.0.1:8090 "rollout.app:create_app()"
 
@@ -8,26 +8,28 @@ Routes:
                           rollout (202); anything else is ignored (200); a call that is not an
                           authentic, fresh, first delivery gets 401 and changes nothing
   GET  /status            per alias: the registry's version, the one deployed, in sync or not, the last rollouts
+  GET  /readyz            the registry and deployments reachable, and each alias's phase and figures
   GET  /healthz           the process is up
 
-One worker process: rollouts are serialized per alias by its worker thread, and the
-replay guard remembers deliveries in memory (Terraform runs one instance). The targets
-are Cloud Functions deployments; the local stack injects its own (devstack.rollout_service):
-this deployable imports nothing of the stack.
+One worker process, one instance, always on (Terraform): exactly one controller acts, rollouts
+are serialized per alias by its worker thread, and the replay guard remembers deliveries in
+memory. What a rollout must survive (its phase, figures, attempts) is in the registry, on the
+version's tags: a restarted controller resumes from there (rollout.reconcile). The targets are
+the function's Cloud Run revisions (rollout.cloud); the local stack injects its own
+(devstack.rollout_service): this deployable imports nothing of the stack.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import replace
 from typing import Any
 
 from flask import Flask, jsonify, request
 
-from rollout.reconcile import Deployment, Rollout, Target
-from rollout.settings import RolloutSettings
+from rollout.reconcile import Deployment, Guard, Rollout, ShadowSlot, Target
+from rollout.settings import AnalysisSettings, RolloutSettings
 from rollout.webhook import Rejected, WebhookVerifier
 
 log = logging.getLogger("rollout")
@@ -86,10 +88,11 @@ def previous_marker(model_name: str, mlflow_audience: str = ""):
 
 
 class RegistryStory:
-    """What became of each rollout, on the version's page in the MLflow UI: a paragraph appended to its
-    description, and ``rollout_*`` tags. A version blocked at pre-flight is tagged ``rollout_status=blocked``
-    with the reason, and the alias goes back to the version still serving: once a rollout has ended, the
-    registry never names a version that riders are not getting."""
+    """A rollout's durable state and its story, on the version's page in the MLflow UI: ``rollout_*`` tags
+    (the phase, when it began, the version it replaces, attempts, figures) that a restarted controller
+    resumes from, and a paragraph per phase appended to the version's description. A blocked version is
+    tagged ``rollout_status=blocked`` with the reason; the alias goes back to the version still serving:
+    once a rollout has ended, the registry never names a version that riders are not getting."""
 
     def __init__(self, model_name: str, mlflow_audience: str = ""):
         from mlflow import MlflowClient
@@ -99,56 +102,42 @@ class RegistryStory:
         self.model_name, self._audience = model_name, mlflow_audience
         self._client = MlflowClient(Settings.from_env().tracking_uri)
 
-    def _tell(self, version: str, tags: dict[str, str], paragraph: str) -> None:
+    def state(self, version: str) -> dict[str, str]:
         authenticate_to_mlflow(self._audience)
-        description = self._client.get_model_version(self.model_name, version).description or ""
-        self._client.update_model_version(self.model_name, version, description=f"{description}\n\n{paragraph}".strip())
+        tags = self._client.get_model_version(self.model_name, version).tags or {}
+        return {key: value for key, value in tags.items() if key.startswith("rollout_")}
+
+    def mark(self, version: str, **tags: str) -> None:
+        authenticate_to_mlflow(self._audience)
         for key, value in tags.items():
             self._client.set_model_version_tag(self.model_name, version, key, value)
 
-    @staticmethod
-    def _now() -> str:
-        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    def tell(self, version: str, paragraph: str, **tags: str) -> None:
+        authenticate_to_mlflow(self._audience)
+        description = self._client.get_model_version(self.model_name, version).description or ""
+        self._client.update_model_version(self.model_name, version, description=f"{description}\n\n{paragraph}".strip())
+        self.mark(version, **tags)
 
-    def blocked(self, alias: str, wanted: Deployment, serving: Deployment | None, verdict: Any) -> None:
-        kept = (
-            f"Riders stayed on v{serving.version}, and the {alias} alias was moved back to it"
-            if serving
-            else "Nothing was deployed"
-        )
-        self._tell(
-            wanted.version,
-            {
-                "rollout_status": "blocked",
-                "rollout_phase": "preflight",
-                "rollout_reason": verdict.reason[:5000],
-                "rollout_preflight_max_diff_minutes": str(verdict.max_diff_minutes),
-            },
-            f"**Rollout to {alias} blocked at pre-flight** ({self._now()}): {verdict.reason}. {kept}.",
-        )
-        if serving is not None and serving.version != wanted.version:
-            self._client.set_registered_model_alias(self.model_name, alias, serving.version)
-
-    def rolled_out(self, alias: str, now_serving: Deployment, before: Deployment | None, verdict: Any, seconds: float) -> None:
-        replaced = f", replacing v{before.version}" if before else ""
-        checked = f"pre-flight passed ({verdict.reason}, largest difference {verdict.max_diff_minutes} min); " if verdict else ""
-        self._tell(
-            now_serving.version,
-            {
-                "rollout_status": f"serving {alias}",
-                "rollout_seconds": str(seconds),
-                **({"rollout_preflight_max_diff_minutes": str(verdict.max_diff_minutes)} if verdict else {}),
-            },
-            f"**Rolled out to {alias}** ({self._now()}): {checked}serving after {seconds} s{replaced}.",
-        )
+    def move_alias(self, alias: str, version: str) -> None:
+        authenticate_to_mlflow(self._audience)
+        self._client.set_registered_model_alias(self.model_name, alias, version)
 
 
-def production_guard(model_name: str, mlflow_audience: str = "") -> dict[str, Any]:
-    """What a production Rollout is given: the pre-flight, the version's story, and the `previous` marker."""
+def production_guard(
+    model_name: str, mlflow_audience: str = "", shadow: Target | None = None, answers: Any = None, analysis: Any = None
+) -> dict[str, Any]:
+    """What a production Rollout is given: the pre-flight, its durable story, the `previous` marker, and, with
+    a shadow deployment and live answers, the shadow analysis and the bake (rollout.reconcile.Guard)."""
+    guard = None
+    if shadow is not None and answers is not None:
+        guard = Guard(shadow, answers, analysis or AnalysisSettings(), ShadowSlot())
+    else:
+        log.info("production rollouts have no shadow deployment: pre-flight only, no shadow analysis, no bake")
     return {
         "preflight": preflight_check,
         "story": RegistryStory(model_name, mlflow_audience),
         "before_switch": previous_marker(model_name, mlflow_audience),
+        "guard": guard,
     }
 
 
@@ -160,10 +149,43 @@ def preflight_check(model: Deployment) -> Any:
 
 
 def cloud_targets(settings: RolloutSettings) -> dict[str, Target]:
-    """alias -> the Cloud Functions deployment it drives, as ROLLOUT_ALIASES says."""
-    from rollout.cloud import CloudFunctionTarget
+    """alias -> the role of the function's Cloud Run service it drives, as ROLLOUT_ALIASES says: production the
+    revision with the traffic, challenger the revision tagged shadow (rollout.cloud)."""
+    from rollout.cloud import SHADOW_TAG, CloudRunFunctionTarget
 
-    return {alias: CloudFunctionTarget(name) for alias, name in settings.aliases.items()}
+    def target(alias: str, service: str) -> Target:
+        if alias == "production":
+            return CloudRunFunctionTarget(service, settings.project, settings.region, "production", settings.results_topic)
+        return CloudRunFunctionTarget(service, settings.project, settings.region, SHADOW_TAG, settings.shadow_results_topic)
+
+    return {alias: target(alias, service) for alias, service in settings.aliases.items()}
+
+
+def live_answers(settings: RolloutSettings) -> Any:
+    """The controller's reader of live answers (results of production and shadow, dead letters), if configured."""
+    if not (settings.project and settings.result_subscriptions):
+        return None
+    from rollout.analysis import LiveAnswers
+
+    return LiveAnswers(settings.project, list(settings.result_subscriptions), settings.deadletter_subscription).start()
+
+
+def build_rollouts(settings: RolloutSettings, targets: dict[str, Target]) -> dict[str, Rollout]:
+    """A started Rollout per alias. Production is guarded; its shadow phase and bake borrow the challenger's
+    deployment, whose own rollout waits meanwhile."""
+    resolve = registry_resolver(settings.model_name, settings.mlflow_audience)
+    common = {"resync_seconds": settings.resync_seconds}
+    rollouts: dict[str, Rollout] = {}
+    guard = production_guard(
+        settings.model_name, settings.mlflow_audience, targets.get("challenger"), live_answers(settings), settings.analysis
+    )
+    slot = guard["guard"].slot if guard["guard"] else None
+    for alias, target in targets.items():
+        extra = guard if alias == "production" else {"slot": slot} if alias == "challenger" else {}
+        rollouts[alias] = Rollout(
+            alias, resolve, target, settings.retry_initial_seconds, settings.retry_max_seconds, **common, **extra
+        )
+    return {alias: rollout.start() for alias, rollout in rollouts.items()}
 
 
 def create_app(
@@ -178,19 +200,7 @@ def create_app(
     settings = settings or RolloutSettings.from_env()
     verifier = verifier or WebhookVerifier(settings.webhook_secret, settings.tolerance_seconds)
     if rollouts is None:
-        resolve = registry_resolver(settings.model_name, settings.mlflow_audience)
-        rollouts = {
-            alias: Rollout(
-                alias,
-                resolve,
-                target,
-                settings.retry_initial_seconds,
-                settings.retry_max_seconds,
-                resync_seconds=settings.resync_seconds,
-                **(production_guard(settings.model_name, settings.mlflow_audience) if alias == "production" else {}),
-            ).start()
-            for alias, target in (targets if targets is not None else cloud_targets(settings)).items()
-        }
+        rollouts = build_rollouts(settings, targets if targets is not None else cloud_targets(settings))
     app = Flask(__name__)
     app.extensions["rollouts"] = rollouts
 
@@ -219,6 +229,21 @@ def create_app(
     def status():
         aliases = {alias: rollout.status() for alias, rollout in rollouts.items()}
         return jsonify({"in_sync": all(a["in_sync"] for a in aliases.values()), "aliases": aliases})
+
+    @app.get("/readyz")
+    def readyz():
+        """Whether the controller can see the registry and its deployments, and each alias's phase with its figures."""
+        aliases = {alias: rollout.status() for alias, rollout in rollouts.items()}
+        problems = {alias: a["problem"] for alias, a in aliases.items() if a.get("problem")}
+        body = {
+            "status": "down" if problems else "ok",
+            "problems": problems,
+            "aliases": {
+                alias: {k: a.get(k) for k in ("state", "phase", "registry", "serving", "last_error")}
+                for alias, a in aliases.items()
+            },
+        }
+        return jsonify(body), 503 if problems else 200
 
     @app.get("/healthz")
     def healthz():

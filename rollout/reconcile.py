@@ -1,4 +1,5 @@
-"""Keep a deployment serving the model version one registry alias points at: serialized, idempotent, retried.
+"""Keep a deployment serving the model version one registry alias points at: serialized, idempotent, retried,
+and, for production, guarded: a new version reaches riders only after it has proven itself on live rides.
 
 Webhook events only say "look again": the worker reads the alias from the registry
 itself, compares it with what the target serves, and deploys only the difference. It
@@ -9,10 +10,27 @@ events interleave or arrive), and an alias moved back is a rollback by the same 
 A deployment that fails is reported and tried again with backoff; the target's
 previous deployment keeps serving meanwhile (both targets deploy side by side and
 switch only once the new one runs).
+
+A guarded rollout of version N over the version M serving goes through phases:
+
+  pre-flight  N loads as a cold start loads it and answers its reference rides as training recorded
+  shadow      N answers every live ride beside M in the shadow deployment (riders see only M);
+              the paired figures (rollout.analysis) must stay within rollout.settings.AnalysisSettings
+  switch      riders move to N; `previous` names M
+  bake        M answers the same rides in shadow while N answers riders; a breach sends riders back to M
+  serving     N's page says how it got there
+
+A failure at any phase leaves riders on M (or sends them back) and the alias back on M; N is
+tagged ``rollout_status=blocked`` with the reason and the figures. Each phase is written to N's
+version tags before it starts (``rollout_phase``, its start, M, the attempts, the figures), so a
+controller restarted mid-rollout resumes the phase where it was, on the same clock. A version that
+has served this alias before (a rollback) skips shadow and bake: it is known good; its pre-flight
+still runs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -20,6 +38,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
+
+from rollout.settings import AnalysisSettings
 
 log = logging.getLogger("rollout")
 
@@ -44,6 +64,72 @@ class Target(Protocol):
         """Serve ``model``; raise if it does not serve it, leaving the previous deployment serving."""
 
 
+class Superseded(Exception):
+    """The phase cannot go on here: the alias moved on, or the controller is stopping (the phase then resumes)."""
+
+
+class MemoryStory:
+    """A rollout's durable state and its story kept in memory: for rollouts that need neither (tests, the challenger).
+
+    The production controller uses rollout.app.RegistryStory: the same calls, on the version's tags and page."""
+
+    def __init__(self):
+        self.tags: dict[str, dict[str, str]] = {}
+        self.pages: dict[str, list[str]] = {}
+        self.aliases: dict[str, str] = {}
+
+    def state(self, version: str) -> dict[str, str]:
+        return dict(self.tags.get(version, {}))
+
+    def mark(self, version: str, **tags: str) -> None:
+        self.tags.setdefault(version, {}).update(tags)
+
+    def tell(self, version: str, paragraph: str, **tags: str) -> None:
+        self.pages.setdefault(version, []).append(paragraph)
+        self.mark(version, **tags)
+
+    def move_alias(self, alias: str, version: str) -> None:
+        self.aliases[alias] = version
+
+
+class ShadowSlot:
+    """The shadow deployment, lent to a production rollout for its shadow and bake phases. The challenger
+    alias's rollout, which otherwise drives it, waits meanwhile and is asked to look again afterwards."""
+
+    def __init__(self):
+        self.holder: str | None = None
+        self.waiting: list[Rollout] = []
+
+    def lend(self, holder: str) -> None:
+        self.holder = holder
+
+    def give_back(self) -> None:
+        if self.holder is None:
+            return
+        self.holder = None
+        for rollout in self.waiting:
+            rollout.request("the shadow deployment is free again")
+
+
+@dataclass
+class Guard:
+    """What a guarded (production) rollout is given beyond its target."""
+
+    shadow: Target  # the shadow deployment: answers every ride, riders never see it
+    answers: Any  # rollout.analysis.LiveAnswers (or a test's), read by version and ride
+    analysis: AnalysisSettings
+    slot: ShadowSlot
+
+
+# Rides in flight when a deployment starts to answer in shadow reach only the other one; the
+# analysis window opens this long after the deployment serves (a ride takes well under a second).
+WINDOW_SETTLE_SECONDS = 2.0
+
+
+def _seconds(since: float) -> float:
+    return round(time.time() - since, 2)
+
+
 class Rollout:
     """One worker thread per (alias, target): rollouts never overlap, and each ends on the alias's latest version."""
 
@@ -58,16 +144,24 @@ class Rollout:
         resync_seconds: float = 60.0,
         preflight: Callable[[Deployment], Any] | None = None,
         story: Any = None,
+        guard: Guard | None = None,
+        slot: ShadowSlot | None = None,
     ):
         self.alias = alias
         # Told (what serves now, what is about to replace it) before each deploy: production marks the
         # version really serving as `previous`, so a rollback after a failed rollout goes back one step.
         self._before_switch = before_switch
         self.resync_seconds = resync_seconds
-        # Before a version is deployed, it must pass this (rollout.preflight.run: .passed, .reason);
-        # ``story`` is told what became of it (.blocked / .rolled_out) and keeps the registry honest.
+        # Before a version is deployed, it must pass this (rollout.preflight.run: .passed, .reason).
         self._preflight = preflight
-        self._story = story
+        # The rollout's durable state and its story (MemoryStory's calls): rollout.app.RegistryStory
+        # keeps both on the version's tags and page in the registry.
+        self._story = story if story is not None else MemoryStory()
+        self._guard = guard
+        # A rollout of the shadow deployment itself (the challenger) waits while a guarded rollout holds it.
+        self._slot = slot
+        if slot is not None:
+            slot.waiting.append(self)
         self._resolve = resolve
         self.target = target
         self._retry_initial, self._retry_max = retry_initial_seconds, retry_max_seconds
@@ -80,6 +174,7 @@ class Rollout:
         self.last_error: str | None = None
         self.retry_at: float | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=20)
+        self.phase: dict[str, Any] | None = None  # the guarded rollout under way: version, phase, since, figures
 
     # --- driving it ---------------------------------------------------------------------------
     def request(self, reason: str) -> None:
@@ -113,6 +208,8 @@ class Rollout:
             self._wake.clear()
             try:
                 self.reconcile()
+            except Superseded:
+                continue
             except Exception as exc:  # reported and retried; the previous deployment keeps serving
                 self.failures += 1
                 backoff = min(self._retry_initial * 2 ** (self.failures - 1), self._retry_max)
@@ -133,13 +230,32 @@ class Rollout:
     def reconcile(self) -> str:
         """Deploy what the alias points at, if the target serves anything else; says what it did."""
         with self._lock:
+            if self._slot is not None and self._slot.holder not in (None, self.alias):
+                return self._record("waiting", f"the shadow deployment is lent to the {self._slot.holder} rollout", None, None)
             wanted = self._resolve(self.alias)
             serving = self.target.serving()
             if wanted is None:
+                if self._slot is not None and serving is not None and hasattr(self.target, "retire"):
+                    # The shadow deployment with nothing wanted there (what a production rollout left in it,
+                    # or a challenger alias deleted): it stops answering rather than serve an unnamed version.
+                    self.target.retire()
+                    return self._record("retired", f"no {self.alias!r} alias: v{serving.version} no longer in shadow", None, None)
                 return self._record("no-op", f"the registry has no {self.alias!r} alias; nothing to roll out", serving, None)
-            if serving is not None and serving.run_id == wanted.run_id and serving.version == wanted.version:
+            state = self._story.state(wanted.version)
+            if _same(serving, wanted):
+                # Riders are on it but its bake did not end (a controller stopped after the switch): bake it.
+                unbaked = state.get("rollout_phase") == "bake" or (
+                    state.get("rollout_phase") == "switch" and state.get(f"rollout_served_{self.alias}") != "true"
+                )
+                if self._guard is not None and unbaked and state.get("rollout_from"):
+                    return self._resumed_bake(wanted, state)
                 return self._record("no-op", f"already serving v{wanted.version}", serving, wanted)
-            started = time.time()
+            if state.get("rollout_status") == "blocked" and serving is not None:
+                # Blocked stays blocked (delete the tag to try again): the alias goes back, nothing is re-run.
+                self._story.move_alias(self.alias, serving.version)
+                return self._record(
+                    "blocked", f"v{wanted.version} is blocked ({state.get('rollout_reason', '')[:200]})", serving, wanted
+                )
             log.info(
                 "rolling out",
                 extra={
@@ -149,35 +265,276 @@ class Rollout:
                     "from": asdict(serving) if serving else None,
                 },
             )
-            verdict = self._preflight(wanted) if self._preflight is not None else None
-            if verdict is not None and not verdict.passed:
-                kept = f"v{serving.version} keeps serving" if serving else "nothing is deployed"
-                if self._story is not None:
-                    self._story.blocked(self.alias, wanted, serving, verdict)
-                return self._record(
-                    "blocked", f"v{wanted.version} blocked at pre-flight: {verdict.reason}; {kept}", serving, wanted
+            try:
+                return self._roll_out(wanted, serving, state)
+            except Superseded as exc:
+                self._record("superseded", f"v{wanted.version}: {exc}", serving, wanted)
+                self._wake.set()  # look again at once: the alias's latest version is what counts
+                raise
+            finally:
+                self.phase = None
+                if self._guard is not None:
+                    self._guard.slot.give_back()
+
+    def _roll_out(self, wanted: Deployment, serving: Deployment | None, state: dict[str, str]) -> str:
+        started = time.time()
+        attempts = int(state.get("rollout_attempts", "0")) + 1
+        # Known good: it has served this alias before (a rollback): no shadow, no bake; pre-flight still runs.
+        known_good = state.get(f"rollout_served_{self.alias}") == "true"
+        guarded = self._guard is not None and serving is not None and not known_good
+        resuming = state.get("rollout_from") == serving.version if serving else False
+        phases: dict[str, Any] = {}
+
+        # A controller restarted mid-shadow goes on with the shadow: its pre-flight passed already.
+        resumed_shadow = resuming and state.get("rollout_phase") == "shadow" and "rollout_preflight_max_diff_minutes" in state
+        if resumed_shadow:
+            phases["preflight"] = {"passed": True, "resumed": True}
+        else:
+            self._enter(wanted, "preflight", serving, attempts)
+        verdict = self._preflight(wanted) if self._preflight is not None and not resumed_shadow else None
+        if verdict is not None:
+            phases["preflight"] = {"passed": verdict.passed, "max_diff_minutes": verdict.max_diff_minutes}
+            if not verdict.passed:
+                return self._block(wanted, serving, "pre-flight", verdict.reason, phases["preflight"])
+            self._story.tell(
+                wanted.version,
+                f"**Pre-flight passed** ({_now()}): {verdict.reason}, largest difference {verdict.max_diff_minutes} min.",
+                rollout_preflight_max_diff_minutes=str(verdict.max_diff_minutes),
+            )
+
+        if guarded:
+            assert self._guard is not None and serving is not None
+            resumed = resuming and state.get("rollout_phase") == "shadow"
+            since = float(state["rollout_phase_started_at"]) if resumed else time.time()
+            self._enter(wanted, "shadow", serving, attempts, since)
+            if resumed:
+                self._story.tell(
+                    wanted.version, f"**Shadow analysis resumed** ({_now()}) by a restarted controller, attempt {attempts}."
                 )
-            if self._before_switch is not None and serving is not None:
-                try:
-                    self._before_switch(serving, wanted)
-                except Exception as exc:  # bookkeeping only: the rollout goes on
-                    log.warning("%s: before the switch: %s: %s", self.alias, type(exc).__name__, exc)
-            self.target.deploy(wanted)
-            now_serving = self.target.serving()
-            if now_serving is None or now_serving.run_id != wanted.run_id:
-                raise RuntimeError(f"{self.target.name} reports {now_serving} after deploying v{wanted.version}")
-            seconds = round(time.time() - started, 2)
-            if self._story is not None:
-                try:
-                    self._story.rolled_out(self.alias, now_serving, serving, verdict, seconds)
-                except Exception as exc:  # bookkeeping only: the rollout itself succeeded
-                    log.warning("%s: telling the version's story: %s: %s", self.alias, type(exc).__name__, exc)
-            return self._record("rolled out", f"v{wanted.version} serving after {seconds} s", now_serving, wanted, seconds)
+            self._guard.slot.lend(self.alias)
+            started_shadow = not _same(self._guard.shadow.serving(), wanted)
+            if started_shadow:
+                self._guard.shadow.deploy(wanted)
+            # The clock goes on only if the shadow kept answering across a restart; else the window opens anew.
+            if not resumed or started_shadow:
+                since = self._window_opens(wanted)
+            settings = self._guard.analysis
+            figs, found = self._watch(
+                wanted, serving, since, settings.shadow_min_rides, 0.0, settings.shadow_max_minutes * 60, early=False
+            )
+            phases["shadow"] = figs
+            if found:
+                return self._block(wanted, serving, "shadow analysis", "; ".join(found), figs)
+            self._story.tell(
+                wanted.version,
+                f"**Shadow analysis passed** ({_now()}): {_describe(figs, wanted, serving)}.",
+                rollout_shadow=json.dumps(figs),
+            )
+
+        if self._before_switch is not None and serving is not None:
+            try:
+                self._before_switch(serving, wanted)
+            except Exception as exc:  # bookkeeping only: the rollout goes on
+                log.warning("%s: before the switch: %s: %s", self.alias, type(exc).__name__, exc)
+        self._enter(wanted, "switch", serving, attempts)
+        self.target.deploy(wanted)
+        now_serving = self.target.serving()
+        if now_serving is None or now_serving.run_id != wanted.run_id:
+            raise RuntimeError(f"{self.target.name} reports {now_serving} after deploying v{wanted.version}")
+        switch_seconds = _seconds(started)
+
+        if guarded:
+            assert serving is not None
+            outcome, phases["bake"] = self._bake(wanted, serving, attempts, None)
+            if outcome is not None:
+                return outcome
+        replaced = f", replacing v{serving.version}" if serving else ""
+        if serving is not None and serving.version != wanted.version:  # its page no longer says it serves
+            self._story.mark(serving.version, rollout_status=f"replaced by v{wanted.version}", rollout_phase="replaced")
+        self._story.tell(
+            wanted.version,
+            f"**Rolled out to {self.alias}** ({_now()}): riders on it {switch_seconds} s after the rollout began{replaced}"
+            + ("; known good (it served before): shadow and bake skipped" if known_good else "")
+            + ".",
+            rollout_status=f"serving {self.alias}",
+            rollout_phase="serving",
+            rollout_seconds=str(switch_seconds),
+            **{f"rollout_served_{self.alias}": "true"},
+        )
+        return self._record(
+            "rolled out",
+            f"v{wanted.version} serving after {switch_seconds} s" + (" (known good)" if known_good else ""),
+            now_serving,
+            wanted,
+            switch_seconds,
+            phases,
+        )
+
+    def _bake(
+        self, wanted: Deployment, previous: Deployment, attempts: int, since: float | None
+    ) -> tuple[str | None, dict[str, Any]]:
+        """Riders on ``wanted``, ``previous`` answering in shadow; a breach sends riders back.
+        (what it did, None if it passed; its figures).
+
+        ``since``: when a bake that a stopped controller began started (None: it begins now)."""
+        assert self._guard is not None
+        self._enter(wanted, "bake", previous, attempts, since)
+        self._guard.slot.lend(self.alias)
+        if not _same(self._guard.shadow.serving(), previous):
+            self._guard.shadow.deploy(previous)  # the version riders go back to, warm
+        if since is None:
+            since = self._window_opens(wanted)
+        settings = self._guard.analysis
+        figs, found = self._watch(
+            wanted,
+            previous,
+            since,
+            settings.bake_min_rides,
+            settings.bake_minutes * 60,
+            max(settings.bake_minutes, settings.shadow_max_minutes) * 60,
+            early=True,
+        )
+        if found:
+            rollback_started = time.time()
+            self.target.deploy(previous)
+            figs = {**figs, "rollback_seconds": _seconds(rollback_started)}
+            return self._block(wanted, previous, "bake", "; ".join(found), figs, rolled_back=True), figs
+        self._story.tell(
+            wanted.version, f"**Bake passed** ({_now()}): {_describe(figs, wanted, previous)}.", rollout_bake=json.dumps(figs)
+        )
+        return None, figs
+
+    def _resumed_bake(self, wanted: Deployment, state: dict[str, str]) -> str:
+        """A controller restarted during the bake: the bake goes on, on its own clock, then ends as it would have."""
+        previous = Deployment(**json.loads(state["rollout_from_deployment"]))
+        attempts = int(state.get("rollout_attempts", "1"))
+        try:
+            began = float(state["rollout_phase_started_at"]) if state.get("rollout_phase") == "bake" else None
+            outcome, _ = self._bake(wanted, previous, attempts, began)
+        finally:
+            self.phase = None
+            self._guard.slot.give_back() if self._guard else None
+        if outcome is not None:
+            return outcome
+        self._story.tell(
+            wanted.version,
+            f"**Rolled out to {self.alias}** ({_now()}): the bake resumed after a controller restart and passed.",
+            rollout_status=f"serving {self.alias}",
+            rollout_phase="serving",
+            **{f"rollout_served_{self.alias}": "true"},
+        )
+        return self._record("rolled out", f"v{wanted.version} serving (bake resumed and passed)", wanted, wanted)
+
+    def _window_opens(self, wanted: Deployment) -> float:
+        """When the phase's window opens, now that both deployments answer: a little later, since rides
+        published before the shadow's subscription existed reach one deployment only."""
+        since = time.time() + WINDOW_SETTLE_SECONDS
+        if self.phase is not None:
+            self.phase["since"] = since
+        self._story.mark(wanted.version, rollout_phase_started_at=str(since))
+        return since
+
+    def _watch(
+        self,
+        wanted: Deployment,
+        serving: Deployment,
+        since: float,
+        min_rides: int,
+        min_seconds: float,
+        max_seconds: float,
+        early: bool,
+    ) -> tuple[dict[str, Any], list[str]]:
+        """The paired figures of ``wanted`` against ``serving`` from ``since`` until the window closes."""
+        from rollout.analysis import breaches, figures
+
+        assert self._guard is not None
+        settings, last_look, last_saved = self._guard.analysis, 0.0, time.time()
+        while True:
+            if self._stop.is_set():
+                raise Superseded("the controller is stopping; the phase resumes when it starts again")
+            if time.monotonic() - last_look > 2:  # the alias may have moved on meanwhile
+                last_look = time.monotonic()
+                now_wanted = self._resolve(self.alias)
+                if not _same(now_wanted, wanted):
+                    self._story.mark(wanted.version, rollout_status="superseded", rollout_phase="superseded")
+                    raise Superseded(f"the alias moved to v{now_wanted.version if now_wanted else '-'}")
+            window = self._guard.answers.window(serving.version, wanted.version, since, settings.answer_grace_seconds)
+            figs = {**figures(*window, settings=settings), "seconds": _seconds(since), "window_opened_at": round(since, 3)}
+            if self.phase is not None:
+                self.phase["figures"] = figs
+            found = breaches(figs, settings)
+            if figs["rides"] >= min_rides and figs["seconds"] >= min_seconds:
+                return figs, found
+            if early and found and figs["rides"] >= max(20, min_rides // 4):
+                return figs, found  # a breach during the bake acts at once
+            if figs["seconds"] >= max_seconds:
+                if early:  # a quiet bake: nothing breached in all that time
+                    return figs, found
+                return figs, [
+                    f"only {figs['rides']} rides answered by both versions in {figs['seconds']:.0f} s (needs {min_rides})"
+                ]
+            if time.time() - last_saved > 10:  # durable figures, for the page and a restarted controller's status
+                last_saved = time.time()
+                self._story.mark(wanted.version, rollout_figures=json.dumps(figs))
+            self._wake.wait(0.5)
+            self._wake.clear()
+
+    def _enter(
+        self, wanted: Deployment, phase: str, serving: Deployment | None, attempts: int, since: float | None = None
+    ) -> None:
+        """The phase, written to the version's tags before it starts: a restarted controller resumes from them."""
+        since = time.time() if since is None else since
+        self.phase = {"version": wanted.version, "phase": phase, "since": since, "from": serving.version if serving else None}
+        log.info("%s: v%s %s", self.alias, wanted.version, phase)
+        self._story.mark(
+            wanted.version,
+            rollout_status=f"rolling out to {self.alias}",
+            rollout_phase=phase,
+            rollout_phase_started_at=str(since),
+            rollout_attempts=str(attempts),
+            rollout_from=serving.version if serving else "",
+            rollout_from_deployment=json.dumps(asdict(serving)) if serving else "",
+        )
+
+    def _block(
+        self,
+        wanted: Deployment,
+        serving: Deployment | None,
+        phase: str,
+        reason: str,
+        figs: dict[str, Any],
+        rolled_back: bool = False,
+    ) -> str:
+        """Riders stay on (or went back to) ``serving``; the alias returns to it; the version says why."""
+        kept = (
+            f"Riders {'went back' if rolled_back else 'stayed'} on v{serving.version}, and the {self.alias} alias was moved back to it"
+            if serving
+            else "Nothing was deployed"
+        )
+        self._story.tell(
+            wanted.version,
+            f"**Rollout to {self.alias} blocked at {phase}** ({_now()}): {reason}. Figures: {json.dumps(figs)}. {kept}.",
+            rollout_status="blocked",
+            rollout_phase=phase,
+            rollout_reason=reason[:5000],
+            rollout_figures=json.dumps(figs),
+        )
+        if serving is not None and serving.version != wanted.version:
+            self._story.move_alias(self.alias, serving.version)
+        outcome = "rolled back" if rolled_back else "blocked"
+        kept = f"v{serving.version} serves" if serving else "nothing is deployed"
+        return self._record(outcome, f"v{wanted.version} blocked at {phase}: {reason}; {kept}", serving, wanted, figures=figs)
 
     def _record(
-        self, outcome: str, message: str, serving: Deployment | None, wanted: Deployment | None, seconds: float | None = None
+        self,
+        outcome: str,
+        message: str,
+        serving: Deployment | None,
+        wanted: Deployment | None,
+        seconds: float | None = None,
+        figures: dict[str, Any] | None = None,
     ) -> str:
-        if outcome != "no-op" or not self.history or self.history[-1]["message"] != message:
+        if outcome not in ("no-op", "waiting") or not self.history or self.history[-1]["message"] != message:
             self.history.append(
                 {
                     "at": time.time(),
@@ -185,13 +542,14 @@ class Rollout:
                     "message": message,
                     "version": wanted.version if wanted else None,
                     "seconds": seconds,
+                    **({"figures": figures} if figures else {}),
                 }
             )
         log.info("%s: %s", self.alias, message)
         return message
 
     def status(self) -> dict[str, Any]:
-        """The registry's alias and what the target serves, side by side, and whether they differ."""
+        """The registry's alias and what the target serves, side by side, whether they differ, and the phase under way."""
         wanted, serving, problem = None, None, None
         try:
             wanted = self._resolve(self.alias)
@@ -199,10 +557,11 @@ class Rollout:
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"
         rolling_out = self._lock.locked()  # a pass is under way: not settled, whatever the target says yet
-        in_sync = (
-            problem is None and not rolling_out and wanted is not None and serving is not None and serving.run_id == wanted.run_id
-        )
+        in_sync = problem is None and not rolling_out and wanted is not None and _same(serving, wanted)
         state = "in sync" if in_sync else "rolling out" if rolling_out else "failing" if self.last_error else "out of sync"
+        phase = dict(self.phase) if self.phase else None
+        if phase:
+            phase["seconds"] = _seconds(phase["since"])
         return {
             "alias": self.alias,
             "target": self.target.name,
@@ -210,6 +569,8 @@ class Rollout:
             "serving": asdict(serving) if serving else None,
             "in_sync": in_sync,
             "state": state,
+            "phase": phase,
+            "guarded": self._guard is not None,
             "problem": problem,
             "last_error": self.last_error,
             "failures": self.failures,
@@ -217,3 +578,24 @@ class Rollout:
             "resync_seconds": self.resync_seconds,
             "history": list(self.history)[-5:],
         }
+
+
+def _same(serving: Deployment | None, wanted: Deployment | None) -> bool:
+    return serving is not None and wanted is not None and serving.run_id == wanted.run_id and serving.version == wanted.version
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+
+def _describe(figs: dict[str, Any], wanted: Deployment, serving: Deployment) -> str:
+    n, m = f"v{wanted.version}", f"v{serving.version}"
+    text = (
+        f"{figs.get('rides', 0)} live rides answered by {n} and {m} in {figs.get('seconds', 0):.0f} s: "
+        f"median |{n} - {m}| {figs.get('median_abs_diff_minutes')} min, mean {n} - {m} {figs.get('mean_diff_minutes')} min, "
+        f"{n}'s p95 answer {figs.get('p95_answer_ms')} ms, unanswered {figs.get('missing_rate')}, "
+        f"extra dead letters {figs.get('extra_dead_letter_rate')}, extra out-of-bounds {figs.get('extra_clipped_rate')}"
+    )
+    if figs.get("rmse_diff_ci95"):
+        text += f", RMSE {n} - {m} {figs['rmse_diff_minutes']} min (95 % CI {figs['rmse_diff_ci95']})"
+    return text

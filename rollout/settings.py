@@ -3,14 +3,55 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """What a new production version must show on live rides, beside the version serving, before riders get
+    it (shadow) and after (bake). Every threshold, in one place; each is read from ROLLOUT_<NAME upper-cased>,
+    e.g. ROLLOUT_SHADOW_MIN_RIDES. The defaults pass a retrained model and block a broken one
+    (tests/test_analysis.py shows both, on real models and real rides)."""
+
+    # The shadow window: at least this many rides answered by both versions; a version that cannot
+    # gather them within the time is blocked (no evidence is no pass).
+    shadow_min_rides: int = 200
+    shadow_max_minutes: float = 30.0
+    # The bake: the new version answers riders while the old one answers the same rides in shadow,
+    # for at least this long and this many rides; a breach meanwhile sends riders back.
+    bake_minutes: float = 10.0
+    bake_min_rides: int = 200
+    # A ride counts once the candidate had this long to answer it too (else it is "unanswered").
+    answer_grace_seconds: float = 10.0
+    max_missing_rate: float = 0.01  # rides the serving version answered and the candidate did not
+    max_extra_dead_letter_rate: float = 0.005  # rides the candidate refused beyond those the serving one refused
+    max_extra_clipped_rate: float = 0.02  # answers out of bounds (clipped) beyond the serving version's
+    max_p95_answer_ms: float = 200.0  # the function's own time to decode, validate and score a ride
+    max_median_abs_diff_minutes: float = 2.0  # median |candidate - serving| on the same rides
+    max_abs_mean_diff_minutes: float = 1.5  # |mean (candidate - serving)|: a shift of every answer
+    # Where actual durations have come back: the candidate's RMSE may be worse than the serving
+    # version's by at most this much at the low end of the paired bootstrap's 95 % interval.
+    max_rmse_increase_minutes: float = 0.25
+    min_outcomes: int = 100
+    bootstrap_samples: int = 2000
+
+    @classmethod
+    def from_env(cls) -> AnalysisSettings:
+        values = {}
+        for item in fields(cls):
+            raw = os.environ.get(f"ROLLOUT_{item.name.upper()}")
+            if raw:
+                values[item.name] = int(raw) if item.type == "int" else float(raw)
+        return cls(**values)
 
 
 @dataclass(frozen=True)
 class RolloutSettings:
     webhook_secret: str  # ROLLOUT_WEBHOOK_SECRET: the secret the MLflow webhook signs with (Secret Manager on GCP)
     model_name: str  # MODEL_NAME: the registered model whose aliases are rolled out
-    # ROLLOUT_ALIASES: alias=function pairs; production always, challenger for the shadow deployment if set
+    # ROLLOUT_ALIASES: alias=function pairs; production always, and challenger: the shadow deployment,
+    # which production's rollouts borrow for their shadow analysis and bake (on Google Cloud, the
+    # same function's service: challenger=<the same name>; without it, pre-flight only)
     aliases: dict[str, str]
     tolerance_seconds: float  # WEBHOOK_TOLERANCE_SECONDS: how old a signed call may be
     retry_initial_seconds: float
@@ -19,6 +60,17 @@ class RolloutSettings:
     resync_seconds: float = 60.0
     # MLFLOW_ID_TOKEN_AUDIENCE: the MLflow server's URL when it sits behind Cloud Run IAM (an ID token per call)
     mlflow_audience: str = ""
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    # Where the controller reads live answers: its own subscriptions on production's result topic,
+    # the shadow's, and the dead letters (ANALYSIS_RESULT_SUBSCRIPTIONS comma-separated,
+    # ANALYSIS_DEADLETTER_SUBSCRIPTION), in GCP_PROJECT.
+    project: str = ""
+    region: str = ""  # GCP_REGION: where the function's Cloud Run service runs
+    # BACKEND_PULL_STREAM / BACKEND_SHADOW_STREAM: where production's and the shadow's revisions publish
+    results_topic: str = "backend-pull-stream"
+    shadow_results_topic: str = "backend-shadow-stream"
+    result_subscriptions: tuple[str, ...] = ()
+    deadletter_subscription: str = ""
 
     @classmethod
     def from_env(cls) -> RolloutSettings:
@@ -36,4 +88,13 @@ class RolloutSettings:
             retry_max_seconds=float(os.environ.get("ROLLOUT_RETRY_MAX_SECONDS", "60")),
             resync_seconds=float(os.environ.get("ROLLOUT_RESYNC_SECONDS", "60")),
             mlflow_audience=os.environ.get("MLFLOW_ID_TOKEN_AUDIENCE", ""),
+            analysis=AnalysisSettings.from_env(),
+            project=os.environ.get("GCP_PROJECT", ""),
+            region=os.environ.get("GCP_REGION", "europe-west1"),
+            results_topic=os.environ.get("BACKEND_PULL_STREAM", "backend-pull-stream"),
+            shadow_results_topic=os.environ.get("BACKEND_SHADOW_STREAM", "backend-shadow-stream"),
+            result_subscriptions=tuple(
+                s.strip() for s in os.environ.get("ANALYSIS_RESULT_SUBSCRIPTIONS", "").split(",") if s.strip()
+            ),
+            deadletter_subscription=os.environ.get("ANALYSIS_DEADLETTER_SUBSCRIPTION", ""),
         )

@@ -108,13 +108,15 @@ class RideDurationService:
         except self.contract.ride.InvalidRide as exc:
             raise PoisonMessage(f"invalid ride: {exc}") from exc
 
-    def predict(self, ride: Any, fingerprint: str) -> Any:
-        """The ride's RideResult (the contract's result message); ``fingerprint`` is ``ride.fingerprint()``.
+    def predict(self, ride: Any, fingerprint: str, started: float | None = None) -> Any:
+        """The ride's RideResult (the contract's result message); ``fingerprint`` is ``ride.fingerprint()``;
+        ``started``: when the message arrived (perf_counter), for the answer's ``answer_ms``.
 
         A raw prediction outside the contract's duration bounds is answered with the nearest
         bound, marked ``clipped``, counted and logged with the raw value: riders are never told
         a negative or a three-hour ride, and operators see how often the model strays."""
         predicted = float(self.model.predict([ride])[0])
+        answer_ms = round((time.perf_counter() - started) * 1000, 3) if started is not None else None
         result = self.contract.result.RideResult.answer(
             ride.ride_id,
             predicted,
@@ -122,6 +124,7 @@ class RideDurationService:
             model_run_id=self.run_id,
             model_version=self.model_version,
             model_id=self.model_id,
+            answer_ms=answer_ms,  # a contract without the field ignores it (extra="ignore")
         )
         if result.clipped:
             with self._lock:
@@ -170,7 +173,7 @@ class RideDurationService:
             return previous
 
         try:
-            prediction = self.predict(ride, fingerprint)
+            prediction = self.predict(ride, fingerprint, started)
             predicted = time.perf_counter()
             # Raises on failure: the function then fails and Pub/Sub redelivers the message.
             self.publisher.publish(self.pull_topic, prediction.to_message(), ride_id=prediction.ride_id)

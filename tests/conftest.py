@@ -35,6 +35,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def started_as_client(stack):
+    """Start a stack that makes this process its client (its addresses in the environment), yield it,
+    then stop it and give the tests after it the environment as it was."""
+    environment = os.environ.copy()
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+        os.environ.clear()
+        os.environ.update(environment)
+
+
 def unique(name: str) -> str:
     """Topic/subscription names unique per test, so tests sharing an emulator never cross."""
     return f"{name}-{uuid.uuid4().hex[:8]}"

@@ -1,11 +1,14 @@
-"""A stand-in for the Google Cloud APIs that `gcloud functions deploy` talks to, recording every request.
+"""A stand-in for the Google Cloud APIs that `gcloud functions deploy` and `gcloud run` talk to, recording every request.
 
 The real `gcloud` CLI is pointed at it with CLOUDSDK_API_ENDPOINT_OVERRIDES_<API> and
 credentials disabled, so a test runs the exact commands the project builds and then reads
 the API requests they made: flags that do not parse fail in gcloud itself, and the request
 bodies show what a real project would receive. It answers just enough for gcloud to go on:
 the function (404 until created), runtimes, the project, upload URLs, operations (done at
-once) and IAM policies.
+once) and IAM policies; for Cloud Run (the service under a 2nd-gen function), the Knative
+services and revisions `gcloud run services update / update-traffic` read and replace. gcloud
+derives Cloud Run's regional host from the endpoint (``europe-west1-<host>``), so it reaches
+this server through it as an HTTP proxy.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class FakeGoogleCloud:
     requests: list[Request] = field(default_factory=list)
     functions: dict[str, dict] = field(default_factory=dict)
     last_changed: dict = field(default_factory=dict)
+    run_services: dict[str, dict] = field(default_factory=dict)  # "namespace/name" -> Knative service
+    revisions: dict[str, dict] = field(default_factory=dict)  # "namespace/name" -> Knative revision
     server: ThreadingHTTPServer | None = None
 
     @property
@@ -47,6 +52,10 @@ class FakeGoogleCloud:
         """What makes the real gcloud talk to this server, with no credentials and no prompts."""
         env = {f"CLOUDSDK_API_ENDPOINT_OVERRIDES_{api}": self.url for api in APIS}
         return env | {
+            "CLOUDSDK_API_ENDPOINT_OVERRIDES_RUN": "http://run.fake/",
+            "CLOUDSDK_PROXY_TYPE": "http",
+            "CLOUDSDK_PROXY_ADDRESS": "127.0.0.1",
+            "CLOUDSDK_PROXY_PORT": str(self.server.server_address[1]),
             "CLOUDSDK_CONFIG": str(config_dir),
             "CLOUDSDK_AUTH_DISABLE_CREDENTIALS": "true",
             "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
@@ -117,7 +126,97 @@ class FakeGoogleCloud:
             return 200, self._operation(path[len("/v2/") :], self.last_changed)
         if path.startswith("/v2/") and "/functions" in path:
             return self._function(request) or not_found
+        if path.startswith("/apis/serving.knative.dev/v1/namespaces/"):
+            return self._knative(request) or not_found
         return not_found
+
+    # --- Cloud Run: the function's service, its revisions and its traffic ------------------------
+    def add_run_service(self, namespace: str, name: str, env: dict[str, str]) -> None:
+        """The service a 2nd-gen function runs on, as the first deploy leaves it: one revision, all traffic."""
+        template = {
+            "metadata": {"name": f"{name}-00001-abc", "annotations": {"autoscaling.knative.dev/maxScale": "20"}},
+            "spec": {"containers": [{"image": "europe-west1-docker.pkg.dev/p/gcf-artifacts/fn:version_1", "env": [
+                {"name": k, "value": v} for k, v in env.items()
+            ]}]},
+        }  # fmt: skip
+        service = {
+            "apiVersion": "serving.knative.dev/v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace, "generation": 0, "annotations": {}},
+            "spec": {"template": template, "traffic": [{"latestRevision": True, "percent": 100}]},
+        }
+        self._apply(namespace, service)
+
+    def _apply(self, namespace: str, service: dict) -> dict:
+        """Replace a service: a new template makes a new revision; traffic resolves to revisions; ready at once."""
+        name = service["metadata"]["name"]
+        old = self.run_services.get(f"{namespace}/{name}")
+        template = service["spec"]["template"]
+        if old is None or template != old["spec"]["template"]:
+            number = sum(1 for key in self.revisions if key.startswith(f"{namespace}/{name}-")) + 1
+            revision_name = template.get("metadata", {}).get("name") or f"{name}-{number:05d}-rev"
+            if f"{namespace}/{revision_name}" in self.revisions:
+                return {"error": f"revision {revision_name} already exists"}
+            self.revisions[f"{namespace}/{revision_name}"] = {
+                "apiVersion": "serving.knative.dev/v1",
+                "kind": "Revision",
+                "metadata": {
+                    "name": revision_name,
+                    "namespace": namespace,
+                    "labels": {"serving.knative.dev/service": name},
+                    "creationTimestamp": f"2026-12-01T00:00:{number:02d}Z",
+                },
+                "spec": template["spec"],
+                "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+            }
+            latest = revision_name
+        else:
+            latest = old["status"]["latestCreatedRevisionName"]
+        generation = (old or service)["metadata"].get("generation", 0) + 1
+        service["metadata"] = {**service["metadata"], "generation": generation}
+        traffic = [
+            {
+                **({"revisionName": latest} if t.get("latestRevision") else {}),
+                **{k: v for k, v in t.items() if k != "latestRevision"},
+            }
+            | ({"latestRevision": True} if t.get("latestRevision") else {})
+            for t in service["spec"].get("traffic", [])
+        ]
+        service["status"] = {
+            "observedGeneration": generation,
+            "latestCreatedRevisionName": latest,
+            "latestReadyRevisionName": latest,
+            "conditions": [{"type": t, "status": "True"} for t in ("Ready", "ConfigurationsReady", "RoutesReady")],
+            "traffic": traffic,
+            "url": f"https://{name}-xyz.a.run.app",
+        }
+        self.run_services[f"{namespace}/{name}"] = service
+        return service
+
+    def _knative(self, request: Request) -> tuple[int, dict] | None:
+        parts = request.path[len("/apis/serving.knative.dev/v1/namespaces/") :].split("/")
+        namespace, kind, name = parts[0], parts[1], parts[2] if len(parts) > 2 else None
+        if kind == "services" and name:
+            if request.method == "GET":
+                service = self.run_services.get(f"{namespace}/{name}")
+                return (200, service) if service else None
+            if request.method == "PUT":
+                applied = self._apply(namespace, request.json())
+                return (409, {"error": {"code": 409, "message": applied["error"]}}) if "error" in applied else (200, applied)
+        if kind == "revisions" and request.method == "GET":
+            if name:
+                revision = self.revisions.get(f"{namespace}/{name}")
+                return (200, revision) if revision else None
+            selector = (request.query.get("labelSelector") or [""])[0]
+            service = selector.split("=", 1)[1].strip() if "=" in selector else None
+            items = [
+                r
+                for key, r in self.revisions.items()
+                if key.startswith(f"{namespace}/")
+                and (service is None or r["metadata"]["labels"]["serving.knative.dev/service"] == service)
+            ]
+            return 200, {"apiVersion": "serving.knative.dev/v1", "kind": "RevisionList", "items": items, "metadata": {}}
+        return None
 
     def _operation(self, name: str, function: dict) -> dict:
         return {
@@ -156,6 +255,9 @@ class FakeGoogleCloud:
             return (200, function) if function else None
         else:
             return None
+        if method == "POST":  # a 2nd-gen function runs on a Cloud Run service of its name
+            project = function["name"].split("/")[1]
+            self.add_run_service(project, short, function["serviceConfig"].get("environmentVariables", {}))
         self.functions[function["name"]] = self.last_changed = function
         location = function["name"].rsplit("/functions/", 1)[0]
         return 200, self._operation(f"{location}/operations/op-{len(self.requests)}", function)

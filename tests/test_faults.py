@@ -6,9 +6,8 @@ see devstack/faults.py. benchmarks/fault_bench.py prints the same scenarios as a
 
 from __future__ import annotations
 
-import os
-
 import pytest
+from conftest import started_as_client
 
 from devstack.faults import RECOVERY_BOUND_SECONDS, SCENARIOS, FaultStack, dead_subscribers_reproduction, run_scenario
 
@@ -17,16 +16,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory):
-    # The fault stack makes this process its client (emulator addresses in the environment);
-    # the tests after these must find the environment as it was.
-    environment = os.environ.copy()
-    stack = FaultStack(tmp_path_factory.mktemp("faults") / "stack")
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
-        os.environ.clear()
-        os.environ.update(environment)
+    yield from started_as_client(FaultStack(tmp_path_factory.mktemp("faults") / "stack"))
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

@@ -26,6 +26,7 @@ PROJECT, REGION, FUNCTION = "ridestream-prod", "europe-west1", "predict-duration
 RUNTIME_ACCOUNT = f"fn-predict@{PROJECT}.iam.gserviceaccount.com"
 TRIGGER_ACCOUNT = f"fn-trigger@{PROJECT}.iam.gserviceaccount.com"
 FUNCTION_PATH = f"/v2/projects/{PROJECT}/locations/{REGION}/functions"
+FIRST_IMAGE = "europe-west1-docker.pkg.dev/p/gcf-artifacts/fn:version_1"  # what the fake's first deploy built
 
 
 @pytest.fixture
@@ -50,11 +51,6 @@ def cloud(tmp_path, monkeypatch, local_model):
         monkeypatch.setenv(name, value)
     yield fake, settings, str(first), second
     fake.stop()
-
-
-def _model_env(fake: FakeGoogleCloud) -> dict[str, str]:
-    env = fake.functions[f"projects/{PROJECT}/locations/{REGION}/functions/{FUNCTION}"]["serviceConfig"]["environmentVariables"]
-    return {k: env[k] for k in ("RUN_ID", "MODEL_URI", "MODEL_VERSION")}
 
 
 def test_deploy_redeploy_and_rollback_send_the_requests_we_mean(cloud):
@@ -93,17 +89,71 @@ def test_deploy_redeploy_and_rollback_send_the_requests_we_mean(cloud):
         {"members": [f"serviceAccount:{TRIGGER_ACCOUNT}"], "role": "roles/run.invoker"}
     ]
 
-    # Promote (as in the UI), redeploy: only the model identity changes.
+    # Promote (as in the UI), redeploy: a revision of the running image with the model's identity, then
+    # its traffic. Cloud Run's API only: no upload, no build, no function update.
     registry.promote(second.version, settings)
+    before, uploads_by_the_deploy = len(fake.requests), _uploads(fake)
+    assert uploads_by_the_deploy == 2  # the deploy's: an upload URL, then the source
     assert deploy.main(["redeploy"]) == 0
-    [update] = fake.sent("PATCH", f"{FUNCTION_PATH}/{FUNCTION}")
-    assert "service_config.environment_variables" in update.query["updateMask"][0]
-    assert _model_env(fake)["RUN_ID"] == second.run_id and _model_env(fake)["MODEL_VERSION"] == second.version
+    calls = fake.requests[before:]
+    assert {(r.method, _api(r.path)) for r in calls} == {("GET", "services"), ("GET", "revisions"), ("PUT", "services")}
+    new_revision, traffic = [r.json() for r in calls if r.method == "PUT"]
+    template = new_revision["spec"]["template"]
+    assert template["spec"]["containers"][0]["image"] == FIRST_IMAGE  # the code Terraform deployed, unbuilt
+    assert _env(template)["RUN_ID"] == second.run_id and _env(template)["MODEL_VERSION"] == second.version
+    # --no-traffic: gcloud pins riders to the revision serving before the new one exists.
+    assert new_revision["spec"]["traffic"] == [{"percent": 100, "revisionName": f"{FUNCTION}-00001-abc"}]
+    serving_revision = template["metadata"]["name"]
+    assert traffic["spec"]["traffic"] == [{"revisionName": serving_revision, "percent": 100}]
 
-    # Roll back: the registry moves production back, the function follows.
+    # Roll back: the registry moves production back; the revision that served it gets the traffic again.
+    before, revisions = len(fake.requests), len(fake.revisions)
     assert deploy.main(["rollback"]) == 0
     assert registry.current_version(registry.PRODUCTION, settings) == first_version
-    assert _model_env(fake) == {"RUN_ID": first.run_id, "MODEL_URI": first.artifact_uri, "MODEL_VERSION": first.version}
+    [move] = [r.json() for r in fake.requests[before:] if r.method == "PUT"]
+    assert move["spec"]["traffic"] == [{"revisionName": f"{FUNCTION}-00001-abc", "percent": 100}]
+    assert len(fake.revisions) == revisions  # a traffic move, no new revision
+    assert _uploads(fake) == uploads_by_the_deploy  # neither redeploy nor rollback shipped code
+
+
+def test_a_shadow_rollout_gets_a_tagged_revision_and_no_rider_traffic(cloud):
+    """The controller's shadow phase: the candidate answers every ride at the shadow tag, riders stay put."""
+    from rollout.cloud import SHADOW_TAG, CloudRunFunctionTarget
+    from rollout.reconcile import Deployment
+
+    fake, settings, first_version, second = cloud
+    registry.promote(first_version, settings)
+    assert deploy.main(["deploy"]) == 0
+    production = CloudRunFunctionTarget(FUNCTION, PROJECT, REGION, "production", "backend-pull-stream")
+    shadow = CloudRunFunctionTarget(FUNCTION, PROJECT, REGION, SHADOW_TAG, "backend-shadow-stream")
+    riders_before = production.serving()
+    assert shadow.serving() is None and riders_before.version == first_version
+
+    before = len(fake.requests)
+    shadow.deploy(Deployment(second.version, second.run_id, second.model_uri))
+    calls = fake.requests[before:]
+    assert all(_api(r.path) in ("services", "revisions") for r in calls)  # Cloud Run only: no upload, no build
+    new_revision, tag = [r.json() for r in calls if r.method == "PUT"]
+    env = _env(new_revision["spec"]["template"])
+    assert (env["BACKEND_PULL_STREAM"], env["DEPLOYMENT_NAME"]) == ("backend-shadow-stream", f"{FUNCTION}-shadow")
+    revision = new_revision["spec"]["template"]["metadata"]["name"]
+    assert {"revisionName": revision, "tag": SHADOW_TAG} in tag["spec"]["traffic"]
+    assert all(t.get("revisionName") != revision for t in tag["spec"]["traffic"] if t.get("percent"))
+    assert shadow.serving().version == second.version and production.serving() == riders_before  # riders stay put
+
+
+def _uploads(fake: FakeGoogleCloud) -> int:
+    return len([r for r in fake.requests if r.path.startswith("/upload/") or "generateUploadUrl" in r.path])
+
+
+def _api(path: str) -> str:
+    """services or revisions, for a Cloud Run (Knative) call; the path otherwise."""
+    prefix = f"/apis/serving.knative.dev/v1/namespaces/{PROJECT}/"
+    return path[len(prefix) :].split("/")[0] if path.startswith(prefix) else path
+
+
+def _env(template: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in template["spec"]["containers"][0]["env"]}
 
 
 def test_a_flag_gcloud_does_not_accept_fails_in_gcloud(cloud, monkeypatch, capfd):

@@ -44,7 +44,7 @@ def test_every_terraform_file_parses():
 
 
 def test_the_system_is_all_there(resources):
-    assert set(resources["google_pubsub_topic"]) == {"push", "pull", "deadletter"}
+    assert set(resources["google_pubsub_topic"]) == {"push", "pull", "deadletter", "shadow"}
     assert {"models", "prediction_logs"} <= set(resources["google_storage_bucket"])
     assert set(resources["google_service_account"]) == {"function", "backend", "pusher", "mlflow", "training", "rollout"}
     function = resources["google_cloudfunctions2_function"]["predict"]
@@ -53,6 +53,22 @@ def test_the_system_is_all_there(resources):
     assert "google_service_account.function.email" in function["service_config"][0]["service_account_email"]
     backend = resources["google_cloud_run_v2_service"]["backend"]
     assert "google_service_account.backend.email" in backend["template"][0]["service_account"]
+
+
+def test_one_always_on_controller_and_a_shadow_fed_every_ride(resources):
+    """Exactly one rollout controller, never scaled to zero (its resync and analysis run between webhooks);
+    the shadow revision gets every ride at its tag's URL; the controller reads its own copies of the answers."""
+    controller = resources["google_cloud_run_v2_service"]["rollout"]["template"][0]
+    assert controller["scaling"][0] == {"min_instance_count": 1, "max_instance_count": 1}
+    assert controller["containers"][0]["resources"][0]["cpu_idle"] is False
+    env = {e["name"]: e.get("value") for e in controller["containers"][0]["env"]}
+    assert env["ROLLOUT_ALIASES"] == "production=${local.function_service_name},challenger=${local.function_service_name}"
+    assert "rollout_analysis" in env["ANALYSIS_RESULT_SUBSCRIPTIONS"] and "deadletter" in env["ANALYSIS_DEADLETTER_SUBSCRIPTION"]
+    shadow = resources["google_pubsub_subscription"]["function_shadow_push"]
+    assert "google_pubsub_topic.push" in shadow["topic"]
+    assert '"https://shadow---"' in shadow["push_config"][0]["push_endpoint"]
+    analysis = resources["google_pubsub_subscription"]["rollout_analysis"]
+    assert set(analysis["for_each"]) == {"pull", "shadow", "deadletter"}
 
 
 def test_the_function_subscription_has_dead_letter_and_retry_policies(resources):
@@ -90,21 +106,15 @@ def test_no_broad_roles_no_project_level_grants_and_no_keys(resources):
     for kind, _, role, _ in grants:
         assert not re.search(r"owner|editor|admin", role, re.IGNORECASE), role
         assert kind.endswith("_iam_member"), kind  # additive; never replaces others' bindings
-    # Grants sit on the bucket, topic, subscription, secret, function or service. Two exceptions: Cloud
+    # Grants sit on the bucket, topic, subscription, secret, function or service. One exception: Cloud
     # SQL has no instance-level IAM, so that grant is on the project, narrowed by a condition to one
-    # instance; and uploading function source is a per-location permission, granted as a custom role
-    # that holds it alone.
+    # instance. (A rollout uploads no source, so nobody holds generateUploadUrl.)
     project_level = resources.get("google_project_iam_member", {})
-    assert set(project_level) == {"mlflow_connects_to_its_database", "rollout_uploads_function_source"}
+    assert set(project_level) == {"mlflow_connects_to_its_database"}
     grant = project_level["mlflow_connects_to_its_database"]
     assert grant["role"] == "roles/cloudsql.client"
     assert "google_sql_database_instance.mlflow.name" in grant["condition"][0]["expression"]
-    uploader = resources["google_project_iam_custom_role"]["function_source_uploader"]
-    assert uploader["permissions"] == ["cloudfunctions.functions.generateUploadUrl"]
-    assert (
-        project_level["rollout_uploads_function_source"]["role"]
-        == "${google_project_iam_custom_role.function_source_uploader.id}"
-    )
+    assert "google_project_iam_custom_role" not in resources
     assert "google_service_account_key" not in resources
     provider_text = (INFRA / "versions.tf").read_text()
     assert "credentials =" not in provider_text
@@ -119,6 +129,7 @@ def test_each_identity_gets_exactly_what_it_uses(resources):
     assert by_member["function"] == {
         ("roles/storage.objectViewer", "google_storage_bucket.models"),
         ("roles/pubsub.publisher", "google_pubsub_topic.pull"),
+        ("roles/pubsub.publisher", "google_pubsub_topic.shadow"),
         ("roles/pubsub.publisher", "google_pubsub_topic.deadletter"),
     }
     assert by_member["backend"] == {
@@ -138,14 +149,17 @@ def test_each_identity_gets_exactly_what_it_uses(resources):
         ("roles/storage.objectUser", "google_storage_bucket.models"),
         ("roles/run.invoker", "google_cloud_run_v2_service.mlflow"),
     }
-    # The rollout service: its webhook secret, the registry, and this one function (and acting as its identity).
+    # The rollout controller: its webhook secret, the registry, revisions and traffic of this one function's
+    # Cloud Run service (acting as its identity), and its own copies of the answers.
     assert by_member["rollout"] == {
         ("roles/secretmanager.secretAccessor", 'google_secret_manager_secret.app["rollout-webhook-secret"]'),
-        ("roles/cloudfunctions.developer", "google_cloudfunctions2_function.predict"),
+        ("roles/run.developer", "google_cloudfunctions2_function.predict"),
         ("roles/iam.serviceAccountUser", "google_service_account.function"),
-        ("${google_project_iam_custom_role.function_source_uploader.id}", "${var.project_id}"),
+        ("roles/pubsub.subscriber", "${each.value.id}"),
         ("roles/run.invoker", "google_cloud_run_v2_service.mlflow"),
     }
+    analysis = resources["google_pubsub_subscription_iam_member"]["rollout_reads_analysis"]
+    assert analysis["for_each"] == "${google_pubsub_subscription.rollout_analysis}"
     # MLflow's webhooks carry no Google identity: anyone may call the rollout service, which checks an HMAC.
     assert by_member["allUsers"] == {("roles/run.invoker", "google_cloud_run_v2_service.rollout")}
     # Riders (var.backend_invokers, allUsers by default) on the backend; operators (var.mlflow_users) on MLflow.

@@ -50,12 +50,17 @@ def test_deploy_and_redeploy_commands_use_the_production_run_and_no_keys(local_m
     monkeypatch.setenv("FUNCTION_BUILD_SERVICE_ACCOUNT", "fn-build@ridestream-prod.iam.gserviceaccount.com")
     assert "--build-service-account=fn-build@ridestream-prod.iam.gserviceaccount.com" in deploy.deploy_commands()[0]
 
-    again = deploy.redeploy_command()
-    assert [a for a in again if "env-vars" in a] == [
-        f"--update-env-vars=RUN_ID={production.run_id},MODEL_URI={production.artifact_uri},MODEL_VERSION={production.version}"
+    # A redeploy changes only which model serves: a revision of the running image, then its traffic.
+    target = deploy.function_target()
+    model = deploy.Deployment(production.version, production.run_id, production.artifact_uri)
+    revision = target.new_revision_command(model, "p-v1-1")
+    assert revision[:5] == ["gcloud", "run", "services", "update", "predict-duration"] and "--no-traffic" in revision
+    assert [a for a in revision if "env-vars" in a] == [
+        f"--update-env-vars=RUN_ID={production.run_id},MODEL_URI={production.artifact_uri},MODEL_VERSION={production.version},"
+        "BACKEND_PULL_STREAM=backend-pull-stream,DEPLOYMENT_NAME=predict-duration"
     ]
-    assert not any(a.startswith(("--set-env-vars", "--trigger-topic", "--runtime")) for a in again)
-    assert any(a == f"--source={deploy.SOURCE_DIR}" for a in again) and deploy.SOURCE_DIR.name == "serving_function"
+    assert not any(a.startswith(("--source", "--image", "--set-env-vars", "--trigger-topic", "--runtime")) for a in revision)
+    assert target.traffic_command("predict-duration-p-v1-1")[-1] == "--to-revisions=predict-duration-p-v1-1=100"
 
 
 def test_rollback_moves_production_back_and_redeploys_that_run(local_model, monkeypatch, capsys):
@@ -77,9 +82,19 @@ def test_rollback_moves_production_back_and_redeploys_that_run(local_model, monk
     assert f"RUN_ID={logged.run_id}," in printed
     assert registry.current_version(registry.PRODUCTION, settings) == second.version
 
-    monkeypatch.setattr(deploy.subprocess, "call", lambda command: 0)  # no gcloud: the command is what we check
-    assert deploy.main(["rollback"]) == 0
-    assert f"RUN_ID={logged.run_id}," in capsys.readouterr().out
+    class Service:  # the function's Cloud Run service (tests/test_gcloud.py runs the real gcloud against an API)
+        name, current = "the function", None
+
+        def deploy(self, model):
+            self.current = model
+
+        def serving(self):
+            return self.current
+
+    service = Service()
+    monkeypatch.setattr(deploy, "function_target", lambda: service)
+    assert deploy.main(["rollback"]) == 0  # after the pre-flight, run for real on the logged model
+    assert service.current.run_id == logged.run_id and f"serves v{first_version}" in capsys.readouterr().out
     assert registry.current_version(registry.PRODUCTION, settings) == str(first_version)
     assert registry.current_version(registry.PREVIOUS, settings) == second.version
 

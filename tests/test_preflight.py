@@ -123,7 +123,7 @@ def test_a_version_that_passes_is_rolled_out_and_its_page_says_so(local_model, m
 
     version = MlflowClient(settings.tracking_uri).get_model_version(settings.model_name, str(second))
     assert version.tags["rollout_status"] == "serving production"
-    assert "pre-flight passed" in version.description and f"replacing v{first}" in version.description
+    assert "Pre-flight passed" in version.description and f"replacing v{first}" in version.description
 
 
 def preflight_of_folder(model: Deployment):

@@ -109,8 +109,15 @@ def test_valid_ride_is_predicted_and_published_with_model_identity():
     publisher = RecordingPublisher()
     result = service(publisher).handle(b64(RIDE), message_id="m1")
     fingerprint = Ride.model_validate(RIDE).fingerprint()
+    # The function's own time to answer, for the rollout's p95: measured, so only its range is known.
+    assert 0 < result.answer_ms < 1000
     assert result == RideResult(
-        ride_id="r-1", duration_final=24.0, model_run_id="run-1", model_version="7", ride_fingerprint=fingerprint
+        ride_id="r-1",
+        duration_final=24.0,
+        model_run_id="run-1",
+        model_version="7",
+        ride_fingerprint=fingerprint,
+        answer_ms=result.answer_ms,
     )
     assert publisher.sent == [
         (
@@ -123,6 +130,7 @@ def test_valid_ride_is_predicted_and_published_with_model_identity():
                 "model_id": "",
                 "ride_fingerprint": fingerprint,
                 "clipped": False,
+                "answer_ms": result.answer_ms,
             },
             {"ride_id": "r-1"},
         )

@@ -53,6 +53,11 @@ class TrainConfig:
     trials: int = 3
     register: bool = True
     sample: int | None = None  # rows per split, for quick runs; None = all
+    # Deliberately broken, for the guarded rollout's demo and tests: the training rides' durations are
+    # permuted among them (features keep their rows), so the model learns nothing true of a ride. It
+    # loads, answers within bounds and passes pre-flight (its reference answers are its own); only the
+    # shadow analysis on live rides can tell.
+    shuffle_targets: bool = False
 
 
 @dataclass
@@ -232,6 +237,10 @@ def load_splits(config: TrainConfig, settings: Settings) -> Splits:
     for name, months in (("train", config.train_months), ("val", config.val_months), ("test", config.test_months)):
         splits.frames[name], splits.uris[name] = load_split(months, settings, config.sample)
         log.info("%s: %s rows from %s", name, f"{len(splits.frames[name]):,}", ", ".join(splits.uris[name]))
+    if config.shuffle_targets:
+        train_frame = splits.frames["train"]
+        train_frame[TARGET] = np.random.default_rng(0).permutation(train_frame[TARGET].to_numpy())
+        log.warning("training on SHUFFLED durations: this model is broken on purpose")
     return splits
 
 
@@ -253,6 +262,7 @@ def fit_and_log(config: TrainConfig, splits: Splits, settings: Settings) -> Trai
                 "val_months": ",".join(config.val_months),
                 "test_months": ",".join(config.test_months),
                 "sample": config.sample or "all",
+                **({"shuffle_targets": True} if config.shuffle_targets else {}),
                 **{f"{n}_rows": len(f) for n, f in frames.items()},
             }
         )
@@ -326,6 +336,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--data-base", default=None, help='folder, gs:// prefix or URL with the TLC files; "tlc": the public download'
     )
     parser.add_argument("--no-register", action="store_true", help="log the model but do not register it")
+    parser.add_argument(
+        "--shuffle-targets", action="store_true", help="train a deliberately broken model (the rollout guard's demo)"
+    )
     args = parser.parse_args(argv)
     for name in ("train_month", "val_month", "test_month"):
         setattr(args, name, [month for group in getattr(args, name) for month in group])
@@ -339,7 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_base:
         settings = replace(settings, data_base=TLC_DOWNLOAD_BASE if args.data_base == "tlc" else args.data_base)
     config = TrainConfig(
-        args.train_month, args.val_month, args.test_month, args.model_family, args.trials, not args.no_register, args.sample
+        args.train_month,
+        args.val_month,
+        args.test_month,
+        args.model_family,
+        args.trials,
+        not args.no_register,
+        args.sample,
+        args.shuffle_targets,
     )
     try:
         result = train(config, settings)

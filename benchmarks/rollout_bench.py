@@ -1,0 +1,85 @@
+"""The guarded rollout on the real local stack, per phase, while riders keep coming.
+
+    python benchmarks/rollout_bench.py
+
+Runs devstack/rollouts.py's scenarios in order on one stack: a retrained version promoted as
+the UI does, with the controller killed mid-shadow and started again; a version trained on
+shuffled durations; a rollback to the version before; a promotion whose webhook never arrives.
+Prints one JSON document on stdout (logs to stderr), each figure beside its target:
+
+- seconds from the alias moving to riders on the new version;
+- rides lost in each rollout (target 0);
+- riders answered by a blocked version (target 0);
+- seconds to converge after a missed webhook (target: the resync period plus the rollout);
+- seconds for a rollback;
+- the phases' own figures (pre-flight, shadow and bake: rides, median |N - M|, p95 answer, ...).
+
+The analysis windows are the demo's (devstack.stack.DEMO_ANALYSIS: 60 rides, a 9 s bake), not the
+production defaults (rollout.settings.AnalysisSettings: 200 rides, a 10 min bake), which would
+take minutes per rollout at this traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from devstack.rollouts import CONVERGE_BOUND_SECONDS, RESYNC_SECONDS, ROLLOUT_SCENARIOS, RolloutStack
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp:
+        stack = RolloutStack(Path(tmp) / "stack")
+        try:
+            stack.start()
+            for name, scenario in ROLLOUT_SCENARIOS.items():
+                print(f"scenario {name} ...", file=sys.stderr)
+                results[name] = scenario(stack)
+        finally:
+            for line in stack.stop():
+                print(f"stopped {line}", file=sys.stderr)
+
+    killed, blocked = results["controller-killed"], results["broken-blocked"]
+    back, dropped = results["rollback"], results["webhook-dropped"]
+    document = {
+        "retrained_version_with_the_controller_killed_mid_shadow": {
+            "outcome": {"value": killed["outcome"], "target": "rolled out"},
+            "attempts": {"value": killed["attempts"], "target": "2 (resumed, not restarted)"},
+            "seconds_from_alias_set_to_riders_on_it": {"value": killed["seconds_from_alias_set_to_riders_on_it"]},
+            "lost": {"value": killed["lost"], "target": 0},
+            "rides": killed["rides"],
+            "restarted_after_seconds": killed.get("restarted_after_seconds"),
+            "phases": killed["phases"],
+        },
+        "broken_version": {
+            "outcome": {"value": blocked["outcome"], "target": "blocked"},
+            "riders_answered_by_it": {"value": blocked["riders_answered_by_it"], "target": 0},
+            "lost": {"value": blocked["lost"], "target": 0},
+            "alias_back_on_the_serving_version": {"value": blocked["alias_back_on"] == blocked["serving_before"], "target": True},
+            "reason": blocked["tags"].get("rollout_reason"),
+            "seconds_from_alias_set_to_blocked": blocked["seconds_from_alias_set_to_rollout_ended"],
+            "phases": blocked["phases"],
+        },
+        "rollback_to_known_good": {
+            "seconds_from_alias_set_to_riders_on_it": {"value": back["seconds_from_alias_set_to_riders_on_it"]},
+            "lost": {"value": back["lost"], "target": 0},
+            "message": back["message"],
+        },
+        "missed_webhook": {
+            "seconds_to_converge": {
+                "value": dropped["seconds_from_alias_set_to_rollout_ended"],
+                "target": f"<= {CONVERGE_BOUND_SECONDS} (resync {RESYNC_SECONDS} s + the rollout)",
+            },
+            "lost": {"value": dropped["lost"], "target": 0},
+        },
+    }
+    print(json.dumps(document, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The guarded production rollout: shadow analysis, switch, bake, blocks and rollbacks, durable phases.
+
+The controller runs for real (its thread, its phases, its story); the deployments are fakes and
+the live answers come from a fake stream whose answers depend on what each deployment serves.
+tests/test_analysis.py judges real models on real rides; tests/test_rollout_faults.py runs all of
+this on the local stack.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rollout.analysis import Answer
+from rollout.reconcile import Deployment, Guard, MemoryStory, Rollout, ShadowSlot
+from rollout.settings import AnalysisSettings
+
+V1, V2 = (Deployment(str(v), f"run-{v}", f"gs://models/m-{v}") for v in (1, 2))
+FAST = AnalysisSettings(
+    shadow_min_rides=20, shadow_max_minutes=0.05, bake_minutes=0.005, bake_min_rides=20, answer_grace_seconds=0
+)
+
+
+class Registry:
+    def __init__(self, story: MemoryStory, **aliases: Deployment):
+        self.story, self.versions = story, {d.version: d for d in aliases.values()}
+        for alias, deployment in aliases.items():
+            story.aliases[alias] = deployment.version
+        self.versions.update({V1.version: V1, V2.version: V2})
+
+    def resolve(self, alias: str) -> Deployment | None:
+        version = self.story.aliases.get(alias)
+        return self.versions.get(version) if version else None
+
+
+class Deployed:
+    name = "fake deployment"
+
+    def __init__(self, serving: Deployment | None = None):
+        self.current, self.deployed = serving, []
+
+    def serving(self) -> Deployment | None:
+        return self.current
+
+    def deploy(self, model: Deployment) -> None:
+        self.deployed.append(model.version)
+        self.current = model
+
+
+class LiveStream:
+    """Rides at 200 a second since the stream began; each deployment answers each ride with its version's answer.
+
+    ``answer[version](i)`` is that version's answer to ride i, or None for no answer; ``broken_when_serving``:
+    versions that stop answering once they answer riders (a fault the shadow could not see)."""
+
+    def __init__(self, production: Deployed, shadow: Deployed, answer: dict, broken_when_serving: tuple[str, ...] = ()):
+        self.production, self.shadow, self.answer = production, shadow, answer
+        self.broken_when_serving = broken_when_serving
+        self.windows_since: set[float] = set()
+
+    def window(self, baseline: str, candidate: str, since: float, grace: float):
+        self.windows_since.add(since)
+        rides = int((time.time() - max(since, time.time() - 60)) * 200)
+        answering = {d.current.version for d in (self.production, self.shadow) if d.current is not None}
+
+        def of(version: str, i: int) -> Answer | None:
+            if version not in answering:
+                return None
+            if version in self.broken_when_serving and self.production.current.version == version:
+                return None
+            minutes = self.answer[version](i)
+            return None if minutes is None else Answer(minutes, False, 0.4, since)
+
+        pairs = [(of(baseline, i), of(candidate, i)) for i in range(rides)]
+        pairs = [(b, c) for b, c in pairs if b is not None]
+        return [b for b, _ in pairs], [c for _, c in pairs], 0, 0
+
+
+def served(i: int) -> float:
+    return 8.0 + i % 13
+
+
+def retrained(i: int) -> float:
+    return served(i) + (0.6 if i % 2 else -0.5)  # close to v1, ride by ride
+
+
+def shuffled(i: int) -> float:
+    return served(i) + (6.0 if i % 2 else -6.0)  # in bounds, right on average, wrong for every ride
+
+
+def guarded(story: MemoryStory, answer_of_v2, broken_when_serving=(), production=V1, shadow=None, aliases=None):
+    registry = Registry(story, **(aliases or {"production": V2}))
+    target, shadow_target = Deployed(production), Deployed(shadow)
+    stream = LiveStream(target, shadow_target, {"1": served, "2": answer_of_v2}, broken_when_serving)
+    guard = Guard(shadow_target, stream, FAST, ShadowSlot())
+    rollout = Rollout("production", registry.resolve, target, 0.05, 0.2, story=story, guard=guard, resync_seconds=0.2)
+    return rollout, target, shadow_target
+
+
+def test_a_retrained_version_goes_through_shadow_and_bake_to_riders_and_its_page_says_how():
+    story = MemoryStory()
+    rollout, target, shadow = guarded(story, retrained)
+    assert "v2 serving after" in rollout.reconcile()
+    assert target.deployed == ["2"]  # riders moved once
+    assert shadow.deployed == ["2", "1"]  # v2 answered beside v1, then v1 stayed warm beside v2
+    tags, page = story.tags["2"], "\n".join(story.pages["2"])
+    assert tags["rollout_status"] == "serving production" and tags["rollout_served_production"] == "true"
+    assert "Shadow analysis passed" in page and "Bake passed" in page and "Rolled out to production" in page
+    assert "median |v2 - v1| 0.5" in page or "median |v2 - v1| 0.6" in page
+    assert rollout.reconcile() == "already serving v2"
+
+
+def test_a_broken_version_is_blocked_in_shadow_with_its_reason_and_riders_never_get_it():
+    story = MemoryStory()
+    rollout, target, shadow = guarded(story, shuffled)
+    message = rollout.reconcile()
+    assert "blocked at shadow analysis" in message and "median |candidate - serving|" in message
+    assert target.deployed == [] and target.current == V1
+    assert story.aliases["production"] == "1"  # the registry names what riders get again
+    assert story.tags["2"]["rollout_status"] == "blocked" and "median" in story.tags["2"]["rollout_reason"]
+    assert '"rides"' in story.tags["2"]["rollout_figures"]
+    story.aliases["production"] = "2"  # promoted again as it was: blocked stays blocked, nothing re-runs
+    assert "is blocked" in rollout.reconcile() and shadow.deployed == ["2"] and story.aliases["production"] == "1"
+
+
+def test_a_breach_during_the_bake_sends_riders_back_to_the_version_before():
+    story = MemoryStory()
+    rollout, target, _shadow = guarded(story, retrained, broken_when_serving=("2",))
+    message = rollout.reconcile()
+    assert "blocked at bake" in message and "unanswered" in message
+    assert target.deployed == ["2", "1"] and target.current == V1  # switched, then rolled back
+    assert story.aliases["production"] == "1" and story.tags["2"]["rollout_phase"] == "bake"
+    assert "Riders went back on v1" in story.pages["2"][-1]
+    assert rollout.history[-1]["outcome"] == "rolled back" and "rollback_seconds" in rollout.history[-1]["figures"]
+
+
+def test_a_controller_stopped_mid_shadow_resumes_the_phase_on_its_clock_when_it_starts_again():
+    story = MemoryStory()
+    slow = AnalysisSettings(**{**FAST.__dict__, "shadow_min_rides": 10**9, "shadow_max_minutes": 0.1})
+    rollout, target, shadow = guarded(story, retrained)
+    rollout._guard.analysis = slow  # this one never gathers enough rides: it is stopped meanwhile
+    rollout.start()
+    deadline = time.monotonic() + 5
+    while story.tags.get("2", {}).get("rollout_phase") != "shadow" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    rollout.stop()  # killed mid-shadow: its phase is in the version's tags
+    tags = story.tags["2"]
+    assert (tags["rollout_phase"], tags["rollout_from"], tags["rollout_attempts"]) == ("shadow", "1", "1")
+    began = float(tags["rollout_phase_started_at"])
+    assert target.deployed == [] and shadow.deployed == ["2"]
+
+    stream = rollout._guard.answers
+    stream.windows_since.clear()
+    restarted = Rollout(
+        "production", rollout._resolve, target, story=story, guard=Guard(shadow, rollout._guard.answers, FAST, ShadowSlot())
+    )
+    assert "v2 serving after" in restarted.reconcile()
+    assert shadow.deployed == ["2", "1"]  # v2 was already in shadow: not deployed again
+    assert story.tags["2"]["rollout_attempts"] == "2"
+    assert began in stream.windows_since  # the shadow window went on from the first start, not from zero
+
+
+def test_a_controller_restarted_during_the_bake_finishes_it():
+    story = MemoryStory()
+    rollout, target, _shadow = guarded(story, retrained, production=V2, shadow=V1)
+    story.tags["2"] = {
+        "rollout_phase": "bake",
+        "rollout_phase_started_at": str(time.time() - 1),
+        "rollout_from": "1",
+        "rollout_from_deployment": '{"version": "1", "run_id": "run-1", "artifact_uri": "gs://models/m-1", "deployed_at": null}',
+        "rollout_attempts": "1",
+    }
+    assert "bake resumed and passed" in rollout.reconcile()
+    assert story.tags["2"]["rollout_phase"] == "serving" and target.deployed == []
+
+
+def test_a_rollback_to_a_version_that_served_before_skips_shadow_and_bake_but_not_preflight():
+    story = MemoryStory()
+    story.tags["1"] = {"rollout_served_production": "true"}
+    checked = []
+    rollout, target, shadow = guarded(story, retrained, production=V2, aliases={"production": V1})
+    rollout._preflight = lambda model: checked.append(model.version) or _passed()
+    assert "(known good)" in rollout.reconcile()
+    assert checked == ["1"] and target.deployed == ["1"] and shadow.deployed == []
+
+
+def test_the_challenger_waits_while_production_borrows_the_shadow_deployment():
+    story = MemoryStory()
+    rollout, _target, shadow = guarded(story, retrained)
+    challenger = Rollout("challenger", lambda alias: V1, shadow, slot=rollout._guard.slot)
+    rollout._guard.slot.lend("production")
+    assert "lent to the production rollout" in challenger.reconcile() and shadow.deployed == []
+    rollout._guard.slot.give_back()
+    assert "v1 serving after" in challenger.reconcile() and shadow.deployed == ["1"]
+
+
+def _passed():
+    from rollout.preflight import Preflight
+
+    return Preflight(True, "answers its 200 reference rides as recorded", 200, 0.0)
+
+
+def test_the_controllers_readyz_shows_the_phase_and_its_figures_while_a_rollout_runs():
+    import threading
+
+    from rollout.app import create_app
+    from rollout.settings import RolloutSettings
+    from rollout.webhook import WebhookVerifier
+
+    story = MemoryStory()
+    rollout, _, _ = guarded(story, retrained)
+    rollout._guard.analysis = AnalysisSettings(**{**FAST.__dict__, "shadow_min_rides": 10**9, "shadow_max_minutes": 0.1})
+    settings = RolloutSettings("secret", "ride-duration", {"production": "function"}, 300, 0.05, 0.2)
+    client = create_app(settings, rollouts={"production": rollout}, verifier=WebhookVerifier("secret")).test_client()
+    worker = threading.Thread(target=rollout.reconcile)
+    worker.start()
+    try:
+        deadline, body = time.monotonic() + 5, {}
+        while time.monotonic() < deadline:
+            body = client.get("/readyz").get_json()
+            phase = body["aliases"]["production"]["phase"]
+            if phase and phase["phase"] == "shadow" and (phase.get("figures") or {}).get("rides"):
+                break
+            time.sleep(0.05)
+        phase = body["aliases"]["production"]["phase"]
+        assert body["status"] == "ok" and body["aliases"]["production"]["state"] == "rolling out"
+        assert (phase["version"], phase["from"], phase["phase"]) == ("2", "1", "shadow")
+        assert phase["figures"]["rides"] > 0 and phase["figures"]["median_abs_diff_minutes"] is not None
+    finally:
+        worker.join(10)
+    assert client.get("/readyz").get_json()["aliases"]["production"]["phase"] is None  # it ended (too few rides)
+    assert "only" in rollout.history[-1]["message"] and story.aliases["production"] == "1"
+
+
+def test_a_shadow_deployment_with_no_version_wanted_is_retired():
+    """After a production rollout (the blocked candidate, or the version riders left, in shadow) with no
+    challenger alias, the shadow stops answering instead of serving a version nobody named."""
+
+    class Shadow(Deployed):
+        def retire(self):
+            self.current = None
+
+    shadow = Shadow(V2)  # a blocked candidate, left in shadow
+    challenger = Rollout("challenger", lambda alias: None, shadow, slot=ShadowSlot())
+    assert "no longer in shadow" in challenger.reconcile() and shadow.current is None
+    assert "nothing to roll out" in challenger.reconcile()
+    production = Deployed(V1)
+    assert "nothing to roll out" in Rollout("production", lambda alias: None, production).reconcile()
+    assert production.current == V1  # production is never retired

@@ -1,0 +1,61 @@
+"""The guarded rollout on the real local stack while riders keep coming, with the controller's own faults.
+
+One stack of the test's own (emulators, an MLflow server, the function and its shadow deployment, a
+backend, the controller with a 5 s resync) and three real models: devstack/rollouts.py. The
+scenarios run in order; benchmarks/rollout_bench.py prints the same figures.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import started_as_client
+
+from devstack.rollouts import CONVERGE_BOUND_SECONDS, ROLLOUT_SCENARIOS, RolloutStack
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def rollouts(tmp_path_factory):
+    yield from started_as_client(RolloutStack(tmp_path_factory.mktemp("rollouts") / "stack"))
+
+
+@pytest.fixture(scope="module")
+def results(rollouts):
+    return {name: scenario(rollouts) for name, scenario in ROLLOUT_SCENARIOS.items()}
+
+
+def test_a_controller_killed_mid_shadow_resumes_and_the_version_reaches_riders(results, rollouts):
+    killed = results["controller-killed"]
+    print(killed)
+    assert killed["outcome"] == "rolled out" and killed["lost"] == 0, killed
+    assert killed["attempts"] == "2"  # the restarted controller went on with the same rollout
+    assert killed["phase_tags"] == {"rollout_status": "serving production", "rollout_phase": "serving"}
+    assert killed["phases"]["preflight"] == {"passed": True, "resumed": True}  # not run again
+    # The shadow window went on from where the killed controller opened it, not from the restart.
+    assert killed["phases"]["shadow"]["window_opened_at"] == round(float(killed["shadow_began_at"]), 3), killed
+    assert killed["model_versions_seen"] == [rollouts.versions["serving"], rollouts.versions["retrained"]]
+
+
+def test_a_broken_version_is_blocked_in_shadow_and_no_rider_gets_its_answer(results, rollouts):
+    blocked = results["broken-blocked"]
+    print(blocked)
+    assert blocked["outcome"] == "blocked" and "shadow analysis" in blocked["message"], blocked
+    assert blocked["riders_answered_by_it"] == 0 and blocked["lost"] == 0, blocked
+    assert blocked["alias_back_on"] == blocked["serving_before"] == rollouts.versions["retrained"]
+    assert blocked["tags"]["rollout_status"] == "blocked" and "median |candidate - serving|" in blocked["tags"]["rollout_reason"]
+
+
+def test_a_rollback_to_a_version_that_served_skips_the_analysis(results):
+    back = results["rollback"]
+    print(back)
+    assert back["outcome"] == "rolled out" and "(known good)" in back["message"] and back["lost"] == 0, back
+    assert "shadow" not in back["phases"] and back["phases"]["preflight"]["passed"]
+
+
+def test_a_dropped_webhook_is_corrected_by_the_resync(results):
+    dropped = results["webhook-dropped"]
+    print(dropped)
+    assert dropped["outcome"] == "rolled out" and dropped["lost"] == 0, dropped
+    # Converged by the resync alone: within one period plus the (known good) rollout itself.
+    assert dropped["seconds_from_alias_set_to_rollout_ended"] <= CONVERGE_BOUND_SECONDS, dropped
