@@ -26,11 +26,11 @@ def _answers(model, rides) -> list[Answer]:
 
 def test_the_defaults_pass_a_retrained_version_and_block_one_trained_on_shuffled_durations(months):
     jan, feb, live = months["2021-01"], months["2021-02"], months["2021-03"].sample(1_000, random_state=7)
-    serving, _, _ = search("hgb", 1, jan.sample(20_000, random_state=0), feb)
+    serving, _, _ = search("hgb", 1, jan.sample(12_000, random_state=0), feb)
     # Retrained on more rides (another sample of January and January 2022), as the demo's v2 is.
-    more = pd.concat([jan.sample(20_000, random_state=1), months["2022-01"].sample(20_000, random_state=1)], ignore_index=True)
+    more = pd.concat([jan.sample(12_000, random_state=1), months["2022-01"].sample(12_000, random_state=1)], ignore_index=True)
     retrained, _, _ = search("hgb", 1, more, feb)
-    shuffled = jan.sample(20_000, random_state=0).assign(
+    shuffled = jan.sample(12_000, random_state=0).assign(
         duration=lambda f: np.random.default_rng(0).permutation(f["duration"].to_numpy())
     )
     broken, _, _ = search("hgb", 1, shuffled, feb)

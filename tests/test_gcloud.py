@@ -116,30 +116,38 @@ def test_deploy_redeploy_and_rollback_send_the_requests_we_mean(cloud):
     assert _uploads(fake) == uploads_by_the_deploy  # neither redeploy nor rollback shipped code
 
 
-def test_a_shadow_rollout_gets_a_tagged_revision_and_no_rider_traffic(cloud):
+def test_a_shadow_rollout_gets_a_tagged_revision_and_no_rider_traffic(tmp_path, monkeypatch):
     """The controller's shadow phase: the candidate answers every ride at the shadow tag, riders stay put."""
     from rollout.cloud import SHADOW_TAG, CloudRunFunctionTarget
     from rollout.reconcile import Deployment
 
-    fake, settings, first_version, second = cloud
-    registry.promote(first_version, settings)
-    assert deploy.main(["deploy"]) == 0
-    production = CloudRunFunctionTarget(FUNCTION, PROJECT, REGION, "production", "backend-pull-stream")
-    shadow = CloudRunFunctionTarget(FUNCTION, PROJECT, REGION, SHADOW_TAG, "backend-shadow-stream")
-    riders_before = production.serving()
-    assert shadow.serving() is None and riders_before.version == first_version
+    fake = FakeGoogleCloud().start()
+    try:
+        for name, value in fake.environment(tmp_path / "gcloud-config", PROJECT).items():
+            monkeypatch.setenv(name, value)
+        serving = {"RUN_ID": "run-1", "MODEL_VERSION": "1", "BACKEND_PULL_STREAM": "backend-pull-stream"}
+        fake.add_run_service(PROJECT, FUNCTION, serving)  # as the function's first deploy leaves it
+        production = CloudRunFunctionTarget(FUNCTION, PROJECT, REGION, "production", "backend-pull-stream")
+        shadow = CloudRunFunctionTarget(FUNCTION, PROJECT, REGION, SHADOW_TAG, "backend-shadow-stream")
+        riders_before = production.serving()
+        assert shadow.serving() is None and riders_before.version == "1"
 
-    before = len(fake.requests)
-    shadow.deploy(Deployment(second.version, second.run_id, second.model_uri))
-    calls = fake.requests[before:]
-    assert all(_api(r.path) in ("services", "revisions") for r in calls)  # Cloud Run only: no upload, no build
-    new_revision, tag = [r.json() for r in calls if r.method == "PUT"]
-    env = _env(new_revision["spec"]["template"])
-    assert (env["BACKEND_PULL_STREAM"], env["DEPLOYMENT_NAME"]) == ("backend-shadow-stream", f"{FUNCTION}-shadow")
-    revision = new_revision["spec"]["template"]["metadata"]["name"]
-    assert {"revisionName": revision, "tag": SHADOW_TAG} in tag["spec"]["traffic"]
-    assert all(t.get("revisionName") != revision for t in tag["spec"]["traffic"] if t.get("percent"))
-    assert shadow.serving().version == second.version and production.serving() == riders_before  # riders stay put
+        before = len(fake.requests)
+        shadow.deploy(Deployment("2", "run-2", "gs://models/m-2"))
+        calls = fake.requests[before:]
+        assert {_api(r.path) for r in calls} == {"services", "revisions"}  # Cloud Run only: no upload, no build
+        new_revision, tag = [r.json() for r in calls if r.method == "PUT"]
+        env = _env(new_revision["spec"]["template"])
+        assert (env["BACKEND_PULL_STREAM"], env["DEPLOYMENT_NAME"]) == ("backend-shadow-stream", f"{FUNCTION}-shadow")
+        revision = new_revision["spec"]["template"]["metadata"]["name"]
+        assert {"revisionName": revision, "tag": SHADOW_TAG} in tag["spec"]["traffic"]
+        assert all(t.get("revisionName") != revision for t in tag["spec"]["traffic"] if t.get("percent"))
+        assert shadow.serving().version == "2" and production.serving() == riders_before  # riders stay put
+
+        shadow.retire()  # nothing wanted in shadow any more: the tag goes, riders still stay put
+        assert shadow.serving() is None and production.serving() == riders_before
+    finally:
+        fake.stop()
 
 
 def _uploads(fake: FakeGoogleCloud) -> int:

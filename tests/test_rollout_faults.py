@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from conftest import started_as_client
 
-from devstack.rollouts import CONVERGE_BOUND_SECONDS, ROLLOUT_SCENARIOS, RolloutStack
+from devstack.rollouts import NOTICE_BOUND_SECONDS, ROLLOUT_SCENARIOS, RolloutStack
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -46,16 +46,12 @@ def test_a_broken_version_is_blocked_in_shadow_and_no_rider_gets_its_answer(resu
     assert blocked["tags"]["rollout_status"] == "blocked" and "median |candidate - serving|" in blocked["tags"]["rollout_reason"]
 
 
-def test_a_rollback_to_a_version_that_served_skips_the_analysis(results):
-    back = results["rollback"]
-    print(back)
-    assert back["outcome"] == "rolled out" and "(known good)" in back["message"] and back["lost"] == 0, back
-    assert "shadow" not in back["phases"] and back["phases"]["preflight"]["passed"]
-
-
-def test_a_dropped_webhook_is_corrected_by_the_resync(results):
+def test_a_rollback_whose_webhook_was_dropped_is_made_by_the_resync_and_skips_the_analysis(results):
     dropped = results["webhook-dropped"]
     print(dropped)
     assert dropped["outcome"] == "rolled out" and dropped["lost"] == 0, dropped
-    # Converged by the resync alone: within one period plus the (known good) rollout itself.
-    assert dropped["seconds_from_alias_set_to_rollout_ended"] <= CONVERGE_BOUND_SECONDS, dropped
+    # Known good (it served before): pre-flight and the switch only.
+    assert "(known good)" in dropped["message"] and "shadow" not in dropped["phases"] and dropped["phases"]["preflight"]["passed"]
+    # Converged by the resync alone: noticed within one period, then the (known good) rollout itself.
+    noticed_after = dropped["seconds_from_alias_set_to_rollout_ended"] - dropped["rollout_seconds"]
+    assert noticed_after <= NOTICE_BOUND_SECONDS, dropped
