@@ -48,6 +48,8 @@ def promote_under_traffic(stack: Stack, version: str, during=None, rate_waves: i
     ``during(promoted_at)``: a fault to inject once the alias has moved (a killed controller, ...).
     Says when riders first got the version, whether any ride was lost, which versions answered
     riders, and the controller's record of the rollout, its phases and their figures."""
+    if production_version(stack) == str(version):  # there would be nothing to roll out, and nothing to wait for
+        raise RuntimeError(f"v{version} is production already: the scenario before did not end as it should")
     outcomes: list = []
     stop = threading.Event()
 

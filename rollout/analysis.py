@@ -130,7 +130,8 @@ class LiveAnswers:
         self.subscriptions = [s for s in result_subscriptions if s]
         self.deadletter_subscription = deadletter_subscription
         self._answers: OrderedDict[str, dict[str, Answer]] = OrderedDict()  # ride_id -> version -> answer
-        self._first_seen: dict[str, float] = {}
+        self._first_seen: dict[str, float] = {}  # ride_id -> when its first answer reached this reader
+        self._first_published: dict[str, float] = {}  # ride_id -> when its first answer was published
         self._dead: list[tuple[float, str]] = []  # (at, model_version)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -174,7 +175,8 @@ class LiveAnswers:
 
     def record(self, data: bytes, dead_letter: bool = False, at: float | None = None) -> None:
         """One answer (or dead letter); ``at``: when it was published (Pub/Sub's publish time), else now."""
-        at = time.time() if at is None else at
+        seen = time.time()
+        at = seen if at is None else at
         try:
             body = json.loads(data)
         except ValueError:
@@ -190,10 +192,12 @@ class LiveAnswers:
         with self._lock:
             ride = self._answers.setdefault(body["ride_id"], {})
             ride.setdefault(str(body.get("model_version", "")), answer)  # a repeated result keeps the first
-            self._first_seen.setdefault(body["ride_id"], at)
+            self._first_seen.setdefault(body["ride_id"], seen)
+            self._first_published.setdefault(body["ride_id"], at)
             while len(self._answers) > KEPT_RIDES:
                 old, _ = self._answers.popitem(last=False)
                 self._first_seen.pop(old, None)
+                self._first_published.pop(old, None)
 
     def window(self, baseline: str, candidate: str, since: float, grace_seconds: float) -> tuple[list, list, int, int]:
         """Rides the baseline answered since ``since``, old enough that the candidate had ``grace_seconds``
@@ -204,10 +208,14 @@ class LiveAnswers:
         now = time.time()
         since = max(since, self.started_at)
         with self._lock:
+            # Published in the window; seen here long enough ago that the other answer had time to arrive
+            # (a backlog read after a restart arrives late, however early it was published).
             rides = [
                 answers
                 for ride_id, answers in self._answers.items()
-                if baseline in answers and since <= self._first_seen[ride_id] <= now - grace_seconds
+                if baseline in answers
+                and since <= self._first_published[ride_id]
+                and self._first_seen[ride_id] <= now - grace_seconds
             ]
             dead = [version for at, version in self._dead if since <= at <= now - grace_seconds]
         return (

@@ -131,8 +131,6 @@ def production_guard(
     guard = None
     if shadow is not None and answers is not None:
         guard = Guard(shadow, answers, analysis or AnalysisSettings(), ShadowSlot())
-    else:
-        log.info("production rollouts have no shadow deployment: pre-flight only, no shadow analysis, no bake")
     return {
         "preflight": preflight_check,
         "story": RegistryStory(model_name, mlflow_audience),
@@ -180,6 +178,11 @@ def build_rollouts(settings: RolloutSettings, targets: dict[str, Target]) -> dic
         settings.model_name, settings.mlflow_audience, targets.get("challenger"), live_answers(settings), settings.analysis
     )
     slot = guard["guard"].slot if guard["guard"] else None
+    if "production" in targets and slot is None:  # /status says so too ("guarded": false)
+        log.warning(
+            "production rollouts are NOT guarded by live rides (no challenger=... in ROLLOUT_ALIASES, or no "
+            "ANALYSIS_RESULT_SUBSCRIPTIONS): pre-flight only, no shadow analysis, no bake"
+        )
     for alias, target in targets.items():
         extra = guard if alias == "production" else {"slot": slot} if alias == "challenger" else {}
         rollouts[alias] = Rollout(

@@ -39,9 +39,15 @@ class AnalysisSettings:
     def from_env(cls) -> AnalysisSettings:
         values = {}
         for item in fields(cls):
-            raw = os.environ.get(f"ROLLOUT_{item.name.upper()}")
+            name = f"ROLLOUT_{item.name.upper()}"
+            raw = os.environ.get(name)
             if raw:
-                values[item.name] = int(raw) if item.type == "int" else float(raw)
+                try:
+                    values[item.name] = int(raw) if item.type == "int" else float(raw)
+                except ValueError:
+                    raise RuntimeError(
+                        f"{name}={raw!r}: expected {'a whole number' if item.type == 'int' else 'a number'}"
+                    ) from None
         return cls(**values)
 
 

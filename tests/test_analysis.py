@@ -78,3 +78,13 @@ def test_the_paired_bootstrap_interval_covers_the_difference_and_shrinks_with_mo
     assert low < estimate < high and low < 0.5 < high  # the true difference: 5.5 - 5 min
     few = paired_rmse_difference(candidate[:200], baseline[:200], actual[:200], samples=500)
     assert few[2] - few[0] > high - low
+
+
+def test_every_threshold_is_read_from_its_environment_variable_and_a_bad_one_is_named(monkeypatch):
+    monkeypatch.setenv("ROLLOUT_SHADOW_MIN_RIDES", "60")
+    monkeypatch.setenv("ROLLOUT_MAX_MEDIAN_ABS_DIFF_MINUTES", "1.5")
+    settings = AnalysisSettings.from_env()
+    assert (settings.shadow_min_rides, settings.max_median_abs_diff_minutes) == (60, 1.5)
+    monkeypatch.setenv("ROLLOUT_BAKE_MIN_RIDES", "lots")
+    with pytest.raises(RuntimeError, match="ROLLOUT_BAKE_MIN_RIDES='lots': expected a whole number"):
+        AnalysisSettings.from_env()
