@@ -178,6 +178,10 @@ def build_rollouts(settings: RolloutSettings, targets: dict[str, Target]) -> dic
         settings.model_name, settings.mlflow_audience, targets.get("challenger"), live_answers(settings), settings.analysis
     )
     slot = guard["guard"].slot if guard["guard"] else None
+    if slot is not None:
+        # Production's first look decides what the shadow serves (a rollout to resume may be using it):
+        # the challenger's rollout waits for it instead of racing it at start.
+        slot.lend("production")
     if "production" in targets and slot is None:  # /status says so too ("guarded": false)
         log.warning(
             "production rollouts are NOT guarded by live rides (no challenger=... in ROLLOUT_ALIASES, or no "

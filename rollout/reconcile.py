@@ -229,6 +229,13 @@ class Rollout:
     # --- one pass -----------------------------------------------------------------------------
     def reconcile(self) -> str:
         """Deploy what the alias points at, if the target serves anything else; says what it did."""
+        try:
+            return self._reconcile()
+        finally:  # a guarded rollout holds the shadow deployment until its pass ends, however it ends
+            if self._guard is not None:
+                self._guard.slot.give_back()
+
+    def _reconcile(self) -> str:
         with self._lock:
             if self._slot is not None and self._slot.holder not in (None, self.alias):
                 return self._record("waiting", f"the shadow deployment is lent to the {self._slot.holder} rollout", None, None)
@@ -273,8 +280,6 @@ class Rollout:
                 raise
             finally:
                 self.phase = None
-                if self._guard is not None:
-                    self._guard.slot.give_back()
 
     def _roll_out(self, wanted: Deployment, serving: Deployment | None, state: dict[str, str]) -> str:
         started = time.time()
@@ -413,7 +418,6 @@ class Rollout:
             outcome, _ = self._bake(wanted, previous, attempts, began)
         finally:
             self.phase = None
-            self._guard.slot.give_back() if self._guard else None
         if outcome is not None:
             return outcome
         self._story.tell(
