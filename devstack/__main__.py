@@ -187,7 +187,7 @@ def _sync_report(stack: Stack, served: dict | None) -> dict:
     if service_running:  # its history of rollouts
         service = requests.get(f"{stack.urls['rollout']}/status", timeout=30).json()["aliases"]
         for alias, entry in aliases.items():  # its phase under way, its failures, its history of rollouts
-            for key in ("phase", "state", "last_error", "history"):
+            for key in ("phase", "guarded", "state", "last_error", "history"):
                 entry[key] = service.get(alias, {}).get(key)
             if entry["phase"]:  # a rollout under way is not a mismatch yet
                 entry["in_sync"] = False
@@ -262,7 +262,7 @@ def status(args: argparse.Namespace) -> int:
         "services": alive,
         "urls": stack.urls,
         "pids": stack.pids,
-        "models": stack.models,
+        "models": {key: model for key, model in stack.models.items() if model},  # a retired deployment serves none
         "sync": _sync_report(stack, next(iter(readiness.values()), {}).get("model_served")),
         "riders": {
             url: {"status": body.get("status", "down"), "degraded": body.get("degraded", [])} for url, body in readiness.items()

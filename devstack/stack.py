@@ -470,7 +470,8 @@ class Stack:
 
         self.stop(key)
         delete_subscription(PROJECT, FUNCTIONS[key]["subscription"], emulator_host=f"{HOST}:{self.ports['pubsub']}")
-        self.urls.pop(key, None)
+        self.models[key] = {}  # serves nothing (an empty entry, so the merge in save() does not bring the old one back)
+        self.changed.add(key)
         self.save()
 
     def deploy_function(self, run_id: str, version: str, key: str = "function") -> None:

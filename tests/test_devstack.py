@@ -72,6 +72,13 @@ def test_two_processes_changing_one_stack_keep_each_others_services(tmp_path):
     rollout.removed.add("backend-0")  # what stop() records
     rollout.save()
     assert "backend-0" not in Stack.load(tmp_path).pids
+    rollout.pids.pop("function")
+    rollout.removed.add("function")
+    rollout.models["function"] = {}  # what retire_function() records: the deployment serves nothing now
+    rollout.changed.add("function")
+    rollout.save()
+    demo.save()  # the demo still holds the model it last saw: it must not say the retired deployment serves it
+    assert Stack.load(tmp_path).models["function"] == {}
 
 
 def test_the_rollout_service_is_stopped_before_the_functions_it_would_start_again(tmp_path):
