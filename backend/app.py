@@ -8,6 +8,9 @@ Routes:
                            for the final (200 when done). A ride whose publish failed stays recorded and
                            is published by the outbox's sender: still 202.
   GET  /rides/<ride_id>[?wait=N]   coarse + final, or pending; with wait, up to N s for the final
+  POST /rides/<ride_id>/outcome   the actual duration, when the ride ends: {"dropoff_datetime": ...} or
+                           {"duration_minutes": ...}; kept once (the same again: 200, another: 409), counted
+                           in live quality, and the completed ride published to BACKEND_OUTCOME_STREAM
   GET  /healthz            the process is up
   GET  /readyz             the stream (both topics) is reachable and the result listener runs (503 if not);
                            "status": "degraded" when finals arrive late; the model behind the latest
@@ -29,17 +32,19 @@ from typing import Any
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException
 
-from backend.results import ResultStore, StoreUnavailable, make_store
+from backend.results import OutcomeStatus, ResultStore, StoreUnavailable, make_store
 from backend.settings import BackendSettings
 from backend.stream import (
     PUBLISH_RETRY_SECONDS,
+    PublishError,
     Redelivery,
     ResultListener,
     RidePublisher,
     stream_problem,
 )
 from ride_contract.coarse import CoarseEstimator
-from ride_contract.ride import InvalidRide, parse_ride
+from ride_contract.outcome import InvalidOutcome, actual_minutes, completed_ride
+from ride_contract.ride import InvalidRide, Ride, parse_ride
 
 log = logging.getLogger("backend")
 RETRY_AFTER_SECONDS = 1
@@ -109,6 +114,13 @@ def _stream_figures(store: ResultStore) -> dict[str, Any] | None:
         return None
 
 
+def _quality_figures(store: ResultStore, window_seconds: float) -> dict[str, Any] | None:
+    try:
+        return store.quality(time.time(), window_seconds)
+    except StoreUnavailable:
+        return None
+
+
 def degraded_reasons(figures: dict[str, Any] | None, late_p95_ms: float) -> list[str]:
     """Why riders are served worse than they should be, from the stream figures (empty: they are not)."""
     if not figures:
@@ -124,6 +136,8 @@ def create_app(
     publisher: Any = None,
     store: ResultStore | None = None,
     listener: Any = None,
+    outcome_publisher: Any = None,
+    shadow_listener: Any = None,
 ) -> Flask:
     """Wire the app; tests inject a fake publisher/store, production builds the real ones from the environment."""
     _configure_logging()
@@ -132,17 +146,30 @@ def create_app(
         settings.redis_url, settings.result_ttl_seconds, settings.redis_prefix, settings.redis_timeout_seconds
     )
     publisher = publisher or RidePublisher(settings.project_id, settings.push_topic, settings.publish_timeout_seconds)
+    outcome_publisher = outcome_publisher or RidePublisher(
+        settings.project_id, settings.outcome_topic, settings.publish_timeout_seconds
+    )
     if listener is None:
         listener = ResultListener(settings.project_id, settings.pull_subscription, store, settings.result_pull).start()
+    if shadow_listener is None and settings.shadow_subscription:
+        shadow_listener = ResultListener(
+            settings.project_id, settings.shadow_subscription, store, settings.result_pull, shadow=True
+        ).start()
     redelivery = Redelivery(publisher, store, settings.resend_after_seconds, settings.resend_max_attempts).start()
     # gunicorn's graceful stop (SIGTERM: a deploy, Cloud Run scale-in) exits the worker normally: stop
     # pulling then, which nacks the results this replica holds so the others get them at once.
-    atexit.register(_stop_background, listener, redelivery)
+    atexit.register(_stop_background, listener, shadow_listener, redelivery)
     coarse = CoarseEstimator.from_dict(json.loads(settings.coarse_model_path.read_text()))
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.extensions["ridestream"] = {"store": store, "publisher": publisher, "listener": listener, "redelivery": redelivery}
+    app.extensions["ridestream"] = {
+        "store": store,
+        "publisher": publisher,
+        "listener": listener,
+        "shadow_listener": shadow_listener,
+        "redelivery": redelivery,
+    }
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -232,6 +259,39 @@ def create_app(
             record = store.wait(ride_id, wait_seconds) or record
         return jsonify(record)
 
+    @app.post("/rides/<ride_id>/outcome")
+    def ride_outcome(ride_id: str):
+        """The app reports how long the ride really took: kept once on the ride, counted in live quality,
+        and the completed ride published to the outcomes topic. The same outcome again is a repeat (200)."""
+        g.ride_id = ride_id
+        payload = request.get_json(silent=True)
+        if payload is None:
+            return _error(400, "body must be a JSON object (Content-Type: application/json)", ride_id=ride_id)
+        record = store.get(ride_id)
+        if record is None:
+            return _error(404, "unknown ride_id (or its record expired)", ride_id=ride_id)
+        try:
+            actual = actual_minutes(payload, Ride.model_validate(record["ride"]).datetime)
+        except InvalidOutcome as exc:
+            return _error(400, "invalid outcome", ride_id=ride_id, fields=exc.fields)
+        status, record = store.record_outcome(ride_id, actual, time.time())
+        if status is OutcomeStatus.UNKNOWN:  # expired between the two reads
+            return _error(404, "unknown ride_id (or its record expired)", ride_id=ride_id)
+        if status is OutcomeStatus.CONFLICT:
+            return _error(
+                409, "another outcome is recorded for this ride", ride_id=ride_id, actual_minutes=record["actual_minutes"]
+            )
+        if not record.get("outcome_published"):  # first time, or a retry after the topic did not take it
+            try:
+                outcome_publisher.publish(completed_ride(record).to_message(), ride_id=ride_id)
+            except PublishError as exc:
+                log.warning("outcome not published; the client retries", extra={"ride_id": ride_id, "error": str(exc)})
+                return _unavailable("the outcomes stream did not take the outcome (it is kept); retry", ride_id=ride_id)
+            store.outcome_published(ride_id)
+            record["outcome_published"] = True
+        log.info("outcome recorded", extra={"ride_id": ride_id, "actual_minutes": actual, "repeat": status is OutcomeStatus.SAME})
+        return jsonify({**record, "outcome": status.value}), 200
+
     @app.get("/healthz")
     def healthz():
         return jsonify({"status": "ok"})
@@ -245,12 +305,16 @@ def create_app(
                 "pull_stream": lambda: stream_problem(listener.check, seconds),
                 "result_store": lambda: stream_problem(lambda timeout: store.ping(), seconds),
                 "stream": lambda: _stream_figures(store),
+                "quality": lambda: _quality_figures(store, settings.quality_window_seconds),
             },
             seconds,
         )
         figures = answers.pop("stream")
         figures = figures if isinstance(figures, dict) else None  # None, or "no answer within" while it hangs
+        quality = answers.pop("quality")
         checks = {**answers, "result_listener": None if listener.running else "not running"}
+        if shadow_listener is not None:
+            checks["shadow_listener"] = None if shadow_listener.running else "not running"
         ready = all(problem is None for problem in checks.values())
         degraded = degraded_reasons(figures, settings.late_final_p95_ms)
         body = {
@@ -267,6 +331,8 @@ def create_app(
             "listener_cpu_seconds": getattr(listener, "cpu_seconds", None),
             "model_served": getattr(listener, "model_served", None),
             "stream": figures,
+            # Each answering model judged on the rides whose actual duration came back (ride_contract.quality).
+            "live_quality": quality if isinstance(quality, dict) else None,
         }
         return jsonify(body), 200 if ready else 503
 

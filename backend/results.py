@@ -25,6 +25,9 @@ from collections import OrderedDict, deque
 from enum import StrEnum
 from typing import Any, Protocol
 
+from ride_contract.outcome import completed_ride
+from ride_contract.quality import bucket_of, figures, sums_of, window_buckets
+
 MAX_IN_MEMORY_RIDES = 100_000
 
 
@@ -37,6 +40,13 @@ class Completion(StrEnum):
     SETTLED = "settled"  # the ride already has its final answer: a repeat, nothing to do
     UNKNOWN = "unknown"  # no such ride here (never accepted, or expired)
     MISMATCH = "mismatch"  # the result is for another ride under the same ride_id
+
+
+class OutcomeStatus(StrEnum):
+    RECORDED = "recorded"
+    SAME = "same"  # this outcome was recorded before: a repeat, nothing to do
+    CONFLICT = "conflict"  # another outcome is recorded for the ride
+    UNKNOWN = "unknown"  # no such ride here (never accepted, or expired)
 
 
 class ResultStore(Protocol):
@@ -65,6 +75,18 @@ class ResultStore(Protocol):
 
     def claim_due(self, now: float, lease_seconds: float, limit: int = 100) -> list[tuple[str, int]]:
         """Pending rides due a (re)send, as (ride_id, confirmed publishes), each claimed for ``lease_seconds``."""
+
+    def add_shadow(self, ride_id: str, result: dict[str, Any]) -> Completion:
+        """Keep a shadow deployment's answer on the ride it answers (never its status: riders do not see it)."""
+
+    def record_outcome(self, ride_id: str, actual_minutes: float, now: float) -> tuple[OutcomeStatus, dict[str, Any] | None]:
+        """Keep the ride's actual duration, once, and add its answers' errors to the live quality figures."""
+
+    def outcome_published(self, ride_id: str) -> None:
+        """The ride's completed record is on the outcomes topic."""
+
+    def quality(self, now: float, window_seconds: float) -> dict[str, Any]:
+        """Shared by every replica: each answering model's figures on the rides completed in the window."""
 
     def get(self, ride_id: str) -> dict[str, Any] | None: ...
 
@@ -125,12 +147,42 @@ def _settled(record: dict[str, Any] | None) -> bool:
     return record is not None and record.get("status") != "pending"
 
 
+def _with_shadow(record: dict[str, Any] | None, result: dict[str, Any]) -> tuple[Completion, dict[str, Any] | None]:
+    """The record with a shadow answer kept under its version, or why not (by the same ride's fingerprint)."""
+    if record is None:
+        return Completion.UNKNOWN, None
+    answered, asked = result.get("ride_fingerprint"), record.get("fingerprint")
+    if not answered or answered != asked:
+        return Completion.MISMATCH, None
+    version = str(result.get("model_version") or "?")
+    shadows = record.get("shadow") or {}
+    if version in shadows:
+        return Completion.SETTLED, None  # a redelivery of the same answer
+    answer = {
+        "duration_final": result["duration_final"],
+        "model_run_id": result.get("model_run_id") or "",
+        "clipped": bool(result.get("clipped")),
+    }
+    return Completion.STORED, {**record, "shadow": {**shadows, version: answer}}
+
+
+def _with_outcome(record: dict[str, Any] | None, actual: float, now: float) -> tuple[OutcomeStatus, dict[str, Any] | None]:
+    """The record with its actual duration, or (SAME/CONFLICT) the record that already has one."""
+    if record is None:
+        return OutcomeStatus.UNKNOWN, None
+    recorded = record.get("actual_minutes")
+    if recorded is not None:
+        return (OutcomeStatus.SAME if abs(float(recorded) - actual) < 0.005 else OutcomeStatus.CONFLICT), record
+    return OutcomeStatus.RECORDED, {**record, "actual_minutes": actual, "outcome_at": now, "outcome_published": False}
+
+
 class InMemoryResultStore:
     def __init__(self, ttl_seconds: float = 86400, max_rides: int = MAX_IN_MEMORY_RIDES):
         self._rides: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
         self._due: dict[str, float] = {}  # pending ride_id -> when to resend
         self._sends: dict[str, int] = {}
         self._finals: deque[tuple[float, float]] = deque(maxlen=100_000)  # (settled at, ms from POST)
+        self._quality: dict[int, dict[str, float]] = {}  # bucket -> sums (ride_contract.quality)
         self._changed = threading.Condition()
         self._ttl = ttl_seconds
         self._max = max_rides
@@ -206,6 +258,37 @@ class InMemoryResultStore:
                 self._due[ride_id] = now + lease_seconds
                 claimed.append((ride_id, self._sends[ride_id]))
             return claimed
+
+    def add_shadow(self, ride_id: str, result: dict[str, Any]) -> Completion:
+        with self._changed:
+            created, record = self._rides.get(ride_id, (0.0, None))
+            completion, changed = _with_shadow(record, result)
+            if changed is not None:
+                self._rides[ride_id] = (created, changed)
+            return completion
+
+    def record_outcome(self, ride_id: str, actual_minutes: float, now: float) -> tuple[OutcomeStatus, dict[str, Any] | None]:
+        with self._changed:
+            created, record = self._rides.get(ride_id, (0.0, None))
+            status, changed = _with_outcome(record, actual_minutes, now)
+            if status is OutcomeStatus.RECORDED:
+                self._rides[ride_id] = (created, changed)
+                bucket = self._quality.setdefault(bucket_of(now), {})
+                for field, value in sums_of(completed_ride(changed)).items():
+                    bucket[field] = bucket.get(field, 0.0) + value
+            return status, dict(changed) if changed else None
+
+    def outcome_published(self, ride_id: str) -> None:
+        with self._changed:
+            created, record = self._rides.get(ride_id, (0.0, None))
+            if record is not None:
+                self._rides[ride_id] = (created, {**record, "outcome_published": True})
+
+    def quality(self, now: float, window_seconds: float) -> dict[str, Any]:
+        with self._changed:
+            for old in [b for b in self._quality if b < bucket_of(now - self._ttl)]:  # kept as long as the rides
+                del self._quality[old]
+            return figures([self._quality.get(b, {}) for b in window_buckets(now, window_seconds)], window_seconds)
 
     def get(self, ride_id: str) -> dict[str, Any] | None:
         with self._changed:
@@ -356,6 +439,63 @@ class RedisResultStore:
 
         self._call(self._redis.transaction, settle, key)
         return outcome[0]
+
+    def _change(self, ride_id: str, change) -> Any:
+        """Apply ``change(record) -> (answer, new record or None, extra(pipe) or None)`` to a ride's record
+        in one optimistic transaction (retried by redis-py if the record changes meanwhile)."""
+        key = self._key(ride_id)
+        answer: list[Any] = []
+
+        def transaction(pipe) -> None:
+            answer.clear()
+            raw = pipe.get(key)
+            result, changed, extra = change(json.loads(raw) if raw else None)
+            answer.append(result)
+            if changed is None:
+                return
+            pipe.multi()
+            pipe.set(key, json.dumps(changed), keepttl=True)
+            if extra is not None:
+                extra(pipe)
+
+        self._call(self._redis.transaction, transaction, key)
+        return answer[0]
+
+    def add_shadow(self, ride_id: str, result: dict[str, Any]) -> Completion:
+        def change(record):
+            completion, changed = _with_shadow(record, result)
+            return completion, changed, None
+
+        return self._change(ride_id, change)
+
+    def record_outcome(self, ride_id: str, actual_minutes: float, now: float) -> tuple[OutcomeStatus, dict[str, Any] | None]:
+        bucket = f"{self._prefix}:quality:{bucket_of(now)}"
+
+        def add_errors(changed):
+            def extra(pipe) -> None:
+                for field, value in sums_of(completed_ride(changed)).items():
+                    pipe.hincrbyfloat(bucket, field, value)
+                pipe.expire(bucket, self._ttl)
+
+            return extra
+
+        def change(record):
+            status, changed = _with_outcome(record, actual_minutes, now)
+            if status is OutcomeStatus.RECORDED:
+                return (status, changed), changed, add_errors(changed)
+            return (status, changed), None, None
+
+        return self._change(ride_id, change)
+
+    def outcome_published(self, ride_id: str) -> None:
+        self._change(ride_id, lambda record: (None, record and {**record, "outcome_published": True}, None))
+
+    def quality(self, now: float, window_seconds: float) -> dict[str, Any]:
+        pipe = self._redis.pipeline()
+        for bucket in window_buckets(now, window_seconds):
+            pipe.hgetall(f"{self._prefix}:quality:{bucket}")
+        buckets = self._call(pipe.execute)
+        return figures([{k.decode(): float(v) for k, v in b.items()} for b in buckets], window_seconds)
 
     def claim_due(self, now: float, lease_seconds: float, limit: int = 100) -> list[tuple[str, int]]:
         flat = self._call(self._claim_due, keys=[self._pending, self._sends], args=[now, now + lease_seconds, limit])

@@ -29,6 +29,10 @@ class BackendSettings:
     # Pub/Sub emulator, whose streaming pull keeps feeding the streams of dead clients.
     result_pull: str
     late_final_p95_ms: float  # /readyz says "degraded" when the p95 from POST to final is above this
+    outcome_topic: str  # completed rides (answers and actual duration) go out here (BACKEND_OUTCOME_STREAM)
+    # The shadow deployment's answers, kept on each ride for live quality; empty: not read.
+    shadow_subscription: str
+    quality_window_seconds: float  # live quality figures are over the rides completed in this window
 
     @classmethod
     def from_env(cls) -> BackendSettings:
@@ -49,4 +53,7 @@ class BackendSettings:
             redis_timeout_seconds=float(env("REDIS_TIMEOUT_SECONDS", "1")),
             result_pull=env("RESULT_PULL") or ("unary" if env("PUBSUB_EMULATOR_HOST") else "streaming"),
             late_final_p95_ms=float(env("LATE_FINAL_P95_SECONDS", "5")) * 1000,
+            outcome_topic=env("BACKEND_OUTCOME_STREAM", "backend-outcome-stream"),
+            shadow_subscription=env("BACKEND_SHADOW_SUBSCRIPTION", ""),
+            quality_window_seconds=float(env("QUALITY_WINDOW_MINUTES", "60")) * 60,
         )

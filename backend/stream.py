@@ -166,11 +166,16 @@ class ResultListener(BackgroundLoop):
 
     thread_name = "result-listener"
 
-    def __init__(self, project_id: str, subscription: str, store: ResultStore, mode: str = "streaming"):
+    def __init__(self, project_id: str, subscription: str, store: ResultStore, mode: str = "streaming", shadow: bool = False):
+        """``shadow``: the subscription carries a shadow deployment's answers; each is kept on its ride
+        beside the final (for live quality), never as the ride's answer."""
         super().__init__()
         if mode not in PULL_MODES:
             raise ValueError(f"result pull mode {mode!r}: choose one of {', '.join(PULL_MODES)}")
         self.mode = mode
+        self.shadow = shadow
+        if shadow:
+            self.thread_name = "shadow-listener"
         self._subscriber = pubsub_v1.SubscriberClient()
         self.subscription_path = self._subscriber.subscription_path(project_id, subscription)
         self._store = store
@@ -198,7 +203,8 @@ class ResultListener(BackgroundLoop):
             message.ack()
             return
         try:
-            outcome = self._store.complete(result.ride_id, result.model_dump())
+            store = self._store.add_shadow if self.shadow else self._store.complete
+            outcome = store(result.ride_id, result.model_dump())
         except Exception as exc:
             delay = self._write_backoff.failed()
             log.error(
@@ -217,7 +223,12 @@ class ResultListener(BackgroundLoop):
             log.warning("result refused", extra={"ride_id": result.ride_id, "reason": outcome.value})
         else:
             self.received += 1
-            self.model_served = {"model_version": result.model_version, "model_run_id": result.model_run_id, "at": time.time()}
+            if not self.shadow:
+                self.model_served = {
+                    "model_version": result.model_version,
+                    "model_run_id": result.model_run_id,
+                    "at": time.time(),
+                }
         self.last_error = None  # results flow again
         message.ack()
 

@@ -25,7 +25,7 @@ from rich.table import Table
 from devstack.processes import ServiceError, pid_alive
 from devstack.rollout_target import local_rollouts
 from devstack.rollouts import production_version, promote_under_traffic, version_tags
-from devstack.stack import DEFAULT_STACK_DIR, Stack
+from devstack.stack import DEFAULT_STACK_DIR, OUTCOMES_URI, Stack
 from devstack.traffic import real_rides, stream, summarize
 
 # The UIs' usual addresses when free (bookmarks keep working); other free ports when not.
@@ -63,6 +63,37 @@ def _show(outcomes, summary: dict, title: str, rows: int = 12) -> None:
     console.print_json(json.dumps(summary))
 
 
+def _live_quality(stack: Stack, pairs: list[tuple[str, str]]) -> None:
+    """The backends' live figures (shared by the replicas), then the flows on what the outcomes topic filed:
+    live quality per version, and each (champion, challenger) pair on the rides both answered."""
+    from devstack.watch import quality_table
+    from flows.challenger_flow import challenger_flow
+    from flows.live_quality_flow import live_quality_flow
+
+    readiness = requests.get(f"{stack.backend_urls[0]}/readyz", timeout=10).json()
+    console.print(quality_table(readiness.get("live_quality")))
+    completed = (readiness["live_quality"]["models"].get("coarse") or {}).get("rides", 0)  # every completed ride has one
+    deadline, filed = time.monotonic() + 30, 0
+    while time.monotonic() < deadline:  # the sink files an object every few seconds, as Pub/Sub every few minutes
+        filed = requests.get(f"{stack.urls['outcome-sink']}/healthz", timeout=10).json()["rides"]
+        if filed >= completed:
+            break
+        time.sleep(1)
+    summary = live_quality_flow(OUTCOMES_URI, hours=1)
+    console.print(
+        f"{filed} completed rides filed under {OUTCOMES_URI}; the live-quality flow read {summary['completed_rides']} and "
+        f"logged {summary['points_logged']} window points into the versions' runs (live_rmse beside test_rmse); "
+        f"production v{summary['production']}: {summary['degraded'] or 'within its bounds'}"
+    )
+    verdicts = {}
+    for champion, challenger in pairs:  # the rides both versions answered, in shadow or during a bake
+        verdicts[f"v{challenger} vs v{champion}"] = challenger_flow(champion, challenger, OUTCOMES_URI, hours=1)["verdict"]
+        console.print(f"champion v{champion} vs challenger v{challenger}: {verdicts[f'v{challenger} vs v{champion}']}")
+    (stack.dir / "live-figures.json").write_text(
+        json.dumps({"live_quality": readiness["live_quality"], "flow": summary, "comparisons": verdicts}, indent=1)
+    )
+
+
 def _run_metrics(stack: Stack, run_id: str) -> dict[str, float]:
     from mlflow import MlflowClient
 
@@ -91,6 +122,7 @@ def demo(args: argparse.Namespace) -> int:
         with console.status(f"starting {replicas} backend replica(s) and the rollout service"):
             stack.start_backends(replicas, redis_url)
             stack.start_rollout("production=function,challenger=challenger")
+            stack.start_outcome_sink()
         console.print(f"backend: {replicas} replica(s), results in {'Redis ' + redis_url if redis_url else 'memory'}")
         console.print(f"rollout service {stack.urls['rollout']}: MLflow calls it (signed webhook) whenever an alias moves")
 
@@ -104,7 +136,7 @@ def demo(args: argparse.Namespace) -> int:
         console.rule(f"2. {args.rides} real March 2021 rides through POST /predict")
         rides = real_rides(args.rides)
         started = time.perf_counter()
-        outcomes = stream(stack.backend_urls, rides)
+        outcomes = stream(stack.backend_urls, rides, report_outcomes=True)  # each ride's real duration goes back
         _show(outcomes, summarize(outcomes, time.perf_counter() - started), "coarse now, final through the stream (minutes)")
 
         console.rule("3. v2, trained on more months, promoted as the UI does: pre-flight, shadow, switch, bake")
@@ -115,7 +147,7 @@ def demo(args: argparse.Namespace) -> int:
             f"validation (Feb 2021) RMSE {second['metrics']['val_rmse']:.3f} against {v1_metrics['val_rmse']:.3f}, "
             f"test (Mar 2021) RMSE {second['metrics']['test_rmse']:.3f} against {v1_metrics['test_rmse']:.3f}"
         )
-        outcomes, better = promote_under_traffic(stack, second["version"])
+        outcomes, better = promote_under_traffic(stack, second["version"], report_outcomes=True)
         _show(outcomes[-20:], better, f"alias production -> v{second['version']} (REST, as the UI), riders kept coming", rows=5)
 
         console.rule("4. A broken version (trained on shuffled durations) promoted the same way: the guard blocks it")
@@ -124,7 +156,7 @@ def demo(args: argparse.Namespace) -> int:
             f"v{broken['version']}: the durations of its training rides were shuffled among them; it loads and "
             f"passes pre-flight (test RMSE {broken['metrics']['test_rmse']:.3f})"
         )
-        outcomes, blocked = promote_under_traffic(stack, broken["version"])
+        outcomes, blocked = promote_under_traffic(stack, broken["version"], report_outcomes=True)
         blocked["alias_back_on"] = production_version(stack)
         tags = version_tags(stack, broken["version"])
         blocked["version_page_tags"] = {
@@ -145,6 +177,9 @@ def demo(args: argparse.Namespace) -> int:
         }
         (stack.dir / "rollout-figures.json").write_text(json.dumps(figures, indent=1))
         console.print_json(json.dumps(figures))
+
+        console.rule("6. Live quality: every model judged on the rides whose real duration came back")
+        _live_quality(stack, [(first["version"], second["version"]), (second["version"], broken["version"])])
 
         console.rule("the stack is up")
         console.print(
@@ -267,13 +302,17 @@ def status(args: argparse.Namespace) -> int:
         "riders": {
             url: {"status": body.get("status", "down"), "degraded": body.get("degraded", [])} for url, body in readiness.items()
         },
+        # Shared by the replicas: any one's figures are all of them.
+        "live_quality": next((body["live_quality"] for body in readiness.values() if body.get("live_quality")), None),
     }
     console.print_json(json.dumps(report))
+    from devstack.watch import describe_phase, quality_table
+
+    if report["live_quality"] and report["live_quality"]["models"]:
+        console.print(quality_table(report["live_quality"]))
     sync = report["sync"]
     if "warning" in sync:
         console.print(f"[yellow]warning:[/yellow] {sync['warning']}")
-    from devstack.watch import describe_phase
-
     phases = [line for alias, entry in sync["aliases"].items() if (line := describe_phase(alias, entry))]
     for line in phases:
         console.print(f"[cyan]{line}[/cyan]")

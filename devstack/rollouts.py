@@ -42,7 +42,9 @@ def promote_as_the_ui_does(stack: Stack, version: str, alias: str = "production"
     return at
 
 
-def promote_under_traffic(stack: Stack, version: str, during=None, rate_waves: int = 8) -> tuple[list, dict[str, Any]]:
+def promote_under_traffic(
+    stack: Stack, version: str, during=None, rate_waves: int = 8, report_outcomes: bool = False
+) -> tuple[list, dict[str, Any]]:
     """Promote ``version`` while riders keep coming, until the controller has ended the rollout.
 
     ``during(promoted_at)``: a fault to inject once the alias has moved (a killed controller, ...).
@@ -56,7 +58,8 @@ def promote_under_traffic(stack: Stack, version: str, during=None, rate_waves: i
     def riders() -> None:
         seed = 100
         while not stop.is_set():  # small waves of real rides, back to back, until told to stop
-            outcomes.extend(stream(stack.backend_urls, real_rides(rate_waves, seed=seed), concurrency=4))
+            rides = real_rides(rate_waves, seed=seed)
+            outcomes.extend(stream(stack.backend_urls, rides, concurrency=4, report_outcomes=report_outcomes))
             seed += 1
 
     traffic = threading.Thread(target=riders)

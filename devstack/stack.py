@@ -35,11 +35,13 @@ DEFAULT_STACK_DIR = REPO / ".stack"
 PROJECT = "ridestream-local"
 BUCKET = "ridestream-models"
 ARTIFACT_ROOT = f"gs://{BUCKET}/mlflow"
+OUTCOMES_URI = f"gs://{BUCKET}/outcomes/"  # devstack.outcome_sink files completed rides there
 TOPICS = {
     "push": "backend-push-stream",
     "pull": "backend-pull-stream",
     "dead": "backend-deadletter-stream",
-    "shadow": "backend-shadow-stream",  # the challenger's results: no backend reads them
+    "shadow": "backend-shadow-stream",  # the challenger's results: kept on each ride beside its final
+    "outcomes": "backend-outcome-stream",  # completed rides: every answer and the actual duration
 }
 SUBSCRIPTIONS = {
     "push": "backend-push-stream-function",  # push -> the function
@@ -48,10 +50,14 @@ SUBSCRIPTIONS = {
     "dead_watch": "backend-deadletter-stream-watch",  # what `devstack watch` counts, apart from the above
     "shadow": "backend-push-stream-challenger",  # push -> the challenger function, a copy of every ride
     "shadow_results": "backend-shadow-stream-inspect",  # the challenger's answers, for people and tests
+    "shadow_backend": "backend-shadow-stream-backend",  # the challenger's answers, onto the rides' records
+    # The stand-in for the Cloud Storage subscription that files completed rides in the bucket (devstack.outcome_sink).
+    "outcomes_sink": "backend-outcome-stream-storage",
     # The rollout controller's own copies of every answer and refusal, for its shadow analysis and bake.
     "analysis_pull": "backend-pull-stream-rollout",
     "analysis_shadow": "backend-shadow-stream-rollout",
     "analysis_dead": "backend-deadletter-stream-rollout",
+    "analysis_outcomes": "backend-outcome-stream-rollout",
 }
 # The local stack's analysis windows: small, so that the demo's rollouts take seconds, not the
 # production defaults' minutes (rollout.settings.AnalysisSettings).
@@ -122,6 +128,9 @@ class Stack:
             "BACKEND_PULL_STREAM": TOPICS["pull"],
             "BACKEND_DEADLETTER_STREAM": TOPICS["dead"],
             "BACKEND_PULL_SUBSCRIPTION": SUBSCRIPTIONS["pull"],
+            "BACKEND_SHADOW_SUBSCRIPTION": SUBSCRIPTIONS["shadow_backend"],
+            "BACKEND_OUTCOME_STREAM": TOPICS["outcomes"],
+            "OUTCOMES_URI": OUTCOMES_URI,  # where the monitoring flow reads completed rides
         }
         if "pubsub" in self.ports:
             env["PUBSUB_EMULATOR_HOST"] = f"{HOST}:{self.ports['pubsub']}"
@@ -268,7 +277,15 @@ class Stack:
         ensure_subscription(PROJECT, TOPICS["dead"], SUBSCRIPTIONS["dead"], emulator_host=emulator)
         ensure_subscription(PROJECT, TOPICS["dead"], SUBSCRIPTIONS["dead_watch"], emulator_host=emulator)
         ensure_subscription(PROJECT, TOPICS["shadow"], SUBSCRIPTIONS["shadow_results"], emulator_host=emulator)
-        for topic, subscription in (("pull", "analysis_pull"), ("shadow", "analysis_shadow"), ("dead", "analysis_dead")):
+        ensure_subscription(PROJECT, TOPICS["shadow"], SUBSCRIPTIONS["shadow_backend"], emulator_host=emulator)
+        ensure_subscription(PROJECT, TOPICS["outcomes"], SUBSCRIPTIONS["outcomes_sink"], emulator_host=emulator)
+        analysis = {
+            "pull": "analysis_pull",
+            "shadow": "analysis_shadow",
+            "dead": "analysis_dead",
+            "outcomes": "analysis_outcomes",
+        }
+        for topic, subscription in analysis.items():
             ensure_subscription(PROJECT, TOPICS[topic], SUBSCRIPTIONS[subscription], emulator_host=emulator)
         for key, function in FUNCTIONS.items():
             if key in self.urls:
@@ -336,6 +353,7 @@ class Stack:
             "GCP_PROJECT": PROJECT,
             "ANALYSIS_RESULT_SUBSCRIPTIONS": f"{SUBSCRIPTIONS['analysis_pull']},{SUBSCRIPTIONS['analysis_shadow']}",
             "ANALYSIS_DEADLETTER_SUBSCRIPTION": SUBSCRIPTIONS["analysis_dead"],
+            "ANALYSIS_OUTCOME_SUBSCRIPTION": SUBSCRIPTIONS["analysis_outcomes"],
             **(DEMO_ANALYSIS if settings is None else settings),
         }
         argv = [
@@ -512,6 +530,16 @@ class Stack:
             ]
             service = Service(f"backend-{index}", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=REPO)
             self._started(f"backend-{index}", service.start(timeout=60))
+
+    def start_outcome_sink(self, max_seconds: float = 5.0) -> None:
+        """File completed rides into the bucket, as the Cloud Storage subscription does on Google Cloud."""
+        port = free_port()
+        argv = [
+            sys.executable, "-m", "devstack.outcome_sink", "--port", str(port), "--project", PROJECT,
+            "--subscription", SUBSCRIPTIONS["outcomes_sink"], "--bucket", BUCKET, "--max-seconds", str(max_seconds),
+        ]  # fmt: skip
+        service = Service("outcome-sink", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=self.env(), cwd=REPO)
+        self._started("outcome-sink", service.start(timeout=60))
 
     @property
     def backend_urls(self) -> list[str]:

@@ -33,6 +33,7 @@ class RideOutcome:
     latency_seconds: float | None = None  # POST sent -> final duration seen
     answered_at: float | None = None  # time.time() when the final duration was seen
     error: str | None = None
+    outcome_reported: bool = False  # the ride's actual duration went back (POST /rides/<id>/outcome)
 
 
 def real_rides(count: int, month: str = "2021-03", seed: int = 0) -> list[tuple[dict, float]]:
@@ -77,8 +78,10 @@ def stream(
     concurrency: int = 16,
     wait_seconds: float = 10,
     final_timeout: float = 30,
+    report_outcomes: bool = False,
 ) -> list[RideOutcome]:
-    """POST every ride (round-robin over replicas, retrying 503s) and collect its final duration."""
+    """POST every ride (round-robin over replicas, retrying 503s) and collect its final duration; with
+    ``report_outcomes``, then report the ride's real TLC duration as the rider app does when the ride ends."""
 
     def one(session: requests.Session, job: tuple[int, dict, float]) -> RideOutcome:
         index, ride, actual = job
@@ -108,6 +111,8 @@ def stream(
                 outcome.duration_final = body["duration_final"]
                 outcome.model_version = body.get("model_version")
                 outcome.model_run_id = body.get("model_run_id")
+                if report_outcomes:
+                    outcome.outcome_reported = _report_outcome(session, other, outcome.ride_id, actual, deadline)
             else:
                 outcome.error = f"no final duration within {final_timeout:g} s"
         except (requests.RequestException, ValueError, KeyError) as exc:
@@ -115,6 +120,15 @@ def stream(
         return outcome
 
     return run_clients(one, [(i, ride, actual) for i, (ride, actual) in enumerate(rides)], concurrency)
+
+
+def _report_outcome(session: requests.Session, url: str, ride_id: str, actual: float, deadline: float) -> bool:
+    """POST the actual minutes, retrying 503s (the store or the outcomes stream is down) until ``deadline``."""
+    while True:
+        response = session.post(f"{url}/rides/{ride_id}/outcome", json={"duration_minutes": round(actual, 2)}, timeout=10)
+        if response.status_code != 503 or time.perf_counter() >= deadline:
+            return response.status_code == 200
+        time.sleep(0.5)
 
 
 def summarize(outcomes: list[RideOutcome], elapsed_seconds: float | None = None) -> dict:
@@ -131,6 +145,8 @@ def summarize(outcomes: list[RideOutcome], elapsed_seconds: float | None = None)
             "latency_ms_p99": round(float(np.percentile(latencies, 99)), 1),
             "model_versions": sorted({str(o.model_version) for o in answered}),
         }
+    if any(o.outcome_reported for o in outcomes):
+        summary["outcomes_reported"] = sum(o.outcome_reported for o in outcomes)
     if elapsed_seconds:
         summary["rides_per_second"] = round(len(answered) / elapsed_seconds, 1)
     errors = sorted({o.error for o in outcomes if o.error})

@@ -1,7 +1,8 @@
 """`python -m devstack watch`: a live view of the local stream, refreshed every second.
 
 What it shows comes from what the stack already exposes: the backends' /readyz (the shared
-store's pending rides, finals per second and latency from POST to final, results refused),
+store's pending rides, finals per second and latency from POST to final, results refused, and
+each model's live quality on the rides whose outcome came back),
 the dead-letter topic (a subscription of its own, so the inspection one keeps its messages),
 and the registry against the function deployments (the same comparison `status` makes).
 """
@@ -28,6 +29,7 @@ REFRESH_SECONDS = 1.0
 @dataclass
 class Snapshot:
     stream: dict[str, Any] | None = None  # the shared store's figures (backend /readyz "stream")
+    quality: dict[str, Any] | None = None  # each model on the completed rides (backend /readyz "live_quality")
     backends: dict[str, dict[str, Any] | str] = field(default_factory=dict)  # url -> readyz, or why not
     dead_letters: int = 0
     dead_letters_by_source: dict[str, int] = field(default_factory=dict)  # deployment (or Pub/Sub) -> count
@@ -118,6 +120,7 @@ def collect(stack: Stack, dead_letters: DeadLetters, deployments: dict[str, Any]
             readiness = requests.get(f"{url}/readyz", timeout=5).json()
             snapshot.backends[url] = readiness
             snapshot.stream = snapshot.stream or readiness.get("stream")
+            snapshot.quality = snapshot.quality or readiness.get("live_quality")
         except (requests.RequestException, ValueError) as exc:
             snapshot.backends[url] = f"{type(exc).__name__}"
     dead_letters.poll()
@@ -138,6 +141,18 @@ def collect(stack: Stack, dead_letters: DeadLetters, deployments: dict[str, Any]
 
 def _figure(value: Any, unit: str = "") -> str:
     return "-" if value is None else f"{value}{unit}"
+
+
+def quality_table(quality: dict[str, Any] | None) -> Table:
+    """Each answering model (coarse, final v<N>, shadow v<N>) on the rides whose actual duration came back."""
+    quality = quality or {}
+    minutes = round(float(quality.get("window_seconds", 0)) / 60)
+    table = Table(title=f"live quality (completed rides, last {minutes} min)", show_header=True)
+    for column in ("model", "rides", "RMSE", "MAE", "bias"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for model, figures in (quality.get("models") or {}).items():
+        table.add_row(model, str(figures["rides"]), *(f"{figures[k]:.2f} min" for k in ("rmse", "mae", "bias")))
+    return table
 
 
 def render(snapshot: Snapshot) -> Group:
@@ -182,7 +197,7 @@ def render(snapshot: Snapshot) -> Group:
             str(readiness.get("results_refused", "-")),
             f"v{served['model_version']}" if served else "-",
         )
-    parts: list[Any] = [traffic, models, replicas]
+    parts: list[Any] = [traffic, quality_table(snapshot.quality), models, replicas]
     for alias, entry in snapshot.controller.items():
         if line := describe_phase(alias, entry):
             parts.append(Text(line, style="bold cyan" if line.startswith("ROLLING") else "bold red"))

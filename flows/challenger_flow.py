@@ -1,12 +1,18 @@
-"""Prefect flow: champion vs challenger on the same real rides, scored against their actual durations.
+"""Prefect flow: champion against challenger on the same completed rides, with the uncertainty of the difference.
 
-    python -m flows.challenger_flow --champion .stack/logs/function.log --challenger .stack/logs/challenger.log --month 2021-03
+    python -m flows.challenger_flow                               # production vs challenger, OUTCOMES_URI, last 24 h
+    python -m flows.challenger_flow --champion 1 --challenger 2 --outcomes gs://B/outcomes/ --hours 6
 
-Both functions log a prediction record for every ride they answer (the challenger's in
-shadow: riders never see it). Rides are matched to the TLC month they came from by their
-four fields, which gives each its actual duration; the two models are compared on the
-rides both answered, and the comparison is logged to MLflow (experiment
-``<experiment>-monitoring``, run ``champion-vs-challenger``).
+Every ride the backend completes carries its final (the champion's answer) and the shadow's answer
+(the challenger's, which riders never saw) beside its actual duration. On the rides both versions
+answered, in either role, the flow computes RMSE(challenger) - RMSE(champion) with a paired bootstrap
+95 % interval (ride_contract.quality, the function the guarded rollout uses), and says a side only
+when the interval excludes zero: "not yet distinguishable" otherwise. The verdict goes on the
+challenger's version page (tags and description), on the flow run (an artifact) and into MLflow
+(experiment ``<experiment>-monitoring``, run ``champion-vs-challenger``).
+
+It replaces the comparison that joined the functions' prediction logs to a TLC month's parquet by
+the rides' four fields: that worked only for rides taken from a TLC file, never in a deployment.
 """
 
 from __future__ import annotations
@@ -16,71 +22,135 @@ import json
 from dataclasses import replace
 
 import numpy as np
-import pandas as pd
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
 
-from data import load_trips, month_uri
-from flows.monitoring_flow import read_prediction_log
-from ride_contract.ride import RIDE_COLUMNS
+from flows.live_quality_flow import read_completed_rides
+from flows.settings import MonitoringSettings
+from ride_contract.outcome import CompletedRide
+from ride_contract.quality import paired_rmse_difference, paired_verdict
+from training import registry
 from training.settings import Settings, configure_mlflow
 
-
-def with_actual_durations(predictions: pd.DataFrame, trips: pd.DataFrame) -> pd.DataFrame:
-    """The predictions of rides found in ``trips``, with their actual ``duration``; one row per ride."""
-    rides = predictions.assign(datetime=pd.to_datetime(predictions["datetime"])).drop_duplicates(RIDE_COLUMNS, keep="last")
-    # A ride's four fields name one trip; the few trips that share them all are dropped, being ambiguous.
-    unique_trips = trips[[*RIDE_COLUMNS, "duration"]].drop_duplicates(RIDE_COLUMNS, keep=False)
-    return rides.merge(unique_trips, on=RIDE_COLUMNS, how="inner")
+BOOTSTRAP_SAMPLES = 2000
 
 
-def compare(champion: pd.DataFrame, challenger: pd.DataFrame) -> dict:
-    both = champion.merge(challenger, on=[*RIDE_COLUMNS, "duration"], suffixes=("_champion", "_challenger"))
-    # Once the challenger is promoted, both deployments answer with the same version: no comparison there.
-    both = both[both["model_version_champion"].astype(str) != both["model_version_challenger"].astype(str)]
-    if both.empty:
-        raise ValueError("no ride was answered by both models (different versions) with a known actual duration")
+def answers_by_version(ride: CompletedRide) -> dict[str, float]:
+    """Each version's answer to the ride, final or shadow."""
+    answers = {shadow.model_version: shadow.duration_final for shadow in ride.shadow}
+    if ride.duration_final is not None and ride.model_version:
+        answers[ride.model_version] = ride.duration_final
+    return answers
 
-    def rmse(column: str) -> float:
-        return float(np.sqrt(np.mean((both[column] - both["duration"]) ** 2)))
 
-    champion_rmse, challenger_rmse = rmse("prediction_champion"), rmse("prediction_challenger")
+def paired(rides: list[CompletedRide], champion: str, challenger: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(champion's answers, challenger's answers, actual durations) on the rides both versions answered."""
+    rows = [
+        (answers[champion], answers[challenger], ride.actual_minutes)
+        for ride in rides
+        if champion in (answers := answers_by_version(ride)) and challenger in answers
+    ]
+    matrix = np.array(rows, dtype=float).reshape(-1, 3)
+    return matrix[:, 0], matrix[:, 1], matrix[:, 2]
+
+
+def compare(
+    champion_answers, challenger_answers, actual, champion: str, challenger: str, samples: int = BOOTSTRAP_SAMPLES
+) -> dict:
+    if len(actual) < 2:
+        raise ValueError(f"fewer than 2 completed rides answered by both v{champion} and v{challenger}: nothing to compare")
+    low, estimate, high = paired_rmse_difference(challenger_answers, champion_answers, actual, samples)
+
+    def rmse(answers) -> float:
+        return round(float(np.sqrt(np.mean((answers - actual) ** 2))), 3)
+
     return {
-        "rides": len(both),
-        "champion_versions": sorted({str(v) for v in both["model_version_champion"]}),
-        "challenger_versions": sorted({str(v) for v in both["model_version_challenger"]}),
-        "champion_rmse": round(champion_rmse, 3),
-        "challenger_rmse": round(challenger_rmse, 3),
-        "challenger_better": challenger_rmse < champion_rmse,
+        "rides": len(actual),
+        "champion": champion,
+        "challenger": challenger,
+        "champion_rmse": rmse(champion_answers),
+        "challenger_rmse": rmse(challenger_answers),
+        "rmse_diff_minutes": round(estimate, 3),
+        "rmse_diff_ci95": [round(low, 3), round(high, 3)],
+        # A side only when the interval excludes zero.
+        "challenger_better": True if high < 0 else False if low > 0 else None,
+        "verdict": paired_verdict(low, estimate, high, len(actual), f"v{challenger}", f"v{champion}"),
     }
 
 
+@task(name="tell-the-challenger", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def tell_the_challenger(result: dict, settings: Settings) -> None:
+    """The verdict on the challenger's version page: tags, and a paragraph of its description."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.tracking_uri)
+    name, version = settings.model_name, result["challenger"]
+    for key, value in {
+        "live_comparison": result["verdict"][:500],
+        "live_comparison_against": f"v{result['champion']}",
+        "live_rmse_diff_ci95": json.dumps(result["rmse_diff_ci95"]),
+        "live_comparison_rides": str(result["rides"]),
+    }.items():
+        client.set_model_version_tag(name, version, key, value)
+    description = client.get_model_version(name, version).description or ""
+    paragraph = f"**Live, against v{result['champion']}**: {result['verdict']}."
+    client.update_model_version(name, version, description=f"{description}\n\n{paragraph}".strip())
+
+
 @flow(name="champion-vs-challenger", log_prints=True)
-def challenger_flow(champion_log: str, challenger_log: str, month: str, data_base: str | None = None) -> dict:
-    settings = Settings.from_env()
-    trips = load_trips([month_uri(month, data_base or settings.data_base)])
-    champion = with_actual_durations(read_prediction_log(champion_log), trips)
-    challenger = with_actual_durations(read_prediction_log(challenger_log), trips)
-    result = {"month": month, **compare(champion, challenger)}
+def challenger_flow(
+    champion: str | None = None, challenger: str | None = None, outcomes: str | None = None, hours: float = 24.0
+) -> dict:
+    settings, monitoring = Settings.from_env(), MonitoringSettings.from_env()
+    champion = champion or registry.current_version(registry.PRODUCTION, settings)
+    challenger = challenger or registry.current_version(registry.CHALLENGER, settings)
+    if not champion or not challenger:
+        raise ValueError(
+            "name both versions (--champion, --challenger), or give the registry a production and a challenger alias"
+        )
+    outcomes_uri = outcomes or monitoring.outcomes_uri
+    if not outcomes_uri:
+        raise ValueError("no completed rides to read: pass --outcomes or set OUTCOMES_URI (infra output `outcomes`)")
+    import time
+
+    rides, _ = read_completed_rides(outcomes_uri, time.time() - hours * 3600)
+    result = compare(*paired(rides, champion, challenger), champion, challenger)
+    tell_the_challenger(result, settings)
     import mlflow
+    from prefect.artifacts import create_table_artifact
 
     configure_mlflow(replace(settings, experiment_name=f"{settings.experiment_name}-monitoring"))
     with mlflow.start_run(run_name="champion-vs-challenger") as run:
-        mlflow.log_params({k: ",".join(v) if isinstance(v, list) else v for k, v in result.items() if not k.endswith("rmse")})
+        mlflow.log_params({"champion": champion, "challenger": challenger, "outcomes": outcomes_uri, "hours": hours})
+        low, high = result["rmse_diff_ci95"]
         mlflow.log_metrics(
-            {"champion_rmse": result["champion_rmse"], "challenger_rmse": result["challenger_rmse"], "rides": result["rides"]}
+            {
+                "rides": result["rides"],
+                "champion_rmse": result["champion_rmse"],
+                "challenger_rmse": result["challenger_rmse"],
+                "rmse_diff_minutes": result["rmse_diff_minutes"],
+                "rmse_diff_ci95_low": low,
+                "rmse_diff_ci95_high": high,
+            }
         )
         result["mlflow_run_id"] = run.info.run_id
-    get_run_logger().info("champion vs challenger: %s", result)
+    rows = [
+        {"version": f"v{v}", "role": role, "live RMSE": result[f"{role}_rmse"]}
+        for role, v in (("champion", champion), ("challenger", challenger))
+    ]
+    create_table_artifact(rows, key="champion-vs-challenger", description=result["verdict"])
+    get_run_logger().info("champion vs challenger: %s", result["verdict"])
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--champion", required=True, help="the production function's prediction log (file, folder or gs://)")
-    parser.add_argument("--challenger", required=True, help="the shadow function's prediction log")
-    parser.add_argument("--month", required=True, help="the TLC month the rides came from (their actual durations)")
+    parser.add_argument("--champion", help="a version (default: the production alias)")
+    parser.add_argument("--challenger", help="a version (default: the challenger alias)")
+    parser.add_argument("--outcomes", help="completed rides: a gs:// prefix, folder or file (default: OUTCOMES_URI)")
+    parser.add_argument("--hours", type=float, default=24.0)
     args = parser.parse_args(argv)
-    print(json.dumps(challenger_flow(args.champion, args.challenger, args.month), indent=2))
+    print(json.dumps(challenger_flow(args.champion, args.challenger, args.outcomes, args.hours), indent=2))
 
 
 if __name__ == "__main__":

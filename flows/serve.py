@@ -5,7 +5,8 @@
 
 Monthly: train on the newest three months available in TRIP_DATA_BASE (promotion
 gated against production), then score the newest month. Daily, when PREDICTION_LOGS
-names the bucket the function's prediction logs are exported to: the drift report.
+names the bucket the function's prediction logs are exported to: the drift report. Hourly,
+when OUTCOMES_URI names where completed rides land: live quality per model version.
 For a work pool instead of this process (Cloud Run or Kubernetes via prefect-gcp),
 see prefect.yaml.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 from prefect import serve
 from prefect.schedules import Cron
 
+from flows.live_quality_flow import live_quality_flow
 from flows.monitoring_flow import monitoring_flow
 from flows.scoring_flow import scoring_flow
 from flows.settings import MonitoringSettings
@@ -26,6 +28,7 @@ TIMEZONE = "America/New_York"
 MONTHLY_TRAINING = "0 6 3 * *"
 MONTHLY_SCORING = "0 8 3 * *"
 DAILY_MONITORING = "0 7 * * *"
+HOURLY_LIVE_QUALITY = "5 * * * *"  # after the hour's last Cloud Storage object (at most 5 min) has landed
 
 
 def deployments() -> list:
@@ -42,6 +45,15 @@ def deployments() -> list:
                 name="daily-monitoring",
                 schedule=Cron(DAILY_MONITORING, timezone=TIMEZONE),
                 parameters={"predictions": prediction_logs},
+            )
+        )
+    outcomes_uri = MonitoringSettings.from_env().outcomes_uri
+    if outcomes_uri:  # the bucket the outcomes topic's Cloud Storage subscription writes to (infra/)
+        deployments.append(
+            live_quality_flow.to_deployment(
+                name="hourly-live-quality",
+                schedule=Cron(HOURLY_LIVE_QUALITY, timezone=TIMEZONE),
+                parameters={"outcomes": outcomes_uri, "hours": 24},
             )
         )
     return deployments

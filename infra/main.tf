@@ -4,7 +4,8 @@ locals {
     push       = "${local.prefix}-backend-push-stream"
     pull       = "${local.prefix}-backend-pull-stream"
     deadletter = "${local.prefix}-backend-deadletter-stream"
-    shadow     = "${local.prefix}-backend-shadow-stream" # the shadow revision's answers: no backend reads them
+    shadow     = "${local.prefix}-backend-shadow-stream"  # the shadow revision's answers, kept on each ride
+    outcomes   = "${local.prefix}-backend-outcome-stream" # completed rides: every answer and the actual duration
   }
   # Pub/Sub's own service agent moves undeliverable messages to the dead-letter topic.
   pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
@@ -14,7 +15,7 @@ locals {
   function_service_name = element(reverse(split("/", google_cloudfunctions2_function.predict.service_config[0].service)), 0)
   # Every API the resources below use: a fresh project has them off, and the first apply would fail.
   apis = toset(concat(
-    ["cloudfunctions", "run", "cloudbuild", "artifactregistry", "eventarc", "pubsub", "storage", "logging", "iam", "compute", "sqladmin", "secretmanager"],
+    ["cloudfunctions", "run", "cloudbuild", "artifactregistry", "eventarc", "pubsub", "storage", "logging", "iam", "compute", "sqladmin", "secretmanager", "monitoring"],
     var.memorystore_size_gb > 0 ? ["redis"] : [],
   ))
   # Whether the replicas share a store, decided without the (sensitive) URL: for_each and count
@@ -64,6 +65,25 @@ resource "google_storage_bucket" "prediction_logs" {
   }
 }
 
+# Completed rides (every answer and the actual duration), filed by Pub/Sub itself (a Cloud Storage
+# subscription); the monitoring flow reads them.
+resource "google_storage_bucket" "outcomes" {
+  #checkov:skip=CKV_GCP_62:object access is recorded by Cloud Audit Logs (Data Access); legacy usage-log buckets add nothing
+  #checkov:skip=CKV_GCP_78:the subscription only writes new objects and a lifecycle rule deletes them; nothing is overwritten
+  name                        = "${var.project_id}-${local.prefix}-outcomes"
+  location                    = var.region
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  lifecycle_rule {
+    condition {
+      age = 400
+    }
+    action {
+      type = "Delete"
+    }
+  }
+}
+
 # --- streams -----------------------------------------------------------------------------------
 
 resource "google_pubsub_topic" "push" {
@@ -81,6 +101,11 @@ resource "google_pubsub_topic" "shadow" {
   name = local.topics.shadow
 }
 
+resource "google_pubsub_topic" "outcomes" {
+  #checkov:skip=CKV_GCP_83:rides and results are encrypted at rest with Google-managed keys; a customer key (kms_key_name) is an option, not a need here
+  name = local.topics.outcomes
+}
+
 resource "google_pubsub_topic" "deadletter" {
   #checkov:skip=CKV_GCP_83:rides and results are encrypted at rest with Google-managed keys; a customer key (kms_key_name) is an option, not a need here
   name = local.topics.deadletter
@@ -95,6 +120,39 @@ resource "google_pubsub_subscription" "backend_results" {
   expiration_policy {
     ttl = ""
   }
+}
+
+# The shadow revision's answers onto each ride's record (beside its final), for live quality.
+resource "google_pubsub_subscription" "backend_shadow_answers" {
+  name                       = "${local.topics.shadow}-backend"
+  topic                      = google_pubsub_topic.shadow.id
+  ack_deadline_seconds       = 30
+  message_retention_duration = "3600s"
+  expiration_policy {
+    ttl = ""
+  }
+}
+
+# Completed rides land in the bucket with no code of ours: newline-delimited JSON, one object per
+# 5 minutes or 1,000 rides (https://cloud.google.com/pubsub/docs/cloudstorage).
+resource "google_pubsub_subscription" "outcomes_to_storage" {
+  name                       = "${local.topics.outcomes}-storage"
+  topic                      = google_pubsub_topic.outcomes.id
+  message_retention_duration = "604800s"
+  expiration_policy {
+    ttl = ""
+  }
+  cloud_storage_config {
+    bucket          = google_storage_bucket.outcomes.name
+    filename_prefix = "outcomes/"
+    filename_suffix = ".jsonl"
+    max_duration    = "300s"
+    max_messages    = 1000
+  }
+  depends_on = [
+    google_storage_bucket_iam_member.pubsub_agent_writes_outcomes,
+    google_storage_bucket_iam_member.pubsub_agent_reads_outcomes_bucket,
+  ]
 }
 
 resource "google_pubsub_subscription" "deadletter_inspect" {
@@ -157,10 +215,11 @@ resource "google_pubsub_subscription" "function_shadow_push" {
   }
 }
 
-# The rollout controller's own copies of every answer and refusal: its shadow analysis and bake
-# pair the two versions' answers to the same rides (rollout/analysis.py).
+# The rollout controller's own copies of every answer, refusal and completed ride: its shadow analysis
+# and bake pair the two versions' answers to the same rides, and judge them on the actual durations
+# that have come back (rollout/analysis.py).
 resource "google_pubsub_subscription" "rollout_analysis" {
-  for_each                   = { pull = google_pubsub_topic.pull.id, shadow = google_pubsub_topic.shadow.id, deadletter = google_pubsub_topic.deadletter.id }
+  for_each                   = { pull = google_pubsub_topic.pull.id, shadow = google_pubsub_topic.shadow.id, deadletter = google_pubsub_topic.deadletter.id, outcomes = google_pubsub_topic.outcomes.id }
   name                       = "${local.prefix}-rollout-analysis-${each.key}"
   topic                      = each.value
   ack_deadline_seconds       = 30
@@ -236,6 +295,39 @@ resource "google_pubsub_subscription_iam_member" "backend_views_results" {
   subscription = google_pubsub_subscription.backend_results.id
   role         = "roles/pubsub.viewer"
   member       = "serviceAccount:${google_service_account.backend.email}"
+}
+
+resource "google_pubsub_topic_iam_member" "backend_publishes_outcomes" {
+  topic  = google_pubsub_topic.outcomes.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${google_service_account.backend.email}"
+}
+
+resource "google_pubsub_subscription_iam_member" "backend_reads_shadow_answers" {
+  subscription = google_pubsub_subscription.backend_shadow_answers.id
+  role         = "roles/pubsub.subscriber"
+  member       = "serviceAccount:${google_service_account.backend.email}"
+}
+
+# The Cloud Storage subscription writes as Pub/Sub's service agent: it creates objects and reads the
+# bucket's metadata, nothing else.
+resource "google_storage_bucket_iam_member" "pubsub_agent_writes_outcomes" {
+  bucket = google_storage_bucket.outcomes.name
+  role   = "roles/storage.objectCreator"
+  member = local.pubsub_agent
+}
+
+resource "google_storage_bucket_iam_member" "pubsub_agent_reads_outcomes_bucket" {
+  bucket = google_storage_bucket.outcomes.name
+  role   = "roles/storage.legacyBucketReader"
+  member = local.pubsub_agent
+}
+
+# The flows (training's identity) read the completed rides for live quality.
+resource "google_storage_bucket_iam_member" "flows_read_outcomes" {
+  bucket = google_storage_bucket.outcomes.name
+  role   = "roles/storage.objectViewer"
+  member = "serviceAccount:${google_service_account.training.email}"
 }
 
 resource "google_cloud_run_v2_service_iam_member" "pusher_invokes_function" {
@@ -401,6 +493,14 @@ resource "google_cloud_run_v2_service" "backend" {
       env {
         name  = "BACKEND_PULL_SUBSCRIPTION"
         value = google_pubsub_subscription.backend_results.name
+      }
+      env {
+        name  = "BACKEND_SHADOW_SUBSCRIPTION"
+        value = google_pubsub_subscription.backend_shadow_answers.name
+      }
+      env {
+        name  = "BACKEND_OUTCOME_STREAM"
+        value = google_pubsub_topic.outcomes.name
       }
       env {
         name  = "REDIS_URL"
@@ -700,6 +800,46 @@ resource "google_storage_bucket_iam_member" "sink_writes_prediction_logs" {
   member = google_logging_project_sink.predictions.writer_identity
 }
 
+# --- live quality: production worse live than on its test month ---------------------------------
+# The hourly live-quality flow (flows/live_quality_flow.py, a Cloud Run job of the Prefect work pool)
+# logs LIVE QUALITY DEGRADED and fails when production's live RMSE, over a window of enough completed
+# rides, is above its test RMSE by more than ALERT_RMSE_INCREASE. That line is counted and alerts.
+resource "google_logging_metric" "live_quality_degraded" {
+  name   = "${local.prefix}-live-quality-degraded"
+  filter = "resource.type=\"cloud_run_job\" AND textPayload:\"LIVE QUALITY DEGRADED\""
+  metric_descriptor {
+    metric_kind = "DELTA"
+    value_type  = "INT64"
+  }
+  depends_on = [google_project_service.apis]
+}
+
+resource "google_monitoring_alert_policy" "live_quality_degraded" {
+  display_name          = "ridestream ${var.env}: production is worse live than on its test month"
+  combiner              = "OR"
+  notification_channels = var.alert_notification_channels
+  conditions {
+    display_name = "the live-quality flow logged LIVE QUALITY DEGRADED"
+    condition_threshold {
+      filter          = "metric.type=\"logging.googleapis.com/user/${google_logging_metric.live_quality_degraded.name}\" AND resource.type=\"cloud_run_job\""
+      comparison      = "COMPARISON_GT"
+      threshold_value = 0
+      duration        = "0s"
+      aggregations {
+        alignment_period   = "300s"
+        per_series_aligner = "ALIGN_SUM"
+      }
+    }
+  }
+  alert_strategy {
+    auto_close = "86400s"
+  }
+  documentation {
+    mime_type = "text/markdown"
+    content   = "Production's live RMSE on completed rides is above its test RMSE by more than the allowed share. The flow run's `live-quality` artifact names the version and the figures; the README's *Live quality* section says what to do (roll back with `make rollback`, or retrain)."
+  }
+}
+
 # --- rollout: the registry's production alias moves, the function follows ----------------------
 # MLflow calls the rollout service (a signed webhook) when an alias moves, and it reads the registry
 # every minute besides; it takes a new production version through pre-flight, shadow analysis,
@@ -803,6 +943,10 @@ resource "google_cloud_run_v2_service" "rollout" {
       env {
         name  = "ANALYSIS_DEADLETTER_SUBSCRIPTION"
         value = google_pubsub_subscription.rollout_analysis["deadletter"].name
+      }
+      env {
+        name  = "ANALYSIS_OUTCOME_SUBSCRIPTION"
+        value = google_pubsub_subscription.rollout_analysis["outcomes"].name
       }
       env {
         name  = "MLFLOW_TRACKING_URI"

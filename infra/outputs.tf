@@ -14,6 +14,11 @@ output "backend_url" {
   value = google_cloud_run_v2_service.backend.uri
 }
 
+output "outcomes" {
+  description = "Where the completed rides land (newline-delimited JSON), read by the monitoring flow as OUTCOMES_URI"
+  value       = "gs://${google_storage_bucket.outcomes.name}/outcomes/"
+}
+
 output "prediction_logs" {
   value = "gs://${google_storage_bucket.prediction_logs.name}"
 }

@@ -105,3 +105,9 @@ variable "rollout_image" {
   description = "Rollout service image (rollout/Dockerfile): follows the registry's production alias with the function"
   type        = string
 }
+
+variable "alert_notification_channels" {
+  description = "Cloud Monitoring notification channels (ids) told when production is worse live than on its test month; none: the incident shows in the console only"
+  type        = list(string)
+  default     = []
+}

@@ -27,6 +27,23 @@ RIDE_COLUMNS = ["datetime", "PULocationID", "DOLocationID", "trip_distance"]
 LocationId = Annotated[int, Field(ge=MIN_LOCATION_ID, le=MAX_LOCATION_ID, strict=True)]
 
 
+def nyc_local_datetime(value: Any) -> dt.datetime:
+    """A timestamp as TLC keeps them: naive NYC local time (an aware one is converted to it)."""
+    # Only text or datetimes: pydantic would otherwise read numbers as epoch seconds.
+    if isinstance(value, dt.datetime):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.strip())
+        except ValueError as exc:
+            raise ValueError('expected "YYYY-MM-DD HH:MM:SS"') from exc
+    else:
+        raise ValueError('expected a string "YYYY-MM-DD HH:MM:SS"')
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(NYC).replace(tzinfo=None)
+    return parsed
+
+
 class Ride(BaseModel):
     """A ride request: only what is known when the ride is booked."""
 
@@ -43,20 +60,7 @@ class Ride(BaseModel):
     @field_validator("datetime", mode="before")
     @classmethod
     def _datetime_from_text(cls, value: Any) -> dt.datetime:
-        # Only text or datetimes: pydantic would otherwise read numbers as epoch seconds.
-        if isinstance(value, dt.datetime):
-            parsed = value
-        elif isinstance(value, str):
-            try:
-                parsed = dt.datetime.fromisoformat(value.strip())
-            except ValueError as exc:
-                raise ValueError('expected "YYYY-MM-DD HH:MM:SS"') from exc
-        else:
-            raise ValueError('expected a string "YYYY-MM-DD HH:MM:SS"')
-        # TLC timestamps are naive NYC local time; convert aware inputs to that.
-        if parsed.tzinfo is not None:
-            parsed = parsed.astimezone(NYC).replace(tzinfo=None)
-        return parsed
+        return nyc_local_datetime(value)
 
     def model_input(self) -> dict[str, Any]:
         """The ride as one row of model input (no ride_id)."""

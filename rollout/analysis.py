@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ride_contract.quality import paired_rmse_difference
 from rollout.settings import AnalysisSettings
 
 log = logging.getLogger("rollout")
@@ -80,21 +81,6 @@ def figures(
     return out
 
 
-def paired_rmse_difference(
-    candidate: np.ndarray, baseline: np.ndarray, actual: np.ndarray, samples: int = 1000, seed: int = 0
-) -> tuple[float, float, float]:
-    """RMSE(candidate) - RMSE(baseline) on the same rides, with a 95 % bootstrap interval: (low, estimate, high).
-
-    Rides are resampled as pairs, so the ride-to-ride variation both models share cancels out."""
-    rng = np.random.default_rng(seed)
-    errors_c, errors_b = (candidate - actual) ** 2, (baseline - actual) ** 2
-    estimate = float(np.sqrt(errors_c.mean()) - np.sqrt(errors_b.mean()))
-    index = rng.integers(0, len(actual), size=(samples, len(actual)))
-    diffs = np.sqrt(errors_c[index].mean(axis=1)) - np.sqrt(errors_b[index].mean(axis=1))
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    return float(low), estimate, float(high)
-
-
 def breaches(figs: dict[str, Any], settings: AnalysisSettings) -> list[str]:
     """Each threshold the figures break, in words; empty: the candidate passes."""
     found = []
@@ -125,10 +111,14 @@ class LiveAnswers:
     topic (each carries the version that refused the ride). Unary pulls, acked at once: what the
     controller reads is a copy (its subscriptions), never what the backends or the function consume."""
 
-    def __init__(self, project: str, result_subscriptions: list[str], deadletter_subscription: str = ""):
+    def __init__(
+        self, project: str, result_subscriptions: list[str], deadletter_subscription: str = "", outcome_subscription: str = ""
+    ):
         self.project = project
         self.subscriptions = [s for s in result_subscriptions if s]
         self.deadletter_subscription = deadletter_subscription
+        self.outcome_subscription = outcome_subscription  # completed rides: the actual durations, where they come back
+        self._actual: OrderedDict[str, float] = OrderedDict()  # ride_id -> actual minutes
         self._answers: OrderedDict[str, dict[str, Answer]] = OrderedDict()  # ride_id -> version -> answer
         self._first_seen: dict[str, float] = {}  # ride_id -> when its first answer reached this reader
         self._first_published: dict[str, float] = {}  # ride_id -> when its first answer was published
@@ -140,7 +130,7 @@ class LiveAnswers:
 
     def start(self) -> LiveAnswers:
         self.started_at = time.time()
-        for name in [*self.subscriptions, self.deadletter_subscription]:
+        for name in [*self.subscriptions, self.deadletter_subscription, self.outcome_subscription]:
             if name:
                 thread = threading.Thread(target=self._pull, args=(name,), name=f"answers-{name}", daemon=True)
                 thread.start()
@@ -171,7 +161,22 @@ class LiveAnswers:
             for received in response.received_messages:
                 published = received.message.publish_time
                 at = published.timestamp() if published else None
-                self.record(received.message.data, dead_letter=name == self.deadletter_subscription, at=at)
+                if name == self.outcome_subscription:
+                    self.record_outcome(received.message.data)
+                else:
+                    self.record(received.message.data, dead_letter=name == self.deadletter_subscription, at=at)
+
+    def record_outcome(self, data: bytes) -> None:
+        """A completed ride (the outcomes topic): its actual duration, for the paired RMSE difference."""
+        try:
+            body = json.loads(data)
+            ride_id, actual = body["ride_id"], float(body["actual_minutes"])
+        except (ValueError, KeyError, TypeError):
+            return
+        with self._lock:
+            self._actual[ride_id] = actual
+            while len(self._actual) > KEPT_RIDES:
+                self._actual.popitem(last=False)
 
     def record(self, data: bytes, dead_letter: bool = False, at: float | None = None) -> None:
         """One answer (or dead letter); ``at``: when it was published (Pub/Sub's publish time), else now."""
@@ -199,9 +204,10 @@ class LiveAnswers:
                 self._first_seen.pop(old, None)
                 self._first_published.pop(old, None)
 
-    def window(self, baseline: str, candidate: str, since: float, grace_seconds: float) -> tuple[list, list, int, int]:
+    def window(self, baseline: str, candidate: str, since: float, grace_seconds: float) -> tuple[list, list, int, int, list]:
         """Rides the baseline answered since ``since``, old enough that the candidate had ``grace_seconds``
-        to answer too: (baseline answers, candidate answers or None, candidate's and baseline's dead letters).
+        to answer too: (baseline answers, candidate answers or None, candidate's and baseline's dead letters,
+        actual durations or None where no outcome has come back).
 
         Only rides answered after this reader started count: of earlier ones, a controller killed before
         it may have taken one half of the pair with it (acked, never kept), which would read as unanswered."""
@@ -211,16 +217,18 @@ class LiveAnswers:
             # Published in the window; seen here long enough ago that the other answer had time to arrive
             # (a backlog read after a restart arrives late, however early it was published).
             rides = [
-                answers
+                (ride_id, answers)
                 for ride_id, answers in self._answers.items()
                 if baseline in answers
                 and since <= self._first_published[ride_id]
                 and self._first_seen[ride_id] <= now - grace_seconds
             ]
             dead = [version for at, version in self._dead if since <= at <= now - grace_seconds]
+            actual = [self._actual.get(ride_id) for ride_id, _ in rides]
         return (
-            [answers[baseline] for answers in rides],
-            [answers.get(candidate) for answers in rides],
+            [answers[baseline] for _, answers in rides],
+            [answers.get(candidate) for _, answers in rides],
             dead.count(candidate),
             dead.count(baseline),
+            actual,
         )

@@ -165,7 +165,9 @@ def live_answers(settings: RolloutSettings) -> Any:
         return None
     from rollout.analysis import LiveAnswers
 
-    return LiveAnswers(settings.project, list(settings.result_subscriptions), settings.deadletter_subscription).start()
+    return LiveAnswers(
+        settings.project, list(settings.result_subscriptions), settings.deadletter_subscription, settings.outcome_subscription
+    ).start()
 
 
 def build_rollouts(settings: RolloutSettings, targets: dict[str, Target]) -> dict[str, Rollout]:

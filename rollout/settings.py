@@ -77,6 +77,9 @@ class RolloutSettings:
     shadow_results_topic: str = "backend-shadow-stream"
     result_subscriptions: tuple[str, ...] = ()
     deadletter_subscription: str = ""
+    # Completed rides (ANALYSIS_OUTCOME_SUBSCRIPTION, on the outcomes topic): where actual durations come
+    # back within the window, the analysis adds the paired RMSE difference with its interval.
+    outcome_subscription: str = ""
 
     @classmethod
     def from_env(cls) -> RolloutSettings:
@@ -103,4 +106,5 @@ class RolloutSettings:
                 s.strip() for s in os.environ.get("ANALYSIS_RESULT_SUBSCRIPTIONS", "").split(",") if s.strip()
             ),
             deadletter_subscription=os.environ.get("ANALYSIS_DEADLETTER_SUBSCRIPTION", ""),
+            outcome_subscription=os.environ.get("ANALYSIS_OUTCOME_SUBSCRIPTION", ""),
         )

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
 PROJECT = "ridestream-local"
 BUCKET = "ridestream-models"
+REDIS_URL = "redis://127.0.0.1:6379/0"  # the machine's Redis; tests use a key prefix of their own
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Prefect: a throwaway home, no analytics, and time for the ephemeral server to start on 2 cores.
@@ -45,6 +46,18 @@ def started_as_client(stack):
         stack.stop()
         os.environ.clear()
         os.environ.update(environment)
+
+
+@pytest.fixture
+def redis_prefix():
+    """A key prefix of this test's own on the machine's Redis; its keys are removed afterwards."""
+    import redis
+
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
 
 
 def unique(name: str) -> str:

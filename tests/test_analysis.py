@@ -9,8 +9,9 @@ import pytest
 from conftest import DATA
 
 from data import load_trips, month_uri
+from ride_contract.quality import paired_rmse_difference, paired_verdict
 from ride_contract.result import served_minutes
-from rollout.analysis import Answer, breaches, figures, paired_rmse_difference
+from rollout.analysis import Answer, breaches, figures
 from rollout.settings import AnalysisSettings
 from training.train import search
 
@@ -78,6 +79,21 @@ def test_the_paired_bootstrap_interval_covers_the_difference_and_shrinks_with_mo
     assert low < estimate < high and low < 0.5 < high  # the true difference: 5.5 - 5 min
     few = paired_rmse_difference(candidate[:200], baseline[:200], actual[:200], samples=500)
     assert few[2] - few[0] > high - low
+
+
+@pytest.mark.parametrize("sign", [-1, 1])
+def test_the_verdict_takes_a_side_only_once_the_interval_excludes_zero(sign):
+    """Synthetic pairs with a known difference: the challenger's errors 0.5 min larger (or smaller) in RMSE."""
+    rng = np.random.default_rng(11)
+    actual = rng.uniform(5, 40, 20_000)
+    champion = actual + rng.normal(0, 5, actual.size)
+    challenger = actual + rng.normal(0, 5 + sign * 0.5, actual.size)
+    few = paired_rmse_difference(challenger[:60], champion[:60], actual[:60], samples=1000)
+    assert paired_verdict(*few, rides=60, candidate="v2", baseline="v1").startswith("not yet distinguishable")
+    many = paired_rmse_difference(challenger, champion, actual, samples=1000)
+    verdict = paired_verdict(*many, rides=20_000, candidate="v2", baseline="v1")
+    assert verdict.startswith("v2 better" if sign < 0 else "v2 worse"), verdict
+    assert many[0] < sign * 0.5 < many[2]  # and the interval holds the true difference
 
 
 def test_every_threshold_is_read_from_its_environment_variable_and_a_bad_one_is_named(monkeypatch):

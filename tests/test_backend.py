@@ -60,7 +60,9 @@ def settings(**overrides) -> BackendSettings:
 @pytest.fixture
 def backend():
     publisher, store = RecordingPublisher(), InMemoryResultStore()
-    app = create_app(settings(), publisher=publisher, store=store, listener=IdleListener())
+    app = create_app(
+        settings(), publisher=publisher, store=store, listener=IdleListener(), outcome_publisher=RecordingPublisher()
+    )
     return app.test_client(), publisher, store
 
 
@@ -218,8 +220,12 @@ class HangingPublisher(RecordingPublisher):
 def test_a_retry_while_the_first_publish_hangs_is_not_lost_when_that_publish_fails():
     # Two replicas share one store; the client gives up on the first and retries on the second.
     publisher, store = HangingPublisher(), InMemoryResultStore()
-    first = create_app(settings(), publisher=publisher, store=store, listener=IdleListener()).test_client()
-    second = create_app(settings(), publisher=publisher, store=store, listener=IdleListener()).test_client()
+    first = create_app(
+        settings(), publisher=publisher, store=store, listener=IdleListener(), outcome_publisher=RecordingPublisher()
+    ).test_client()
+    second = create_app(
+        settings(), publisher=publisher, store=store, listener=IdleListener(), outcome_publisher=RecordingPublisher()
+    ).test_client()
     ride = {**RIDE, "ride_id": "raced"}
     hung = threading.Thread(target=lambda: first.post("/predict", json=ride))
     hung.start()
@@ -258,7 +264,13 @@ def test_readyz_says_degraded_when_finals_arrive_late():
     from backend.app import degraded_reasons
 
     store = InMemoryResultStore()
-    app = create_app(settings(late_final_p95_ms=500), publisher=RecordingPublisher(), store=store, listener=IdleListener())
+    app = create_app(
+        settings(late_final_p95_ms=500),
+        publisher=RecordingPublisher(),
+        store=store,
+        listener=IdleListener(),
+        outcome_publisher=RecordingPublisher(),
+    )
     client = app.test_client()
     assert client.get("/readyz").get_json()["status"] == "ok"
     import time as clock
@@ -295,7 +307,13 @@ class HangingStore(InMemoryResultStore):
 def test_readyz_answers_within_its_checks_when_the_store_hangs():
     import time as clock
 
-    app = create_app(settings(), publisher=RecordingPublisher(), store=HangingStore(), listener=IdleListener())
+    app = create_app(
+        settings(),
+        publisher=RecordingPublisher(),
+        store=HangingStore(),
+        listener=IdleListener(),
+        outcome_publisher=RecordingPublisher(),
+    )
     started = clock.monotonic()
     response = app.test_client().get("/readyz")
     assert clock.monotonic() - started < 3
@@ -314,7 +332,9 @@ class DownStore(InMemoryResultStore):
 
 def test_store_outage_answers_503_with_retry_after_never_500_and_publishes_nothing():
     publisher = RecordingPublisher()
-    app = create_app(settings(), publisher=publisher, store=DownStore(), listener=IdleListener())
+    app = create_app(
+        settings(), publisher=publisher, store=DownStore(), listener=IdleListener(), outcome_publisher=RecordingPublisher()
+    )
     client = app.test_client()
     posted = client.post("/predict?wait=1", json=RIDE)
     assert posted.status_code == 503 and posted.headers["Retry-After"] == "1"

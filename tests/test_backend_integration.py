@@ -7,11 +7,10 @@ import json
 import shlex
 import socket
 import threading
-import uuid
 
 import pytest
 import requests
-from conftest import REPO, unique
+from conftest import REDIS_URL, REPO, unique
 from dockerfile_parse import DockerfileParser
 from google.cloud import pubsub_v1
 
@@ -24,20 +23,7 @@ from ride_contract.ride import Ride
 
 pytestmark = pytest.mark.integration
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 RIDE = {"datetime": "2021-03-04 18:59:00", "PULocationID": 196, "DOLocationID": 28, "trip_distance": 2.5}
-
-
-@pytest.fixture
-def redis_prefix():
-    """A key prefix of this test's own on the machine's Redis; its keys are removed afterwards."""
-    import redis
-
-    prefix = f"test-{uuid.uuid4().hex[:8]}"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{prefix}:*"):
-        client.delete(key)
 
 
 def test_redis_store_is_shared_between_replicas(redis_prefix):

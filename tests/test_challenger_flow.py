@@ -1,43 +1,55 @@
-"""Champion vs challenger: rides matched to their actual durations, compared only where the two models differ."""
+"""Champion against challenger on completed rides: paired by ride, in either role, and a side taken only
+when the bootstrap interval excludes zero."""
 
 from __future__ import annotations
 
-import pandas as pd
+import numpy as np
 import pytest
 
-from flows.challenger_flow import compare, with_actual_durations
+from flows.challenger_flow import compare, paired
+from ride_contract.outcome import CompletedRide, ShadowAnswer
 
-TRIPS = pd.DataFrame(
-    {
-        "datetime": pd.to_datetime(["2021-03-01 08:00", "2021-03-01 09:00", "2021-03-01 10:00", "2021-03-01 10:00"]),
-        "PULocationID": [1, 2, 3, 3],
-        "DOLocationID": [4, 5, 6, 6],
-        "trip_distance": [1.0, 2.0, 3.0, 3.0],
-        "duration": [10.0, 20.0, 30.0, 31.0],  # the last two trips share every ride field: ambiguous
-    }
-)
+RIDE = {"datetime": "2021-03-04T18:59:00", "PULocationID": 196, "DOLocationID": 28, "trip_distance": 2.5}
 
 
-def logged(predictions: list[float], version: str, rides: int = 3) -> pd.DataFrame:
-    """Prediction records as read_prediction_log returns them (datetimes as the function logs them)."""
-    frame = TRIPS.head(rides).drop(columns="duration").assign(datetime=lambda f: f["datetime"].dt.strftime("%Y-%m-%dT%H:%M:%S"))
-    return frame.assign(prediction=predictions[:rides], model_version=version)
+def completed(ride_id: str, actual: float, final: tuple[str, float] | None, shadow: tuple[str, float] | None) -> CompletedRide:
+    return CompletedRide(
+        ride_id=ride_id,
+        fingerprint="f",
+        ride=RIDE,
+        requested_at=0,
+        duration_coarse=actual + 3,
+        duration_final=final[1] if final else None,
+        model_version=final[0] if final else "",
+        shadow=[ShadowAnswer(model_version=shadow[0], duration_final=shadow[1])] if shadow else [],
+        actual_minutes=actual,
+        outcome_at=1,
+    )
 
 
-def test_each_ride_gets_its_actual_duration_and_ambiguous_trips_are_left_out():
-    matched = with_actual_durations(logged([11, 19, 30], "1"), TRIPS)
-    assert matched["duration"].tolist() == [10.0, 20.0]
+def test_rides_are_paired_by_version_whichever_deployment_answered():
+    rides = [
+        completed("a", 10, ("1", 12), ("2", 11)),  # v2 in shadow
+        completed("b", 20, ("2", 21), ("1", 22)),  # during the bake: v2 answers riders, v1 in shadow
+        completed("c", 30, ("1", 31), None),  # no shadow answer: no pair
+        completed("d", 40, None, ("2", 41)),  # the ride failed: v1 never answered
+        completed("e", 50, ("1", 52), ("3", 50)),  # another challenger
+    ]
+    champion, challenger, actual = paired(rides, "1", "2")
+    assert actual.tolist() == [10, 20] and champion.tolist() == [12, 22] and challenger.tolist() == [11, 21]
 
 
-def test_the_models_are_compared_on_the_same_rides():
-    champion = with_actual_durations(logged([12, 22, 0], "1"), TRIPS)  # off by 2
-    challenger = with_actual_durations(logged([11, 21, 0], "2"), TRIPS)  # off by 1
-    result = compare(champion, challenger)
-    assert result["rides"] == 2 and result["champion_rmse"] == pytest.approx(2) and result["challenger_rmse"] == pytest.approx(1)
-    assert result["challenger_better"] is True
-
-
-def test_rides_both_answered_with_the_same_version_are_no_comparison():
-    same = with_actual_durations(logged([11, 21, 0], "2"), TRIPS)
-    with pytest.raises(ValueError, match="different versions"):
-        compare(same, same)
+def test_the_comparison_is_undecided_on_few_rides_and_decided_on_many():
+    rng = np.random.default_rng(5)
+    actual = rng.uniform(5, 40, 8000)
+    champion = actual + rng.normal(0, 5, actual.size)
+    challenger = actual + rng.normal(0, 4.5, actual.size)  # better by about half a minute of RMSE
+    few = compare(champion[:40], challenger[:40], actual[:40], "1", "2")
+    assert few["challenger_better"] is None and few["verdict"].startswith("not yet distinguishable"), few
+    many = compare(champion, challenger, actual, "1", "2")
+    assert many["challenger_better"] is True and many["verdict"].startswith("v2 better"), many
+    low, high = many["rmse_diff_ci95"]
+    assert low < many["rmse_diff_minutes"] < high < 0
+    assert many["champion_rmse"] == pytest.approx(float(np.sqrt(np.mean((champion - actual) ** 2))), abs=0.001)
+    with pytest.raises(ValueError, match="answered by both v1 and v2"):
+        compare(champion[:1], challenger[:1], actual[:1], "1", "2")

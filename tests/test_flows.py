@@ -123,9 +123,13 @@ def test_schedules_train_and_score_monthly_and_monitor_daily_when_logs_are_confi
     from flows.serve import deployments
 
     monkeypatch.delenv("PREDICTION_LOGS", raising=False)
+    monkeypatch.delenv("OUTCOMES_URI", raising=False)
     assert [d.name for d in deployments()] == ["monthly-training", "monthly-scoring"]
     monkeypatch.setenv("PREDICTION_LOGS", "gs://bucket/prediction-logs")
+    monkeypatch.setenv("OUTCOMES_URI", "gs://bucket/outcomes/")
     planned = {d.name: d for d in deployments()}
+    assert planned["hourly-live-quality"].parameters == {"outcomes": "gs://bucket/outcomes/", "hours": 24}
+    assert planned["hourly-live-quality"].schedules[0].schedule.cron == "5 * * * *"
     assert planned["monthly-training"].parameters == {"latest": True}
     assert planned["monthly-training"].schedules[0].schedule.cron == "0 6 3 * *"
     assert {d.schedules[0].schedule.timezone for d in planned.values()} == {"America/New_York"}

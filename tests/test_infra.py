@@ -44,8 +44,8 @@ def test_every_terraform_file_parses():
 
 
 def test_the_system_is_all_there(resources):
-    assert set(resources["google_pubsub_topic"]) == {"push", "pull", "deadletter", "shadow"}
-    assert {"models", "prediction_logs"} <= set(resources["google_storage_bucket"])
+    assert set(resources["google_pubsub_topic"]) == {"push", "pull", "deadletter", "shadow", "outcomes"}
+    assert {"models", "prediction_logs", "outcomes"} <= set(resources["google_storage_bucket"])
     assert set(resources["google_service_account"]) == {"function", "backend", "pusher", "mlflow", "training", "rollout"}
     function = resources["google_cloudfunctions2_function"]["predict"]
     assert function["build_config"][0]["runtime"] == "python311"
@@ -68,7 +68,35 @@ def test_one_always_on_controller_and_a_shadow_fed_every_ride(resources):
     assert "google_pubsub_topic.push" in shadow["topic"]
     assert '"https://shadow---"' in shadow["push_config"][0]["push_endpoint"]
     analysis = resources["google_pubsub_subscription"]["rollout_analysis"]
-    assert set(analysis["for_each"]) == {"pull", "shadow", "deadletter"}
+    assert set(analysis["for_each"]) == {"pull", "shadow", "deadletter", "outcomes"}
+    assert 'rollout_analysis["outcomes"]' in env["ANALYSIS_OUTCOME_SUBSCRIPTION"]
+
+
+def test_completed_rides_land_in_their_bucket_through_pubsub_alone_and_the_backend_reads_the_shadow(resources):
+    """Outcomes: the backend publishes each completed ride; a Cloud Storage subscription files them as
+    newline-delimited JSON (what flows.outcomes reads), written by Pub/Sub's service agent, which may
+    create objects and read the bucket, nothing more."""
+    sink = resources["google_pubsub_subscription"]["outcomes_to_storage"]
+    assert "google_pubsub_topic.outcomes" in sink["topic"]
+    storage = sink["cloud_storage_config"][0]
+    assert "google_storage_bucket.outcomes.name" in storage["bucket"]
+    assert storage["filename_prefix"] == "outcomes/" and storage["filename_suffix"] == ".jsonl"
+    assert "avro_config" not in storage  # text: each message's data, a newline between
+    agent_grants = {
+        (role, re.search(r"google_storage_bucket\.(\w+)", target).group(1))
+        for kind, target, role, member in _grants(resources)
+        if member == "${local.pubsub_agent}" and kind == "google_storage_bucket_iam_member"
+    }
+    assert agent_grants == {("roles/storage.objectCreator", "outcomes"), ("roles/storage.legacyBucketReader", "outcomes")}
+    assert len(sink["depends_on"]) == 2  # created once Pub/Sub may write there (it checks at creation)
+    shadow = resources["google_pubsub_subscription"]["backend_shadow_answers"]
+    assert "google_pubsub_topic.shadow" in shadow["topic"]
+    env = {
+        e["name"]: e.get("value")
+        for e in resources["google_cloud_run_v2_service"]["backend"]["template"][0]["containers"][0]["env"]
+    }
+    assert "backend_shadow_answers.name" in env["BACKEND_SHADOW_SUBSCRIPTION"]
+    assert "google_pubsub_topic.outcomes.name" in env["BACKEND_OUTCOME_STREAM"]
 
 
 def test_the_function_subscription_has_dead_letter_and_retry_policies(resources):
@@ -137,6 +165,8 @@ def test_each_identity_gets_exactly_what_it_uses(resources):
         ("roles/pubsub.viewer", "google_pubsub_topic.push"),
         ("roles/pubsub.subscriber", "google_pubsub_subscription.backend_results"),
         ("roles/pubsub.viewer", "google_pubsub_subscription.backend_results"),
+        ("roles/pubsub.publisher", "google_pubsub_topic.outcomes"),
+        ("roles/pubsub.subscriber", "google_pubsub_subscription.backend_shadow_answers"),
     }
     assert by_member["pusher"] == {("roles/run.invoker", "google_cloudfunctions2_function.predict")}
     assert by_member["mlflow"] == {
@@ -147,6 +177,7 @@ def test_each_identity_gets_exactly_what_it_uses(resources):
     }
     assert by_member["training"] == {
         ("roles/storage.objectUser", "google_storage_bucket.models"),
+        ("roles/storage.objectViewer", "google_storage_bucket.outcomes"),
         ("roles/run.invoker", "google_cloud_run_v2_service.mlflow"),
     }
     # The rollout controller: its webhook secret, the registry, revisions and traffic of this one function's
@@ -414,3 +445,17 @@ def test_the_quick_gcloud_path_deploys_the_function_with_terraforms_limits(resou
     service = resources["google_cloudfunctions2_function"]["predict"]["service_config"][0]
     assert service["max_instance_count"] == deploy.MAX_INSTANCES
     assert service["max_instance_request_concurrency"] == deploy.CONCURRENCY
+
+
+def test_a_degraded_production_alerts_on_the_line_the_live_quality_flow_logs(resources):
+    from flows.live_quality_flow import DEGRADED
+
+    metric = resources["google_logging_metric"]["live_quality_degraded"]
+    assert f'textPayload:\\"{DEGRADED}\\"' in metric["filter"] or f'textPayload:"{DEGRADED}"' in metric["filter"]
+    assert 'resource.type="cloud_run_job"' in metric["filter"].replace("\\", "")  # the Prefect work pool's jobs
+    [condition] = resources["google_monitoring_alert_policy"]["live_quality_degraded"]["conditions"]
+    threshold = condition["condition_threshold"][0]
+    assert "google_logging_metric.live_quality_degraded.name" in threshold["filter"]
+    assert threshold["comparison"] == "COMPARISON_GT" and threshold["threshold_value"] == 0
+    policy = resources["google_monitoring_alert_policy"]["live_quality_degraded"]
+    assert policy["notification_channels"] == "${var.alert_notification_channels}"

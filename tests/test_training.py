@@ -66,6 +66,8 @@ def test_run_logs_params_metrics_lineage_plots_and_a_self_contained_model(local_
         "__init__.py",
         "coarse.py",
         "features.py",
+        "outcome.py",
+        "quality.py",
         "result.py",
         "ride.py",
         "serving_form.py",
