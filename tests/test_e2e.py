@@ -13,6 +13,7 @@ import requests
 from conftest import DATA
 from google.cloud import pubsub_v1
 
+from devstack.processes import pid_alive
 from devstack.pubsub import pull_messages
 from devstack.stack import ARTIFACT_ROOT, PROJECT, SUBSCRIPTIONS, TOPICS, Stack
 from devstack.traffic import real_rides, stream, summarize
@@ -124,6 +125,8 @@ def test_redeploy_starts_a_dead_function_again_even_when_the_model_is_unchanged(
     stack, settings, first = live
     monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
     os.killpg(stack.pids["function"], signal.SIGKILL)
+    while pid_alive(stack.pids["function"]):  # SIGKILL lands asynchronously: the crash is over before anyone redeploys
+        time.sleep(0.05)
     assert redeploy(argparse.Namespace(stack_dir=stack.dir)) == 0  # what `make redeploy` runs
     stack.refresh()  # that command is another view of the stack: take over what it started
     summary = summarize(stream(stack.backend_urls, real_rides(10, seed=11)))
