@@ -106,17 +106,10 @@ def _run_checks(checks: dict[str, Any], seconds: float) -> dict[str, Any]:
     return {name: future.result() if future.done() else f"no answer within {seconds:g} s" for name, future in futures.items()}
 
 
-def _stream_figures(store: ResultStore) -> dict[str, Any] | None:
-    """The stream as every replica sees it (the shared store's figures); None while the store is down."""
+def _shared_figures(read: Any) -> dict[str, Any] | None:
+    """Figures every replica sees alike (the shared store's: ``read(now)``); None while the store is down."""
     try:
-        return store.stats(time.time())
-    except StoreUnavailable:
-        return None
-
-
-def _quality_figures(store: ResultStore, window_seconds: float) -> dict[str, Any] | None:
-    try:
-        return store.quality(time.time(), window_seconds)
+        return read(time.time())
     except StoreUnavailable:
         return None
 
@@ -304,8 +297,8 @@ def create_app(
                 "push_stream": lambda: stream_problem(publisher.check, seconds),
                 "pull_stream": lambda: stream_problem(listener.check, seconds),
                 "result_store": lambda: stream_problem(lambda timeout: store.ping(), seconds),
-                "stream": lambda: _stream_figures(store),
-                "quality": lambda: _quality_figures(store, settings.quality_window_seconds),
+                "stream": lambda: _shared_figures(store.stats),
+                "quality": lambda: _shared_figures(lambda now: store.quality(now, settings.quality_window_seconds)),
             },
             seconds,
         )

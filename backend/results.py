@@ -26,7 +26,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from ride_contract.outcome import completed_ride
-from ride_contract.quality import bucket_of, figures, sums_of, window_buckets
+from ride_contract.quality import add_ride, bucket_of, figures, sums_of, window_buckets
 
 MAX_IN_MEMORY_RIDES = 100_000
 
@@ -273,9 +273,7 @@ class InMemoryResultStore:
             status, changed = _with_outcome(record, actual_minutes, now)
             if status is OutcomeStatus.RECORDED:
                 self._rides[ride_id] = (created, changed)
-                bucket = self._quality.setdefault(bucket_of(now), {})
-                for field, value in sums_of(completed_ride(changed)).items():
-                    bucket[field] = bucket.get(field, 0.0) + value
+                add_ride(self._quality.setdefault(bucket_of(now), {}), completed_ride(changed))
             return status, dict(changed) if changed else None
 
     def outcome_published(self, ride_id: str) -> None:
@@ -415,80 +413,62 @@ class RedisResultStore:
         pipe.zrem(self._pending, ride_id).hdel(self._sends, ride_id)
         self._call(pipe.execute)
 
-    def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> Completion:
-        key = self._key(ride_id)
-        outcome: list[Completion] = []
-
-        def settle(pipe) -> None:  # optimistic: retried by redis-py if the record changes meanwhile
-            outcome.clear()
-            raw = pipe.get(key)
-            record = json.loads(raw) if raw else None
-            refused = _completion(record, result, status)
-            if refused is not None:
-                outcome.append(refused)
-                return
-            pipe.multi()
-            pipe.set(key, json.dumps(_settle(record, result, status)), keepttl=True)
-            pipe.zrem(self._pending, ride_id).hdel(self._sends, ride_id)
-            if status == "done":
-                now = time.time()
-                pipe.zadd(self._finals, {f"{ride_id}:{_latency_ms(record, now):.1f}": now})
-                pipe.zremrangebyscore(self._finals, 0, now - STATS_WINDOW_SECONDS)
-            pipe.publish(self._channel(ride_id), status)
-            outcome.append(Completion.STORED)
-
-        self._call(self._redis.transaction, settle, key)
-        return outcome[0]
-
-    def _change(self, ride_id: str, change) -> Any:
-        """Apply ``change(record) -> (answer, new record or None, extra(pipe) or None)`` to a ride's record
-        in one optimistic transaction (retried by redis-py if the record changes meanwhile)."""
+    def _change(self, ride_id: str, change, extra=None) -> Any:
+        """One optimistic transaction on a ride's record (redis-py retries it if the record changes meanwhile):
+        ``change(record) -> (answer, new record or None)``; with a new record, ``extra(pipe, new record)``
+        queues what goes with it in the same MULTI. Returns the answer."""
         key = self._key(ride_id)
         answer: list[Any] = []
 
         def transaction(pipe) -> None:
             answer.clear()
             raw = pipe.get(key)
-            result, changed, extra = change(json.loads(raw) if raw else None)
+            result, changed = change(json.loads(raw) if raw else None)
             answer.append(result)
             if changed is None:
                 return
             pipe.multi()
             pipe.set(key, json.dumps(changed), keepttl=True)
             if extra is not None:
-                extra(pipe)
+                extra(pipe, changed)
 
         self._call(self._redis.transaction, transaction, key)
         return answer[0]
 
-    def add_shadow(self, ride_id: str, result: dict[str, Any]) -> Completion:
+    def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> Completion:
         def change(record):
-            completion, changed = _with_shadow(record, result)
-            return completion, changed, None
+            refused = _completion(record, result, status)
+            return (refused, None) if refused is not None else (Completion.STORED, _settle(record, result, status))
 
-        return self._change(ride_id, change)
+        def extra(pipe, settled) -> None:
+            pipe.zrem(self._pending, ride_id).hdel(self._sends, ride_id)
+            if status == "done":
+                now = time.time()
+                pipe.zadd(self._finals, {f"{ride_id}:{_latency_ms(settled, now):.1f}": now})
+                pipe.zremrangebyscore(self._finals, 0, now - STATS_WINDOW_SECONDS)
+            pipe.publish(self._channel(ride_id), status)
+
+        return self._change(ride_id, change, extra)
+
+    def add_shadow(self, ride_id: str, result: dict[str, Any]) -> Completion:
+        return self._change(ride_id, lambda record: _with_shadow(record, result))
 
     def record_outcome(self, ride_id: str, actual_minutes: float, now: float) -> tuple[OutcomeStatus, dict[str, Any] | None]:
         bucket = f"{self._prefix}:quality:{bucket_of(now)}"
 
-        def add_errors(changed):
-            def extra(pipe) -> None:
-                for field, value in sums_of(completed_ride(changed)).items():
-                    pipe.hincrbyfloat(bucket, field, value)
-                pipe.expire(bucket, self._ttl)
-
-            return extra
-
         def change(record):
             status, changed = _with_outcome(record, actual_minutes, now)
-            if status is OutcomeStatus.RECORDED:
-                return (status, changed), changed, add_errors(changed)
-            return (status, changed), None, None
+            return (status, changed), changed if status is OutcomeStatus.RECORDED else None
 
-        return self._change(ride_id, change)
+        def add_errors(pipe, recorded) -> None:
+            for field, value in sums_of(completed_ride(recorded)).items():
+                pipe.hincrbyfloat(bucket, field, value)
+            pipe.expire(bucket, self._ttl)
+
+        return self._change(ride_id, change, add_errors)
 
     def outcome_published(self, ride_id: str) -> None:
-        self._change(ride_id, lambda record: (None, record and {**record, "outcome_published": True}, None))
+        self._change(ride_id, lambda record: (None, record and {**record, "outcome_published": True}))
 
     def quality(self, now: float, window_seconds: float) -> dict[str, Any]:
         pipe = self._redis.pipeline()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -111,8 +112,6 @@ def challenger_flow(
     outcomes_uri = outcomes or monitoring.outcomes_uri
     if not outcomes_uri:
         raise ValueError("no completed rides to read: pass --outcomes or set OUTCOMES_URI (infra output `outcomes`)")
-    import time
-
     rides, _ = read_completed_rides(outcomes_uri, time.time() - hours * 3600)
     result = compare(*paired(rides, champion, challenger), champion, challenger)
     tell_the_challenger(result, settings)

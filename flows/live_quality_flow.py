@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from flows.monitoring_flow import _read_text
 from flows.settings import MonitoringSettings
 from ride_contract.outcome import CompletedRide
-from ride_contract.quality import figures, sums_of
+from ride_contract.quality import add_ride, figures
 from training import registry
 from training.settings import Settings
 
@@ -44,7 +44,8 @@ def read_completed_rides(outcomes_uri: str, since: float) -> tuple[list[Complete
     """The completed rides whose outcome came after ``since``, and how many lines could not be read
     (said, counted, and left where they are)."""
     rides, unreadable = [], 0
-    for line in _read_text(outcomes_uri):
+    # An object is written after the rides in it were completed: one written before ``since`` holds none after it.
+    for line in _read_text(outcomes_uri, written_since=since):
         if not line.strip():
             continue
         try:
@@ -61,9 +62,7 @@ def windowed(rides: list[CompletedRide], window_seconds: float) -> dict[int, dic
     """Per window (its index: outcome time // window), each model's figures on the window's rides."""
     sums: dict[int, dict[str, float]] = {}
     for ride in rides:
-        bucket = sums.setdefault(int(ride.outcome_at // window_seconds), {})
-        for field, value in sums_of(ride).items():
-            bucket[field] = bucket.get(field, 0.0) + value
+        add_ride(sums.setdefault(int(ride.outcome_at // window_seconds), {}), ride)
     return {index: figures([bucket], window_seconds)["models"] for index, bucket in sorted(sums.items())}
 
 

@@ -44,18 +44,23 @@ def monitoring_frame(rides: pd.DataFrame, predictions, actual: pd.Series | None 
     return frame
 
 
-def _read_text(source: str) -> list[str]:
-    """Lines of one file, every file under a folder, or every object under a gs:// prefix."""
+def _read_text(source: str, written_since: float | None = None) -> list[str]:
+    """Lines of one file, every file under a folder, or every object under a gs:// prefix; with
+    ``written_since`` (epoch seconds), only those written since then (an older one is not downloaded)."""
     if source.startswith("gs://"):
         from google.cloud import storage
 
         bucket, prefix = split_gs_uri(source)
         blobs = storage.Client().list_blobs(bucket, prefix=prefix or None)
+        if written_since is not None:
+            blobs = [b for b in blobs if b.time_created is None or b.time_created.timestamp() >= written_since]
         return [line for blob in blobs for line in blob.download_as_text().splitlines()]
     path = Path(source)
     if not path.exists():
         raise ValueError(f"{source} does not exist")
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if written_since is not None:
+        files = [f for f in files if f.stat().st_mtime >= written_since]
     return [line for f in files for line in f.read_text(errors="replace").splitlines()]
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ride_contract.ride import MAX_DURATION_MINUTES, MIN_DURATION_MINUTES, nyc_local_datetime
+from ride_contract.ride import MAX_DURATION_MINUTES, MIN_DURATION_MINUTES, InvalidFields, nyc_local_datetime
 
 
 class Outcome(BaseModel):
@@ -37,12 +37,8 @@ class Outcome(BaseModel):
         return self
 
 
-class InvalidOutcome(ValueError):
-    """An outcome that is not valid for its ride; ``fields`` maps each bad field to what is wrong with it."""
-
-    def __init__(self, fields: dict[str, str]):
-        self.fields = fields
-        super().__init__("; ".join(f"{name}: {problem}" for name, problem in fields.items()))
+class InvalidOutcome(InvalidFields):
+    """An outcome that is not valid for its ride."""
 
 
 def actual_minutes(payload: Any, pickup: dt.datetime) -> float:
@@ -52,7 +48,7 @@ def actual_minutes(payload: Any, pickup: dt.datetime) -> float:
     try:
         outcome = Outcome.model_validate(payload)
     except ValidationError as exc:
-        raise InvalidOutcome({".".join(map(str, e["loc"])) or "outcome": e["msg"] for e in exc.errors()}) from exc
+        raise InvalidOutcome.of(exc, "outcome") from exc
     if outcome.dropoff_datetime is not None:
         field = "dropoff_datetime"
         if outcome.dropoff_datetime <= pickup:

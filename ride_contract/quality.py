@@ -42,6 +42,12 @@ def sums_of(ride: CompletedRide) -> dict[str, float]:
     return sums
 
 
+def add_ride(bucket: dict[str, float], ride: CompletedRide) -> None:
+    """Add one completed ride's increments to a bucket's sums."""
+    for field, value in sums_of(ride).items():
+        bucket[field] = bucket.get(field, 0.0) + value
+
+
 def bucket_of(at: float) -> int:
     return int(at // QUALITY_BUCKET_SECONDS)
 

@@ -76,12 +76,21 @@ class Ride(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-class InvalidRide(ValueError):
-    """A payload that is not a valid ride; ``fields`` maps each bad field to what is wrong with it."""
+class InvalidFields(ValueError):
+    """A payload the contract refuses; ``fields`` maps each bad field to what is wrong with it."""
 
     def __init__(self, fields: dict[str, str]):
         self.fields = fields
         super().__init__("; ".join(f"{name}: {problem}" for name, problem in fields.items()))
+
+    @classmethod
+    def of(cls, exc: ValidationError, whole: str) -> InvalidFields:
+        """Every error pydantic found, by field (``whole``: the name for an error of the payload as a whole)."""
+        return cls({".".join(map(str, e["loc"])) or whole: e["msg"] for e in exc.errors()})
+
+
+class InvalidRide(InvalidFields):
+    """A payload that is not a valid ride."""
 
 
 def parse_ride(payload: Any) -> Ride:
@@ -91,4 +100,4 @@ def parse_ride(payload: Any) -> Ride:
     try:
         return Ride.model_validate(payload)
     except ValidationError as exc:
-        raise InvalidRide({".".join(map(str, e["loc"])) or "ride": e["msg"] for e in exc.errors()}) from exc
+        raise InvalidRide.of(exc, "ride") from exc

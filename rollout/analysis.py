@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
+from ride_contract.outcome import CompletedRide
 from ride_contract.quality import paired_rmse_difference
 from rollout.settings import AnalysisSettings
 
@@ -169,12 +171,11 @@ class LiveAnswers:
     def record_outcome(self, data: bytes) -> None:
         """A completed ride (the outcomes topic): its actual duration, for the paired RMSE difference."""
         try:
-            body = json.loads(data)
-            ride_id, actual = body["ride_id"], float(body["actual_minutes"])
-        except (ValueError, KeyError, TypeError):
+            ride = CompletedRide.model_validate_json(data)
+        except ValidationError:
             return
         with self._lock:
-            self._actual[ride_id] = actual
+            self._actual[ride.ride_id] = ride.actual_minutes
             while len(self._actual) > KEPT_RIDES:
                 self._actual.popitem(last=False)
 

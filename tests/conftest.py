@@ -60,6 +60,18 @@ def redis_prefix():
         client.delete(key)
 
 
+class IdleListener:
+    """Stands in for the backend's result listener: running, receiving nothing (the test stores results itself)."""
+
+    running, last_error, received = True, None, 0
+
+    def check(self, timeout: float) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+
 def unique(name: str) -> str:
     """Topic/subscription names unique per test, so tests sharing an emulator never cross."""
     return f"{name}-{uuid.uuid4().hex[:8]}"

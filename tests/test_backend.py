@@ -10,7 +10,7 @@ import sys
 import threading
 
 import pytest
-from conftest import REPO
+from conftest import REPO, IdleListener
 
 from backend.app import create_app
 from backend.results import Completion, InMemoryResultStore, StoreUnavailable
@@ -41,15 +41,6 @@ class RecordingPublisher:
     def check(self, timeout: float) -> None:
         if self.fail:
             raise ConnectionError("emulator down")
-
-
-class IdleListener:
-    running = True
-    last_error = None
-    received = 0
-
-    def check(self, timeout: float) -> None:
-        return None
 
 
 def settings(**overrides) -> BackendSettings:

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REDIS_URL, unique
+from conftest import REDIS_URL, IdleListener, unique
 from google.cloud import pubsub_v1
 
 from backend.app import create_app
@@ -24,16 +24,6 @@ from ride_contract.ride import Ride
 pytestmark = pytest.mark.integration
 
 RIDE = {"datetime": "2021-03-04 18:59:00", "PULocationID": 196, "DOLocationID": 28, "trip_distance": 2.5}
-
-
-class IdleListener:
-    running, last_error, received = True, None, 0
-
-    def check(self, timeout: float) -> None:
-        return None
-
-    def stop(self) -> None:
-        return None
 
 
 @pytest.fixture
