@@ -21,6 +21,7 @@ take minutes per rollout at this traffic.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -33,7 +34,8 @@ from devstack.rollouts import NOTICE_BOUND_SECONDS, RESYNC_SECONDS, ROLLOUT_SCEN
 def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     results = {}
-    with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp:
+    # MLflow prints a line per run it ends on stdout: to stderr with the logs, so stdout is the one JSON document.
+    with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp, contextlib.redirect_stdout(sys.stderr):
         stack = RolloutStack(Path(tmp) / "stack")
         try:
             stack.start()
