@@ -31,9 +31,13 @@ $(VENV)/.installed: requirements.lock pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+# Two workers, each test file on one of them (its module fixtures, stacks and emulators stay together):
+# most of the suite waits on processes it started, so the two cores are better used side by side.
+TEST_WORKERS ?= 2
+
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup  ## unit tests only
 	$(PY) -m pytest -m "not integration and not e2e"

@@ -3,9 +3,10 @@
     python benchmarks/function_bench.py   # prints JSON
 
 The model is the default training (January 2021, all rows), logged to the emulated bucket.
-- handler: decode + validate + featurize + score one message, publish excluded (a no-op
-  publisher), against the logged sklearn pipeline's ``predict`` of the same ride as a
-  prebuilt one-row DataFrame (the pipeline's cost alone, no decoding or validation).
+- handler: decode + validate + featurize + score one message with its range (three serving
+  forms), publish excluded (a no-op publisher), against the logged sklearn pipeline's ``predict``
+  of the same ride as a prebuilt one-row DataFrame (the pipeline's cost alone, no decoding or
+  validation); and the same handler without the range, for what the range costs per ride.
 - cold start: a functions-framework process with RUN_ID, from process start until it answers
   HTTP, against the naive ``import mlflow; mlflow.pyfunc.load_model(...)`` in a fresh process.
 - memory: PSS of the function's process tree once ready (functions-framework and its worker).
@@ -68,8 +69,8 @@ def handler_vs_pipeline(model_uri: str, pipeline) -> dict:
     messages = [base64.b64encode(json.dumps({**r, "ride_id": f"b{i}"}).encode()).decode() for i, r in enumerate(rides)]
     frames = [rides_frame([loaded.contract.ride.Ride.model_validate(r)]) for r in rides]
 
-    def handle_all(model) -> list[float]:
-        service = RideDurationService(model, loaded.contract, NoPublish(), "pull", "dead", loaded.run_id)
+    def handle_all(model, interval=None) -> list[float]:
+        service = RideDurationService(model, loaded.contract, NoPublish(), "pull", "dead", loaded.run_id, interval=interval)
         with contextlib.redirect_stdout(io.StringIO()):  # the handler's JSON log lines
             _timed_ms(lambda m: service.handle(m, "warm-up"), messages[:20])
             return _timed_ms(lambda m: service.handle(m, "bench"), messages)
@@ -77,7 +78,8 @@ def handler_vs_pipeline(model_uri: str, pipeline) -> dict:
     for frame in frames[:20]:  # warm-up
         pipeline.predict(frame)
     bare = statistics.median(_timed_ms(pipeline.predict, frames))
-    handler = handle_all(loaded.model)
+    handler = handle_all(loaded.model, loaded.interval)
+    without_range = handle_all(loaded.model)
     from pipeline_function.pipeline_model import PipelineModel  # the function before serving forms
 
     old_handler = handle_all(PipelineModel(pipeline))
@@ -87,6 +89,8 @@ def handler_vs_pipeline(model_uri: str, pipeline) -> dict:
         "handler_ms_median": round(statistics.median(handler), 3),
         "handler_ms_p99": round(sorted(handler)[int(0.99 * len(handler))], 3),
         "ratio": round(statistics.median(handler) / bare, 3),
+        "handler_without_range_ms_median": round(statistics.median(without_range), 3),
+        "range_ms_per_ride": round(statistics.median(handler) - statistics.median(without_range), 3),
         "pipeline_function_handler_ms_median": round(statistics.median(old_handler), 3),
     }
 

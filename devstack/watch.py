@@ -148,10 +148,11 @@ def quality_table(quality: dict[str, Any] | None) -> Table:
     quality = quality or {}
     minutes = round(float(quality.get("window_seconds", 0)) / 60)
     table = Table(title=f"live quality (completed rides, last {minutes} min)", show_header=True)
-    for column in ("model", "rides", "RMSE", "MAE", "bias"):
+    for column in ("model", "rides", "RMSE", "MAE", "bias", "within range", "range width"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for model, figures in (quality.get("models") or {}).items():
-        table.add_row(model, str(figures["rides"]), *(f"{figures[k]:.2f} min" for k in ("rmse", "mae", "bias")))
+        ranged = (f"{figures['coverage']:.0%}", f"{figures['mean_width']:.1f} min") if "coverage" in figures else ("-", "-")
+        table.add_row(model, str(figures["rides"]), *(f"{figures[k]:.2f} min" for k in ("rmse", "mae", "bias")), *ranged)
     return table
 
 

@@ -6,9 +6,10 @@
 It reads the completed rides the outcomes topic filed (a Cloud Storage subscription on Google
 Cloud, devstack.outcome_sink locally), computes each answering model's count, bias, MAE and
 RMSE per window (ride_contract.quality, as the backends' live figures), and logs them as
-``live_rmse``, ``live_mae``, ``live_bias`` and ``live_rides`` into each version's training run,
+``live_rmse``, ``live_mae``, ``live_bias`` and ``live_rides`` (and, for answers with a range,
+``live_interval_coverage`` and ``live_interval_mean_width``) into each version's training run,
 one point per window (its step and timestamp): the MLflow UI charts a version's live RMSE beside
-its test RMSE. Production is degraded when its live RMSE over a window of enough rides is above
+its test RMSE, and its range's live coverage beside its test coverage. Production is degraded when its live RMSE over a window of enough rides is above
 its test RMSE by more than the settings allow: then the flow fails, loudly, with an artifact.
 """
 
@@ -31,6 +32,8 @@ from training import registry
 from training.settings import Settings
 
 METRICS = {"rmse": "live_rmse", "mae": "live_mae", "bias": "live_bias", "rides": "live_rides"}
+# Beside them, for answers that came with a range: beside the run's test_interval_coverage.
+RANGE_METRICS = {"coverage": "live_interval_coverage", "mean_width": "live_interval_mean_width"}
 # Printed on the flow's log when production is degraded: the log-based metric of infra/ counts it.
 DEGRADED = "LIVE QUALITY DEGRADED"
 
@@ -90,15 +93,16 @@ def log_live_quality(windows: dict[int, dict], runs: dict[str, str], window_seco
     for model, run_id in runs.items():
         prefix = "" if model.startswith("final") else "shadow_"  # what riders got, and what they did not see
         done = {m.step for m in client.get_metric_history(run_id, f"{prefix}live_rmse")}
+        new = [index for index, models in windows.items() if model in models and index not in done]
         batch = [
-            Metric(f"{prefix}{name}", float(models[model][key]), int((index + 1) * window_seconds * 1000), index)
-            for index, models in windows.items()
-            if model in models and index not in done
-            for key, name in METRICS.items()
+            Metric(f"{prefix}{name}", float(windows[index][model][key]), int((index + 1) * window_seconds * 1000), index)
+            for index in new
+            for key, name in {**METRICS, **RANGE_METRICS}.items()
+            if key in windows[index][model]
         ]
         if batch:
             client.log_batch(run_id, metrics=batch)
-            logged += len(batch) // len(METRICS)
+            logged += len(new)
     return logged
 
 

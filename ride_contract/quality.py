@@ -5,8 +5,9 @@ shadow version (``shadow v<N>``, answers riders never saw), on the same complete
 
 The backend's store adds each completed ride's errors (answer - actual, in minutes) to sums in a
 bucket per QUALITY_BUCKET_SECONDS, shared by every replica; the figures over a window are those sums
-added up: count, bias (mean error), MAE and RMSE, exactly as over the rides themselves. The
-monitoring flow computes the same figures from the completed rides the outcomes topic filed.
+added up: count, bias (mean error), MAE and RMSE, exactly as over the rides themselves; for a
+final that came with a range, its coverage (the share of rides that ended within it) and mean
+width. The monitoring flow computes the same figures from the completed rides the outcomes topic filed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import numpy as np
 from ride_contract.outcome import CompletedRide
 
 QUALITY_BUCKET_SECONDS = 60
-SUMS = ("n", "err", "abs", "sq")
+# Per model: rides, sum of errors, of absolute errors, of squared errors; rides with a range, how
+# many ended within it, and the ranges' summed widths.
+SUMS = ("n", "err", "abs", "sq", "ranged", "inside", "width")
 
 
 def answers_of(ride: CompletedRide) -> dict[str, float]:
@@ -39,6 +42,11 @@ def sums_of(ride: CompletedRide) -> dict[str, float]:
     for model, answer in answers_of(ride).items():
         error = answer - ride.actual_minutes
         sums.update({f"{model}|n": 1.0, f"{model}|err": error, f"{model}|abs": abs(error), f"{model}|sq": error * error})
+    if ride.duration_final is not None and ride.duration_low is not None and ride.duration_high is not None:
+        final = f"final v{ride.model_version or '?'}"
+        inside = ride.duration_low <= ride.actual_minutes <= ride.duration_high
+        width = ride.duration_high - ride.duration_low
+        sums.update({f"{final}|ranged": 1.0, f"{final}|inside": float(inside), f"{final}|width": width})
     return sums
 
 
@@ -59,7 +67,8 @@ def window_buckets(now: float, window_seconds: float) -> range:
 
 
 def figures(buckets: Iterable[Mapping[str, float]], window_seconds: float) -> dict[str, Any]:
-    """Count, bias, MAE and RMSE per model over the buckets' sums (minutes; bias > 0: answers too long)."""
+    """Count, bias, MAE and RMSE per model over the buckets' sums (minutes; bias > 0: answers too long), and
+    where its answers had a range, ``coverage`` (share of those rides ending within it) and ``mean_width``."""
     totals: dict[str, dict[str, float]] = {}
     for bucket in buckets:
         for field, value in bucket.items():
@@ -71,6 +80,15 @@ def figures(buckets: Iterable[Mapping[str, float]], window_seconds: float) -> di
             "rmse": round(math.sqrt(max(t["sq"], 0.0) / t["n"]), 3),
             "mae": round(t["abs"] / t["n"], 3),
             "bias": round(t["err"] / t["n"], 3),
+            **(
+                {
+                    "ranged": round(t["ranged"]),
+                    "coverage": round(t["inside"] / t["ranged"], 3),
+                    "mean_width": round(t["width"] / t["ranged"], 2),
+                }
+                if t["ranged"] >= 1
+                else {}
+            ),
         }
         for model, t in sorted(totals.items())
         if t["n"] >= 1

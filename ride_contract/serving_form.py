@@ -20,10 +20,14 @@ A forest is scored the QuickScorer way (Lucchese et al., SIGIR 2015): at load, f
 input and bin, one bitmask per tree of the leaves still reachable; a ride's exit leaf in
 every tree is then the lowest bit left after ANDing its inputs' masks: a few vectorized
 numpy operations for all trees at once, instead of a walk per tree.
+
+A model may also carry a range (``Interval``): two more serving forms, of the 10th and 90th
+percentile models, and the conformal margin calibrated for them (``interval.json``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,12 @@ FILE_NAME = "serving_form.npz"
 # Beside it: real rides and what the fitted pipeline answered for them, as served. A rollout's
 # pre-flight loads the version through the function's loader and must answer them alike.
 REFERENCE_FILE = "reference_rides.json"
+# The ride's range, beside them: the lower and upper quantile models' serving forms, and what makes
+# them a calibrated range (the margin conformalized quantile regression adds on either side).
+INTERVAL_FILE = "interval.json"
+LOW_FORM_FILE = "serving_form_low.npz"
+HIGH_FORM_FILE = "serving_form_high.npz"
+INTERVAL_FORMAT = "ridestream-interval/1"
 PAIR_BASE = MAX_LOCATION_ID + 1  # a ride's row in the pair table: PULocationID * PAIR_BASE + DOLocationID
 N_BINS = 256  # HistGradientBoosting's bins: up to 255 for values, the last for missing values
 MISSING_BIN = N_BINS - 1
@@ -88,6 +98,39 @@ class ServingForm:
     def predict_features(self, features: np.ndarray) -> np.ndarray:
         """Minutes for a ``feature_matrix``."""
         raise NotImplementedError
+
+
+class Interval:
+    """A ride's range: [low quantile - margin, high quantile + margin] (conformalized quantile regression,
+    Romano et al. 2019), in raw minutes; ``result.served_range`` makes it what riders are told."""
+
+    def __init__(self, low: ServingForm, high: ServingForm, margin_minutes: float, description: Mapping[str, Any]):
+        self.low, self.high, self.margin = low, high, float(margin_minutes)
+        self.description = dict(description)  # interval.json: coverage, quantiles, calibration month and rides
+
+    @staticmethod
+    def load(path: str | Path) -> Interval:
+        """``interval.json`` and the two serving forms beside it; raises ServingFormError saying what is wrong."""
+        path = Path(path)
+        try:
+            description = json.loads(path.read_text())
+            margin = float(description["margin_minutes"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ServingFormError(f"{path} is not a readable interval description: {exc}") from exc
+        if description.get("format") != INTERVAL_FORMAT:
+            raise ServingFormError(f"{path} has format {description.get('format')!r}; this code reads {INTERVAL_FORMAT!r}")
+        if not np.isfinite(margin):
+            raise ServingFormError(f"{path} has a margin of {margin} min")
+        return Interval(
+            ServingForm.load(path.with_name(LOW_FORM_FILE)), ServingForm.load(path.with_name(HIGH_FORM_FILE)), margin, description
+        )
+
+    def predict(self, rides: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (low, high) minutes for validated rides."""
+        return self.predict_features(ride_feature_matrix(rides))
+
+    def predict_features(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.low.predict_features(features) - self.margin, self.high.predict_features(features) + self.margin
 
 
 class LinearForm(ServingForm):

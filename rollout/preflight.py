@@ -7,7 +7,8 @@ answered for them as served (``extra_files/reference_rides.json``). Before a ver
 rolled out, it is loaded exactly as a cold start loads it (``serving_function.model_store``:
 the MLmodel file, the model's own ride contract, its serving form; nothing unpickled), scores
 those rides with the model's own scorer and bounds, and must answer every one within
-``TOLERANCE_MINUTES`` and within the contract's duration bounds. It runs in a process of its
+``TOLERANCE_MINUTES`` and within the contract's duration bounds; a version with a range must
+give each ride the range training recorded, as closely. It runs in a process of its
 own, as a cold start does: the model's ride contract is imported fresh for each version.
 """
 
@@ -55,11 +56,18 @@ def check(model_uri: str, run_id: str = "") -> Preflight:
         return Preflight(False, "the model's reference rides are empty", seconds=round(time.monotonic() - started, 2))
     try:
         rides = [contract.ride.parse_ride(ride) for ride in reference["rides"]]
-        served = contract.result.served_minutes(loaded.model.predict(rides)).tolist()
-    except Exception as exc:  # the version's own contract or scorer fails on real rides
+        predicted = loaded.model.predict(rides)
+        served = contract.result.served_minutes(predicted).tolist()
+        answered, recorded = [served], [reference["served_minutes"]]
+        if loaded.interval is not None:
+            answered += [bound.tolist() for bound in contract.result.served_range(predicted, *loaded.interval.predict(rides))]
+            recorded += [reference["served_low"], reference["served_high"]]
+    except Exception as exc:  # the version's own contract or scorer fails on real rides (or its references lack the range)
         reason = f"cannot answer its reference rides: {type(exc).__name__}: {exc}"
         return Preflight(False, reason, seconds=round(time.monotonic() - started, 2))
-    diff = float(max(abs(a - b) for a, b in zip(served, reference["served_minutes"], strict=True)))
+    diff = float(
+        max(abs(a - b) for ours, theirs in zip(answered, recorded, strict=True) for a, b in zip(ours, theirs, strict=True))
+    )
     low, high = contract.ride.MIN_DURATION_MINUTES, contract.ride.MAX_DURATION_MINUTES
     out_of_bounds = sum(not low <= minutes <= high for minutes in served)
     seconds = round(time.monotonic() - started, 2)

@@ -31,6 +31,7 @@ def _build_service() -> RideDurationService:
         model_version=config.model_version,
         contract=loaded.contract.__file__,
         serving_form=loaded.model.kind,
+        ride_range=loaded.interval.description if loaded.interval is not None else None,
     )
     return build_service(config, loaded)
 

@@ -4,7 +4,8 @@ Importing MLflow, scikit-learn or pandas costs seconds at every cold start; the
 serving function needs only three things from the model folder: the ``MLmodel``
 file, the ride contract the model ships (``code/ride_contract``) and the serving
 form training wrote beside the pipeline (``extra_files/serving_form.npz``, plain
-arrays). Nothing else is downloaded (the pickled pipeline stays in the bucket),
+arrays), with the rider's range where the model has one (``extra_files/interval.json``
+and its two serving forms). Nothing else is downloaded (the pickled pipeline stays in the bucket),
 and nothing is unpickled.
 
 MLflow 3 stores a logged model at ``<artifact root>/<experiment>/models/m-<model id>/artifacts``
@@ -32,6 +33,8 @@ _MLMODEL_IN_BUCKET = re.compile(r"(^|/)models/m-[0-9a-f]+/artifacts/MLmodel$")
 CONTRACT_MODULES = ("ride", "features", "serving_form", "result")
 # ride_contract.serving_form.FILE_NAME: the file is found before the model's own contract is imported.
 SERVING_FORM_FILE = "serving_form.npz"
+# ride_contract.serving_form's INTERVAL_FILE, LOW_FORM_FILE and HIGH_FORM_FILE, for the same reason.
+RANGE_FILES = ("interval.json", "serving_form_low.npz", "serving_form_high.npz")
 
 
 # Every storage call at cold start gives up within this, retries included.
@@ -54,6 +57,9 @@ class LoadedModel:
     run_id: str
     model_id: str
     uri: str
+    # Its range (contract.serving_form.Interval): rides in, (low, high) minutes out. None for a model
+    # logged without one: it answers without a range.
+    interval: Any = None
 
 
 def _mlmodel(text: str, uri: str) -> dict[str, Any]:
@@ -139,7 +145,8 @@ def read_model_file(uri: str, relative: str) -> bytes:
 
 def _served_file(relative: str) -> bool:
     """The files the function reads; the pickled pipeline, input example and environment files stay behind."""
-    return relative == "MLmodel" or relative.startswith("code/") or relative.rpartition("/")[2] == SERVING_FORM_FILE
+    name = relative.rpartition("/")[2]
+    return relative == "MLmodel" or relative.startswith("code/") or name == SERVING_FORM_FILE or name in RANGE_FILES
 
 
 def _download_folder(uri: str, dest: Path) -> None:
@@ -205,9 +212,20 @@ def _load_folder(local: Path, uri: str) -> LoadedModel:
         )
     try:
         form = contract.serving_form.ServingForm.load(form_path)
+        # A range the model lists but that does not load fails the start, as a broken form does.
+        interval = (
+            contract.serving_form.Interval.load(form_path.with_name(RANGE_FILES[0])) if _has_range(sklearn_flavor) else None
+        )
     except contract.serving_form.ServingFormError as exc:
         raise ModelNotFound(f"the model at {uri} has a serving form this function cannot score: {exc}") from exc
-    return LoadedModel(form, contract, str(description.get("run_id", "")), str(description.get("model_id", "")), uri)
+    run_id, model_id = str(description.get("run_id", "")), str(description.get("model_id", ""))
+    return LoadedModel(form, contract, run_id, model_id, uri, interval)
+
+
+def _has_range(flavor: dict[str, Any]) -> bool:
+    """Whether the sklearn flavor lists the range's files among its extra files (models since issue 21 do)."""
+    listed = {entry.get("path", "").rpartition("/")[2] for entry in flavor.get("extra_files") or [] if isinstance(entry, dict)}
+    return set(RANGE_FILES) <= listed
 
 
 def _serving_form_path(local: Path, flavor: dict[str, Any], uri: str) -> Path:

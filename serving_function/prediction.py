@@ -67,8 +67,11 @@ class RideDurationService:
         model_version: str = "",
         model_id: str = "",
         deployment: str = "",
+        interval: Any = None,
     ):
         self.model = model
+        # The model's range (contract.serving_form.Interval), or None: its answers then carry no range.
+        self.interval = interval
         # The model's own ride_contract package: .ride validates, .features frames, .result answers.
         self.contract = contract
         self.publisher = publisher
@@ -116,11 +119,17 @@ class RideDurationService:
         bound, marked ``clipped``, counted and logged with the raw value: riders are never told
         a negative or a three-hour ride, and operators see how often the model strays."""
         predicted = float(self.model.predict([ride])[0])
+        # Only given when there is one: an older model's contract takes no interval.
+        ranged = {}
+        if self.interval is not None:
+            low, high = self.interval.predict([ride])
+            ranged["interval"] = (float(low[0]), float(high[0]))
         answer_ms = round((time.perf_counter() - started) * 1000, 3) if started is not None else None
         result = self.contract.result.RideResult.answer(
             ride.ride_id,
             predicted,
             fingerprint,
+            **ranged,
             model_run_id=self.run_id,
             model_version=self.model_version,
             model_id=self.model_id,
@@ -186,6 +195,8 @@ class RideDurationService:
             "prediction",
             ride=ride.model_dump(mode="json"),
             duration_final=prediction.duration_final,
+            duration_low=getattr(prediction, "duration_low", None),
+            duration_high=getattr(prediction, "duration_high", None),
             model_run_id=self.run_id,
             model_version=self.model_version,
             message_id=message_id,
@@ -233,6 +244,7 @@ def build_service(config: Any, loaded: Any) -> RideDurationService:
         model_version=config.model_version,
         model_id=loaded.model_id,
         deployment=config.deployment,
+        interval=loaded.interval,
     )
 
 

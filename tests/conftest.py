@@ -21,6 +21,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One OpenMP thread per test worker (read when scikit-learn's first compiled module loads, so here):
+    # two workers each fitting on every core spin against each other, and a 20 s test took 190 s.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -155,7 +159,9 @@ def mlflow_server(tmp_path, monkeypatch):
         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--default-artifact-root", str(tmp_path / "artifacts"),
     ]  # fmt: skip
     env = {**local_webhook_env(Fernet.generate_key().decode()), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    with Service("mlflow", argv, port, tmp_path / "logs", f"http://{HOST}:{port}/health", env=env) as server:
+    server = Service("mlflow", argv, port, tmp_path / "logs", f"http://{HOST}:{port}/health", env=env)
+    # Its webhook workers import slowly while the other test worker trains: as long as the stack allows it.
+    with server.start(timeout=120):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
         monkeypatch.setenv("MODEL_NAME", "ride-duration")
         yield server.url

@@ -98,6 +98,8 @@ def test_rides_pushed_to_the_function_come_back_on_the_pull_topic(signature, sta
     for ride, minutes in zip(march_rides, expected, strict=True):
         answer = answers[ride["ride_id"]]
         assert answer["duration_final"] == pytest.approx(minutes, abs=0.01)
+        assert answer["duration_low"] <= answer["duration_final"] <= answer["duration_high"]
+        assert answer["duration_high"] - answer["duration_low"] >= 1.0  # a range, not the answer repeated
         assert answer["model_run_id"] == result.run_id
         assert answer["model_version"] == str(result.version)
 
@@ -174,6 +176,8 @@ def test_a_cold_start_downloads_only_what_it_serves_with_and_keeps_none_of_it(em
     [downloaded] = seen
     assert list(tmp_path.iterdir()) == []  # on Cloud Functions /tmp is memory: nothing stays behind
     assert {"MLmodel", "extra_files/serving_form.npz", "code/ride_contract/serving_form.py"} <= downloaded
+    assert {"extra_files/interval.json", "extra_files/serving_form_low.npz", "extra_files/serving_form_high.npz"} <= downloaded
+    assert "extra_files/reference_rides.json" not in downloaded  # the rollout's pre-flight reads it, not a cold start
     assert not {"model.pkl", "input_example.json", "requirements.txt", "conda.yaml"} & downloaded
     assert all(p == "MLmodel" or p.startswith(("code/", "extra_files/")) for p in downloaded)
     assert loaded.model.kind == "hist_gradient_boosting"

@@ -47,10 +47,11 @@ def _replica(emulators, store, outcome_topic: str, **kwargs):
     return app
 
 
-def _answer(store, ride_id: str, minutes: float, version: str, ride: dict = RIDE) -> None:
-    """The function's result for the ride, stored as the listener stores it."""
+def _answer(store, ride_id: str, minutes: float, version: str, ride: dict = RIDE, **ride_range: float) -> None:
+    """The function's result for the ride (with ``duration_low``/``duration_high``, if given), stored as the listener stores it."""
     fingerprint = Ride.model_validate(ride).fingerprint()
     result = {"ride_id": ride_id, "duration_final": minutes, "model_run_id": f"run-{version}", "model_version": version}
+    result.update(ride_range)
     assert store.complete(ride_id, {**result, "ride_fingerprint": fingerprint}) == "stored"
 
 
@@ -155,6 +156,7 @@ def test_live_figures_across_replicas_match_a_hand_computation_and_the_shadow_an
     rng = np.random.default_rng(7)
     rides = [{**RIDE, "trip_distance": float(d)} for d in range(1, 31)]
     final, shadow, actual = rng.uniform(5, 40, 30).round(2), rng.uniform(5, 40, 30).round(2), rng.uniform(5, 40, 30).round(2)
+    low, high = (final - rng.uniform(0, 20, 30)).round(2).clip(1), (final + rng.uniform(0, 20, 30)).round(2)
     publisher = pubsub_v1.PublisherClient()
     try:
         ids, coarse = [], []
@@ -162,7 +164,7 @@ def test_live_figures_across_replicas_match_a_hand_computation_and_the_shadow_an
             body = clients[i % 2].post("/predict", json=ride).get_json()
             ids.append(body["ride_id"])
             coarse.append(body["duration_coarse"])
-            _answer(store, body["ride_id"], float(final[i]), "2", ride)
+            _answer(store, body["ride_id"], float(final[i]), "2", ride, duration_low=float(low[i]), duration_high=float(high[i]))
             answer = {
                 "ride_id": body["ride_id"], "duration_final": float(shadow[i]), "model_run_id": "run-3",
                 "model_version": "3", "ride_fingerprint": Ride.model_validate(ride).fingerprint(),
@@ -190,8 +192,13 @@ def test_live_figures_across_replicas_match_a_hand_computation_and_the_shadow_an
                 "bias": round(float(np.mean(errors)), 3),
             }
 
-        for model, answers in (("coarse", coarse), ("final v2", final), ("shadow v3", shadow)):
+        for model, answers in (("coarse", coarse), ("shadow v3", shadow)):
             assert live["models"][model] == pytest.approx(expected(answers), abs=0.001), model
+        # The final came with a range: its coverage is the share of rides that ended within it.
+        inside = (actual >= low) & (actual <= high)
+        assert 5 <= inside.sum() <= 25  # the check below can tell coverage from 0 or 1
+        ranged = {"ranged": 30, "coverage": round(float(inside.mean()), 3), "mean_width": round(float(np.mean(high - low)), 2)}
+        assert live["models"]["final v2"] == pytest.approx({**expected(final), **ranged}, abs=0.001)
     finally:
         for app, _ in replicas:
             app.extensions["ridestream"]["redelivery"].stop()

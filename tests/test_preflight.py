@@ -36,6 +36,7 @@ def test_a_logged_model_passes_its_preflight_through_the_functions_loader(local_
     ("tamper", "reason"),
     [
         ("answers", "up to 1.000 min away"),  # its scorer no longer answers what training recorded
+        ("range", "up to 2.000 min away"),  # nor gives the range training recorded
         ("serving_form", "does not load as the function loads it"),
         ("reference", "cannot answer its reference rides"),
     ],
@@ -48,6 +49,8 @@ def test_a_version_that_does_not_answer_as_recorded_fails_its_preflight(local_mo
     reference = json.loads(reference_path.read_text())
     if tamper == "answers":
         reference["served_minutes"][0] += 1.0
+    elif tamper == "range":
+        reference["served_high"][3] += 2.0
     elif tamper == "reference":
         reference["rides"][0]["PULocationID"] = 999
     else:

@@ -131,10 +131,54 @@ def test_valid_ride_is_predicted_and_published_with_model_identity():
                 "ride_fingerprint": fingerprint,
                 "clipped": False,
                 "answer_ms": result.answer_ms,
+                "duration_low": None,  # a model without a range
+                "duration_high": None,
             },
             {"ride_id": "r-1"},
         )
     ]
+
+
+class FakeInterval:
+    """A range of raw low/high minutes around every ride, whatever the ride."""
+
+    def __init__(self, low: float, high: float):
+        self.low, self.high = low, high
+
+    def predict(self, rides):
+        return np.full(len(rides), self.low), np.full(len(rides), self.high)
+
+
+@pytest.mark.parametrize(
+    ("raw", "low", "high", "served"),
+    [
+        ((18.0, 31.5), 18.0, 31.5, "as given"),
+        ((-4.0, 75.0), 1.0, 60.0, "clipped into the bounds"),
+        ((25.0, 30.0), 24.0, 30.0, "widened to hold the final (24.0)"),
+        ((10.0, 20.0), 10.0, 24.0, "widened to hold the final (24.0)"),
+    ],
+)
+def test_a_model_with_a_range_answers_with_it_clipped_and_holding_the_final(raw, low, high, served, capsys):
+    publisher = RecordingPublisher()
+    svc = RideDurationService(FakeModel(), ride_contract, publisher, "results", "dead", "run-1", "7", interval=FakeInterval(*raw))
+    result = svc.handle(b64(RIDE), "m1")
+    assert (result.duration_low, result.duration_final, result.duration_high) == (low, 24.0, high), served
+    assert publisher.sent[0][1]["duration_low"] == low and publisher.sent[0][1]["duration_high"] == high
+    [record] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"prediction"' in line]
+    assert (record["duration_low"], record["duration_high"]) == (low, high)  # the monitoring record keeps it
+
+
+def test_the_result_message_refuses_a_range_that_does_not_hold_its_answer():
+    from pydantic import ValidationError
+
+    fields = {"ride_id": "r", "model_run_id": "run", "ride_fingerprint": "abc", "duration_final": 20}
+    for bounds in ({"duration_low": 21, "duration_high": 30}, {"duration_low": 10, "duration_high": 19.99}, {"duration_low": 10}):
+        with pytest.raises(ValidationError):
+            RideResult(**fields, **bounds)
+    with pytest.raises(ValidationError):
+        RideResult(**fields, duration_low=0.5, duration_high=30)  # the range is held to the bounds too
+    assert RideResult(**fields, duration_low=20, duration_high=20).duration_high == 20
+    assert RideResult(**fields).duration_low is None  # a model without a range
 
 
 def test_model_gets_the_validated_ride():
@@ -233,6 +277,12 @@ def test_load_model_reads_the_serving_form_which_predicts_like_the_logged_pipeli
     pipeline = mlflow.sklearn.load_model(result.model_uri)
     np.testing.assert_allclose(minutes, pipeline.predict(rides_frame(rides)), atol=1e-9)
     assert minutes[0] > minutes[1]
+    # Its range: the quantile models' serving forms, with the margin training calibrated.
+    run = mlflow.get_run(result.run_id)
+    low, high = loaded.interval.predict(rides)
+    assert loaded.interval.margin == pytest.approx(run.data.metrics["interval_margin_minutes"])
+    assert loaded.interval.description["calibrated_on"] == ["2021-02"]
+    assert np.all(low < minutes) and np.all(minutes < high)
 
 
 def test_load_model_names_the_uri_it_tried(tmp_path):
@@ -365,6 +415,47 @@ def test_the_serving_form_is_found_through_the_sklearn_flavors_extra_files_and_n
     loaded = load_model(folder)
     assert (loaded.run_id, loaded.model_id, loaded.model.kind) == ("run-7", "m-7", "linear")
     assert loaded.model.predict([Ride.model_validate(RIDE)]).tolist() == [3.0 + 2.0 * 12]
+    assert loaded.interval is None  # logged without a range: its answers carry none
+
+
+RANGED = {
+    "sklearn": {
+        "pickled_model": "model.pkl",
+        "extra_files": [
+            {"path": f"extra_files/{name}"}
+            for name in ("serving_form.npz", "interval.json", "serving_form_low.npz", "serving_form_high.npz")
+        ],
+    }
+}
+
+
+def _interval_json(margin) -> bytes:
+    return json.dumps({"format": "ridestream-interval/1", "margin_minutes": margin, "nominal_coverage": 0.8}).encode()
+
+
+def test_a_model_with_a_range_loads_its_quantile_forms_and_margin(tmp_path):
+    form = _linear_form()  # 3 + 2 min per mile, for all three: the margin alone makes the range
+    files = {f"extra_files/{n}": form for n in ("serving_form.npz", "serving_form_low.npz", "serving_form_high.npz")}
+    loaded = load_model(_model_folder(tmp_path, RANGED, {**files, "extra_files/interval.json": _interval_json(2.5)}))
+    low, high = loaded.interval.predict([Ride.model_validate(RIDE)])
+    assert (low.tolist(), high.tolist()) == ([27.0 - 2.5], [27.0 + 2.5])
+
+
+@pytest.mark.parametrize(
+    ("interval", "high_form", "message"),
+    [
+        (b"{", True, "not a readable interval description"),
+        (_interval_json("wide"), True, "not a readable interval description"),
+        (_interval_json(float("nan")), True, "margin of nan"),
+        (_interval_json(1.0), False, "not a readable serving form"),
+    ],
+)
+def test_a_model_whose_listed_range_does_not_load_is_refused(tmp_path, interval, high_form, message):
+    files = {f"extra_files/{n}": _linear_form() for n in ("serving_form.npz", "serving_form_low.npz")}
+    if high_form:
+        files["extra_files/serving_form_high.npz"] = _linear_form()
+    with pytest.raises(ModelNotFound, match=message):
+        load_model(_model_folder(tmp_path, RANGED, {**files, "extra_files/interval.json": interval}))
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,11 @@ def test_default_model_beats_the_quality_bar_on_real_data(tmp_path):
     # The baseline and the coarse estimator are clearly worse: the model earns its place.
     assert result.metrics["baseline_val_rmse"] > result.metrics["val_rmse"] + 1.5
     assert result.metrics["coarse_val_rmse"] > result.metrics["val_rmse"] + 1.5
+    # The rider's range: 80 % nominal, calibrated on February, holds 78-82 % of March's rides as served.
+    assert 0.78 <= result.metrics["test_interval_coverage"] <= 0.82
+    assert result.metrics["test_interval_raw_coverage"] < 0.75  # the quantile models alone under-cover
+    assert 5.0 <= result.metrics["test_interval_median_width"] <= 12.0
+    assert 0.78 <= result.metrics["val_interval_coverage"] <= 0.82  # calibrated on it: the margin's own target
 
 
 def test_run_logs_params_metrics_lineage_plots_and_a_self_contained_model(local_model):
@@ -45,7 +50,11 @@ def test_run_logs_params_metrics_lineage_plots_and_a_self_contained_model(local_
     client = MlflowClient(settings.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.data.params["train_months"] == "2021-01" and run.data.params["model_family"] == "hgb"
-    for metric in ("val_rmse", "val_mae", "val_r2", "test_rmse", "test_mae", "test_r2", "baseline_val_rmse", "coarse_test_rmse"):
+    for metric in (
+        *("val_rmse", "val_mae", "val_r2", "test_rmse", "test_mae", "test_r2", "baseline_val_rmse", "coarse_test_rmse"),
+        *("val_interval_coverage", "val_interval_median_width", "test_interval_coverage", "test_interval_median_width"),
+        "interval_margin_minutes",
+    ):
         assert metric in run.data.metrics, metric
     sources = {i.dataset.name: json.loads(i.dataset.source)["uri"] for i in run.inputs.dataset_inputs}
     assert sources == {s: str(DATA / f"green_tripdata_2021-0{n}.parquet") for s, n in (("train", 1), ("val", 2), ("test", 3))}
@@ -83,6 +92,12 @@ def test_run_logs_params_metrics_lineage_plots_and_a_self_contained_model(local_
     mlmodel = (model_dir / "MLmodel").read_text()
     assert '"name": "PULocationID"' in mlmodel and f"run_id: {result.run_id}" in mlmodel
     assert "path: extra_files/serving_form.npz" in mlmodel
+    # The range travels with it: both quantile forms and what calibrated them.
+    for name in ("interval.json", "serving_form_low.npz", "serving_form_high.npz"):
+        assert f"path: extra_files/{name}" in mlmodel, name
+    described = json.loads((model_dir / "extra_files" / "interval.json").read_text())
+    assert described["quantiles"] == [0.1, 0.9] and described["calibrated_on"] == ["2021-02"]
+    assert described["margin_minutes"] == pytest.approx(run.data.metrics["interval_margin_minutes"])
 
 
 def test_hyperparameter_search_logs_each_trial_as_a_nested_run(tmp_path):

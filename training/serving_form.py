@@ -26,6 +26,8 @@ from ride_contract.sklearn_features import RideFeaturizer, ride_features
 PAIR_FEATURES = ("PULocationID", "DOLocationID", "PU_DO")
 # Training refuses to log a model whose serving form differs from its pipeline by more than this.
 PARITY_TOLERANCE_MINUTES = 0.01
+# The point model's loss, and the range's quantile models'.
+SERVED_LOSSES = ("squared_error", "quantile")
 
 
 class NotExportable(ValueError):
@@ -97,8 +99,9 @@ def serving_arrays(pipeline: Pipeline) -> dict[str, np.ndarray]:
 
 
 def _forest_arrays(regressor: Any, encoded: np.ndarray, pair_inputs: list[int], numeric_inputs: list[int]) -> dict:
-    if regressor.loss != "squared_error":
-        raise NotExportable(f"only the squared-error loss is served (its link is the identity), not {regressor.loss!r}")
+    # Both have the identity link: a prediction is the baseline plus the trees' leaf values, nothing after.
+    if regressor.loss not in SERVED_LOSSES:
+        raise NotExportable(f"only the {' and '.join(SERVED_LOSSES)} losses are served (identity link), not {regressor.loss!r}")
     binner = regressor._bin_mapper
     if binner.missing_values_bin_idx_ != 255:
         raise NotExportable(f"expected the missing-value bin at 255, found {binner.missing_values_bin_idx_}")

@@ -5,8 +5,10 @@
 The run logs params, RMSE/MAE/R2 on validation and test, the data it read,
 plots, the coarse estimator the backend answers with, and the model (feature
 step included) with signature, input example, pinned requirements and its
-serving form (what the Cloud Function scores with, checked against the pipeline). A
-LinearRegression baseline and each hyperparameter trial are nested runs.
+serving form (what the Cloud Function scores with, checked against the pipeline), and the
+rider's range (10th/90th percentile models conformalized on the validation month, their
+coverage and median width on validation and test). A LinearRegression baseline and each
+hyperparameter trial are nested runs.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ import ride_contract
 from data import TLC_DOWNLOAD_BASE, TripDataError, load_trips, month_uri
 from data.progress import progress_bar
 from ride_contract.features import FEATURE_COLUMNS
-from ride_contract.result import served_minutes
+from ride_contract.result import served_minutes, served_range
 from ride_contract.ride import RIDE_COLUMNS, InvalidRide, parse_ride
 from ride_contract.serving_form import FILE_NAME as SERVING_FORM_FILE
 from ride_contract.serving_form import REFERENCE_FILE, ServingForm
-from training import coarse, serving_form
+from training import coarse, interval, serving_form
 from training.models import DEFAULT_PARAMS, MODEL_FAMILIES, build_pipeline, pip_requirements, suggest_params
 from training.settings import Settings, configure_mlflow
 
@@ -174,9 +176,9 @@ CONTRACT_DIR = Path(ride_contract.__file__).resolve().parent
 REFERENCE_RIDES = 200
 
 
-def write_reference_rides(model: Pipeline, test: pd.DataFrame, out_dir: Path) -> Path:
-    """Real test rides a rider can send, with the pipeline's answers as served: what a rollout's pre-flight
-    checks the version against, through the serving function's own loader and scorer."""
+def write_reference_rides(model: Pipeline, ride_range: interval.FittedInterval, test: pd.DataFrame, out_dir: Path) -> Path:
+    """Real test rides a rider can send, with the pipeline's answers and ranges as served: what a rollout's
+    pre-flight checks the version against, through the serving function's own loader and scorer."""
     rows = test[RIDE_COLUMNS].sample(min(len(test), REFERENCE_RIDES * 2), random_state=0).to_dict("records")
     rides = []
     for row in rows:
@@ -188,9 +190,12 @@ def write_reference_rides(model: Pipeline, test: pd.DataFrame, out_dir: Path) ->
         rides.append({k: v.item() if hasattr(v, "item") else v for k, v in ride.items()})
         if len(rides) == REFERENCE_RIDES:
             break
-    answers = served_minutes(model.predict(pd.DataFrame(rides, columns=RIDE_COLUMNS)))
+    frame = pd.DataFrame(rides, columns=RIDE_COLUMNS)
+    predicted = model.predict(frame)
+    low, high = served_range(predicted, *ride_range.bounds(frame))
     path = out_dir / REFERENCE_FILE
-    path.write_text(json.dumps({"rides": rides, "served_minutes": answers.tolist()}))
+    reference = {"rides": rides, "served_minutes": served_minutes(predicted).tolist(), "served_low": low.tolist()}
+    path.write_text(json.dumps({**reference, "served_high": high.tolist()}))
     return path
 
 
@@ -289,14 +294,27 @@ def fit_and_log(config: TrainConfig, splits: Splits, settings: Settings) -> Trai
         mlflow.log_artifact(str(coarse_path))
         for split in ("val", "test"):
             metrics[f"coarse_{split}_rmse"] = coarse.rmse(coarse_model, frames[split])
+
+        # The rider's range: quantile models on the same training rows, calibrated on the validation month.
+        ride_range = interval.fit(frames["train"], frames["val"], TARGET)
+        metrics["interval_margin_minutes"] = ride_range.margin_minutes
+        for split in ("val", "test"):
+            metrics.update({f"{split}_{k}": v for k, v in interval.metrics(model, ride_range, frames[split], TARGET).items()})
+        log.info(
+            "range: %.1f %% of test rides within it (nominal %.0f %%), median width %.1f min",
+            100 * metrics["test_interval_coverage"],
+            100 * interval.NOMINAL_COVERAGE,
+            metrics["test_interval_median_width"],
+        )
         mlflow.log_metrics(metrics)
 
         form_path, form_difference = write_serving_form(model, frames, Path(tmp))
         mlflow.log_metric("serving_form_max_abs_diff_minutes", form_difference)
+        range_files = interval.write(ride_range, frames["test"], config.val_months, Path(tmp))
         model_uri = log_model(
             model,
             frames["train"],
-            [form_path, write_reference_rides(model, frames["test"], Path(tmp))],
+            [form_path, write_reference_rides(model, ride_range, frames["test"], Path(tmp)), *range_files],
             metadata={"train_months": config.train_months, "feature_columns": FEATURE_COLUMNS},
         )
         return TrainResult(run.info.run_id, model_uri, metrics, params, fit_seconds=search_seconds)
