@@ -46,7 +46,7 @@ def _start_redis(stack: Stack) -> str:
 
 def _show(outcomes, summary: dict, title: str, rows: int = 12) -> None:
     table = Table(title=title)
-    for column in ("ride_id", "pickup", "PU->DO", "miles", "coarse", "final", "actual", "model"):
+    for column in ("ride_id", "pickup", "PU->DO", "miles", "coarse", "final", "range", "actual", "model"):
         table.add_column(column, justify="right")
     for o in outcomes[:rows]:
         table.add_row(
@@ -56,6 +56,7 @@ def _show(outcomes, summary: dict, title: str, rows: int = 12) -> None:
             f"{o.ride['trip_distance']:.1f}",
             f"{o.duration_coarse:.1f}" if o.duration_coarse is not None else "-",
             f"{o.duration_final:.1f}" if o.duration_final is not None else o.error or "-",
+            f"{o.duration_low:.0f}-{o.duration_high:.0f}" if o.duration_low is not None else "-",
             f"{o.actual:.1f}",
             f"v{o.model_version}" if o.model_version else "-",
         )

@@ -28,6 +28,8 @@ class RideOutcome:
     ride_id: str | None = None
     duration_coarse: float | None = None
     duration_final: float | None = None
+    duration_low: float | None = None  # the final's range, where the model gives one
+    duration_high: float | None = None
     model_version: str | None = None
     model_run_id: str | None = None
     latency_seconds: float | None = None  # POST sent -> final duration seen
@@ -109,6 +111,7 @@ def stream(
                 outcome.latency_seconds = time.perf_counter() - started
                 outcome.answered_at = time.time()
                 outcome.duration_final = body["duration_final"]
+                outcome.duration_low, outcome.duration_high = body.get("duration_low"), body.get("duration_high")
                 outcome.model_version = body.get("model_version")
                 outcome.model_run_id = body.get("model_run_id")
                 if report_outcomes:
@@ -145,6 +148,9 @@ def summarize(outcomes: list[RideOutcome], elapsed_seconds: float | None = None)
             "latency_ms_p99": round(float(np.percentile(latencies, 99)), 1),
             "model_versions": sorted({str(o.model_version) for o in answered}),
         }
+        ranged = [o for o in answered if o.duration_low is not None]
+        if ranged:
+            summary["within_range"] = round(sum(o.duration_low <= o.actual <= o.duration_high for o in ranged) / len(ranged), 3)
     if any(o.outcome_reported for o in outcomes):
         summary["outcomes_reported"] = sum(o.outcome_reported for o in outcomes)
     if elapsed_seconds:

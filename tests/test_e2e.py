@@ -54,6 +54,10 @@ def test_rides_get_coarse_now_and_the_production_model_final_through_the_stream(
     assert summary["lost"] == 0, summary
     assert {o.model_run_id for o in outcomes} == {first.run_id}
     assert summary["rmse_final"] < summary["rmse_coarse"]
+    # Each final came with its range through the stream, and about 4 in 5 real rides ended within it
+    # (120 rides: 0.8 give or take 0.04; the band is 3.5 of those either side).
+    assert all(o.duration_low <= o.duration_final <= o.duration_high for o in outcomes)
+    assert 0.65 <= summary["within_range"] <= 0.93, summary
     # Two replicas took the rides; each result was read back from the other (traffic.stream does that).
     assert len(stack.backend_urls) == 2
 
