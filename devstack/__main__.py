@@ -56,7 +56,7 @@ def _show(outcomes, summary: dict, title: str, rows: int = 12) -> None:
             f"{o.ride['trip_distance']:.1f}",
             f"{o.duration_coarse:.1f}" if o.duration_coarse is not None else "-",
             f"{o.duration_final:.1f}" if o.duration_final is not None else o.error or "-",
-            f"{o.duration_low:.0f}-{o.duration_high:.0f}" if o.duration_low is not None else "-",
+            f"{o.duration_low:.1f}-{o.duration_high:.1f}" if o.duration_low is not None else "-",
             f"{o.actual:.1f}",
             f"v{o.model_version}" if o.model_version else "-",
         )
