@@ -194,8 +194,8 @@ def write_reference_rides(model: Pipeline, ride_range: interval.FittedInterval, 
     predicted = model.predict(frame)
     low, high = served_range(predicted, *ride_range.bounds(frame))
     path = out_dir / REFERENCE_FILE
-    reference = {"rides": rides, "served_minutes": served_minutes(predicted).tolist(), "served_low": low.tolist()}
-    path.write_text(json.dumps({**reference, "served_high": high.tolist()}))
+    served = {"served_minutes": served_minutes(predicted).tolist(), "served_low": low.tolist(), "served_high": high.tolist()}
+    path.write_text(json.dumps({"rides": rides, **served}))
     return path
 
 
