@@ -9,8 +9,9 @@ RMSE per window (ride_contract.quality, as the backends' live figures), and logs
 ``live_rmse``, ``live_mae``, ``live_bias`` and ``live_rides`` (and, for answers with a range,
 ``live_interval_coverage`` and ``live_interval_mean_width``) into each version's training run,
 one point per window (its step and timestamp): the MLflow UI charts a version's live RMSE beside
-its test RMSE, and its range's live coverage beside its test coverage. Production is degraded when its live RMSE over a window of enough rides is above
-its test RMSE by more than the settings allow: then the flow fails, loudly, with an artifact.
+its test RMSE, and its range's live coverage beside its test coverage. Production is degraded when
+its live RMSE over a window of enough rides is above its test RMSE by more than the settings allow:
+then the flow fails, loudly, with an artifact.
 """
 
 from __future__ import annotations

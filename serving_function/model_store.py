@@ -34,7 +34,8 @@ CONTRACT_MODULES = ("ride", "features", "serving_form", "result")
 # ride_contract.serving_form.FILE_NAME: the file is found before the model's own contract is imported.
 SERVING_FORM_FILE = "serving_form.npz"
 # ride_contract.serving_form's INTERVAL_FILE, LOW_FORM_FILE and HIGH_FORM_FILE, for the same reason.
-RANGE_FILES = ("interval.json", "serving_form_low.npz", "serving_form_high.npz")
+INTERVAL_FILE = "interval.json"
+RANGE_FILES = (INTERVAL_FILE, "serving_form_low.npz", "serving_form_high.npz")
 
 
 # Every storage call at cold start gives up within this, retries included.
@@ -213,9 +214,7 @@ def _load_folder(local: Path, uri: str) -> LoadedModel:
     try:
         form = contract.serving_form.ServingForm.load(form_path)
         # A range the model lists but that does not load fails the start, as a broken form does.
-        interval = (
-            contract.serving_form.Interval.load(form_path.with_name(RANGE_FILES[0])) if _has_range(sklearn_flavor) else None
-        )
+        interval = contract.serving_form.Interval.load(form_path.with_name(INTERVAL_FILE)) if _has_range(sklearn_flavor) else None
     except contract.serving_form.ServingFormError as exc:
         raise ModelNotFound(f"the model at {uri} has a serving form this function cannot score: {exc}") from exc
     run_id, model_id = str(description.get("run_id", "")), str(description.get("model_id", ""))

@@ -569,7 +569,8 @@ def test_a_model_whose_contract_has_no_duration_bounds_is_refused(tmp_path, monk
 
 
 def test_the_function_looks_for_the_file_training_writes():
-    from ride_contract.serving_form import FILE_NAME
+    from ride_contract.serving_form import FILE_NAME, HIGH_FORM_FILE, INTERVAL_FILE, LOW_FORM_FILE
     from serving_function import model_store
 
     assert model_store.SERVING_FORM_FILE == FILE_NAME
+    assert model_store.RANGE_FILES == (INTERVAL_FILE, LOW_FORM_FILE, HIGH_FORM_FILE)

@@ -68,8 +68,8 @@ def conformal_margin(low: np.ndarray, high: np.ndarray, actual: np.ndarray, cove
 def fit(train: pd.DataFrame, calibration: pd.DataFrame, target: str) -> FittedInterval:
     """Fit the quantile models on ``train`` and their margin on ``calibration`` (rides they never saw)."""
     low, high = (quantile_pipeline(q).fit(train[RIDE_COLUMNS], train[target]) for q in QUANTILES)
-    unadjusted = FittedInterval(low, high, 0.0, len(calibration))
-    margin = conformal_margin(*unadjusted.bounds(calibration), calibration[target].to_numpy())
+    rides = calibration[RIDE_COLUMNS]
+    margin = conformal_margin(low.predict(rides), high.predict(rides), calibration[target].to_numpy())
     return FittedInterval(low, high, margin, len(calibration))
 
 
