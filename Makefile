@@ -14,7 +14,7 @@ GOOGLE_PROVIDER_BINDINGS := 16.12.1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup test test-fast lint demo down redeploy rollback status watch train promote resolve flow monitor bench bench-candidates coarse-model provider-schema lock clean
+.PHONY: setup browser screenshot test test-fast lint demo down redeploy rollback status watch train promote resolve flow monitor bench bench-candidates coarse-model provider-schema lock clean
 
 # The venv is refreshed whenever the lock file, the project's metadata or this file changes. uv is installed
 # into the venv itself, so a machine without uv gets the same, fast install path. The project is
@@ -31,13 +31,32 @@ $(VENV)/.installed: requirements.lock pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+# The rider page's browser tests drive Debian's chromium through Debian's chromedriver (the same
+# release, from the same archive); nothing downloads a browser build of its own. apt needs root
+# (sudo where it is there); the package lists are refreshed only if the install cannot find them.
+BROWSER_PACKAGES := chromium chromium-driver
+APT_GET := $(if $(filter 0,$(shell id -u)),,sudo )env DEBIAN_FRONTEND=noninteractive apt-get
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		echo "installing Debian's $(BROWSER_PACKAGES) for the browser tests"; \
+		$(APT_GET) install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null \
+		|| { $(APT_GET) update -q >/dev/null && $(APT_GET) install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; }; }
+	@chromium --version && chromedriver --version
+
 # Two workers, each test file on one of them (its module fixtures, stacks and emulators stay together):
 # most of the suite waits on processes it started, so the two cores are better used side by side.
 TEST_WORKERS ?= 2
 
-test: setup
+test: setup browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+# The README's picture of the rider page, taken by the browser test itself on the real local stack.
+SCREENSHOT := backend/screenshots/rider-page.png
+screenshot: setup browser
+	RIDER_PAGE_SCREENSHOT=$(SCREENSHOT) $(PY) -m pytest -q -p no:randomly \
+		"tests/test_rider_browser.py::test_a_ride_from_zone_names_to_the_models_answer_and_its_outcome[0]"
+	@echo "wrote $(SCREENSHOT)"
 
 test-fast: setup  ## unit tests only
 	$(PY) -m pytest -m "not integration and not e2e"
@@ -92,7 +111,7 @@ bench-candidates: setup  ## ONNX Runtime, treelite and the serving form on the s
 	$(CANDIDATES)/bin/python benchmarks/inference_candidates.py
 
 coarse-model: setup
-	$(PY) -m training.coarse --month 2021-01 --out backend/coarse_model.json
+	$(PY) -m training.coarse --month 2021-01 --out backend/coarse_model.json --zones-out backend/zone_guide.json
 
 provider-schema: setup  ## regenerate infra/google-provider-schema.json (after adding a resource type to infra/)
 	tmp=$$(mktemp -d) && $(PY) -m pip download --quiet --no-deps -d $$tmp cdktf-cdktf-provider-google==$(GOOGLE_PROVIDER_BINDINGS) \

@@ -11,6 +11,7 @@ Routes:
   POST /rides/<ride_id>/outcome   the actual duration, when the ride ends: {"dropoff_datetime": ...} or
                            {"duration_minutes": ...}; kept once (the same again: 200, another: 409), counted
                            in live quality, and the completed ride published to BACKEND_OUTCOME_STREAM
+  GET  /                    the rider page (backend/page.py), and its /zones
   GET  /healthz            the process is up
   GET  /readyz             the stream (both topics) is reachable and the result listener runs (503 if not);
                            "status": "degraded" when finals arrive late; the model behind the latest
@@ -30,8 +31,10 @@ import uuid
 from typing import Any
 
 from flask import Flask, g, jsonify, request
+from flask_cors import CORS
 from werkzeug.exceptions import BadRequest, HTTPException
 
+from backend.page import add_security_headers, rider_page
 from backend.results import OutcomeStatus, ResultStore, StoreUnavailable, make_store
 from backend.settings import BackendSettings
 from backend.stream import (
@@ -45,6 +48,7 @@ from backend.stream import (
 from ride_contract.coarse import CoarseEstimator
 from ride_contract.outcome import InvalidOutcome, actual_minutes, completed_ride
 from ride_contract.ride import InvalidRide, Ride, parse_ride
+from ride_contract.zones import ZoneGuide
 
 log = logging.getLogger("backend")
 RETRY_AFTER_SECONDS = 1
@@ -154,8 +158,18 @@ def create_app(
     atexit.register(_stop_background, listener, shadow_listener, redelivery)
     coarse = CoarseEstimator.from_dict(json.loads(settings.coarse_model_path.read_text()))
 
+    guide = ZoneGuide.from_dict(json.loads(settings.zone_guide_path.read_text()))
+
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.register_blueprint(rider_page(guide, settings.final_bound_seconds, settings.max_wait_seconds))
+    app.after_request(add_security_headers)
+    if settings.cors_allowed_origins:
+        # Another site's page may call the API from a browser only when its origin is listed; the
+        # answers carry no cookies or credentials either way.
+        CORS(
+            app, origins=list(settings.cors_allowed_origins), methods=["GET", "POST"], allow_headers=["Content-Type"], max_age=600
+        )
     app.extensions["ridestream"] = {
         "store": store,
         "publisher": publisher,

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_COARSE_MODEL = Path(__file__).resolve().parent / "coarse_model.json"
+DEFAULT_ZONE_GUIDE = Path(__file__).resolve().parent / "zone_guide.json"
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+
+
+def allowed_origins(text: str) -> tuple[str, ...]:
+    """CORS_ALLOWED_ORIGINS: comma-separated origins ("https://app.example.com"), each exactly as a
+    browser sends it. Empty: no other origin may call the API from a browser. "*" is refused: the
+    allow-list is explicit."""
+    origins = tuple(origin.strip().rstrip("/") for origin in text.split(",") if origin.strip())
+    bad = [origin for origin in origins if not _ORIGIN.match(origin)]
+    if bad:
+        raise ValueError(f"CORS_ALLOWED_ORIGINS: {', '.join(bad)} is not an origin like https://app.example.com")
+    return origins
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,14 @@ class BackendSettings:
     # The shadow deployment's answers, kept on each ride for live quality; empty: not read.
     shadow_subscription: str
     quality_window_seconds: float  # live quality figures are over the rides completed in this window
+    zone_guide_path: Path  # the rider page's zones and typical distances (ride_contract.zones)
+    # Origins whose pages may call the API from a browser (CORS); empty: only the backend's own page.
+    cors_allowed_origins: tuple[str, ...]
+
+    @property
+    def final_bound_seconds(self) -> float:
+        """How long a ride may wait for its final before the backend marks it failed (Redelivery)."""
+        return self.resend_after_seconds * self.resend_max_attempts
 
     @classmethod
     def from_env(cls) -> BackendSettings:
@@ -56,4 +78,6 @@ class BackendSettings:
             outcome_topic=env("BACKEND_OUTCOME_STREAM", "backend-outcome-stream"),
             shadow_subscription=env("BACKEND_SHADOW_SUBSCRIPTION", ""),
             quality_window_seconds=float(env("QUALITY_WINDOW_MINUTES", "60")) * 60,
+            zone_guide_path=Path(env("ZONE_GUIDE_PATH") or DEFAULT_ZONE_GUIDE),
+            cors_allowed_origins=allowed_origins(env("CORS_ALLOWED_ORIGINS", "")),
         )

@@ -10,6 +10,7 @@ from data.loader import (
     load_trips,
     month_uri,
     read_trips,
+    read_zones,
 )
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "load_trips",
     "month_uri",
     "read_trips",
+    "read_zones",
     "split_gs_uri",
 ]

@@ -23,6 +23,7 @@ from data.progress import progress_bar
 from ride_contract.ride import MAX_DURATION_MINUTES, MIN_DURATION_MINUTES
 
 DATA_DIR = Path(__file__).resolve().parent
+ZONE_LOOKUP = DATA_DIR / "taxi_zone_lookup.csv"
 TLC_DOWNLOAD_BASE = "https://d37ci6vzurychx.cloudfront.net/trip-data"
 DOWNLOAD_TIMEOUT_SECONDS = 60
 
@@ -75,6 +76,16 @@ def latest_split(base: str | Path = DATA_DIR, color: str = "green") -> tuple[str
         if test - 1 in months and test - 2 in months:
             return str(test - 2), str(test - 1), str(test)
     raise TripDataError(f"no three consecutive months of {color} trip data under {base}")
+
+
+def read_zones(path: str | Path = ZONE_LOOKUP) -> pd.DataFrame:
+    """TLC's taxi zone lookup: LocationID, Borough, Zone (one row per zone ID)."""
+    if not Path(path).is_file():
+        raise TripDataError(f"{path} does not exist")
+    zones = pd.read_csv(path, usecols=["LocationID", "Borough", "Zone"], dtype={"LocationID": "int64"}, keep_default_na=False)
+    if zones["LocationID"].duplicated().any():
+        raise TripDataError(f"{path} names a zone ID twice")
+    return zones
 
 
 def _read_bytes(uri: str) -> bytes:

@@ -193,6 +193,9 @@ def demo(args: argparse.Namespace) -> int:
         for url in stack.backend_urls:
             console.print(f"backend:     {url}  (POST /predict, GET /rides/<id>, /readyz)")
         console.print(f"rollout:     {stack.urls['rollout']}/status")
+        for url in stack.backend_urls:  # served, not just started: each replica answers with the page
+            requests.get(f"{url}/", timeout=10).raise_for_status()
+        console.print(f"[bold]rider page:[/bold]  {stack.backend_urls[0]}/  (open it in a browser; every replica serves it)")
         from training.settings import Settings
 
         versions = f"{stack.urls['mlflow']}/#/models/{Settings.from_env().model_name}/versions"

@@ -74,8 +74,10 @@ class FaultOutcome:
 class FaultStack:
     """The stack the scenarios share, and the model's expected answer for any ride."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, backend_settings: dict[str, str] | None = None, challenger: bool = True):
         self.stack = Stack(directory)
+        self.backend_settings = BACKEND_SETTINGS if backend_settings is None else backend_settings
+        self.challenger = challenger
         self.model = None
         self.run_id = ""
         self.current: list[RideSeen] = []  # the rides of the scenario running
@@ -100,9 +102,10 @@ class FaultStack:
         result = train(TrainConfig(trials=1, sample=20_000, register=False), settings)
         self.run_id = result.run_id
         stack.start_function(result.run_id, "1")
-        # The shadow challenger answers every ride too (into a topic no backend reads), as on the demo stack.
-        stack.start_function(result.run_id, "1", key="challenger")
-        stack.start_backends(2, redis_url, BACKEND_SETTINGS)
+        if self.challenger:
+            # The shadow challenger answers every ride too (into a topic no backend reads), as on the demo stack.
+            stack.start_function(result.run_id, "1", key="challenger")
+        stack.start_backends(2, redis_url, self.backend_settings)
         from serving_function.model_store import find_model_uri, load_model
 
         self.model = load_model(find_model_uri(BUCKET, result.run_id, "mlflow"))

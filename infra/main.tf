@@ -506,6 +506,10 @@ resource "google_cloud_run_v2_service" "backend" {
         name  = "REDIS_URL"
         value = local.redis_url
       }
+      env {
+        name  = "CORS_ALLOWED_ORIGINS"
+        value = join(",", var.backend_cors_allowed_origins)
+      }
       startup_probe {
         http_get {
           path = "/healthz"

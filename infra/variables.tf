@@ -78,6 +78,16 @@ variable "backend_invokers" {
   default     = ["allUsers"]
 }
 
+variable "backend_cors_allowed_origins" {
+  description = "Origins whose web pages may call the rider API from a browser, e.g. [\"https://app.example.com\"]. Empty (default): only the backend's own rider page; native apps and servers need no CORS."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = alltrue([for origin in var.backend_cors_allowed_origins : can(regex("^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$", origin))])
+    error_message = "Each entry must be an origin such as https://app.example.com (scheme and host, optional port, no path, no \"*\")."
+  }
+}
+
 variable "deletion_protection" {
   description = "Refuse to destroy the backend service (set false to tear an environment down)"
   type        = bool

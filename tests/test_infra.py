@@ -427,6 +427,54 @@ def test_the_default_deployment_keeps_every_ride_in_a_shared_store(resources):
     assert guard["condition"] == "${local.shared_store || var.allow_in_memory_results}"
 
 
+def test_no_other_sites_page_may_call_the_rider_api_unless_listed(resources, tmp_path):
+    """CORS: an empty allow-list by default, passed to the backend as the setting it reads; Terraform
+    refuses at plan exactly the entries the backend would refuse at start (both evaluated here)."""
+    import json
+    import subprocess
+
+    from backend.settings import allowed_origins
+
+    with open(INFRA / "variables.tf") as f:
+        variables = {name: body for block in _clean(hcl2.load(f))["variable"] for name, body in block.items()}
+    assert variables["backend_cors_allowed_origins"]["default"] == []
+    env = {
+        e["name"]: e["value"] for e in resources["google_cloud_run_v2_service"]["backend"]["template"][0]["containers"][0]["env"]
+    }
+    assert env["CORS_ALLOWED_ORIGINS"] == '${join(",", var.backend_cors_allowed_origins)}'
+
+    block = (INFRA / "variables.tf").read_text().split('variable "backend_cors_allowed_origins"')[1]
+    [condition] = re.findall(r"condition\s*=\s*(.+)", block.split("error_message")[0])
+    samples = [
+        "https://app.example.com",
+        "http://127.0.0.1:3000",
+        "*",
+        "app.example.com",
+        "https://a.example/path",
+        "ftp://b.example",
+    ]
+    expressions = [condition.replace("var.backend_cors_allowed_origins", json.dumps([origin])) for origin in samples]
+    # One expression (the console prints only the last one's value), offline: no provider is needed.
+    console = subprocess.run(
+        ["terraform", "console"],
+        input=f"jsonencode([{', '.join(expressions)}])\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert console.returncode == 0, console.stderr
+    terraform_accepts = json.loads(json.loads(console.stdout.strip().splitlines()[-1]))
+
+    def backend_accepts(origin: str) -> bool:
+        try:
+            return allowed_origins(origin) == (origin,)
+        except ValueError:
+            return False
+
+    assert terraform_accepts == [backend_accepts(origin) for origin in samples] == [True, True, False, False, False, False]
+
+
 def test_a_ride_is_delivered_a_bounded_number_of_times_and_duplicates_wait_inside_the_function_timeout(resources):
     from backend.settings import BackendSettings
     from serving_function.prediction import IN_FLIGHT_WAIT_SECONDS
