@@ -81,6 +81,7 @@ def test_run_logs_params_metrics_lineage_plots_and_a_self_contained_model(local_
         "ride.py",
         "serving_form.py",
         "sklearn_features.py",
+        "zones.py",
     ]
     # Its serving form sits in the same folder, listed by the sklearn flavor, checked against the pipeline.
     assert (model_dir / "extra_files" / "serving_form.npz").is_file()

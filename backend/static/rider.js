@@ -177,6 +177,7 @@
     if (zoneId("pickup") !== pickup || zoneId("dropoff") !== dropoff) return; // the rider moved on meanwhile
     if (status !== 200) {
       text("distance-hint", "No trips between these zones in the data: enter the distance.");
+      if (!distanceEdited) $("distance").value = ""; // not the last pair's distance
       return;
     }
     const trips = Number(body.trips).toLocaleString("en-US");
