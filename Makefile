@@ -14,7 +14,7 @@ GOOGLE_PROVIDER_BINDINGS := 16.12.1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup browser screenshot test test-fast lint demo down redeploy rollback status watch train promote resolve flow monitor bench bench-candidates coarse-model provider-schema lock clean
+.PHONY: setup browser screenshot test test-fast lint demo down redeploy rollback status watch train promote resolve flow monitor bench bench-capacity bench-candidates coarse-model provider-schema lock clean
 
 # The venv is refreshed whenever the lock file, the project's metadata or this file changes. uv is installed
 # into the venv itself, so a machine without uv gets the same, fast install path. The project is
@@ -103,6 +103,9 @@ bench: setup
 	$(PY) benchmarks/backend_bench.py
 	$(PY) benchmarks/stream_bench.py
 	$(PY) benchmarks/fault_bench.py
+
+bench-capacity: setup  ## per-ride costs measured on the local stack, the Google Cloud model at 10-10,000 rides/s, training at scale
+	@$(PY) benchmarks/capacity.py  # @: its stdout is one JSON document
 
 bench-candidates: setup  ## ONNX Runtime, treelite and the serving form on the same model
 	test -x $(CANDIDATES)/bin/python || $(UV) venv --quiet --python $(PY) $(CANDIDATES)

@@ -1,0 +1,533 @@
+"""What a ride costs, measured on the local stack, and what that makes of Google Cloud at 10 to 10,000 rides/s.
+
+    python benchmarks/capacity.py [--rides 1000] [--concurrency 16]      (make bench-capacity)
+
+1. Measured here, per ride, on a stack of its own (the emulators, the function, one backend and a
+   Redis of its own) while real March 2021 rides stream through and their outcomes come back:
+   CPU-ms in the function, in the backend's request path and in its result listener; Redis's own CPU,
+   its commands (by name), network bytes and memory held (INFO before and after), a ride record's size
+   (MEMORY USAGE) and TTL; Pub/Sub messages and bytes on each topic (read back from subscriptions of the benchmark's
+   own); the bytes each process logs (what Cloud Logging would ingest).
+2. Modelled (``capacity_model``, pure arithmetic, tested in tests/test_capacity.py): at each rate,
+   the function and backend instances at the configured CPU and concurrency, Redis operations/s and
+   memory held, Pub/Sub volume, log volume, and their price per month and per million rides, from
+   ``PRICES``: each price with the public page it was read from and the date. Prices that could not
+   be read are None, and the totals say which are missing rather than guess them.
+3. The first limit each rate meets (``limits``), and the fixed monthly cost of an idle deployment.
+
+One JSON document on stdout; logs on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("capacity")
+REPO = Path(__file__).resolve().parent.parent
+RATES = (10, 100, 1_000, 10_000)
+SECONDS_PER_MONTH = 30 * 24 * 3600  # the 30-day month of the Pub/Sub pricing page's own example
+GIB, TIB = 2**30, 2**40
+
+# USD, as listed on the public pricing pages (Tier 1 regions such as us-central1, europe-west1), read on
+# the date given from the stored copy of each page. "free": the monthly free allotment the page states.
+PRICES = {
+    "run_request_vcpu_second": {
+        "usd": 0.000024,
+        "free": 180_000,
+        "what": "Cloud Run (and Cloud Run functions), CPU only during requests: per vCPU-second",
+        "source": "https://cloud.google.com/run/pricing",
+        "read": "2026-12-03",
+    },
+    "run_request_gib_second": {
+        "usd": 0.0000025,
+        "free": 360_000,  # this allotment from the official page
+        # The official page's copy read was cut off before its memory price; this is the figure a
+        # third-party guide quotes from it.
+        "what": "Cloud Run, CPU only during requests: per GiB-second of memory",
+        "source": "https://cloudchipr.com/blog/cloud-run-pricing (quoting https://cloud.google.com/run/pricing)",
+        "read": "2026-12-03",
+    },
+    "run_requests_million": {
+        "usd": 0.40,
+        "free": 2,
+        "what": "Cloud Run, CPU only during requests: per million requests",
+        "source": "https://cloud.google.com/run/pricing",
+        "read": "2026-12-03",
+    },
+    "run_instance_vcpu_second": {
+        "usd": 0.000018,
+        "free": 0,  # the page lists a free tier here too; its figure was cut off in the copy read, so none is taken
+        "what": "Cloud Run, CPU always allocated (the backend, the rollout controller): per vCPU-second",
+        "source": "https://cloud.google.com/run/pricing",
+        "read": "2026-12-03",
+    },
+    "run_instance_gib_second": {
+        "usd": None,
+        "free": 0,
+        "what": "Cloud Run, CPU always allocated: per GiB-second (not in the copy read)",
+        "source": "https://cloud.google.com/run/pricing",
+        "read": "2026-12-03",
+    },
+    "pubsub_tib": {
+        "usd": 40.0,
+        "free": 10 / 1024,  # 10 GiB, in TiB
+        "what": "Pub/Sub throughput (publish and every delivery), per TiB; at least 1,000 bytes per publish, push or pull request",
+        "source": "https://cloud.google.com/pubsub/pricing",
+        "read": "2026-12-03",
+    },
+    "logging_gib": {
+        "usd": 0.50,
+        "free": 50,
+        "what": "Cloud Logging storage (ingestion), per GiB; first 50 GiB per project per month",
+        "source": "https://cloud.google.com/stackdriver/pricing",
+        "read": "2026-12-03",
+    },
+    "memorystore_standard_gb_hour": {
+        "usd": None,
+        "free": 0,
+        "what": "Memorystore for Redis, Standard tier, per GB-hour (no copy of the pricing page could be read)",
+        "source": "https://cloud.google.com/memorystore/docs/redis/pricing",
+        "read": "2026-12-03",
+    },
+    "cloud_sql_db_g1_small_hour": {
+        "usd": None,
+        "free": 0,
+        "what": "Cloud SQL for PostgreSQL db-g1-small (MLflow's store), per hour (no copy of the pricing page could be read)",
+        "source": "https://cloud.google.com/sql/pricing",
+        "read": "2026-12-03",
+    },
+}
+# Pub/Sub bills at least this many bytes per publish, push or pull request (the pricing page).
+PUBSUB_MIN_REQUEST_BYTES = 1000
+# Memorystore for Redis: the largest primary (the tiers page, https://cloud.google.com/memorystore/docs/redis/redis-tiers).
+MEMORYSTORE_MAX_PRIMARY_GB = 300
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What infra/ deploys (tests/test_capacity.py ties these to infra/main.tf)."""
+
+    function_cpu: float = 1.0
+    function_memory_gib: float = 1.0
+    function_concurrency: int = 16
+    function_max_instances: int = 20
+    backend_cpu: float = 1.0
+    backend_memory_gib: float = 0.5
+    backend_min_instances: int = 1
+    backend_max_instances: int = 10
+    controller_cpu: float = 1.0
+    controller_memory_gib: float = 1.0
+    # How busy an instance's CPU may run before another is needed. An assumption of this model, not a
+    # platform figure: it leaves room for bursts and for the per-instance threads (pulls, resends).
+    cpu_utilization: float = 0.6
+    # A challenger in shadow scores every ride too (the push topic's second subscription).
+    shadow: bool = True
+    # Deliveries per topic: one per subscription (infra/main.tf; the test counts them).
+    deliveries: dict[str, int] = field(default_factory=lambda: {"push": 2, "pull": 2, "shadow": 2, "outcomes": 2})
+
+
+@dataclass(frozen=True)
+class PerRide:
+    """One ride's costs, as measured (``measure``)."""
+
+    function_cpu_ms: float
+    backend_request_cpu_ms: float
+    listener_cpu_ms: float
+    redis_commands: float
+    redis_network_bytes: float
+    redis_memory_bytes: float  # held per ride while its record lives
+    record_ttl_seconds: float
+    topic_bytes: dict[str, float]  # mean message size per topic (data + attributes)
+    topic_messages: dict[str, float]  # messages per ride per topic
+    log_bytes: dict[str, float]  # bytes each process logs per ride
+    redis_cpu_ms: float  # Redis's own CPU per ride (INFO cpu): it runs commands on one thread
+    redis_commands_by_name: dict[str, float] = field(default_factory=dict)  # where the commands per ride go
+
+
+def _cost(name: str, quantity: float) -> float | None:
+    price = PRICES[name]
+    if price["usd"] is None:
+        return None
+    return max(0.0, quantity - price["free"]) * price["usd"]
+
+
+def pubsub_billable_bytes(message_bytes: float, deliveries: int, batched_pull: bool = True) -> float:
+    """Billable bytes of one message: its publish (one per request: the backend and the function publish
+    each answer as it comes) and each delivery; a push delivery is one request per message, and a pull
+    delivers batches, so only its push and publish pay the 1,000-byte minimum."""
+    publish = max(message_bytes, PUBSUB_MIN_REQUEST_BYTES)
+    delivery = message_bytes if batched_pull else max(message_bytes, PUBSUB_MIN_REQUEST_BYTES)
+    return publish + deliveries * delivery
+
+
+def capacity_model(per_ride: PerRide, rate: float, deployment: Deployment = Deployment()) -> dict:
+    """The deployment at ``rate`` rides/s, sustained for a month: instances, Redis, Pub/Sub, logs, cost."""
+    month_rides = rate * SECONDS_PER_MONTH
+    scorers = 2 if deployment.shadow else 1
+    function_busy = rate * per_ride.function_cpu_ms / 1000 * scorers  # vCPU-seconds per second
+    function_instances = math.ceil(function_busy / (deployment.function_cpu * deployment.cpu_utilization))
+    backend_busy = rate * (per_ride.backend_request_cpu_ms + per_ride.listener_cpu_ms) / 1000
+    backend_instances = max(
+        deployment.backend_min_instances, math.ceil(backend_busy / (deployment.backend_cpu * deployment.cpu_utilization))
+    )
+    redis_ops = rate * per_ride.redis_commands
+    redis_busy = rate * per_ride.redis_cpu_ms / 1000  # of Redis's one command thread
+    redis_gb = rate * per_ride.record_ttl_seconds * per_ride.redis_memory_bytes / 1e9
+
+    topics = dict(per_ride.topic_bytes)
+    if deployment.shadow:
+        topics["shadow"] = per_ride.topic_bytes["pull"]  # the shadow's answers: the same message as a final
+    pubsub_bytes = {
+        topic: rate
+        * per_ride.topic_messages.get(topic, 1.0)
+        * pubsub_billable_bytes(size, deployment.deliveries[topic], batched_pull=topic != "push")
+        for topic, size in topics.items()
+    }
+    pubsub_tib_month = sum(pubsub_bytes.values()) * SECONDS_PER_MONTH / TIB
+    # Each scorer (production, and the challenger in shadow) logs its own prediction lines.
+    logged = sum(size * (scorers if name == "function" else 1) for name, size in per_ride.log_bytes.items())
+    logging_gib_month = rate * logged * SECONDS_PER_MONTH / GIB
+
+    # The function bills request time; at a steady stream its instances are busy all the time, so the
+    # billed instance-seconds are the instances' seconds.
+    function_seconds = function_instances * SECONDS_PER_MONTH
+    backend_seconds = backend_instances * SECONDS_PER_MONTH
+    costs = {
+        "function_cpu": _cost("run_request_vcpu_second", function_seconds * deployment.function_cpu),
+        "function_memory": _cost("run_request_gib_second", function_seconds * deployment.function_memory_gib),
+        "function_requests": _cost("run_requests_million", month_rides * scorers / 1e6),
+        "backend_cpu": _cost("run_instance_vcpu_second", backend_seconds * deployment.backend_cpu),
+        "backend_memory": _cost("run_instance_gib_second", backend_seconds * deployment.backend_memory_gib),
+        "pubsub": _cost("pubsub_tib", pubsub_tib_month),
+        "logging": _cost("logging_gib", logging_gib_month),
+        "memorystore": _cost("memorystore_standard_gb_hour", math.ceil(max(redis_gb, 1)) * SECONDS_PER_MONTH / 3600),
+    }
+    priced = {name: round(usd, 2) for name, usd in costs.items() if usd is not None}
+    total = sum(priced.values())
+    found = limits(function_instances, backend_instances, redis_ops, redis_busy, redis_gb, per_ride, deployment)
+    return {
+        "rides_per_second": rate,
+        "rides_per_month": round(month_rides),
+        "function_instances": function_instances,
+        "backend_instances": backend_instances,
+        "redis_ops_per_second": round(redis_ops),
+        "redis_thread_busy": round(redis_busy, 2),
+        "redis_memory_gb": round(redis_gb, 2),
+        "pubsub_tib_per_month": round(pubsub_tib_month, 3),
+        "logging_gib_per_month": round(logging_gib_month, 1),
+        "cost_usd_per_month": priced,
+        "unpriced": sorted(name for name, usd in costs.items() if usd is None),
+        "priced_total_usd_per_month": round(total, 2),
+        "priced_usd_per_million_rides": round(total / (month_rides / 1e6), 2),
+        "limits": found,
+        "first_bottleneck": found[0]["limit"],
+    }
+
+
+def limits(
+    function_instances: int,
+    backend_instances: int,
+    redis_ops: float,
+    redis_busy: float,
+    redis_gb: float,
+    per_ride: PerRide,
+    deployment: Deployment,
+) -> list[dict]:
+    """Each limit modelled, as the share of it this rate uses, the nearest to breaking first; a share
+    above 1 is broken, and says what to do."""
+    shares = [
+        (
+            function_instances / deployment.function_max_instances,
+            f"function instances: {function_instances} of max_instance_count {deployment.function_max_instances}",
+            "raise max_instance_count (and the project's Cloud Run quota), or score rides in batches",
+        ),
+        (
+            backend_instances / deployment.backend_max_instances,
+            f"backend instances: {backend_instances} of max_instance_count {deployment.backend_max_instances}",
+            "raise max_instance_count; fewer Redis round trips per ride cut the request path's CPU",
+        ),
+        (
+            redis_busy / deployment.cpu_utilization,
+            f"redis: {redis_ops:,.0f} commands/s keep its one command thread {redis_busy:.0%} busy "
+            f"(of {deployment.cpu_utilization:.0%})",
+            "Memorystore for Redis Cluster, sharded by ride_id; or fewer round trips per ride",
+        ),
+        (
+            redis_gb / MEMORYSTORE_MAX_PRIMARY_GB,
+            f"redis memory: {redis_gb:,.0f} GB held ({per_ride.record_ttl_seconds / 3600:g} h TTL) of the "
+            f"{MEMORYSTORE_MAX_PRIMARY_GB} GB largest primary",
+            "shorten RESULT_TTL_SECONDS (a ride needs its record for the ride, not a day), or shard",
+        ),
+    ]
+    return [
+        {"limit": what, "share": round(share, 2), **({"fix": fix} if share > 1 else {})}
+        for share, what, fix in sorted(shares, reverse=True)
+    ]
+
+
+def idle_cost(deployment: Deployment = Deployment()) -> dict:
+    """A month with no rides: what stays on (the backend's minimum instance, the rollout controller, the
+    smallest Memorystore instance, MLflow's Cloud SQL). The function and MLflow's server scale to zero."""
+    seconds = SECONDS_PER_MONTH
+    costs = {
+        "backend_min_instance_cpu": _cost(
+            "run_instance_vcpu_second", deployment.backend_min_instances * seconds * deployment.backend_cpu
+        ),
+        "backend_min_instance_memory": _cost(
+            "run_instance_gib_second", deployment.backend_min_instances * seconds * deployment.backend_memory_gib
+        ),
+        "controller_cpu": _cost("run_instance_vcpu_second", seconds * deployment.controller_cpu),
+        "controller_memory": _cost("run_instance_gib_second", seconds * deployment.controller_memory_gib),
+        "memorystore_1_gb": _cost("memorystore_standard_gb_hour", seconds / 3600),
+        "cloud_sql": _cost("cloud_sql_db_g1_small_hour", seconds / 3600),
+    }
+    priced = {name: round(usd, 2) for name, usd in costs.items() if usd is not None}
+    return {
+        "cost_usd_per_month": priced,
+        "unpriced": sorted(name for name, usd in costs.items() if usd is None),
+        "priced_total_usd_per_month": round(sum(priced.values()), 2),
+    }
+
+
+# --- measurement on the local stack -----------------------------------------------------------------
+MEASURED_TOPICS = ("push", "pull", "outcomes")
+
+
+def _drain(subscriber, path: str) -> tuple[int, int]:
+    """(messages, bytes of data and attributes) left on a subscription, acknowledged as read."""
+    messages = size = 0
+    while True:
+        response = subscriber.pull(request={"subscription": path, "max_messages": 1000}, timeout=10)
+        if not response.received_messages:
+            return messages, size
+        for received in response.received_messages:
+            message = received.message
+            messages += 1
+            size += len(message.data) + sum(len(k) + len(v) for k, v in message.attributes.items())
+            size += 20 + len(message.message_id)  # the timestamp and the message_id count too (the pricing page)
+        subscriber.acknowledge(request={"subscription": path, "ack_ids": [r.ack_id for r in response.received_messages]})
+
+
+def _redis_figures(client) -> dict[str, float]:
+    commands = client.info("commandstats")
+    stats = client.info("stats")
+    return {
+        **{f"cmd:{name.removeprefix('cmdstat_')}": entry["calls"] for name, entry in commands.items()},
+        "commands": sum(entry["calls"] for entry in commands.values()),
+        "network_bytes": stats["total_net_input_bytes"] + stats["total_net_output_bytes"],
+        "memory_bytes": client.info("memory")["used_memory"],
+        "cpu_seconds": client.info("cpu")["used_cpu_user"] + client.info("cpu")["used_cpu_sys"],
+    }
+
+
+def measure(rides: int, concurrency: int) -> PerRide:
+    import redis
+    import requests
+
+    from devstack.pubsub import ensure_subscription, subscriber_client
+    from devstack.stack import ARTIFACT_ROOT, PROJECT, TOPICS, Stack
+    from devstack.traffic import real_rides, stream, summarize
+    from devstack.usage import cpu_seconds
+    from training.settings import Settings
+    from training.train import TrainConfig, train
+
+    with tempfile.TemporaryDirectory(prefix="capacity-") as tmp:
+        stack = Stack(Path(tmp))
+        try:
+            stack.start_emulators()
+            stack.ensure_topology()
+            redis_url = stack.start_redis()
+            stack.apply_env()
+            model = train(
+                TrainConfig(trials=1, sample=20_000, register=False),
+                Settings(f"sqlite:///{tmp}/mlflow.db", "capacity", ARTIFACT_ROOT, "capacity", str(REPO / "data")),
+            )
+            stack.start_function(model.run_id, "1")
+            stack.start_backends(1, redis_url)
+            backend = stack.backend_urls[0]
+            emulator = f"127.0.0.1:{stack.ports['pubsub']}"
+            subscriber = subscriber_client(emulator)
+            paths = {
+                topic: ensure_subscription(PROJECT, TOPICS[topic], f"capacity-{topic}", emulator_host=emulator)
+                for topic in MEASURED_TOPICS
+            }
+            store = redis.Redis.from_url(redis_url)
+            traffic = real_rides(rides + 100, seed=3)
+            stream(stack.backend_urls, traffic[:100], concurrency, report_outcomes=True)  # warm-up, not counted
+            for path in paths.values():
+                _drain(subscriber, path)
+            logs = {name: stack.log_dir / f"{name}.log" for name in ("function", "backend-0")}
+
+            def reading() -> dict:
+                """Every counter the figures are differences of."""
+                return {
+                    "function": cpu_seconds(stack.pids["function"]),
+                    "backend": cpu_seconds(stack.pids["backend-0"]),
+                    "listener": requests.get(f"{backend}/readyz", timeout=10).json()["listener_cpu_seconds"],
+                    "redis": _redis_figures(store),
+                    "logs": {name: path.stat().st_size for name, path in logs.items()},
+                }
+
+            before = reading()
+            started = time.perf_counter()
+            outcomes = stream(stack.backend_urls, traffic[100:], concurrency, report_outcomes=True)
+            summary = summarize(outcomes, time.perf_counter() - started)
+            time.sleep(1)  # the last outcomes' publishes
+            after = reading()
+            if summary["lost"]:
+                raise RuntimeError(f"{summary['lost']} of {rides} rides lost: the figures would not be per ride")
+            topics = {topic: _drain(subscriber, path) for topic, path in paths.items()}
+            keys = [key for key, _ in zip(store.scan_iter("*:ride:*"), range(200), strict=False)]
+            record_bytes = [store.memory_usage(key) for key in keys]
+            ttl = store.ttl(keys[0])  # seconds left of the setting's TTL: a record lives RESULT_TTL_SECONDS
+            from backend.settings import BackendSettings
+
+            configured_ttl = BackendSettings.from_env().result_ttl_seconds
+            if not 0 < ttl <= configured_ttl:
+                raise RuntimeError(f"a ride record's TTL is {ttl} s, not within the configured {configured_ttl} s")
+        finally:
+            stack.stop_all()
+    log.info("measured %d rides: %s", rides, summary)
+    delta = {name: after[name] - before[name] for name in ("function", "backend", "listener")}
+    redis_delta = {name: after["redis"][name] - before["redis"].get(name, 0) for name in after["redis"]}
+    by_name = {name[4:]: round(calls / rides, 2) for name, calls in redis_delta.items() if name.startswith("cmd:") and calls}
+    return PerRide(
+        function_cpu_ms=round(delta["function"] * 1000 / rides, 3),
+        backend_request_cpu_ms=round((delta["backend"] - delta["listener"]) * 1000 / rides, 3),
+        listener_cpu_ms=round(delta["listener"] * 1000 / rides, 3),
+        redis_commands=round(redis_delta["commands"] / rides, 2),
+        redis_network_bytes=round(redis_delta["network_bytes"] / rides),
+        redis_memory_bytes=round(max(redis_delta["memory_bytes"] / rides, sum(record_bytes) / len(record_bytes))),
+        record_ttl_seconds=float(configured_ttl),
+        topic_bytes={topic: round(size / max(count, 1)) for topic, (count, size) in topics.items()},
+        topic_messages={topic: round(count / rides, 3) for topic, (count, _) in topics.items()},
+        log_bytes={name: round((after["logs"][name] - before["logs"][name]) / rides) for name in logs},
+        redis_cpu_ms=round(redis_delta["cpu_seconds"] * 1000 / rides, 4),
+        redis_commands_by_name=dict(sorted(by_name.items(), key=lambda item: -item[1])),
+    )
+
+
+# --- training at scale ------------------------------------------------------------------------------
+# Cloud Run's largest instance: 8 vCPU with up to 32 GiB (the vCPU and memory table of
+# https://docs.cloud.google.com/run/docs/configuring/instances/cpu, read 2026-12-03). A yellow-taxi month is about 3 million rides (the issue's figure for a yellow month).
+JOB_MAX_MEMORY_GIB = 32
+YELLOW_MONTH_ROWS = 3_000_000
+
+
+def fit_months(months: list[str]) -> dict:
+    """Load ``months`` and fit the default model and its range's two quantile models on them, in this
+    process (the parent runs it in a child of its own, so the peak memory is this fit's alone)."""
+    from data import load_trips, month_uri
+    from ride_contract.ride import RIDE_COLUMNS
+    from training import interval
+    from training.models import DEFAULT_PARAMS
+    from training.train import TARGET, fit
+
+    started = time.perf_counter()
+    trips = load_trips([month_uri(month) for month in months])
+    loaded = time.perf_counter()
+    fit("hgb", DEFAULT_PARAMS["hgb"], trips)
+    fitted = time.perf_counter()
+    for quantile in interval.QUANTILES:
+        interval.quantile_pipeline(quantile).fit(trips[RIDE_COLUMNS], trips[TARGET])
+    ranged = time.perf_counter()
+    return {
+        "months": months,
+        "rows": len(trips),
+        "load_seconds": round(loaded - started, 2),
+        "fit_seconds": round(fitted - loaded, 2),
+        "range_fit_seconds": round(ranged - fitted, 2),
+        "peak_memory_mib": _peak_memory_mib(),
+    }
+
+
+def _peak_memory_mib() -> int:
+    """This process's peak resident memory since its exec (VmHWM; getrusage's maxrss would carry over
+    the parent's, which a child inherits across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024)
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def training_scale() -> dict:
+    """Fit time and peak memory on one to five real months together, extrapolated (a straight line in
+    rows, fitted to the five) to a yellow-sized month and to a year of them."""
+    import subprocess
+
+    import numpy as np
+
+    from data import available_months
+
+    months = available_months()
+    runs = []
+    for count in range(1, len(months) + 1):
+        out = subprocess.run(
+            [sys.executable, __file__, "--fit-months", ",".join(months[:count])],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=1800,
+        ).stdout
+        runs.append(json.loads(out))
+        log.info("training on %s: %s", months[:count], runs[-1])
+    rows = np.array([run["rows"] for run in runs], dtype=float)
+
+    def extrapolate(key: str, at: float) -> float:
+        values = np.array([sum(run[k] for k in key.split("+")) for run in runs], dtype=float)
+        slope, intercept = np.polyfit(rows, values, 1)
+        return float(slope * at + intercept)
+
+    projections = {}
+    for name, at in (("yellow_month", YELLOW_MONTH_ROWS), ("yellow_year", 12 * YELLOW_MONTH_ROWS)):
+        memory_gib = extrapolate("peak_memory_mib", at) / 1024
+        projections[name] = {
+            "rows": at,
+            "seconds": round(extrapolate("load_seconds+fit_seconds+range_fit_seconds", at)),
+            "peak_memory_gib": round(memory_gib, 1),
+            "fits_one_cloud_run_job": memory_gib <= JOB_MAX_MEMORY_GIB,
+        }
+    return {"runs": runs, "projections": projections, "job_max_memory_gib": JOB_MAX_MEMORY_GIB}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rides", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--per-ride", type=Path, help="a per_ride JSON of an earlier run: model it without measuring")
+    parser.add_argument("--skip-training", action="store_true", help="leave out the training-at-scale runs (minutes)")
+    parser.add_argument("--fit-months", help=argparse.SUPPRESS)  # the child of training_scale()
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if args.fit_months:
+        print(json.dumps(fit_months(args.fit_months.split(","))))
+        return
+    per_ride = PerRide(**json.loads(args.per_ride.read_text())) if args.per_ride else measure(args.rides, args.concurrency)
+    deployment = Deployment()
+    print(
+        json.dumps(
+            {
+                "per_ride": asdict(per_ride),
+                "deployment": asdict(deployment),
+                "model": [capacity_model(per_ride, rate, deployment) for rate in RATES],
+                "idle": idle_cost(deployment),
+                "training": None if args.skip_training else training_scale(),
+                "prices": PRICES,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
