@@ -354,7 +354,17 @@ class RedisResultStore:
     """One JSON value per ride (``<prefix>:ride:<id>``) with a TTL; the pending rides in a sorted set
     by resend time with their publish counts beside it; a Redis channel per ride wakes waiters."""
 
-    def __init__(self, url: str, ttl_seconds: int = 86400, prefix: str = "ridestream", timeout_seconds: float = 1.0):
+    # Connections kept for the next long poll's wait (beyond these, a finished wait's is closed).
+    IDLE_WAIT_CONNECTIONS = 32
+
+    def __init__(
+        self,
+        url: str,
+        ttl_seconds: int = 86400,
+        prefix: str = "ridestream",
+        timeout_seconds: float = 1.0,
+        reuse_wait_connections: bool = True,
+    ):
         import redis
 
         # Every Redis failure a request can meet is a 503 to retry, never a 500: down, hanging
@@ -374,6 +384,12 @@ class RedisResultStore:
         self._reopen = self._redis.register_script(_REOPEN)
         self._published = self._redis.register_script(_PUBLISHED)
         self._claim_due = self._redis.register_script(_CLAIM_DUE)
+        # A wait subscribes on a connection of its own (a subscribed connection takes no other command).
+        # Opening one per wait cost Redis a connection and a HELLO per ride (benchmarks/capacity.py);
+        # finished waits leave theirs here, unsubscribed, for the next. False: one per wait, as before.
+        self._reuse_wait_connections = reuse_wait_connections
+        self._idle_waiters: list[Any] = []
+        self._waiters_lock = threading.Lock()
 
     def _key(self, ride_id: str) -> str:
         return f"{self._prefix}:ride:{ride_id}"
@@ -487,16 +503,54 @@ class RedisResultStore:
 
     def wait(self, ride_id: str, timeout: float) -> dict[str, Any] | None:
         deadline = time.monotonic() + timeout
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        with self._waiters_lock:
+            reused = self._idle_waiters.pop() if self._idle_waiters else None
+        if reused is not None:
+            try:
+                return self._wait_on(reused, ride_id, deadline)
+            except StoreUnavailable:
+                # A kept connection can be stale (Redis restarted, or failed over, since): so are the
+                # others kept with it. Drop them all, and wait once more on a new one.
+                with self._waiters_lock:
+                    stale, self._idle_waiters = self._idle_waiters, []
+                for pubsub in stale:
+                    pubsub.close()
+        return self._wait_on(self._redis.pubsub(ignore_subscribe_messages=True), ride_id, deadline)
+
+    def _wait_on(self, pubsub, ride_id: str, deadline: float) -> dict[str, Any] | None:
+        channel = self._channel(ride_id)
+        clean = False
         try:
-            self._call(pubsub.subscribe, self._channel(ride_id))  # before reading, so no completion slips between
+            self._call(pubsub.subscribe, channel)  # before reading, so no completion slips between
             record = self.get(ride_id)
             while not _settled(record) and (left := deadline - time.monotonic()) > 0:
+                # Any message means "look again" (one for an earlier wait's channel included): the record decides.
                 if self._call(pubsub.get_message, timeout=left):
                     record = self.get(ride_id)
+            clean = self._reuse_wait_connections and self._unsubscribed(pubsub, channel)
             return record
         finally:
-            pubsub.close()
+            self._release_waiter(pubsub, clean)
+
+    def _unsubscribed(self, pubsub, channel: str) -> bool:
+        """Unsubscribe and read the confirmation, so the connection goes back with nothing pending on it.
+        False if it cannot be (the wait has its answer either way: the connection is closed instead)."""
+        try:
+            self._call(pubsub.unsubscribe, channel)
+            deadline = time.monotonic() + 0.5
+            while pubsub.subscribed and time.monotonic() < deadline:
+                self._call(pubsub.get_message, timeout=0.05)
+        except StoreUnavailable:
+            return False
+        return not pubsub.subscribed
+
+    def _release_waiter(self, pubsub, clean: bool) -> None:
+        """A clean connection waits for the next wait; any other (an error, a wait cut short) is closed."""
+        with self._waiters_lock:
+            if clean and len(self._idle_waiters) < self.IDLE_WAIT_CONNECTIONS:
+                self._idle_waiters.append(pubsub)
+                return
+        pubsub.close()
 
     def ping(self) -> None:
         self._call(self._redis.ping)

@@ -329,7 +329,50 @@ def _redis_figures(client) -> dict[str, float]:
     }
 
 
-def measure(rides: int, concurrency: int) -> PerRide:
+def wait_connections_before_after(redis_url: str, rides: int = 300) -> dict:
+    """The long poll's Redis cost per ride, a connection per wait (before) against reused ones (after),
+    in the same run on the same Redis: each ride recorded, waited for, and answered while it waits."""
+    import threading
+
+    import redis
+
+    from backend.results import RedisResultStore
+
+    client = redis.Redis.from_url(redis_url)
+
+    def counters() -> dict[str, float]:
+        cpu = client.info("cpu")
+        return {
+            "connections": client.info("stats")["total_connections_received"],
+            "commands": sum(entry["calls"] for entry in client.info("commandstats").values()),
+            "cpu_seconds": cpu["used_cpu_user"] + cpu["used_cpu_sys"],
+        }
+
+    figures = {}
+    for name, reuse in (("connection_per_wait", False), ("reused_connections", True)):
+        store = RedisResultStore(redis_url, ttl_seconds=600, prefix=f"capacity-{name}", reuse_wait_connections=reuse)
+        before = counters()
+        for index in range(rides):
+            ride_id = f"r{index}"
+            store.create(ride_id, {"ride_id": ride_id, "status": "pending", "fingerprint": "f"}, resend_at=time.time() + 600)
+            answer = {"ride_id": ride_id, "duration_final": 9.0, "ride_fingerprint": "f", "model_run_id": "capacity"}
+            timer = threading.Timer(0.002, store.complete, (ride_id, answer))
+            timer.start()
+            if store.wait(ride_id, timeout=5)["status"] != "done":
+                raise RuntimeError(f"{name}: ride {ride_id} was not answered within its wait")
+            timer.join()
+        after = counters()
+        figures[name] = {
+            "connections_per_ride": round((after["connections"] - before["connections"]) / rides, 3),
+            "commands_per_ride": round((after["commands"] - before["commands"]) / rides, 2),
+            "redis_cpu_ms_per_ride": round((after["cpu_seconds"] - before["cpu_seconds"]) * 1000 / rides, 4),
+        }
+    saved = figures["connection_per_wait"]["redis_cpu_ms_per_ride"] - figures["reused_connections"]["redis_cpu_ms_per_ride"]
+    return {**figures, "redis_cpu_ms_saved_per_ride": round(saved, 4), "rides": rides, "lost": 0}
+
+
+def measure(rides: int, concurrency: int) -> tuple[PerRide, dict]:
+    """The per-ride costs of a stream of real rides, and the long poll's before/after on the same Redis."""
     import redis
     import requests
 
@@ -388,6 +431,7 @@ def measure(rides: int, concurrency: int) -> PerRide:
             topics = {topic: _drain(subscriber, path) for topic, path in paths.items()}
             keys = [key for key, _ in zip(store.scan_iter("*:ride:*"), range(200), strict=False)]
             record_bytes = [store.memory_usage(key) for key in keys]
+            waits = wait_connections_before_after(redis_url)  # on the same Redis, after the stream
             ttl = store.ttl(keys[0])  # seconds left of the setting's TTL: a record lives RESULT_TTL_SECONDS
             from backend.settings import BackendSettings
 
@@ -400,7 +444,7 @@ def measure(rides: int, concurrency: int) -> PerRide:
     delta = {name: after[name] - before[name] for name in ("function", "backend", "listener")}
     redis_delta = {name: after["redis"][name] - before["redis"].get(name, 0) for name in after["redis"]}
     by_name = {name[4:]: round(calls / rides, 2) for name, calls in redis_delta.items() if name.startswith("cmd:") and calls}
-    return PerRide(
+    per_ride = PerRide(
         function_cpu_ms=round(delta["function"] * 1000 / rides, 3),
         backend_request_cpu_ms=round((delta["backend"] - delta["listener"]) * 1000 / rides, 3),
         listener_cpu_ms=round(delta["listener"] * 1000 / rides, 3),
@@ -414,6 +458,7 @@ def measure(rides: int, concurrency: int) -> PerRide:
         redis_cpu_ms=round(redis_delta["cpu_seconds"] * 1000 / rides, 4),
         redis_commands_by_name=dict(sorted(by_name.items(), key=lambda item: -item[1])),
     )
+    return per_ride, waits
 
 
 # --- training at scale ------------------------------------------------------------------------------
@@ -512,12 +557,17 @@ def main() -> None:
     if args.fit_months:
         print(json.dumps(fit_months(args.fit_months.split(","))))
         return
-    per_ride = PerRide(**json.loads(args.per_ride.read_text())) if args.per_ride else measure(args.rides, args.concurrency)
+    if args.per_ride:
+        per_ride, waits = PerRide(**json.loads(args.per_ride.read_text())), None
+    else:
+        per_ride, waits = measure(args.rides, args.concurrency)
     deployment = Deployment()
     print(
         json.dumps(
             {
                 "per_ride": asdict(per_ride),
+                # The fix made (a long poll's connection reused), before and after in this run.
+                "long_poll_connections": waits,
                 "deployment": asdict(deployment),
                 "model": [capacity_model(per_ride, rate, deployment) for rate in RATES],
                 "idle": idle_cost(deployment),

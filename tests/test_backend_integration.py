@@ -7,6 +7,7 @@ import json
 import shlex
 import socket
 import threading
+import time
 
 import pytest
 import requests
@@ -56,6 +57,46 @@ def test_redis_store_is_shared_between_replicas(redis_prefix):
     assert replica_a.claim_due(now=1e12, lease_seconds=30) == []  # answered: no longer due a resend
     assert replica_b.complete("r2", {**result, "ride_id": "r2"}) == "unknown"
     assert replica_a.get("r2") is None  # a result for no ride is not made into one
+
+
+def test_long_polls_reuse_their_redis_connection_and_still_wake_on_the_answer(tmp_path):
+    """A wait subscribes on a connection of its own; finished, it leaves it for the next wait instead of
+    closing it (a connection and a HELLO per ride cost Redis about a tenth of its CPU per ride). On a
+    Redis of the test's own, so the connections counted are the store's alone."""
+    import redis
+
+    from devstack.processes import redis_server
+
+    server = redis_server(tmp_path / "logs", tmp_path / "redis").start()
+    try:
+        client = redis.Redis.from_url(server.url)
+
+        def connections() -> int:
+            return client.info("stats")["total_connections_received"]
+
+        for reuse, opened in ((False, 5), (True, 1)):
+            store = RedisResultStore(server.url, ttl_seconds=60, prefix=f"reuse-{reuse}", reuse_wait_connections=reuse)
+            store.create("r1", {"ride_id": "r1", "status": "pending", "fingerprint": "f1"}, resend_at=100)
+            before = connections()
+            for _ in range(5):
+                assert store.wait("r1", timeout=0.05)["status"] == "pending"
+            # The store's command connection was opened before; each wait's own, or the one kept.
+            assert connections() - before == opened, reuse
+            # A completion still wakes a wait on a reused connection, at once.
+            timer = threading.Timer(
+                0.2, store.complete, ("r1", {"ride_id": "r1", "duration_final": 9.5, "ride_fingerprint": "f1"})
+            )
+            timer.start()
+            began = time.monotonic()
+            waited = store.wait("r1", timeout=5)
+            timer.join()
+            assert waited["status"] == "done" and time.monotonic() - began < 2
+        # Redis restarted: the kept connection is stale, and the wait says nothing of it (no 503).
+        server.stop()
+        server = redis_server(tmp_path / "logs", tmp_path / "redis", port=server.port).start()
+        assert store.wait("r1", timeout=0.05)["status"] == "done"  # AOF: the answer survived the restart
+    finally:
+        server.stop()
 
 
 def test_redis_store_reopens_failed_rides_and_forgets_vanished_ones(redis_prefix):
