@@ -508,6 +508,11 @@ class Stack:
         """Local equivalent of `gcloud functions deploy --update-env-vars RUN_ID=...`."""
         self.deploy_function(run_id, version)
 
+    @property
+    def redis_prefix(self) -> str:
+        """The backends' key namespace: this stack's own, so stacks can share one Redis."""
+        return f"ridestream-{self.ports['pubsub']}"
+
     def start_backends(self, replicas: int = 1, redis_url: str = "", settings: dict[str, str] | None = None) -> None:
         """``settings``: backend environment variables (e.g. RESEND_AFTER_SECONDS), kept for restarts."""
         for index in range(replicas):
@@ -515,7 +520,7 @@ class Stack:
             env = {
                 **self.env(),
                 "REDIS_URL": redis_url,
-                "REDIS_PREFIX": f"ridestream-{self.ports['pubsub']}",
+                "REDIS_PREFIX": self.redis_prefix,
                 **(settings or {}),
             }
             argv = [

@@ -45,6 +45,17 @@ def live(tmp_path_factory):
     finally:
         stack.stop_all()
         patch.undo()
+        if "pubsub" in stack.ports:
+            _forget_keys(stack.redis_prefix)
+
+
+def _forget_keys(prefix: str) -> None:
+    """The machine's Redis is shared: leave nothing of this stack's behind (its keys would live a day)."""
+    import redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
 
 
 def test_rides_get_coarse_now_and_the_production_model_final_through_the_stream(live):
