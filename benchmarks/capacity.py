@@ -9,8 +9,8 @@
    (MEMORY USAGE) and TTL; Pub/Sub messages and bytes on each topic (read back from subscriptions of the benchmark's
    own); the bytes each process logs (what Cloud Logging would ingest).
 2. Modelled (``capacity_model``, pure arithmetic, tested in tests/test_capacity.py): at each rate,
-   the function and backend instances at the configured CPU and concurrency, Redis operations/s and
-   memory held, Pub/Sub volume, log volume, and their price per month and per million rides, from
+   the function and backend instances at the configured CPU (at a few ms of CPU per ride, CPU binds long
+   before the function's request concurrency does), Redis operations/s, its thread's load and memory held, Pub/Sub volume, log volume, and their price per month and per million rides, from
    ``PRICES``: each price with the public page it was read from and the date. Prices that could not
    be read are None, and the totals say which are missing rather than guess them.
 3. The first limit each rate meets (``limits``), and the fixed monthly cost of an idle deployment.
@@ -146,7 +146,7 @@ class PerRide:
     redis_network_bytes: float
     redis_memory_bytes: float  # held per ride while its record lives
     record_ttl_seconds: float
-    topic_bytes: dict[str, float]  # mean message size per topic (data + attributes)
+    topic_bytes: dict[str, float]  # mean billable message size per topic (data, attributes, timestamp, id)
     topic_messages: dict[str, float]  # messages per ride per topic
     log_bytes: dict[str, float]  # bytes each process logs per ride
     redis_cpu_ms: float  # Redis's own CPU per ride (INFO cpu): it runs commands on one thread
@@ -158,6 +158,16 @@ def _cost(name: str, quantity: float) -> float | None:
     if price["usd"] is None:
         return None
     return max(0.0, quantity - price["free"]) * price["usd"]
+
+
+def _priced(costs: dict[str, float | None]) -> dict:
+    """What the costs come to: the priced ones (rounded) and their total, and the names of those unpriced."""
+    priced = {name: round(usd, 2) for name, usd in costs.items() if usd is not None}
+    return {
+        "cost_usd_per_month": priced,
+        "unpriced": sorted(name for name, usd in costs.items() if usd is None),
+        "priced_total_usd_per_month": round(sum(priced.values()), 2),
+    }
 
 
 def pubsub_billable_bytes(message_bytes: float, deliveries: int, batched_pull: bool = True) -> float:
@@ -211,8 +221,7 @@ def capacity_model(per_ride: PerRide, rate: float, deployment: Deployment = Depl
         "logging": _cost("logging_gib", logging_gib_month),
         "memorystore": _cost("memorystore_standard_gb_hour", math.ceil(max(redis_gb, 1)) * SECONDS_PER_MONTH / 3600),
     }
-    priced = {name: round(usd, 2) for name, usd in costs.items() if usd is not None}
-    total = sum(priced.values())
+    summary = _priced(costs)
     found = limits(function_instances, backend_instances, redis_ops, redis_busy, redis_gb, per_ride, deployment)
     return {
         "rides_per_second": rate,
@@ -224,10 +233,8 @@ def capacity_model(per_ride: PerRide, rate: float, deployment: Deployment = Depl
         "redis_memory_gb": round(redis_gb, 2),
         "pubsub_tib_per_month": round(pubsub_tib_month, 3),
         "logging_gib_per_month": round(logging_gib_month, 1),
-        "cost_usd_per_month": priced,
-        "unpriced": sorted(name for name, usd in costs.items() if usd is None),
-        "priced_total_usd_per_month": round(total, 2),
-        "priced_usd_per_million_rides": round(total / (month_rides / 1e6), 2),
+        **summary,
+        "priced_usd_per_million_rides": round(summary["priced_total_usd_per_month"] / (month_rides / 1e6), 2),
         "limits": found,
         "first_bottleneck": found[0]["limit"],
     }
@@ -290,12 +297,7 @@ def idle_cost(deployment: Deployment = Deployment()) -> dict:
         "memorystore_1_gb": _cost("memorystore_standard_gb_hour", seconds / 3600),
         "cloud_sql": _cost("cloud_sql_db_g1_small_hour", seconds / 3600),
     }
-    priced = {name: round(usd, 2) for name, usd in costs.items() if usd is not None}
-    return {
-        "cost_usd_per_month": priced,
-        "unpriced": sorted(name for name, usd in costs.items() if usd is None),
-        "priced_total_usd_per_month": round(sum(priced.values()), 2),
-    }
+    return _priced(costs)
 
 
 # --- measurement on the local stack -----------------------------------------------------------------
@@ -303,7 +305,7 @@ MEASURED_TOPICS = ("push", "pull", "outcomes")
 
 
 def _drain(subscriber, path: str) -> tuple[int, int]:
-    """(messages, bytes of data and attributes) left on a subscription, acknowledged as read."""
+    """(messages, billable bytes: data, attributes, timestamp and id) left on a subscription, acknowledged as read."""
     messages = size = 0
     while True:
         response = subscriber.pull(request={"subscription": path, "max_messages": 1000}, timeout=10)
@@ -318,14 +320,17 @@ def _drain(subscriber, path: str) -> tuple[int, int]:
 
 
 def _redis_figures(client) -> dict[str, float]:
+    """Redis's counters (INFO) the per-ride figures are differences of."""
     commands = client.info("commandstats")
     stats = client.info("stats")
+    cpu = client.info("cpu")
     return {
         **{f"cmd:{name.removeprefix('cmdstat_')}": entry["calls"] for name, entry in commands.items()},
         "commands": sum(entry["calls"] for entry in commands.values()),
+        "connections": stats["total_connections_received"],
         "network_bytes": stats["total_net_input_bytes"] + stats["total_net_output_bytes"],
         "memory_bytes": client.info("memory")["used_memory"],
-        "cpu_seconds": client.info("cpu")["used_cpu_user"] + client.info("cpu")["used_cpu_sys"],
+        "cpu_seconds": cpu["used_cpu_user"] + cpu["used_cpu_sys"],
     }
 
 
@@ -339,19 +344,10 @@ def wait_connections_before_after(redis_url: str, rides: int = 300) -> dict:
     from backend.results import RedisResultStore
 
     client = redis.Redis.from_url(redis_url)
-
-    def counters() -> dict[str, float]:
-        cpu = client.info("cpu")
-        return {
-            "connections": client.info("stats")["total_connections_received"],
-            "commands": sum(entry["calls"] for entry in client.info("commandstats").values()),
-            "cpu_seconds": cpu["used_cpu_user"] + cpu["used_cpu_sys"],
-        }
-
     figures = {}
     for name, reuse in (("connection_per_wait", False), ("reused_connections", True)):
         store = RedisResultStore(redis_url, ttl_seconds=600, prefix=f"capacity-{name}", reuse_wait_connections=reuse)
-        before = counters()
+        before = _redis_figures(client)
         for index in range(rides):
             ride_id = f"r{index}"
             store.create(ride_id, {"ride_id": ride_id, "status": "pending", "fingerprint": "f"}, resend_at=time.time() + 600)
@@ -361,7 +357,7 @@ def wait_connections_before_after(redis_url: str, rides: int = 300) -> dict:
             if store.wait(ride_id, timeout=5)["status"] != "done":
                 raise RuntimeError(f"{name}: ride {ride_id} was not answered within its wait")
             timer.join()
-        after = counters()
+        after = _redis_figures(client)
         figures[name] = {
             "connections_per_ride": round((after["connections"] - before["connections"]) / rides, 3),
             "commands_per_ride": round((after["commands"] - before["commands"]) / rides, 2),
@@ -376,6 +372,7 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict]:
     import redis
     import requests
 
+    from backend.settings import BackendSettings
     from devstack.pubsub import ensure_subscription, subscriber_client
     from devstack.stack import ARTIFACT_ROOT, PROJECT, TOPICS, Stack
     from devstack.traffic import real_rides, stream, summarize
@@ -433,8 +430,6 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict]:
             record_bytes = [store.memory_usage(key) for key in keys]
             waits = wait_connections_before_after(redis_url)  # on the same Redis, after the stream
             ttl = store.ttl(keys[0])  # seconds left of the setting's TTL: a record lives RESULT_TTL_SECONDS
-            from backend.settings import BackendSettings
-
             configured_ttl = BackendSettings.from_env().result_ttl_seconds
             if not 0 < ttl <= configured_ttl:
                 raise RuntimeError(f"a ride record's TTL is {ttl} s, not within the configured {configured_ttl} s")
@@ -463,7 +458,8 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict]:
 
 # --- training at scale ------------------------------------------------------------------------------
 # Cloud Run's largest instance: 8 vCPU with up to 32 GiB (the vCPU and memory table of
-# https://docs.cloud.google.com/run/docs/configuring/instances/cpu, read 2026-12-03). A yellow-taxi month is about 3 million rides (the issue's figure for a yellow month).
+# https://docs.cloud.google.com/run/docs/configuring/instances/cpu, read 2026-12-03).
+# A yellow-taxi month: about 3 million rides (the issue's figure).
 JOB_MAX_MEMORY_GIB = 32
 YELLOW_MONTH_ROWS = 3_000_000
 
@@ -527,17 +523,18 @@ def training_scale() -> dict:
         log.info("training on %s: %s", months[:count], runs[-1])
     rows = np.array([run["rows"] for run in runs], dtype=float)
 
-    def extrapolate(key: str, at: float) -> float:
-        values = np.array([sum(run[k] for k in key.split("+")) for run in runs], dtype=float)
+    def extrapolate(keys: tuple[str, ...], at: float) -> float:
+        """A straight line in rows through the sum of ``keys`` of each run, at ``at`` rows."""
+        values = np.array([sum(run[key] for key in keys) for run in runs], dtype=float)
         slope, intercept = np.polyfit(rows, values, 1)
         return float(slope * at + intercept)
 
     projections = {}
     for name, at in (("yellow_month", YELLOW_MONTH_ROWS), ("yellow_year", 12 * YELLOW_MONTH_ROWS)):
-        memory_gib = extrapolate("peak_memory_mib", at) / 1024
+        memory_gib = extrapolate(("peak_memory_mib",), at) / 1024
         projections[name] = {
             "rows": at,
-            "seconds": round(extrapolate("load_seconds+fit_seconds+range_fit_seconds", at)),
+            "seconds": round(extrapolate(("load_seconds", "fit_seconds", "range_fit_seconds"), at)),
             "peak_memory_gib": round(memory_gib, 1),
             "fits_one_cloud_run_job": memory_gib <= JOB_MAX_MEMORY_GIB,
         }

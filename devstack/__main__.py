@@ -191,10 +191,9 @@ def demo(args: argparse.Namespace) -> int:
             taken = "" if stack.ports["prefect"] == PREFECT_PORT else f" ({PREFECT_PORT} was taken)"
             console.print(f"Prefect UI:  {stack.urls['prefect']}{taken}")
         for url in stack.backend_urls:
+            requests.get(f"{url}/", timeout=10).raise_for_status()  # served, not just started: it answers with the page
             console.print(f"backend:     {url}  (POST /predict, GET /rides/<id>, /readyz)")
         console.print(f"rollout:     {stack.urls['rollout']}/status")
-        for url in stack.backend_urls:  # served, not just started: each replica answers with the page
-            requests.get(f"{url}/", timeout=10).raise_for_status()
         console.print(f"[bold]rider page:[/bold]  {stack.backend_urls[0]}/  (open it in a browser; every replica serves it)")
         from training.settings import Settings
 

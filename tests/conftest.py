@@ -52,16 +52,21 @@ def started_as_client(stack):
         os.environ.update(environment)
 
 
-@pytest.fixture
-def redis_prefix():
-    """A key prefix of this test's own on the machine's Redis; its keys are removed afterwards."""
+def forget_redis_keys(prefix: str) -> None:
+    """The machine's Redis is shared: remove every key under ``prefix`` (a test's or a stack's own)."""
     import redis
 
-    prefix = f"test-{uuid.uuid4().hex[:8]}"
-    yield prefix
     client = redis.Redis.from_url(REDIS_URL)
     for key in client.scan_iter(f"{prefix}:*"):
         client.delete(key)
+
+
+@pytest.fixture
+def redis_prefix():
+    """A key prefix of this test's own on the machine's Redis; its keys are removed afterwards."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    forget_redis_keys(prefix)
 
 
 class IdleListener:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import requests
-from conftest import DATA
+from conftest import DATA, REDIS_URL, forget_redis_keys
 from google.cloud import pubsub_v1
 
 from devstack.processes import pid_alive
@@ -40,22 +40,13 @@ def live(tmp_path_factory):
         first = train(TrainConfig(trials=1, sample=20_000), settings)
         registry.promote(first.version, settings)
         stack.start_function(first.run_id, first.version)
-        stack.start_backends(2, redis_url="redis://127.0.0.1:6379/0")  # keys under a prefix of this stack's own
+        stack.start_backends(2, redis_url=REDIS_URL)  # keys under a prefix of this stack's own
         yield stack, settings, first
     finally:
         stack.stop_all()
         patch.undo()
-        if "pubsub" in stack.ports:
-            _forget_keys(stack.redis_prefix)
-
-
-def _forget_keys(prefix: str) -> None:
-    """The machine's Redis is shared: leave nothing of this stack's behind (its keys would live a day)."""
-    import redis
-
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-    for key in client.scan_iter(f"{prefix}:*"):
-        client.delete(key)
+        if "pubsub" in stack.ports:  # leave nothing of this stack's in the machine's Redis (it would live a day)
+            forget_redis_keys(stack.redis_prefix)
 
 
 def test_rides_get_coarse_now_and_the_production_model_final_through_the_stream(live):

@@ -33,7 +33,7 @@
   const zoneIdByLabel = new Map();
   let distanceEdited = false; // the rider typed a distance: a new zone pair no longer overwrites it
   let unanswered = null; // {key, rideId}: a ride whose POST got no answer; sent again, it keeps its id
-  let current = null; // the ride shown: {rideId, record}
+  let shownRideId = null; // the ride shown (the outcome form reports on it)
   let followed = 0; // which follow loop is current (a new ride stops the old loop)
 
   class Unavailable extends Error {}
@@ -247,7 +247,7 @@
 
   function shown(rideId, record) {
     // Show the ride as it stands; true once it is settled (answered, or given up on), with the outcome form.
-    current = { rideId, record };
+    shownRideId = rideId;
     showRide(record);
     if (record.status !== "done" && record.status !== "failed") {
       setStatus("status", "pending", "Waiting for the model's answer…");
@@ -337,8 +337,8 @@
     event.preventDefault();
     const form = $("outcome-form");
     clearErrors(form);
-    if (!current) return;
-    const { rideId } = current;
+    if (!shownRideId) return;
+    const rideId = shownRideId;
     $("complete").disabled = true;
     try {
       const url = `/rides/${encodeURIComponent(rideId)}/outcome`;
@@ -388,9 +388,9 @@
   async function showLinkedRide() {
     // A ride link (#ride=<id>) shows that ride, on whichever replica serves the page.
     const linked = new URLSearchParams(location.hash.slice(1)).get("ride");
-    if (!linked || linked === current?.rideId) return undefined;
+    if (!linked || linked === shownRideId) return undefined;
     followed += 1; // stops following the ride shown before
-    current = null;
+    shownRideId = null;
     $("outcome").hidden = true;
     $("answer").hidden = false;
     text("ride-id", linked);
