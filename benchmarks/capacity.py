@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,7 @@ class Deployment:
     function_cpu: float = 1.0
     function_memory_gib: float = 1.0
     function_concurrency: int = 16
+    function_min_instances: int = 0
     function_max_instances: int = 20
     backend_cpu: float = 1.0
     backend_memory_gib: float = 0.5
@@ -131,6 +133,8 @@ class Deployment:
     cpu_utilization: float = 0.6
     # A challenger in shadow scores every ride too (the push topic's second subscription).
     shadow: bool = True
+    # The function's prediction lines also in the _Default log bucket (infra/: prediction_logs_in_default_bucket).
+    prediction_logs_in_default_bucket: bool = False
     # Deliveries per topic: one per subscription (infra/main.tf; the test counts them).
     deliveries: dict[str, int] = field(default_factory=lambda: {"push": 2, "pull": 2, "shadow": 2, "outcomes": 2})
 
@@ -148,7 +152,9 @@ class PerRide:
     record_ttl_seconds: float
     topic_bytes: dict[str, float]  # mean billable message size per topic (data, attributes, timestamp, id)
     topic_messages: dict[str, float]  # messages per ride per topic
-    log_bytes: dict[str, float]  # bytes each process logs per ride
+    # Bytes logged per ride: "predictions", the function's prediction lines (the prediction-log sink's,
+    # kept out of the _Default bucket by default), "function", its other lines, and each backend's.
+    log_bytes: dict[str, float]
     redis_cpu_ms: float  # Redis's own CPU per ride (INFO cpu): it runs commands on one thread
     redis_commands_by_name: dict[str, float] = field(default_factory=dict)  # where the commands per ride go
 
@@ -203,9 +209,16 @@ def capacity_model(per_ride: PerRide, rate: float, deployment: Deployment = Depl
         for topic, size in topics.items()
     }
     pubsub_tib_month = sum(pubsub_bytes.values()) * SECONDS_PER_MONTH / TIB
-    # Each scorer (production, and the challenger in shadow) logs its own prediction lines.
-    logged = sum(size * (scorers if name == "function" else 1) for name, size in per_ride.log_bytes.items())
-    logging_gib_month = rate * logged * SECONDS_PER_MONTH / GIB
+    # Each scorer (production, and the challenger in shadow) logs its own lines. What reaches the
+    # _Default bucket is billed as ingestion; the prediction lines go to their bucket (the Log Router
+    # is free) unless the deployment keeps them in _Default too.
+    ingested = {
+        name: size * (scorers if name in ("function", "predictions") else 1)
+        for name, size in per_ride.log_bytes.items()
+        if name != "predictions" or deployment.prediction_logs_in_default_bucket
+    }
+    logging_gib_month = rate * sum(ingested.values()) * SECONDS_PER_MONTH / GIB
+    prediction_log_gib_month = rate * per_ride.log_bytes.get("predictions", 0) * scorers * SECONDS_PER_MONTH / GIB
 
     # The function bills request time; at a steady stream its instances are busy all the time, so the
     # billed instance-seconds are the instances' seconds.
@@ -233,6 +246,7 @@ def capacity_model(per_ride: PerRide, rate: float, deployment: Deployment = Depl
         "redis_memory_gb": round(redis_gb, 2),
         "pubsub_tib_per_month": round(pubsub_tib_month, 3),
         "logging_gib_per_month": round(logging_gib_month, 1),
+        "prediction_log_gib_per_month": round(prediction_log_gib_month, 1),
         **summary,
         "priced_usd_per_million_rides": round(summary["priced_total_usd_per_month"] / (month_rides / 1e6), 2),
         "limits": found,
@@ -298,6 +312,164 @@ def idle_cost(deployment: Deployment = Deployment()) -> dict:
         "cloud_sql": _cost("cloud_sql_db_g1_small_hour", seconds / 3600),
     }
     return _priced(costs)
+
+
+# --- a burst: the step from 10 to 1,000 rides/s -------------------------------------------------------
+# Cloud Run's autoscaler as its page describes it (https://docs.cloud.google.com/run/docs/about-instance-autoscaling,
+# read 2026-12-03): metrics-based scaling averages each instance's CPU use over one minute and asks for
+# enough instances to keep it at 60 %; an earlier copy of the page says it evaluates every 5 seconds
+# (the current one, "periodically"); with no instance free, a request waits up to 10 seconds (at least
+# 3.5 times the service's average start-up time, the current copy), then fails with 429. The page also
+# names on-demand scaling, without saying how fast it acts: so the burst is modelled twice, with the
+# one-minute CPU average alone (the slowest the page allows) and with the new demand seen at the first
+# evaluation (the fastest), and riders' waits lie between. The instance's start is the process start
+# measured here (``Starts``): the platform's own share (scheduling, the image) is not given on the pages read.
+AUTOSCALER_CPU_TARGET = 0.6
+AUTOSCALER_CPU_WINDOW_SECONDS = 60
+AUTOSCALER_EVALUATION_SECONDS = 5
+REQUEST_QUEUE_SECONDS = 10
+BURST_FROM, BURST_TO = 10, 1_000
+
+
+@dataclass(frozen=True)
+class Starts:
+    """Process start to answering, measured on the local stack (a Cloud Run instance's start, less the platform's share)."""
+
+    function_seconds: float
+    backend_seconds: float
+
+
+@dataclass(frozen=True)
+class ScaledService:
+    """One Cloud Run service in a burst: the CPU a ride costs it, its instance size and start, its bounds."""
+
+    name: str
+    cpu_ms_per_ride: float
+    cpu: float
+    start_seconds: float
+    min_instances: int
+    max_instances: int
+
+    def wanted(self, busy_vcpu: float) -> int:
+        """The instances that keep this CPU use at the autoscaler's target."""
+        return math.ceil(round(busy_vcpu / (self.cpu * AUTOSCALER_CPU_TARGET), 9))
+
+    def instances_for(self, busy_vcpu: float) -> int:
+        """What the autoscaler asks for at this CPU use, within the service's bounds."""
+        return max(self.min_instances, min(self.max_instances, self.wanted(busy_vcpu)))
+
+
+def simulate_step(
+    service: ScaledService,
+    before: float,
+    after: float,
+    on_demand: bool,
+    queue_seconds: float | None = None,
+    seconds: float = 900,
+    dt: float = 0.1,
+) -> dict:
+    """The service at ``before`` rides/s, stepped to ``after`` at t=0: its instances, the backlog of rides
+    waiting for one, and each ride's wait (first come, first served). ``on_demand``: the autoscaler sees
+    the new demand at its first evaluation; otherwise, the CPU used averaged over its one-minute window.
+    Instances asked for serve ``start_seconds`` later; the count never shrinks within the burst.
+    ``queue_seconds``: a ride waiting longer is refused (Cloud Run's 429 to an HTTP request); None:
+    rides wait as long as it takes (a push subscription keeps its messages)."""
+    per_instance = service.cpu * 1000 / service.cpu_ms_per_ride  # rides/s with its CPU fully busy
+    steps, evaluate_every = round(seconds / dt), round(AUTOSCALER_EVALUATION_SECONDS / dt)
+    window_steps = round(AUTOSCALER_CPU_WINDOW_SECONDS / dt)
+    ready = service.instances_for(before * service.cpu_ms_per_ride / 1000)
+    instances_before = ready
+    window = deque([before * service.cpu_ms_per_ride / 1000] * window_steps, maxlen=window_steps)
+    starting: list[float] = []  # when each instance asked for serves
+    needed = service.instances_for(after * service.cpu_ms_per_ride / 1000)
+    queue: deque[list[float]] = deque()  # [the step they came in, rides still waiting], oldest first
+    backlog = refused = max_backlog = 0.0
+    waited: list[tuple[float, float]] = []  # (seconds waited, rides): each share of a step's arrivals served
+    scaled_out = peak_at = drained = None
+    for step in range(steps):
+        now = step * dt
+        ready += sum(1 for at in starting if at <= now + 1e-9)
+        starting = [at for at in starting if at > now + 1e-9]
+        if scaled_out is None and ready >= needed:
+            scaled_out = now
+        if step % evaluate_every == 0:
+            busy = after * service.cpu_ms_per_ride / 1000 if on_demand else sum(window) / window_steps
+            starting += [now + service.start_seconds] * max(0, service.instances_for(busy) - ready - len(starting))
+        queue.append([step, after * dt])
+        backlog += after * dt
+        while queue_seconds is not None and queue and (step - queue[0][0]) * dt > queue_seconds + 1e-9:
+            gone = queue.popleft()[1]
+            refused, backlog = refused + gone, backlog - gone
+        budget = ready * per_instance * dt
+        while queue and budget > 1e-9:
+            take = min(budget, queue[0][1])
+            waited.append(((step - queue[0][0]) * dt, take))
+            queue[0][1] -= take
+            budget, backlog = budget - take, backlog - take
+            if queue[0][1] <= 1e-9:
+                queue.popleft()
+        window.append((ready * per_instance * dt - budget) * service.cpu_ms_per_ride / 1000 / dt)
+        if backlog > max_backlog + 1e-9:
+            max_backlog, peak_at, drained = backlog, now, None
+        elif drained is None and peak_at is not None and backlog <= 1e-6:
+            drained = now
+    if backlog > 1e-6:
+        raise ValueError(f"{service.name}: {backlog:.0f} rides still waiting after {seconds:.0f} s; simulate longer")
+
+    def rides_waiting_over(limit: float) -> int:
+        return round(sum(rides for wait, rides in waited if wait > limit + 1e-9))
+
+    return {
+        "service": service.name,
+        "autoscaler": "on-demand (the new demand seen at once)" if on_demand else "CPU averaged over one minute",
+        "instances_before": instances_before,
+        "instances_needed": needed,
+        "capped_at_max_instances": service.wanted(after * service.cpu_ms_per_ride / 1000) > service.max_instances,
+        "scaled_out_after_seconds": None if scaled_out is None else round(scaled_out, 1),
+        "max_backlog_rides": round(max_backlog),
+        "backlog_drained_after_seconds": None if drained is None else round(drained, 1),
+        "max_wait_seconds": round(max(wait for wait, _ in waited), 1),
+        "rides_waiting_over_1_s": rides_waiting_over(1),
+        "rides_refused": round(refused),
+        "_rides_waiting_over": rides_waiting_over,
+    }
+
+
+def burst(
+    per_ride: PerRide, starts: Starts, resend_after: float, final_bound: float, deployment: Deployment = Deployment()
+) -> dict:
+    """The step from BURST_FROM to BURST_TO rides/s, on the production function (riders wait for its
+    final; the shadow's service scales the same way, and nobody waits for it) and on the backend
+    (riders wait for its coarse estimate), each under both bounds of the autoscaler."""
+    function = ScaledService(
+        "function",
+        per_ride.function_cpu_ms,
+        deployment.function_cpu,
+        starts.function_seconds,
+        deployment.function_min_instances,
+        deployment.function_max_instances,
+    )
+    backend = ScaledService(
+        "backend",
+        per_ride.backend_request_cpu_ms + per_ride.listener_cpu_ms,
+        deployment.backend_cpu,
+        starts.backend_seconds,
+        deployment.backend_min_instances,
+        deployment.backend_max_instances,
+    )
+    runs = []
+    for on_demand in (True, False):
+        # Rides wait in the push subscription for the function; a POST waits for the backend at most
+        # REQUEST_QUEUE_SECONDS, then is refused (429) and retried by its client.
+        final = simulate_step(function, BURST_FROM, BURST_TO, on_demand)
+        # A final later than RESEND_AFTER_SECONDS makes the backend publish the ride again (more load
+        # for the function, not modelled); later than the final bound, the ride is marked failed, and
+        # its rider keeps the coarse estimate.
+        final["rides_resent"] = final["_rides_waiting_over"](resend_after)
+        final["rides_failed"] = final["_rides_waiting_over"](final_bound)
+        coarse = simulate_step(backend, BURST_FROM, BURST_TO, on_demand, queue_seconds=REQUEST_QUEUE_SECONDS)
+        runs += [{key: value for key, value in run.items() if not key.startswith("_")} for run in (final, coarse)]
+    return {"from_rides_per_second": BURST_FROM, "to_rides_per_second": BURST_TO, "starts": asdict(starts), "runs": runs}
 
 
 # --- measurement on the local stack -----------------------------------------------------------------
@@ -367,8 +539,33 @@ def wait_connections_before_after(redis_url: str, rides: int = 300) -> dict:
     return {**figures, "redis_cpu_ms_saved_per_ride": round(saved, 4), "rides": rides, "lost": 0}
 
 
-def measure(rides: int, concurrency: int) -> tuple[PerRide, dict]:
-    """The per-ride costs of a stream of real rides, and the long poll's before/after on the same Redis."""
+def _logged_bytes(logs: dict[str, Path], before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The bytes each log file grew by between two readings, the function's prediction lines apart."""
+    logged = {}
+    for name, path in logs.items():
+        with path.open("rb") as log_file:
+            log_file.seek(before[name])
+            lines = log_file.read(after[name] - before[name]).splitlines(keepends=True)
+        if name == "function":
+            predictions = [line for line in lines if _is_prediction_line(line)]
+            logged["predictions"] = sum(map(len, predictions))
+            lines = [line for line in lines if not _is_prediction_line(line)]
+        logged[name] = sum(map(len, lines))
+    return logged
+
+
+def _is_prediction_line(line: bytes) -> bool:
+    """One of the function's prediction lines (serving_function.prediction.log), which the sink files."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(entry, dict) and entry.get("message") == "prediction"
+
+
+def measure(rides: int, concurrency: int) -> tuple[PerRide, dict, Starts]:
+    """The per-ride costs of a stream of real rides, the long poll's before/after on the same Redis, and
+    how long the function and the backend took to start."""
     import redis
     import requests
 
@@ -391,8 +588,12 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict]:
                 TrainConfig(trials=1, sample=20_000, register=False),
                 Settings(f"sqlite:///{tmp}/mlflow.db", "capacity", ARTIFACT_ROOT, "capacity", str(REPO / "data")),
             )
-            stack.start_function(model.run_id, "1")
+            started = time.perf_counter()
+            stack.start_function(model.run_id, "1")  # returns once it answers, as function_bench's cold start
+            function_start = time.perf_counter() - started
+            started = time.perf_counter()
             stack.start_backends(1, redis_url)
+            starts = Starts(round(function_start, 2), round(time.perf_counter() - started, 2))
             backend = stack.backend_urls[0]
             emulator = f"127.0.0.1:{stack.ports['pubsub']}"
             subscriber = subscriber_client(emulator)
@@ -423,6 +624,7 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict]:
             summary = summarize(outcomes, time.perf_counter() - started)
             time.sleep(1)  # the last outcomes' publishes
             after = reading()
+            logged = _logged_bytes(logs, before["logs"], after["logs"])
             if summary["lost"]:
                 raise RuntimeError(f"{summary['lost']} of {rides} rides lost: the figures would not be per ride")
             topics = {topic: _drain(subscriber, path) for topic, path in paths.items()}
@@ -449,11 +651,11 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict]:
         record_ttl_seconds=float(configured_ttl),
         topic_bytes={topic: round(size / max(count, 1)) for topic, (count, size) in topics.items()},
         topic_messages={topic: round(count / rides, 3) for topic, (count, _) in topics.items()},
-        log_bytes={name: round((after["logs"][name] - before["logs"][name]) / rides) for name in logs},
+        log_bytes={name: round(size / rides) for name, size in logged.items()},
         redis_cpu_ms=round(redis_delta["cpu_seconds"] * 1000 / rides, 4),
         redis_commands_by_name=dict(sorted(by_name.items(), key=lambda item: -item[1])),
     )
-    return per_ride, waits
+    return per_ride, waits, starts
 
 
 # --- training at scale ------------------------------------------------------------------------------
@@ -545,7 +747,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rides", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--per-ride", type=Path, help="a per_ride JSON of an earlier run: model it without measuring")
+    parser.add_argument("--per-ride", type=Path, help="an earlier run's JSON: model its per_ride and starts without measuring")
     parser.add_argument("--skip-training", action="store_true", help="leave out the training-at-scale runs (minutes)")
     parser.add_argument("--fit-months", help=argparse.SUPPRESS)  # the child of training_scale()
     args = parser.parse_args()
@@ -554,11 +756,15 @@ def main() -> None:
     if args.fit_months:
         print(json.dumps(fit_months(args.fit_months.split(","))))
         return
+    from backend.settings import BackendSettings
+
     if args.per_ride:
-        per_ride, waits = PerRide(**json.loads(args.per_ride.read_text())), None
+        earlier = json.loads(args.per_ride.read_text())
+        per_ride, waits, starts = PerRide(**earlier["per_ride"]), None, Starts(**earlier["burst"]["starts"])
     else:
-        per_ride, waits = measure(args.rides, args.concurrency)
+        per_ride, waits, starts = measure(args.rides, args.concurrency)
     deployment = Deployment()
+    backend_settings = BackendSettings.from_env()
     print(
         json.dumps(
             {
@@ -568,6 +774,9 @@ def main() -> None:
                 "deployment": asdict(deployment),
                 "model": [capacity_model(per_ride, rate, deployment) for rate in RATES],
                 "idle": idle_cost(deployment),
+                "burst": burst(
+                    per_ride, starts, backend_settings.resend_after_seconds, backend_settings.final_bound_seconds, deployment
+                ),
                 "training": None if args.skip_training else training_scale(),
                 "prices": PRICES,
             },

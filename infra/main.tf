@@ -13,6 +13,8 @@ locals {
   # Cloud Run log entries name their service by its short name; the function reports the full path
   # (projects/P/locations/R/services/NAME).
   function_service_name = element(reverse(split("/", google_cloudfunctions2_function.predict.service_config[0].service)), 0)
+  # The function's prediction lines (production's and the shadow's: revisions of the one service).
+  prediction_log_filter = "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=\"${local.function_service_name}\" AND jsonPayload.message=\"prediction\""
   # Every API the resources below use: a fresh project has them off, and the first apply would fail.
   apis = toset(concat(
     ["cloudfunctions", "run", "cloudbuild", "artifactregistry", "eventarc", "pubsub", "storage", "logging", "iam", "compute", "sqladmin", "secretmanager", "monitoring"],
@@ -794,8 +796,19 @@ resource "google_logging_project_sink" "predictions" {
   #checkov:skip=CKV2_GCP_4:prediction logs are monitoring data, not audit records; a lifecycle rule keeps them 400 days
   name                   = "${local.prefix}-predictions"
   destination            = "storage.googleapis.com/${google_storage_bucket.prediction_logs.name}"
-  filter                 = "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=\"${local.function_service_name}\" AND jsonPayload.message=\"prediction\""
+  filter                 = local.prediction_log_filter
   unique_writer_identity = true
+}
+
+# Every ride's prediction line, kept in the _Default bucket as well, would be billed as Logging
+# ingestion per GiB: more than Pub/Sub costs from 100 rides/s on (benchmarks/capacity.py). The sink
+# above files every line into the bucket; this exclusion, on the _Default sink only, keeps them off
+# the ingestion bill. prediction_logs_in_default_bucket = true keeps them in Logs Explorer too.
+resource "google_logging_project_exclusion" "predictions_in_bucket_only" {
+  count       = var.prediction_logs_in_default_bucket ? 0 : 1
+  name        = "${local.prefix}-predictions-in-bucket-only"
+  description = "Prediction lines go to the prediction-log bucket (sink ${local.prefix}-predictions), not to the _Default bucket"
+  filter      = local.prediction_log_filter
 }
 
 resource "google_storage_bucket_iam_member" "sink_writes_prediction_logs" {

@@ -121,3 +121,9 @@ variable "alert_notification_channels" {
   type        = list(string)
   default     = []
 }
+
+variable "prediction_logs_in_default_bucket" {
+  description = "Keep the function's prediction lines in the _Default log bucket (billed as Logging ingestion per GiB) as well as in the prediction-log bucket"
+  type        = bool
+  default     = false
+}

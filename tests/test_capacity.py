@@ -26,7 +26,7 @@ PER_RIDE = capacity.PerRide(
     record_ttl_seconds=3600.0,
     topic_bytes={"push": 200, "pull": 400, "outcomes": 500},
     topic_messages={"push": 1.0, "pull": 1.0, "outcomes": 1.0},
-    log_bytes={"function": 400, "backend-0": 300},
+    log_bytes={"predictions": 400, "function": 50, "backend-0": 300},
     redis_cpu_ms=0.5,
 )
 
@@ -49,9 +49,13 @@ def test_the_model_at_100_rides_per_second_by_hand():
     # Pub/Sub: push 1000 + 2 pushes of 1000; pull 1000 + 2 x 400; shadow as pull; outcomes 1000 + 2 x 500.
     per_second = 100 * ((1000 + 2000) + (1000 + 800) * 2 + (1000 + 1000))
     assert model["pubsub_tib_per_month"] == pytest.approx(per_second * MONTH / 2**40, abs=0.001)
-    # Logs: the function's 400 bytes from each of the two scorers, and the backend's 300.
-    logged_gib = 100 * (2 * 400 + 300) * MONTH / 2**30
+    # Logs ingested: the function's 50 bytes besides its prediction line from each of the two scorers, and
+    # the backend's 300; the 400-byte prediction lines go to their bucket, not to the _Default one.
+    logged_gib = 100 * (2 * 50 + 300) * MONTH / 2**30
     assert model["logging_gib_per_month"] == pytest.approx(logged_gib, abs=0.1)
+    assert model["prediction_log_gib_per_month"] == pytest.approx(100 * 2 * 400 * MONTH / 2**30, abs=0.1)
+    kept = capacity.capacity_model(PER_RIDE, 100, capacity.Deployment(prediction_logs_in_default_bucket=True))
+    assert kept["logging_gib_per_month"] == pytest.approx(100 * (2 * 450 + 300) * MONTH / 2**30, abs=0.1)
     costs = model["cost_usd_per_month"]
     assert costs["logging"] == pytest.approx((logged_gib - 50) * 0.50, abs=0.05)
     assert costs["pubsub"] == pytest.approx((per_second * MONTH / 2**40 - 10 / 1024) * 40, abs=0.05)
@@ -117,3 +121,66 @@ def test_the_modelled_deployment_is_the_one_infra_deploys(resources):  # noqa: F
         for topic in subscription.get("for_each", {}).values() if "for_each" in subscription else [subscription["topic"]]:
             topics[topic.split(".")[1]] += 1
     assert {topic: topics[topic] for topic in deployment.deliveries} == deployment.deliveries
+    # No minimum for the function; the prediction lines are kept off the _Default bucket unless asked.
+    assert "min_instance_count" not in function and deployment.function_min_instances == 0
+    exclusion = resources["google_logging_project_exclusion"]["predictions_in_bucket_only"]
+    assert exclusion["count"] == "${var.prediction_logs_in_default_bucket ? 0 : 1}"
+    assert deployment.prediction_logs_in_default_bucket is False
+
+
+# A service whose ride costs 100 ms of CPU: 10 rides/s per 1-vCPU instance, 6 at the autoscaler's 60 %.
+SLOW = capacity.ScaledService("slow", cpu_ms_per_ride=100, cpu=1.0, start_seconds=2.0, min_instances=1, max_instances=3)
+
+
+def test_a_step_seen_at_once_by_hand():
+    run = capacity.simulate_step(SLOW, before=1, after=15, on_demand=True, seconds=10, dt=0.01)
+    # 15 rides/s is 1.5 vCPU: 3 instances at 60 %. One serves 10 rides/s until the two asked for at t=0 start at t=2.
+    assert (run["instances_before"], run["instances_needed"], run["scaled_out_after_seconds"]) == (1, 3, 2.0)
+    # The backlog grows 5 rides/s to 10 at t=2, then 30 rides/s serve 15 rides/s of arrivals: gone 2/3 s later.
+    assert run["max_backlog_rides"] == 10
+    assert run["backlog_drained_after_seconds"] == pytest.approx(2 + 10 / 15, abs=0.05)  # printed to 0.1 s
+    # The ride in at t is out when 15t rides are: at 1.5t up to t=4/3, then at 2 + (15t - 20)/30.
+    # Its wait, 0.5t then 4/3 - 0.5t, peaks at 2/3 s; those over 1/2 s came in between t=1 and t=5/3.
+    assert run["max_wait_seconds"] == pytest.approx(2 / 3, abs=0.05)
+    assert run["_rides_waiting_over"](0.5) == pytest.approx(15 * 2 / 3, abs=0.5)
+    assert run["rides_refused"] == 0 and run["capped_at_max_instances"] is False
+
+
+def test_a_request_queue_refuses_what_waits_longer_than_it_holds_by_hand():
+    capped = capacity.ScaledService("capped", cpu_ms_per_ride=100, cpu=1.0, start_seconds=5.0, min_instances=1, max_instances=2)
+    run = capacity.simulate_step(capped, before=1, after=15, on_demand=True, queue_seconds=1.0, seconds=20, dt=0.01)
+    # 3 wanted, 2 allowed. Until t=5 one instance serves 10 of 15 rides/s: from t=3 the oldest waiting has
+    # waited 1 s, so 5 rides/s are refused until the second instance serves, at t=5.
+    assert run["capped_at_max_instances"] is True and run["scaled_out_after_seconds"] == 5.0
+    assert run["rides_refused"] == pytest.approx(10, abs=1)
+    assert run["max_wait_seconds"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_a_step_seen_through_the_one_minute_cpu_average_is_slower():
+    at_once = capacity.simulate_step(SLOW, before=1, after=15, on_demand=True, seconds=300)
+    averaged = capacity.simulate_step(SLOW, before=1, after=15, on_demand=False, seconds=300)
+    # At t=0 the minute's average is the old 0.1 vCPU: one instance. It takes the busy instance's 1 vCPU
+    # in the average for 36 s (0.6 vCPU over 60 s) before a second is asked for.
+    assert averaged["scaled_out_after_seconds"] > 36 + SLOW.start_seconds
+    assert averaged["max_backlog_rides"] > 5 * 36 > at_once["max_backlog_rides"]
+    assert averaged["max_wait_seconds"] > at_once["max_wait_seconds"]
+    # Within the old rate's capacity nothing starts and nobody waits.
+    steady = capacity.simulate_step(SLOW, before=1, after=5, on_demand=False, seconds=120)
+    assert (steady["scaled_out_after_seconds"], steady["max_backlog_rides"], steady["max_wait_seconds"]) == (0.0, 0, 0.0)
+
+
+def test_the_burst_holds_rides_for_the_function_and_refuses_posts_the_backend_cannot_take():
+    starts = capacity.Starts(function_seconds=3.0, backend_seconds=2.0)
+    result = capacity.burst(PER_RIDE, starts, resend_after=30, final_bound=150)
+    runs = {(run["service"], run["autoscaler"].startswith("on-demand")): run for run in result["runs"]}
+    assert set(runs) == {("function", True), ("function", False), ("backend", True), ("backend", False)}
+    for service in ("function", "backend"):
+        assert runs[service, True]["max_wait_seconds"] <= runs[service, False]["max_wait_seconds"]
+    # Riders' rides wait in the push subscription (none refused), their POSTs at most Cloud Run's 10 s.
+    assert runs["function", False]["rides_refused"] == 0
+    assert runs["backend", False]["max_wait_seconds"] <= capacity.REQUEST_QUEUE_SECONDS
+    late = runs["function", False]
+    assert late["max_wait_seconds"] > 30 and late["rides_resent"] > late["rides_failed"]
+    # 1,000 rides/s x 3 ms is 3 vCPU: 5 function instances at 60 %; 6 ms on the backend: 10 of its 10.
+    assert runs["function", True]["instances_needed"] == 5 and runs["backend", True]["instances_needed"] == 10
+    assert not any(key.startswith("_") for run in result["runs"] for key in run)

@@ -240,8 +240,9 @@ def test_the_prediction_log_sink_matches_the_functions_cloud_run_log_entries(res
     import json
     import subprocess
 
-    sink = resources["google_logging_project_sink"]["predictions"]["filter"].replace('\\"', '"')  # HCL's escaped quotes
     text = (INFRA / "main.tf").read_text()
+    assert resources["google_logging_project_sink"]["predictions"]["filter"] == "${local.prediction_log_filter}"
+    [sink] = [f.replace('\\"', '"') for f in re.findall(r'prediction_log_filter = "(.+)"', text)]  # HCL's escaped quotes
     [derivation] = re.findall(r"function_service_name = (.+)", text)
     # What the provider reports for a gen2 function, and a prediction line as Cloud Run logs it.
     service_path = "projects/ridestream-prod/locations/europe-west1/services/ridestream-prod-predict-duration"
@@ -275,6 +276,16 @@ def test_the_prediction_log_sink_matches_the_functions_cloud_run_log_entries(res
         for key in field.strip().split("."):
             actual = actual[key]
         assert actual == json.loads(value), clause
+
+
+def test_prediction_lines_stay_off_the_logging_bill_by_default_and_still_reach_their_bucket(resources):
+    exclusion = resources["google_logging_project_exclusion"]["predictions_in_bucket_only"]
+    # The same lines the sink files into the bucket (one filter), left out of the _Default bucket only.
+    assert exclusion["filter"] == resources["google_logging_project_sink"]["predictions"]["filter"]
+    assert exclusion["count"] == "${var.prediction_logs_in_default_bucket ? 0 : 1}"
+    with open(INFRA / "variables.tf") as f:
+        variables = {name: spec for block in _clean(hcl2.load(f))["variable"] for name, spec in block.items()}
+    assert variables["prediction_logs_in_default_bucket"]["default"] is False
 
 
 def test_the_shared_result_store_keeps_its_data_and_the_backend_can_reach_it(resources):
