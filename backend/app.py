@@ -43,6 +43,7 @@ from backend.stream import (
     Redelivery,
     ResultListener,
     RidePublisher,
+    listeners_cpu_seconds,
     stream_problem,
 )
 from ride_contract.coarse import CoarseEstimator
@@ -335,7 +336,7 @@ def create_app(
             "rides_published_from_outbox": redelivery.recovered,
             "results_refused": getattr(listener, "refused", 0),
             "listener_last_error": listener.last_error,
-            "listener_cpu_seconds": getattr(listener, "cpu_seconds", None),
+            "listener_cpu_seconds": listeners_cpu_seconds(listener, shadow_listener),  # the shadow's too
             "model_served": getattr(listener, "model_served", None),
             "stream": figures,
             # Each answering model judged on the rides whose actual duration came back (ride_contract.quality).

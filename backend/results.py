@@ -350,6 +350,28 @@ return claimed
 """
 
 
+# Change a ride's record if it is still the one read, and apply what goes with the change, in one
+# atomic step: an update is a GET and this script, two round trips, where WATCH, GET and MULTI...EXEC
+# took three, and Redis no longer parses WATCH, MULTI, EXEC or queues each command of the update.
+# KEYS[1]: the record; KEYS[1 + i]: what effect i acts on (a key, or PUBLISH's channel). ARGV: the
+# record as read, the new record, then per effect its command, its argument count and its arguments.
+_REPLACE_IF_UNCHANGED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+local at = 3
+for effect = 2, #KEYS do
+  local count = tonumber(ARGV[at + 1])
+  redis.call(ARGV[at], KEYS[effect], unpack(ARGV, at + 2, at + 1 + count))
+  at = at + 2 + count
+end
+return 1
+"""
+# A record changed under an update this many times in a row: the store is too contended to answer now.
+MAX_UPDATE_ATTEMPTS = 50
+
+
 class RedisResultStore:
     """One JSON value per ride (``<prefix>:ride:<id>``) with a TTL; the pending rides in a sorted set
     by resend time with their publish counts beside it; a Redis channel per ride wakes waiters."""
@@ -364,6 +386,7 @@ class RedisResultStore:
         prefix: str = "ridestream",
         timeout_seconds: float = 1.0,
         reuse_wait_connections: bool = True,
+        scripted_updates: bool = True,
     ):
         import redis
 
@@ -384,6 +407,10 @@ class RedisResultStore:
         self._reopen = self._redis.register_script(_REOPEN)
         self._published = self._redis.register_script(_PUBLISHED)
         self._claim_due = self._redis.register_script(_CLAIM_DUE)
+        self._replace_if_unchanged = self._redis.register_script(_REPLACE_IF_UNCHANGED)
+        # False: each update as an optimistic WATCH/MULTI/EXEC transaction, as before (the capacity
+        # benchmark's baseline for the script).
+        self._scripted_updates = scripted_updates
         # A wait subscribes on a connection of its own (a subscribed connection takes no other command).
         # Opening one per wait cost Redis a connection and a HELLO per ride (benchmarks/capacity.py);
         # finished waits leave theirs here, unsubscribed, for the next. False: one per wait, as before.
@@ -429,42 +456,67 @@ class RedisResultStore:
         pipe.zrem(self._pending, ride_id).hdel(self._sends, ride_id)
         self._call(pipe.execute)
 
-    def _change(self, ride_id: str, change, extra=None) -> Any:
-        """One optimistic transaction on a ride's record (redis-py retries it if the record changes meanwhile):
-        ``change(record) -> (answer, new record or None)``; with a new record, ``extra(pipe, new record)``
-        queues what goes with it in the same MULTI. Returns the answer."""
+    def _change(self, ride_id: str, change, effects=None) -> Any:
+        """One optimistic update of a ride's record, tried again if the record changes meanwhile:
+        ``change(record) -> (answer, new record or None)``; with a new record, ``effects(new record)``
+        lists what goes with it, as (command, key, *arguments), applied in the same atomic step.
+        Returns the answer."""
         key = self._key(ride_id)
-        answer: list[Any] = []
+        for _ in range(MAX_UPDATE_ATTEMPTS):
+            if self._scripted_updates:
+                raw = self._call(self._redis.get, key)
+                answer, changed = change(json.loads(raw) if raw else None)
+                if changed is None:
+                    return answer
+                applied = self._call(self._replace_if_unchanged, **self._script_call(key, raw, changed, effects))
+            else:
+                answer, applied = self._call(
+                    self._redis.transaction, self._transaction(key, change, effects), key, value_from_callable=True
+                )
+            if applied:
+                return answer
+        raise StoreUnavailable(f"ride {ride_id} changed under {MAX_UPDATE_ATTEMPTS} updates in a row")
 
-        def transaction(pipe) -> None:
-            answer.clear()
+    @staticmethod
+    def _script_call(key: str, raw: bytes, changed: dict[str, Any], effects) -> dict[str, list]:
+        keys, args = [key], [raw, json.dumps(changed)]
+        for command, effect_key, *arguments in effects(changed) if effects else ():
+            keys.append(effect_key)
+            args += [command, len(arguments), *arguments]
+        return {"keys": keys, "args": args}
+
+    @staticmethod
+    def _transaction(key: str, change, effects):
+        """The same update as WATCH, GET, MULTI, SET, the effects, EXEC (redis-py retries a WatchError)."""
+
+        def transaction(pipe) -> tuple[Any, bool]:
             raw = pipe.get(key)
-            result, changed = change(json.loads(raw) if raw else None)
-            answer.append(result)
-            if changed is None:
-                return
-            pipe.multi()
-            pipe.set(key, json.dumps(changed), keepttl=True)
-            if extra is not None:
-                extra(pipe, changed)
+            answer, changed = change(json.loads(raw) if raw else None)
+            if changed is not None:
+                pipe.multi()
+                pipe.set(key, json.dumps(changed), keepttl=True)
+                for command, effect_key, *arguments in effects(changed) if effects else ():
+                    pipe.execute_command(command, effect_key, *arguments)
+            return answer, True
 
-        self._call(self._redis.transaction, transaction, key)
-        return answer[0]
+        return transaction
 
     def complete(self, ride_id: str, result: dict[str, Any], status: str = "done") -> Completion:
         def change(record):
             refused = _completion(record, result, status)
             return (refused, None) if refused is not None else (Completion.STORED, _settle(record, result, status))
 
-        def extra(pipe, settled) -> None:
-            pipe.zrem(self._pending, ride_id).hdel(self._sends, ride_id)
+        def effects(settled) -> list[tuple]:
+            done = [("ZREM", self._pending, ride_id), ("HDEL", self._sends, ride_id)]
             if status == "done":
                 now = time.time()
-                pipe.zadd(self._finals, {f"{ride_id}:{_latency_ms(settled, now):.1f}": now})
-                pipe.zremrangebyscore(self._finals, 0, now - STATS_WINDOW_SECONDS)
-            pipe.publish(self._channel(ride_id), status)
+                done += [
+                    ("ZADD", self._finals, now, f"{ride_id}:{_latency_ms(settled, now):.1f}"),
+                    ("ZREMRANGEBYSCORE", self._finals, 0, now - STATS_WINDOW_SECONDS),
+                ]
+            return [*done, ("PUBLISH", self._channel(ride_id), status)]
 
-        return self._change(ride_id, change, extra)
+        return self._change(ride_id, change, effects)
 
     def add_shadow(self, ride_id: str, result: dict[str, Any]) -> Completion:
         return self._change(ride_id, lambda record: _with_shadow(record, result))
@@ -476,12 +528,11 @@ class RedisResultStore:
             status, changed = _with_outcome(record, actual_minutes, now)
             return (status, changed), changed if status is OutcomeStatus.RECORDED else None
 
-        def add_errors(pipe, recorded) -> None:
-            for field, value in sums_of(completed_ride(recorded)).items():
-                pipe.hincrbyfloat(bucket, field, value)
-            pipe.expire(bucket, self._ttl)
+        def effects(recorded) -> list[tuple]:
+            sums = sums_of(completed_ride(recorded))
+            return [*(("HINCRBYFLOAT", bucket, field, value) for field, value in sums.items()), ("EXPIRE", bucket, self._ttl)]
 
-        return self._change(ride_id, change, add_errors)
+        return self._change(ride_id, change, effects)
 
     def outcome_published(self, ride_id: str) -> None:
         self._change(ride_id, lambda record: (None, record and {**record, "outcome_published": True}))

@@ -111,6 +111,15 @@ SUBSCRIBER_THREADS = (
 )
 
 
+def listeners_cpu_seconds(*listeners: Any) -> float | None:
+    """CPU time of the threads that receive results for these listeners (each one's loop, and the
+    streaming pull's threads, which they share: counted once), alive now. None: no listener has a thread."""
+    names = {listener.thread_name for listener in listeners if hasattr(listener, "thread_name")}
+    if not names:
+        return None
+    return threads_cpu_seconds(lambda name: name in names or name.startswith(SUBSCRIBER_THREADS))
+
+
 def threads_cpu_seconds(selected: Any) -> float | None:
     """User + system CPU time of this process's live threads whose name ``selected`` accepts (Linux /proc)."""
     if not os.path.isdir("/proc/self/task"):  # not Linux
@@ -189,7 +198,7 @@ class ResultListener(BackgroundLoop):
     @property
     def cpu_seconds(self) -> float | None:
         """CPU time of the threads that receive results (the streaming pull client's and this loop's), alive now."""
-        return threads_cpu_seconds(lambda name: name == self.thread_name or name.startswith(SUBSCRIBER_THREADS))
+        return listeners_cpu_seconds(self)
 
     def _on_message(self, message: Any) -> None:
         try:

@@ -2,18 +2,27 @@
 
     python benchmarks/capacity.py [--rides 1000] [--concurrency 16]      (make bench-capacity)
 
-1. Measured here, per ride, on a stack of its own (the emulators, the function, one backend and a
-   Redis of its own) while real March 2021 rides stream through and their outcomes come back:
-   CPU-ms in the function, in the backend's request path and in its result listener; Redis's own CPU,
-   its commands (by name), network bytes and memory held (INFO before and after), a ride record's size
-   (MEMORY USAGE) and TTL; Pub/Sub messages and bytes on each topic (read back from subscriptions of the benchmark's
-   own); the bytes each process logs (what Cloud Logging would ingest).
-2. Modelled (``capacity_model``, pure arithmetic, tested in tests/test_capacity.py): at each rate,
-   the function and backend instances at the configured CPU (at a few ms of CPU per ride, CPU binds long
-   before the function's request concurrency does), Redis operations/s, its thread's load and memory held, Pub/Sub volume, log volume, and their price per month and per million rides, from
+1. Measured here, per ride, on a stack of its own (the emulators, the function and a challenger in
+   shadow, one backend and a Redis of its own) while real March 2021 rides stream through and their
+   outcomes come back: CPU-ms in the function, in the backend's request path and in its result
+   listeners (the finals' and the shadow answers'); Redis's own CPU
+   (beyond its idle CPU), its commands (by name), network bytes and memory held (INFO before and
+   after), a ride record's size (MEMORY USAGE) and TTL; Pub/Sub messages and bytes on each topic (read
+   back from subscriptions of the benchmark's own); the bytes each process logs, the function's
+   prediction lines apart (the sink's, kept out of the _Default log bucket); how long the function
+   and the backend take to start.
+2. The fixes made, each before and after on the same Redis in the same run, alternating rounds:
+   the long poll's kept connection, and a ride's updates as one compare-and-set script each.
+3. Modelled (``capacity_model``, pure arithmetic, tested in tests/test_capacity.py): at each rate,
+   the function and backend instances at the configured CPU (at a few ms of CPU per ride, CPU binds
+   long before the function's request concurrency does), Redis operations/s, its thread's load and
+   memory held, Pub/Sub volume, log volume, and their price per month and per million rides, from
    ``PRICES``: each price with the public page it was read from and the date. Prices that could not
-   be read are None, and the totals say which are missing rather than guess them.
-3. The first limit each rate meets (``limits``), and the fixed monthly cost of an idle deployment.
+   be read are None, and the totals say which are missing rather than guess them. The first limit
+   each rate meets (``limits``), and the fixed monthly cost of an idle deployment.
+4. A burst (``burst``): the step from 10 to 1,000 rides/s on the function and the backend, under the
+   two bounds Cloud Run's autoscaling page allows, from the starts measured in 1.
+5. Training at scale: fit time and peak memory on one to five real months, extrapolated.
 
 One JSON document on stdout; logs on stderr.
 """
@@ -30,6 +39,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 log = logging.getLogger("capacity")
@@ -155,8 +165,10 @@ class PerRide:
     # Bytes logged per ride: "predictions", the function's prediction lines (the prediction-log sink's,
     # kept out of the _Default bucket by default), "function", its other lines, and each backend's.
     log_bytes: dict[str, float]
-    redis_cpu_ms: float  # Redis's own CPU per ride (INFO cpu): it runs commands on one thread
+    redis_cpu_ms: float  # Redis's own CPU per ride (INFO cpu) beyond its idle CPU: it runs commands on one thread
     redis_commands_by_name: dict[str, float] = field(default_factory=dict)  # where the commands per ride go
+    # The shadow challenger's CPU per ride, for comparison: the model counts ``function_cpu_ms`` per scorer.
+    challenger_cpu_ms: float | None = None
 
 
 def _cost(name: str, quantity: float) -> float | None:
@@ -413,7 +425,8 @@ def simulate_step(
             max_backlog, peak_at, drained = backlog, now, None
         elif drained is None and peak_at is not None and backlog <= 1e-6:
             drained = now
-    if backlog > 1e-6:
+    most = service.max_instances * per_instance  # rides/s at its maximum instances, CPU fully busy
+    if backlog > 1e-6 and after <= most:
         raise ValueError(f"{service.name}: {backlog:.0f} rides still waiting after {seconds:.0f} s; simulate longer")
 
     def rides_waiting_over(limit: float) -> int:
@@ -425,12 +438,16 @@ def simulate_step(
         "instances_before": instances_before,
         "instances_needed": needed,
         "capped_at_max_instances": service.wanted(after * service.cpu_ms_per_ride / 1000) > service.max_instances,
+        # False: even its maximum instances, CPU fully busy, serve fewer rides/s than come.
+        "keeps_up": after <= most,
+        "most_rides_per_second": round(most),
         "scaled_out_after_seconds": None if scaled_out is None else round(scaled_out, 1),
         "max_backlog_rides": round(max_backlog),
         "backlog_drained_after_seconds": None if drained is None else round(drained, 1),
         "max_wait_seconds": round(max(wait for wait, _ in waited), 1),
         "rides_waiting_over_1_s": rides_waiting_over(1),
         "rides_refused": round(refused),
+        "rides_still_waiting_at_the_end": round(backlog),
         "_rides_waiting_over": rides_waiting_over,
     }
 
@@ -506,37 +523,121 @@ def _redis_figures(client) -> dict[str, float]:
     }
 
 
-def wait_connections_before_after(redis_url: str, rides: int = 300) -> dict:
-    """The long poll's Redis cost per ride, a connection per wait (before) against reused ones (after),
-    in the same run on the same Redis: each ride recorded, waited for, and answered while it waits."""
+def redis_idle_cpu(client, seconds: float = 5.0) -> float:
+    """Redis's CPU-seconds per second with the stack up and no rides (its own cron, the backend's
+    resend sweeps): what a ride's share must not include."""
+    before, started = _redis_figures(client)["cpu_seconds"], time.perf_counter()
+    time.sleep(seconds)
+    return (_redis_figures(client)["cpu_seconds"] - before) / (time.perf_counter() - started)
+
+
+def _redis_cost_per_ride(client, rides: int, run, idle_cpu: float) -> dict:
+    """What ``run()``, doing ``rides`` rides, cost Redis per ride beyond its idle CPU (and this
+    process's CPU per ride: the client's side, the backend's in production)."""
+    before, cpu_before, started = _redis_figures(client), time.process_time(), time.perf_counter()
+    run()
+    after, cpu_after, elapsed = _redis_figures(client), time.process_time(), time.perf_counter() - started
+    redis_cpu = after["cpu_seconds"] - before["cpu_seconds"] - idle_cpu * elapsed
+    return {
+        "connections_per_ride": round((after["connections"] - before["connections"]) / rides, 3),
+        "commands_per_ride": round((after["commands"] - before["commands"]) / rides, 2),
+        "redis_cpu_ms_per_ride": round(redis_cpu * 1000 / rides, 4),
+        "client_cpu_ms_per_ride": round((cpu_after - cpu_before) * 1000 / rides, 4),
+    }
+
+
+def _before_after(client, variants: dict, rides_of, rides: int, idle_cpu: float, rounds: int = 3) -> dict:
+    """The two variants (name: store), ``rides_of(store, prefix)`` each, alternating for ``rounds``
+    rounds on the same Redis (so a slow spell of the machine falls on both): the median of each
+    figure, what the second saves per ride, and the rides lost (none: every ride is checked)."""
+    from statistics import median
+
+    samples: dict[str, list[dict]] = {name: [] for name in variants}
+    for round_ in range(rounds):
+        for name, store in variants.items():
+            samples[name].append(_redis_cost_per_ride(client, rides, partial(rides_of, store, f"{round_}-"), idle_cpu))
+    figures = {name: {key: round(median(run[key] for run in runs), 4) for key in runs[0]} for name, runs in samples.items()}
+    before, after = figures.values()
+    return {
+        **figures,
+        "redis_cpu_ms_saved_per_ride": round(before["redis_cpu_ms_per_ride"] - after["redis_cpu_ms_per_ride"], 4),
+        "client_cpu_ms_saved_per_ride": round(before["client_cpu_ms_per_ride"] - after["client_cpu_ms_per_ride"], 4),
+        "rides": rides,
+        "rounds": rounds,
+        "lost": 0,
+    }
+
+
+def _long_polled_rides(store, prefix: str, rides: int) -> None:
+    """Each ride recorded, waited for, and answered while it waits."""
     import threading
 
+    for index in range(rides):
+        ride_id = f"{prefix}r{index}"
+        store.create(ride_id, {"ride_id": ride_id, "status": "pending", "fingerprint": "f"}, resend_at=time.time() + 600)
+        answer = {"ride_id": ride_id, "duration_final": 9.0, "ride_fingerprint": "f", "model_run_id": "capacity"}
+        timer = threading.Timer(0.002, store.complete, (ride_id, answer))
+        timer.start()
+        if store.wait(ride_id, timeout=5)["status"] != "done":
+            raise RuntimeError(f"ride {ride_id} was not answered within its wait")
+        timer.join()
+
+
+def wait_connections_before_after(redis_url: str, idle_cpu: float, rides: int = 300) -> dict:
+    """The long poll's Redis cost per ride, a connection per wait (before) against reused ones (after)."""
     import redis
 
     from backend.results import RedisResultStore
 
-    client = redis.Redis.from_url(redis_url)
-    figures = {}
-    for name, reuse in (("connection_per_wait", False), ("reused_connections", True)):
-        store = RedisResultStore(redis_url, ttl_seconds=600, prefix=f"capacity-{name}", reuse_wait_connections=reuse)
-        before = _redis_figures(client)
-        for index in range(rides):
-            ride_id = f"r{index}"
-            store.create(ride_id, {"ride_id": ride_id, "status": "pending", "fingerprint": "f"}, resend_at=time.time() + 600)
-            answer = {"ride_id": ride_id, "duration_final": 9.0, "ride_fingerprint": "f", "model_run_id": "capacity"}
-            timer = threading.Timer(0.002, store.complete, (ride_id, answer))
-            timer.start()
-            if store.wait(ride_id, timeout=5)["status"] != "done":
-                raise RuntimeError(f"{name}: ride {ride_id} was not answered within its wait")
-            timer.join()
-        after = _redis_figures(client)
-        figures[name] = {
-            "connections_per_ride": round((after["connections"] - before["connections"]) / rides, 3),
-            "commands_per_ride": round((after["commands"] - before["commands"]) / rides, 2),
-            "redis_cpu_ms_per_ride": round((after["cpu_seconds"] - before["cpu_seconds"]) * 1000 / rides, 4),
-        }
-    saved = figures["connection_per_wait"]["redis_cpu_ms_per_ride"] - figures["reused_connections"]["redis_cpu_ms_per_ride"]
-    return {**figures, "redis_cpu_ms_saved_per_ride": round(saved, 4), "rides": rides, "lost": 0}
+    variants = {
+        name: RedisResultStore(redis_url, ttl_seconds=600, prefix=f"capacity-{name}", reuse_wait_connections=reuse)
+        for name, reuse in (("connection_per_wait", False), ("reused_connections", True))
+    }
+    rides_of = partial(_long_polled_rides, rides=rides)
+    return _before_after(redis.Redis.from_url(redis_url), variants, rides_of, rides, idle_cpu)
+
+
+def _updated_ride(store, real: dict, ride_id: str) -> None:
+    """A ride recorded and published, then its updates as the backend makes them (its final, the
+    shadow's answer, its outcome, the outcome's publish), each checked; ``real``: a streamed ride's record."""
+    asked = ("duration_coarse", "ride", "fingerprint", "requested_at")  # what the POST records
+    store.create(ride_id, {"ride_id": ride_id, "status": "pending", **{k: real[k] for k in asked}}, resend_at=time.time() + 600)
+    store.published(ride_id, resend_at=time.time() + 600)
+    final = {k: real[k] for k in ("duration_final", "duration_low", "duration_high", "model_run_id", "model_version")}
+    answered = {"ride_id": ride_id, **final, "ride_fingerprint": real["fingerprint"]}
+    shadow = {**answered, "model_version": f"{real['model_version']}-shadow"}
+    if (store.complete(ride_id, answered), store.add_shadow(ride_id, shadow)) != ("stored", "stored"):
+        raise RuntimeError(f"ride {ride_id}'s answers were not stored")
+    if store.record_outcome(ride_id, real["actual_minutes"], time.time())[0] != "recorded":
+        raise RuntimeError(f"ride {ride_id}'s outcome was not recorded")
+    store.outcome_published(ride_id)
+    if not store.get(ride_id)["outcome_published"]:
+        raise RuntimeError(f"ride {ride_id} lost an update")
+
+
+def _updated_rides(store, prefix: str, records: list[dict], rides: int, concurrency: int) -> None:
+    """``rides`` rides through ``_updated_ride``, ``concurrency`` at a time (as the backend's threads
+    serve them: Redis then answers several clients per wake-up, as in the stream)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        reals = (records[index % len(records)] for index in range(rides))
+        list(pool.map(partial(_updated_ride, store), reals, (f"{prefix}r{index}" for index in range(rides))))
+
+
+def updates_before_after(redis_url: str, records: list[dict], idle_cpu: float, rides: int = 1000, concurrency: int = 16) -> dict:
+    """A ride's updates as WATCH/MULTI/EXEC transactions (before) against the compare-and-set script
+    (after), on copies of real rides' records from the stream, ``concurrency`` rides at a time."""
+    import redis
+
+    from backend.results import RedisResultStore
+
+    variants = {
+        name: RedisResultStore(redis_url, ttl_seconds=600, prefix=f"capacity-{name}", scripted_updates=scripted)
+        for name, scripted in (("transactions", False), ("script", True))
+    }
+    rides_of = partial(_updated_rides, records=records, rides=rides, concurrency=concurrency)
+    return {**_before_after(redis.Redis.from_url(redis_url), variants, rides_of, rides, idle_cpu), "concurrency": concurrency}
 
 
 def _logged_bytes(logs: dict[str, Path], before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -564,8 +665,8 @@ def _is_prediction_line(line: bytes) -> bool:
 
 
 def measure(rides: int, concurrency: int) -> tuple[PerRide, dict, Starts]:
-    """The per-ride costs of a stream of real rides, the long poll's before/after on the same Redis, and
-    how long the function and the backend took to start."""
+    """The per-ride costs of a stream of real rides, the fixes' before/after on the same Redis, and how
+    long the function and the backend took to start."""
     import redis
     import requests
 
@@ -583,6 +684,11 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict, Starts]:
             stack.start_emulators()
             stack.ensure_topology()
             redis_url = stack.start_redis()
+            # Persistence as infra/ deploys Memorystore (RDB snapshots hourly, no append-only file):
+            # the stack's AOF, kept for its fault tests, would bill Redis's thread for writes
+            # production does not make.
+            redis.Redis.from_url(redis_url).config_set("appendonly", "no")
+            redis.Redis.from_url(redis_url).config_set("save", "3600 1")
             stack.apply_env()
             model = train(
                 TrainConfig(trials=1, sample=20_000, register=False),
@@ -591,6 +697,9 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict, Starts]:
             started = time.perf_counter()
             stack.start_function(model.run_id, "1")  # returns once it answers, as function_bench's cold start
             function_start = time.perf_counter() - started
+            # A challenger in shadow, as the default deployment runs: it scores every ride too, and
+            # its answers reach the backend's second listener and each ride's record.
+            stack.start_function(model.run_id, "1", key="challenger")
             started = time.perf_counter()
             stack.start_backends(1, redis_url)
             starts = Starts(round(function_start, 2), round(time.perf_counter() - started, 2))
@@ -612,25 +721,35 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict, Starts]:
                 """Every counter the figures are differences of."""
                 return {
                     "function": cpu_seconds(stack.pids["function"]),
+                    "challenger": cpu_seconds(stack.pids["challenger"]),
                     "backend": cpu_seconds(stack.pids["backend-0"]),
                     "listener": requests.get(f"{backend}/readyz", timeout=10).json()["listener_cpu_seconds"],
                     "redis": _redis_figures(store),
                     "logs": {name: path.stat().st_size for name, path in logs.items()},
                 }
 
+            idle_cpu = redis_idle_cpu(store)
             before = reading()
             started = time.perf_counter()
             outcomes = stream(stack.backend_urls, traffic[100:], concurrency, report_outcomes=True)
             summary = summarize(outcomes, time.perf_counter() - started)
             time.sleep(1)  # the last outcomes' publishes
             after = reading()
+            streamed_seconds = time.perf_counter() - started
             logged = _logged_bytes(logs, before["logs"], after["logs"])
             if summary["lost"]:
                 raise RuntimeError(f"{summary['lost']} of {rides} rides lost: the figures would not be per ride")
             topics = {topic: _drain(subscriber, path) for topic, path in paths.items()}
             keys = [key for key, _ in zip(store.scan_iter("*:ride:*"), range(200), strict=False)]
             record_bytes = [store.memory_usage(key) for key in keys]
-            waits = wait_connections_before_after(redis_url)  # on the same Redis, after the stream
+            # The fixes, each before and after on the same Redis, after the stream.
+            fixes = {
+                "redis_idle_cpu_seconds_per_second": round(idle_cpu, 5),
+                "long_poll_connections": wait_connections_before_after(redis_url, idle_cpu),
+                "scripted_updates": updates_before_after(
+                    redis_url, [json.loads(store.get(key)) for key in keys], idle_cpu, concurrency=concurrency
+                ),
+            }
             ttl = store.ttl(keys[0])  # seconds left of the setting's TTL: a record lives RESULT_TTL_SECONDS
             configured_ttl = BackendSettings.from_env().result_ttl_seconds
             if not 0 < ttl <= configured_ttl:
@@ -638,11 +757,12 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict, Starts]:
         finally:
             stack.stop_all()
     log.info("measured %d rides: %s", rides, summary)
-    delta = {name: after[name] - before[name] for name in ("function", "backend", "listener")}
+    delta = {name: after[name] - before[name] for name in ("function", "challenger", "backend", "listener")}
     redis_delta = {name: after["redis"][name] - before["redis"].get(name, 0) for name in after["redis"]}
     by_name = {name[4:]: round(calls / rides, 2) for name, calls in redis_delta.items() if name.startswith("cmd:") and calls}
     per_ride = PerRide(
         function_cpu_ms=round(delta["function"] * 1000 / rides, 3),
+        challenger_cpu_ms=round(delta["challenger"] * 1000 / rides, 3),
         backend_request_cpu_ms=round((delta["backend"] - delta["listener"]) * 1000 / rides, 3),
         listener_cpu_ms=round(delta["listener"] * 1000 / rides, 3),
         redis_commands=round(redis_delta["commands"] / rides, 2),
@@ -652,10 +772,10 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict, Starts]:
         topic_bytes={topic: round(size / max(count, 1)) for topic, (count, size) in topics.items()},
         topic_messages={topic: round(count / rides, 3) for topic, (count, _) in topics.items()},
         log_bytes={name: round(size / rides) for name, size in logged.items()},
-        redis_cpu_ms=round(redis_delta["cpu_seconds"] * 1000 / rides, 4),
+        redis_cpu_ms=round((redis_delta["cpu_seconds"] - idle_cpu * streamed_seconds) * 1000 / rides, 4),
         redis_commands_by_name=dict(sorted(by_name.items(), key=lambda item: -item[1])),
     )
-    return per_ride, waits, starts
+    return per_ride, fixes, starts
 
 
 # --- training at scale ------------------------------------------------------------------------------
@@ -760,17 +880,19 @@ def main() -> None:
 
     if args.per_ride:
         earlier = json.loads(args.per_ride.read_text())
-        per_ride, waits, starts = PerRide(**earlier["per_ride"]), None, Starts(**earlier["burst"]["starts"])
+        per_ride, fixes, starts = PerRide(**earlier["per_ride"]), None, Starts(**earlier["burst"]["starts"])
     else:
-        per_ride, waits, starts = measure(args.rides, args.concurrency)
+        per_ride, fixes, starts = measure(args.rides, args.concurrency)
+        log.info("measured: %s", json.dumps({"per_ride": asdict(per_ride), "burst": {"starts": asdict(starts)}}))
     deployment = Deployment()
     backend_settings = BackendSettings.from_env()
     print(
         json.dumps(
             {
                 "per_ride": asdict(per_ride),
-                # The fix made (a long poll's connection reused), before and after in this run.
-                "long_poll_connections": waits,
+                # The fixes made (a long poll's connection reused; a ride's updates as one script each),
+                # each before and after in this run.
+                "fixes": fixes,
                 "deployment": asdict(deployment),
                 "model": [capacity_model(per_ride, rate, deployment) for rate in RATES],
                 "idle": idle_cost(deployment),

@@ -271,7 +271,9 @@ def function_server(
 
 
 def redis_server(log_dir: Path, data_dir: Path, port: int | None = None) -> Service:
-    """A Redis of the stack's own, with persistence (AOF) in ``data_dir``, as production runs it."""
+    """A Redis of the stack's own, with an append-only file in ``data_dir``: a restart keeps every ride
+    (the fault tests restart it). Memorystore (infra/) keeps them with a standby replica and hourly
+    snapshots instead."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServiceError("redis-server is not installed (apt-get install redis-server)")

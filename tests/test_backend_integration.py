@@ -59,6 +59,75 @@ def test_redis_store_is_shared_between_replicas(redis_prefix):
     assert replica_a.get("r2") is None  # a result for no ride is not made into one
 
 
+def _ride_life(store: RedisResultStore, ride_id: str) -> None:
+    """A ride from its POST to its published outcome, as the backend's paths drive the store."""
+    record = {
+        "ride_id": ride_id,
+        "status": "pending",
+        "fingerprint": "f",
+        "requested_at": 1.0,
+        "ride": RIDE,
+        "duration_coarse": 9.0,
+    }
+    store.create(ride_id, record, resend_at=100)
+    answer = {"ride_id": ride_id, "duration_final": 12.5, "model_run_id": "run-2", "model_version": "2", "ride_fingerprint": "f"}
+    assert store.complete(ride_id, answer) == "stored"
+    assert store.complete(ride_id, answer) == "settled"  # a redelivery changes nothing
+    assert store.add_shadow(ride_id, {**answer, "duration_final": 11.0, "model_version": "3"}) == "stored"
+    assert store.record_outcome(ride_id, 14.0, now=1000.0)[0] == "recorded"
+    store.outcome_published(ride_id)
+
+
+@pytest.mark.parametrize("scripted", [True, False], ids=["script", "transaction"])
+def test_each_update_of_a_ride_is_whole_whichever_way_redis_applies_it(redis_prefix, scripted):
+    import redis
+
+    store = RedisResultStore(REDIS_URL, ttl_seconds=60, prefix=redis_prefix, scripted_updates=scripted)
+    client = redis.Redis.from_url(REDIS_URL)
+    with client.pubsub() as channel:
+        channel.subscribe(f"{redis_prefix}:done:r1")
+        _ride_life(store, "r1")
+        published = [m["data"] for m in iter(lambda: channel.get_message(timeout=0.5), None) if m["type"] == "message"]
+    record = store.get("r1")
+    assert record["status"] == "done" and record["duration_final"] == 12.5 and record["outcome_published"] is True
+    assert record["shadow"] == {"3": {"duration_final": 11.0, "model_run_id": "run-2", "clipped": False}}
+    assert 0 < client.ttl(f"{redis_prefix}:ride:r1") <= 60  # the update kept the record's TTL
+    # What goes with the final: off the resend schedule, into the stream's figures, waiters woken once.
+    assert store.claim_due(now=1e12, lease_seconds=30) == [] and store.publishes("r1") == 0
+    assert store.stats(time.time())["finals_in_window"] == 1 and published == [b"done"]
+    # The outcome's sums, once: the coarse estimate 9.0, final v2 12.5 and the shadow v3 11.0, for 14.0.
+    bucket = f"{redis_prefix}:quality:{1000 // 60}"
+    sums = {k.decode(): float(v) for k, v in client.hgetall(bucket).items()}
+    assert sums["final v2|n"] == 1 and sums["final v2|err"] == pytest.approx(-1.5) and sums["final v2|sq"] == pytest.approx(2.25)
+    assert sums["shadow v3|err"] == pytest.approx(-3.0) and sums["coarse|abs"] == pytest.approx(5.0)
+    assert 0 < client.ttl(bucket) <= 60
+
+
+@pytest.mark.parametrize("scripted", [True, False], ids=["script", "transaction"])
+def test_an_update_racing_another_keeps_both(redis_prefix, scripted, monkeypatch):
+    """The shadow's answer is being added when the final lands: the shadow's update, having read the
+    record before the final, must be made again on the record with the final, not over it."""
+    import backend.results as results
+
+    store = RedisResultStore(REDIS_URL, ttl_seconds=60, prefix=redis_prefix, scripted_updates=scripted)
+    other_replica = RedisResultStore(REDIS_URL, ttl_seconds=60, prefix=redis_prefix, scripted_updates=scripted)
+    store.create("r1", {"ride_id": "r1", "status": "pending", "fingerprint": "f"}, resend_at=100)
+    answer = {"ride_id": "r1", "duration_final": 12.5, "model_run_id": "run-2", "model_version": "2", "ride_fingerprint": "f"}
+    with_shadow, attempts = results._with_shadow, []
+
+    def racing(record, result):
+        attempts.append(record["status"])
+        if len(attempts) == 1:
+            assert other_replica.complete("r1", answer) == "stored"  # lands after this update read the record
+        return with_shadow(record, result)
+
+    monkeypatch.setattr(results, "_with_shadow", racing)
+    assert store.add_shadow("r1", {**answer, "duration_final": 11.0, "model_version": "3"}) == "stored"
+    assert attempts == ["pending", "done"]  # tried again on the record as the final left it
+    record = store.get("r1")
+    assert record["status"] == "done" and record["duration_final"] == 12.5 and "3" in record["shadow"]
+
+
 def test_long_polls_reuse_their_redis_connection_and_still_wake_on_the_answer(tmp_path):
     """A wait subscribes on a connection of its own; finished, it leaves it for the next wait instead of
     closing it (a connection and a HELLO per ride cost Redis about a tenth of its CPU per ride). On a

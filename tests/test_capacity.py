@@ -154,6 +154,14 @@ def test_a_request_queue_refuses_what_waits_longer_than_it_holds_by_hand():
     assert run["capped_at_max_instances"] is True and run["scaled_out_after_seconds"] == 5.0
     assert run["rides_refused"] == pytest.approx(10, abs=1)
     assert run["max_wait_seconds"] == pytest.approx(1.0, abs=0.02)
+    assert run["keeps_up"] is True and run["rides_still_waiting_at_the_end"] == 0
+    # One instance at most: 10 of 15 rides/s, for good. From t=3 the oldest waiting is 1 s old: each
+    # second 10 are served at 1 s and 5 refused, and the last second's 15 are still waiting at t=20.
+    alone = capacity.ScaledService("alone", cpu_ms_per_ride=100, cpu=1.0, start_seconds=5.0, min_instances=1, max_instances=1)
+    run = capacity.simulate_step(alone, before=1, after=15, on_demand=True, queue_seconds=1.0, seconds=20, dt=0.01)
+    assert (run["keeps_up"], run["most_rides_per_second"], run["backlog_drained_after_seconds"]) == (False, 10, None)
+    assert run["rides_refused"] == pytest.approx(5 * 17, abs=1)
+    assert run["rides_still_waiting_at_the_end"] == pytest.approx(15, abs=1)
 
 
 def test_a_step_seen_through_the_one_minute_cpu_average_is_slower():
