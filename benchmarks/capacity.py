@@ -5,12 +5,11 @@
 1. Measured here, per ride, on a stack of its own (the emulators, the function and a challenger in
    shadow, one backend and a Redis of its own) while real March 2021 rides stream through and their
    outcomes come back: CPU-ms in the function, in the backend's request path and in its result
-   listeners (the finals' and the shadow answers'); Redis's own CPU
-   (beyond its idle CPU), its commands (by name), network bytes and memory held (INFO before and
-   after), a ride record's size (MEMORY USAGE) and TTL; Pub/Sub messages and bytes on each topic (read
-   back from subscriptions of the benchmark's own); the bytes each process logs, the function's
-   prediction lines apart (the sink's, kept out of the _Default log bucket); how long the function
-   and the backend take to start.
+   listeners (the finals' and the shadow answers'); Redis's own CPU (beyond its idle CPU), its
+   commands (by name), network bytes and memory held (INFO before and after), a ride record's size
+   (MEMORY USAGE) and TTL; Pub/Sub messages and bytes on each topic (read back from subscriptions of
+   the benchmark's own); the bytes each process logs, the function's prediction lines apart (the
+   sink's, kept out of the _Default log bucket); how long the function and the backend take to start.
 2. The fixes made, each before and after on the same Redis in the same run, alternating rounds:
    the long poll's kept connection, and a ride's updates as one compare-and-set script each.
 3. Modelled (``capacity_model``, pure arithmetic, tested in tests/test_capacity.py): at each rate,
