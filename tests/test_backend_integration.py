@@ -20,6 +20,7 @@ from backend.results import RedisResultStore
 from backend.settings import BackendSettings
 from devstack.processes import Service, answers_http, free_port
 from devstack.pubsub import ensure_subscription, ensure_topic, pull_messages
+from ride_contract.quality import bucket_of
 from ride_contract.ride import Ride
 
 pytestmark = pytest.mark.integration
@@ -96,7 +97,7 @@ def test_each_update_of_a_ride_is_whole_whichever_way_redis_applies_it(redis_pre
     assert store.claim_due(now=1e12, lease_seconds=30) == [] and store.publishes("r1") == 0
     assert store.stats(time.time())["finals_in_window"] == 1 and published == [b"done"]
     # The outcome's sums, once: the coarse estimate 9.0, final v2 12.5 and the shadow v3 11.0, for 14.0.
-    bucket = f"{redis_prefix}:quality:{1000 // 60}"
+    bucket = f"{redis_prefix}:quality:{bucket_of(1000.0)}"
     sums = {k.decode(): float(v) for k, v in client.hgetall(bucket).items()}
     assert sums["final v2|n"] == 1 and sums["final v2|err"] == pytest.approx(-1.5) and sums["final v2|sq"] == pytest.approx(2.25)
     assert sums["shadow v3|err"] == pytest.approx(-3.0) and sums["coarse|abs"] == pytest.approx(5.0)
