@@ -195,11 +195,6 @@ class ResultListener(BackgroundLoop):
         self.refused = 0  # results for no pending ride here (unknown, or another ride under the same id)
         self._write_backoff = Backoff(initial=0.5, maximum=30)
 
-    @property
-    def cpu_seconds(self) -> float | None:
-        """CPU time of the threads that receive results (the streaming pull client's and this loop's), alive now."""
-        return listeners_cpu_seconds(self)
-
     def _on_message(self, message: Any) -> None:
         try:
             result = RideResult.model_validate_json(message.data)

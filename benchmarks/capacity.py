@@ -396,7 +396,7 @@ def simulate_step(
     queue: deque[list[float]] = deque()  # [the step they came in, rides still waiting], oldest first
     backlog = refused = max_backlog = 0.0
     waited: list[tuple[float, float]] = []  # (seconds waited, rides): each share of a step's arrivals served
-    scaled_out = peak_at = drained = None
+    scaled_out = drained = None
     for step in range(steps):
         now = step * dt
         ready += sum(1 for at in starting if at <= now + 1e-9)
@@ -421,8 +421,8 @@ def simulate_step(
                 queue.popleft()
         window.append((ready * per_instance * dt - budget) * service.cpu_ms_per_ride / 1000 / dt)
         if backlog > max_backlog + 1e-9:
-            max_backlog, peak_at, drained = backlog, now, None
-        elif drained is None and peak_at is not None and backlog <= 1e-6:
+            max_backlog, drained = backlog, None  # a new peak: not drained since
+        elif drained is None and max_backlog > 0 and backlog <= 1e-6:
             drained = now
     most = service.max_instances * per_instance  # rides/s at its maximum instances, CPU fully busy
     if backlog > 1e-6 and after <= most:
@@ -683,11 +683,12 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict, Starts]:
             stack.start_emulators()
             stack.ensure_topology()
             redis_url = stack.start_redis()
+            store = redis.Redis.from_url(redis_url)
             # Persistence as infra/ deploys Memorystore (RDB snapshots hourly, no append-only file):
             # the stack's AOF, kept for its fault tests, would bill Redis's thread for writes
             # production does not make.
-            redis.Redis.from_url(redis_url).config_set("appendonly", "no")
-            redis.Redis.from_url(redis_url).config_set("save", "3600 1")
+            store.config_set("appendonly", "no")
+            store.config_set("save", "3600 1")
             stack.apply_env()
             model = train(
                 TrainConfig(trials=1, sample=20_000, register=False),
@@ -709,7 +710,6 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict, Starts]:
                 topic: ensure_subscription(PROJECT, TOPICS[topic], f"capacity-{topic}", emulator_host=emulator)
                 for topic in MEASURED_TOPICS
             }
-            store = redis.Redis.from_url(redis_url)
             traffic = real_rides(rides + 100, seed=3)
             stream(stack.backend_urls, traffic[:100], concurrency, report_outcomes=True)  # warm-up, not counted
             for path in paths.values():
