@@ -29,7 +29,15 @@ $(VENV)/.installed: requirements.lock pyproject.toml Makefile
 	$(UV) pip install --python $(VENV)/tools/checkov/bin/python --quiet checkov==$(CHECKOV_VERSION)
 	@touch $@
 
-setup: $(VENV)/.installed
+# Each deployable's own environment (devstack/deployables.py): built from nothing but what its image or upload
+# installs, so the local stack runs each as Google Cloud would; made again whenever one of those files changes.
+DEPLOYABLE_FILES := serving_function/requirements.txt backend/requirements.txt backend/Dockerfile rollout/requirements.txt \
+	rollout/Dockerfile tracking_server/requirements.txt tracking_server/Dockerfile devstack/deployables.py
+$(VENV)/deployables/.installed: $(VENV)/.installed $(DEPLOYABLE_FILES)
+	$(PY) -m devstack.deployables build
+	@touch $@
+
+setup: $(VENV)/.installed $(VENV)/deployables/.installed
 
 # The rider page's browser tests drive Debian's chromium through Debian's chromedriver (the same
 # release, from the same archive); nothing downloads a browser build of its own. apt needs root

@@ -343,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo_cmd = sub.add_parser("demo")
     demo_cmd.add_argument("--rides", type=int, default=300)
-    demo_cmd.add_argument("--mlflow-backend-store", help="e.g. postgresql://postgres@127.0.0.1:5432/mlflow (default: sqlite)")
+    demo_cmd.add_argument(
+        "--mlflow-backend-store",
+        help="e.g. sqlite:///mlflow.db (default: a PostgreSQL database of the stack's own, as on Cloud SQL)",
+    )
     demo_cmd.add_argument("--no-prefect-server", action="store_true", help="run flows on an ephemeral Prefect server")
     sub.add_parser("redeploy")
     sub.add_parser("rollback")

@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
+# How long a starting service may take to answer before it counts as failed. Each wait ends as soon as the
+# service answers, or its process exits; this only bounds one that hangs. Generous, because a busy machine
+# (two test workers, one of them training) can make a server's imports take minutes.
+READY_WITHIN_SECONDS = 300
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -126,7 +130,7 @@ class Service:
     def log_path(self) -> Path:
         return self.log_dir / f"{self.name}.log"
 
-    def start(self, timeout: float = 60, on_spawn: Callable[[int], None] | None = None) -> Service:
+    def start(self, timeout: float = READY_WITHIN_SECONDS, on_spawn: Callable[[int], None] | None = None) -> Service:
         """Start and wait until ready. ``on_spawn(pid)``: told as soon as the process exists, before it is
         ready, so that whoever started it can stop it even if it dies while waiting (a killed controller)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -257,10 +261,16 @@ def function_server(
     name: str = "function",
     source: Path = SERVING_FUNCTION,
 ) -> Service:
-    """A function under functions-framework (by default the serving function), as Cloud Functions would run it."""
+    """A function under functions-framework (by default the serving function), as Cloud Functions would run it:
+    from an environment with its requirements.txt only, in its source folder."""
+    from devstack.deployables import FUNCTION
+
     port = port or free_port()
+    # The serving function from its own environment (its requirements.txt only); the benchmarks' stand-in
+    # functions, which are no deployable, from the development venv.
+    program = FUNCTION.bin("functions-framework") if source == SERVING_FUNCTION else str(VENV_BIN / "functions-framework")
     argv = [
-        str(VENV_BIN / "functions-framework"),
+        program,
         f"--source={source}",
         f"--target={target}",
         f"--signature-type={signature_type}",

@@ -7,6 +7,7 @@ process) can stop exactly what was started.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -16,8 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devstack.deployables import BACKEND, ROLLOUT, TRACKING_SERVER, stage
 from devstack.processes import (
     HOST,
+    READY_WITHIN_SECONDS,
     VENV_BIN,
     Service,
     ServiceError,
@@ -35,7 +38,10 @@ DEFAULT_STACK_DIR = REPO / ".stack"
 PROJECT = "ridestream-local"
 BUCKET = "ridestream-models"
 ARTIFACT_ROOT = f"gs://{BUCKET}/mlflow"
-OUTCOMES_URI = f"gs://{BUCKET}/outcomes/"  # devstack.outcome_sink files completed rides there
+# Completed rides in a bucket of their own, as in infra/ (its readers and writers are not the models'):
+# devstack.outcome_sink files them there.
+OUTCOMES_BUCKET = "ridestream-outcomes"
+OUTCOMES_URI = f"gs://{OUTCOMES_BUCKET}/outcomes/"
 TOPICS = {
     "push": "backend-push-stream",
     "pull": "backend-pull-stream",
@@ -76,6 +82,56 @@ FUNCTIONS = {
 }
 
 
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"  # the machine's PostgreSQL, MLflow's store as Cloud SQL is
+
+
+def _postgres_admin():
+    import psycopg
+
+    return psycopg.connect(POSTGRES.replace("+psycopg", "") + "/postgres", autocommit=True)
+
+
+def _mlflow_template(admin) -> str:
+    """A database with the tracking server's schema, made once per MLflow version and copied for each stack:
+    MLflow's migrations take about a minute on a busy machine, a copy well under a second. Made under an
+    advisory lock, so stacks starting side by side (the test workers) make it once."""
+    from psycopg import sql
+
+    pin = next(line for line in TRACKING_SERVER.requirements_file().read_text().splitlines() if line.startswith("mlflow=="))
+    template = "ridestream_mlflow_" + pin.split("==")[1].replace(".", "_")
+    admin.execute("SELECT pg_advisory_lock(hashtext(%s))", (template,))
+    try:
+        if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (template,)).fetchone() is None:
+            building = sql.Identifier(template + "_building")
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(building))
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(building))
+            upgrade = [TRACKING_SERVER.bin("mlflow"), "db", "upgrade", f"{POSTGRES}/{template}_building"]
+            subprocess.run(upgrade, check=True, capture_output=True)
+            admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(building, sql.Identifier(template)))
+    finally:
+        admin.execute("SELECT pg_advisory_unlock(hashtext(%s))", (template,))
+    return template
+
+
+def create_database(name: str) -> str:
+    """An MLflow database ``name`` with the current schema and nothing in it (an earlier stack of the same
+    folder's is dropped first); its URI."""
+    from psycopg import sql
+
+    with _postgres_admin() as admin:
+        template = _mlflow_template(admin)
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
+    return f"{POSTGRES}/{name}"
+
+
+def drop_database(name: str) -> None:
+    from psycopg import sql
+
+    with _postgres_admin() as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 def local_webhook_env(encryption_key: str) -> dict[str, str]:
     """What an MLflow server on this machine needs to send registry webhooks to a service on loopback."""
     return {
@@ -108,6 +164,13 @@ class Stack:
     def model(self) -> dict:
         """The model the production function serves."""
         return self.models.get("function", {})
+
+    @property
+    def database_name(self) -> str:
+        """MLflow's database for this stack folder: stacks side by side (the tests) each have their own."""
+        import hashlib
+
+        return "ridestream_" + hashlib.sha256(str(self.dir.resolve()).encode()).hexdigest()[:12]
 
     @property
     def log_dir(self) -> Path:
@@ -224,6 +287,9 @@ class Stack:
         self.services.clear()
         if self.state_path.exists():
             self.state_path.unlink()
+        mlflow_argv = self.specs.get("mlflow", {}).get("argv", [])
+        if f"{POSTGRES}/{self.database_name}" in mlflow_argv:  # the database this stack made: gone with it
+            drop_database(self.database_name)
         return stopped
 
     # --- components ---------------------------------------------------------------------------
@@ -231,6 +297,19 @@ class Stack:
         self._started("pubsub", pubsub_emulator(self.log_dir, pubsub_port).start())
         # On disk, like a real bucket: the models survive a restart of the storage emulator.
         self._started("storage", storage_emulator(self.log_dir, BUCKET, data_dir=self.storage_dir).start())
+        self.ensure_buckets()
+
+    def ensure_buckets(self) -> None:
+        """The buckets beside the emulator's default one (Terraform makes them on Google Cloud)."""
+        from google.api_core.exceptions import Conflict
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        client = storage.Client(
+            project=PROJECT, credentials=AnonymousCredentials(), client_options={"api_endpoint": self.urls["storage"]}
+        )
+        with contextlib.suppress(Conflict):  # kept on disk from before a restart
+            client.create_bucket(OUTCOMES_BUCKET)
 
     @property
     def storage_dir(self) -> Path:
@@ -241,7 +320,7 @@ class Stack:
         self._started("redis", redis_server(self.log_dir, self.dir / "redis").start())
         return self.urls["redis"]
 
-    def restart(self, key: str, timeout: float = 120) -> None:
+    def restart(self, key: str, timeout: float = READY_WITHIN_SECONDS) -> None:
         """Stop a service (its whole process group, orphans included) and start it again as it was:
         same command, same port, same data. Works on a dead service too."""
         if key not in self.specs:
@@ -297,10 +376,12 @@ class Stack:
                 ensure_subscription(PROJECT, TOPICS["push"], function["subscription"], emulator_host=emulator)
 
     def start_mlflow(self, backend_store_uri: str | None = None, preferred_port: int | None = None) -> None:
+        """The tracking server from its image's environment, on PostgreSQL as on Cloud SQL (a database of this
+        stack's own on the machine's server, dropped with the stack), unless ``backend_store_uri`` says otherwise."""
         port = free_port(preferred_port)
-        store = backend_store_uri or f"sqlite:///{self.dir / 'mlflow.db'}"
+        store = backend_store_uri or create_database(self.database_name)
         argv = [
-            str(VENV_BIN / "mlflow"),
+            TRACKING_SERVER.bin("mlflow"),
             "server",
             "--host",
             HOST,
@@ -316,8 +397,9 @@ class Stack:
             "--no-serve-artifacts",
         ]
         env = {**self.env(), **local_webhook_env(self.secrets()["mlflow_webhook_encryption_key"])}
-        service = Service("mlflow", argv, port, self.log_dir, f"http://{HOST}:{port}/health", env=env)
-        self._started("mlflow", service.start(timeout=120))
+        cwd = stage(TRACKING_SERVER, self.dir / "images" / "mlflow")  # the image copies no code of ours
+        service = Service("mlflow", argv, port, self.log_dir, f"http://{HOST}:{port}/health", env=env, cwd=cwd)
+        self._started("mlflow", service.start())
 
     def secrets(self) -> dict[str, str]:
         """This stack's own secrets, drawn at its first start, kept in its folder only (mode 600, never in git)."""
@@ -357,7 +439,7 @@ class Stack:
             **(DEMO_ANALYSIS if settings is None else settings),
         }
         argv = [
-            str(VENV_BIN / "gunicorn"),
+            ROLLOUT.bin("gunicorn"),
             "--bind",
             f"{HOST}:{port}",
             "--workers",
@@ -366,8 +448,9 @@ class Stack:
             "8",
             "devstack.rollout_service:create_app()",
         ]
-        service = Service("rollout", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=REPO)
-        self._started("rollout", service.start(timeout=60))
+        cwd = stage(ROLLOUT, self.dir / "images" / "rollout")
+        service = Service("rollout", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=cwd)
+        self._started("rollout", service.start())
         register_webhook(self.urls["mlflow"], f"{self.urls['rollout']}/webhooks/mlflow", env["ROLLOUT_WEBHOOK_SECRET"])
 
     def wait_rolled_out(self, alias: str, version: str, timeout: float = 180) -> dict:
@@ -425,7 +508,7 @@ class Stack:
         env = {**self.env(), "PREFECT_HOME": str(self.dir / "prefect"), "PREFECT_API_URL": f"http://{HOST}:{port}/api"}
         argv = [str(VENV_BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
         service = Service("prefect", argv, port, self.log_dir, f"http://{HOST}:{port}/api/health", env=env)
-        self._started("prefect", service.start(timeout=180))
+        self._started("prefect", service.start())
 
     def run_training_flow(self, *flow_args: str) -> dict:
         """The Prefect training flow, run as a user would, against the stack's servers."""
@@ -470,7 +553,7 @@ class Stack:
             self.save()
 
         try:
-            service = self._function_service(key, run_id, version, port).start(timeout=120, on_spawn=spawned)
+            service = self._function_service(key, run_id, version, port).start(on_spawn=spawned)
         finally:  # ready, or stopped by Service.start: either way no longer starting
             self.pids.pop(starting, None)
             self.changed.discard(starting)
@@ -524,7 +607,7 @@ class Stack:
                 **(settings or {}),
             }
             argv = [
-                str(VENV_BIN / "gunicorn"),
+                BACKEND.bin("gunicorn"),
                 "--bind",
                 f"{HOST}:{port}",
                 "--threads",
@@ -533,18 +616,19 @@ class Stack:
                 "60",
                 "backend.app:create_app()",
             ]
-            service = Service(f"backend-{index}", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=REPO)
-            self._started(f"backend-{index}", service.start(timeout=60))
+            cwd = stage(BACKEND, self.dir / "images" / "backend")
+            service = Service(f"backend-{index}", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=cwd)
+            self._started(f"backend-{index}", service.start())
 
     def start_outcome_sink(self, max_seconds: float = 5.0) -> None:
         """File completed rides into the bucket, as the Cloud Storage subscription does on Google Cloud."""
         port = free_port()
         argv = [
             sys.executable, "-m", "devstack.outcome_sink", "--port", str(port), "--project", PROJECT,
-            "--subscription", SUBSCRIPTIONS["outcomes_sink"], "--bucket", BUCKET, "--max-seconds", str(max_seconds),
+            "--subscription", SUBSCRIPTIONS["outcomes_sink"], "--bucket", OUTCOMES_BUCKET, "--max-seconds", str(max_seconds),
         ]  # fmt: skip
         service = Service("outcome-sink", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=self.env(), cwd=REPO)
-        self._started("outcome-sink", service.start(timeout=60))
+        self._started("outcome-sink", service.start())
 
     @property
     def backend_urls(self) -> list[str]:

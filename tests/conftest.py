@@ -152,21 +152,42 @@ def prefect_harness():
 
 @pytest.fixture
 def mlflow_server(tmp_path, monkeypatch):
-    """A real `mlflow server` (sqlite, local artifacts) that sends webhooks to loopback; MLFLOW_TRACKING_URI points at it."""
+    """A real `mlflow server` as the image runs it (its own environment, on PostgreSQL: a database of the test's
+    own, from the stack's migrated template) that sends webhooks to loopback; MLFLOW_TRACKING_URI points at it."""
     from cryptography.fernet import Fernet
 
-    from devstack.processes import HOST, VENV_BIN, Service, free_port
-    from devstack.stack import local_webhook_env
+    from devstack.deployables import TRACKING_SERVER
+    from devstack.processes import HOST, Service, free_port
+    from devstack.stack import create_database, drop_database, local_webhook_env
 
-    port = free_port()
+    port, database = free_port(), f"ridestream_test_{uuid.uuid4().hex[:12]}"
     argv = [
-        str(VENV_BIN / "mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--default-artifact-root", str(tmp_path / "artifacts"),
+        TRACKING_SERVER.bin("mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1",
+        "--backend-store-uri", create_database(database), "--default-artifact-root", str(tmp_path / "artifacts"),
     ]  # fmt: skip
     env = {**local_webhook_env(Fernet.generate_key().decode()), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    server = Service("mlflow", argv, port, tmp_path / "logs", f"http://{HOST}:{port}/health", env=env)
-    # Its webhook workers import slowly while the other test worker trains: as long as the stack allows it.
-    with server.start(timeout=120):
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-        monkeypatch.setenv("MODEL_NAME", "ride-duration")
-        yield server.url
+    server = Service("mlflow", argv, port, tmp_path / "logs", f"http://{HOST}:{port}/health", env=env, cwd=tmp_path)
+    try:
+        with server.start():
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+            monkeypatch.setenv("MODEL_NAME", "ride-duration")
+            yield server.url
+    finally:
+        drop_database(database)
+
+
+def assert_runs_as_shipped(pid: int, deployable, runs: str, lacks: tuple[str, ...]) -> None:
+    """The process ``pid`` runs from ``deployable``'s own environment, in a folder holding what its image
+    ships: there, the module it serves (``runs``) imports, and ``lacks`` (modules the development venv has,
+    or repository code its image does not copy) do not."""
+    import subprocess
+
+    python = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    assert python == deployable.bin("python"), f"{deployable.name} runs {python}, not its own environment's"
+    cwd = os.readlink(f"/proc/{pid}/cwd")
+
+    def imports(module: str) -> bool:
+        return subprocess.run([python, "-c", f"import {module}"], cwd=cwd, capture_output=True).returncode == 0
+
+    assert imports(runs), f"{deployable.name} cannot import {runs} as it runs"
+    assert not any(imports(module) for module in lacks), f"{deployable.name} imports one of {lacks} as it runs"

@@ -10,9 +10,10 @@ import time
 
 import pytest
 import requests
-from conftest import DATA, REDIS_URL, forget_redis_keys
+from conftest import DATA, REDIS_URL, assert_runs_as_shipped, forget_redis_keys
 from google.cloud import pubsub_v1
 
+from devstack.deployables import BACKEND, FUNCTION
 from devstack.processes import pid_alive
 from devstack.pubsub import pull_messages
 from devstack.stack import ARTIFACT_ROOT, PROJECT, SUBSCRIPTIONS, TOPICS, Stack
@@ -62,6 +63,15 @@ def test_rides_get_coarse_now_and_the_production_model_final_through_the_stream(
     assert 0.65 <= summary["within_range"] <= 0.93, summary
     # Two replicas took the rides; each result was read back from the other (traffic.stream does that).
     assert len(stack.backend_urls) == 2
+
+
+def test_the_function_and_the_backends_run_from_what_they_ship(live):
+    """Each from an environment with its own requirements only: pandas and MLflow, which the development venv
+    has, are not there; nor is repository code its upload or image does not copy."""
+    stack, _, _ = live
+    assert_runs_as_shipped(stack.pids["function"], FUNCTION, runs="main", lacks=("pandas", "mlflow", "ride_contract"))
+    for key in ("backend-0", "backend-1"):
+        assert_runs_as_shipped(stack.pids[key], BACKEND, runs="backend.app", lacks=("pandas", "mlflow", "training", "devstack"))
 
 
 def test_poison_messages_end_in_the_dead_letter_topic(live):

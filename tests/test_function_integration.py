@@ -51,7 +51,7 @@ class Stack:
         self.function = function_server(tmp_path, SIGNATURES[signature], signature, env)
 
     def start(self):
-        self.function.start(timeout=120)
+        self.function.start()
         ensure_subscription(self.project, self.push, self.push + "-sub", push_endpoint=self.function.url + "/")
         return self
 

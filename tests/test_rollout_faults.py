@@ -8,8 +8,9 @@ scenarios run in order; benchmarks/rollout_bench.py prints the same figures.
 from __future__ import annotations
 
 import pytest
-from conftest import started_as_client
+from conftest import assert_runs_as_shipped, started_as_client
 
+from devstack.deployables import ROLLOUT, TRACKING_SERVER
 from devstack.rollouts import NOTICE_BOUND_SECONDS, ROLLOUT_SCENARIOS, RolloutStack
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
@@ -55,3 +56,13 @@ def test_a_rollback_whose_webhook_was_dropped_is_made_by_the_resync_and_skips_th
     # Converged by the resync alone: noticed within one period, then the (known good) rollout itself.
     noticed_after = dropped["seconds_from_alias_set_to_rollout_ended"] - dropped["rollout_seconds"]
     assert noticed_after <= NOTICE_BOUND_SECONDS, dropped
+
+
+def test_the_controller_and_the_tracking_server_run_from_what_they_ship(rollouts):
+    """The controller imports only what rollout/requirements.txt installs and rollout/Dockerfile copies (plus the
+    stack's stand-in targets, devstack/); the tracking server only tracking_server/requirements.txt."""
+    pids = rollouts.stack.pids
+    assert_runs_as_shipped(
+        pids["rollout"], ROLLOUT, runs="devstack.rollout_service", lacks=("pandas", "prefect", "flows", "backend")
+    )
+    assert_runs_as_shipped(pids["mlflow"], TRACKING_SERVER, runs="mlflow.server", lacks=("prefect", "redis", "training"))
