@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
+import sys
 
 import pytest
 from conftest import REPO
@@ -79,10 +81,39 @@ def _lock() -> dict[str, str]:
 )
 def test_runtime_pins_match_the_lock(path):
     lock = _lock()
-    pins = re.findall(r"([A-Za-z0-9_.\-]+)==([0-9][^\s]*)", (REPO / path).read_text())
+    pins = _pins(path)
     assert pins
-    for name, version in pins:
+    for name, version in pins.items():
         assert lock[name.lower()] == version, f"{path}: {name}=={version}, lock has {lock.get(name.lower())}"
+
+
+def _pins(path: str) -> dict[str, str]:
+    return dict(re.findall(r"([A-Za-z0-9_.\-]+)==([0-9][^\s]*)", (REPO / path).read_text()))
+
+
+def test_conda_yaml_declares_the_training_environment_python_env_yaml_does():
+    assert _pins("conda.yaml") == _pins("python_env.yaml")
+
+
+# What `mlflow run .` runs: training/ and the project's packages it imports (the project folder is its working directory).
+TRAINING_PACKAGES = ("training", "data", "ride_contract")
+
+
+@pytest.mark.parametrize("path", ["python_env.yaml", "conda.yaml"])
+def test_the_training_environment_declares_every_library_training_imports(path):
+    """A library training imports (at any depth, lazily too) that the environment file does not pull in
+    fails `mlflow run .` in the environment MLproject declares, though it passes in the project's venv."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    imported = {name.split(".")[0] for package in TRAINING_PACKAGES for name in imported_modules(package)}
+    libraries = imported - set(sys.stdlib_module_names) - set(TRAINING_PACKAGES) - {"__future__"}
+    assert {"sklearn", "mlflow", "optuna", "rich"} <= libraries  # the walk finds lazy imports too
+    declared = _installed_closure(list(_pins(path)))
+    providers = packages_distributions()
+    missing = sorted(lib for lib in libraries if not {canonicalize_name(d) for d in providers.get(lib, [])} & declared)
+    assert missing == [], f"{path} does not pull in what training imports: {missing}"
 
 
 def _installed_closure(names: list[str]) -> set[str]:
@@ -150,23 +181,23 @@ def test_every_file_an_image_copies_is_in_the_build_context(dockerfile):
         assert any(source.rstrip("/") == kept or source.startswith(kept + "/") for kept in included), source
 
 
+def imported_modules(package: str) -> set[str]:
+    """Every module a package's code imports by absolute name, at any depth of a module (lazy imports too)."""
+    names: set[str] = set()
+    for path in (REPO / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+    return names
+
+
 def test_the_deployables_imports_have_no_circle_and_none_reaches_into_the_local_stack():
     """Each top-level folder is one deployable: the imports between them (at any depth of a module)
     form no circle, and no deployable imports devstack/, which runs them all on one machine."""
-    import ast
-
     packages = {"backend", "data", "devstack", "flows", "operations", "ride_contract", "rollout", "serving_function", "training"}
-    graph: dict[str, set[str]] = {name: set() for name in packages}
-    for package in packages:
-        for path in (REPO / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                    names = [node.module]
-                for name in names:
-                    top = name.split(".")[0]
-                    if top in packages and top != package:
-                        graph[package].add(top)
+    graph = {package: {name.split(".")[0] for name in imported_modules(package)} & packages - {package} for package in packages}
     assert not {name for name, uses in graph.items() if "devstack" in uses} - {"devstack"}, graph
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -147,6 +149,9 @@ def _run(args: list[str], tracking_uri: str, timeout: int = 300, **env: str) -> 
         env={
             **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
             "MLFLOW_TRACKING_URI": tracking_uri,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            # One OpenMP thread: on the shared cores a fit's spinning threads made a 4 s search take 140 s (see conftest).
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
             **env,
         },
@@ -163,25 +168,40 @@ def test_registry_cli_prints_the_production_run_id(local_model):
     assert unknown.returncode == 2 and unknown.stderr.startswith("error:")
 
 
-def test_a_bare_mlflow_run_trains_on_several_months_and_registers_in_the_run_it_was_given(tmp_path):
-    """`mlflow run .` as a first-time user types it: no --experiment-name, an empty store. Training logs
-    into the run and experiment `mlflow run` made, and registers the model from there."""
-    from mlflow import MlflowClient
-
+def _empty_store(tmp_path: Path) -> str:
+    """A tracking URI on an empty sqlite store in tmp_path, made here so its Default experiment keeps its
+    artifacts in tmp_path/mlruns (an empty store made by `mlflow run` would use the repository's ./mlruns)."""
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # The empty store is made here, so its Default experiment keeps its artifacts in tmp_path/mlruns,
-    # not in the repository (an empty store made by `mlflow run` would use the repository's ./mlruns).
     subprocess.run(
         [sys.executable, "-c", f"import mlflow; mlflow.MlflowClient({tracking_uri!r}).search_experiments()"],
         cwd=tmp_path,
         check=True,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
-    # MLflow quotes each parameter, so both months arrive as one argument; a sample keeps the run short.
+    return tracking_uri
+
+
+def _training_summary(stdout: str) -> dict:
+    """The JSON `python -m training.train` prints last, after whatever `mlflow run` printed before it."""
+    return json.loads(stdout[stdout.rindex('{\n  "run_id"') :])
+
+
+def readme_commands() -> list[str]:
+    return re.findall(r"^(mlflow run .*?)\s*$", (REPO / "README.md").read_text(), re.M)
+
+
+def test_a_bare_mlflow_run_trains_on_several_months_and_registers_in_the_run_it_was_given(tmp_path):
+    """`mlflow run .` in the project's venv, no --experiment-name, an empty store. Training logs
+    into the run and experiment `mlflow run` made, and registers the model from there."""
+    from mlflow import MlflowClient
+
+    tracking_uri = _empty_store(tmp_path)
+    # MLflow quotes each parameter, so both months arrive as one argument; TRAIN_SAMPLE keeps the run short.
     params = ["-P", "trials=1", "-P", "train_month=2021-01 2021-02", "-P", "val_month=2021-03", "-P", "test_month=2021-03"]
-    completed = _run(["mlflow", "run", ".", "--env-manager", "local", *params, "-P", "sample=20000"], tracking_uri)
+    assert "mlflow run . --env-manager local" in readme_commands()
+    completed = _run(["mlflow", "run", ".", "--env-manager", "local", *params], tracking_uri, TRAIN_SAMPLE="20000")
     assert completed.returncode == 0, completed.stderr[-3000:]
-    summary = json.loads(completed.stdout[completed.stdout.index("{") :])
+    summary = _training_summary(completed.stdout)
     assert summary["version"] == "1" and summary["metrics"]["val_rmse"] <= 6.0
     client = MlflowClient(tracking_uri)
     run = client.get_run(summary["run_id"])
@@ -191,6 +211,52 @@ def test_a_bare_mlflow_run_trains_on_several_months_and_registers_in_the_run_it_
     assert run.data.params["train_months"] == "2021-01,2021-02" and run.data.params["train_rows"] == "20000"
     [train_input] = [i for i in run.inputs.dataset_inputs if i.dataset.name == "train"]
     assert "green_tripdata_2021-01" in train_input.dataset.source and "green_tripdata_2021-02" in train_input.dataset.source
+
+
+@pytest.mark.integration  # uv installs python_env.yaml's pins from PyPI (its cache makes a rebuild quick)
+@pytest.mark.timeout(900)
+def test_mlflow_run_with_no_parameters_builds_the_declared_environment_trains_and_registers(tmp_path):
+    """The first thing a user runs, as the README shows it: MLflow builds python_env.yaml's environment
+    (with uv: the virtualenv manager needs pyenv to build Python) and runs MLproject's defaults in it.
+    Only TRAIN_SAMPLE, from the environment, keeps it short; MLproject's parameters and training's
+    own must agree, or MLflow refuses the second value of a parameter."""
+    from mlflow import MlflowClient
+
+    command = "mlflow run . --env-manager uv"
+    assert command in readme_commands()
+    tracking_uri = _empty_store(tmp_path)
+    # An environment root of the test's own: built here from python_env.yaml as it is now, never an earlier build.
+    env_root = tmp_path / "envs"
+    try:
+        completed = _run(command.split(), tracking_uri, timeout=840, TRAIN_SAMPLE="3000", MLFLOW_ENV_ROOT=str(env_root))
+    finally:
+        shutil.rmtree(env_root, ignore_errors=True)  # a full environment: not kept among pytest's temp folders
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = _training_summary(completed.stdout)
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.project.env"] == "uv"
+    params = run.data.params
+    assert params["train_month"] == "2021-01" and params["trials"] == "3"  # MLproject's defaults, logged by `mlflow run`
+    assert params["train_months"] == "2021-01" and params["sample"] == "3000" and params["train_rows"] == "3000"
+    assert {"val_rmse", "test_rmse", "test_interval_coverage", "serving_form_max_abs_diff_minutes"} <= set(run.data.metrics)
+    assert summary["version"] == "1" and client.get_model_version("ride-duration", "1").run_id == run.info.run_id
+    assert client.get_logged_model(summary["model_uri"].removeprefix("models:/")).source_run_id == run.info.run_id
+
+
+def test_the_sample_comes_from_the_environment_unless_the_command_line_gives_one(monkeypatch):
+    from training import train as train_module
+
+    seen = []
+    monkeypatch.setattr(
+        train_module, "train", lambda config, settings: seen.append(config.sample) or train_module.TrainResult("r", "m", {}, {})
+    )
+    monkeypatch.setenv("TRAIN_SAMPLE", "3000")
+    assert train_module.main(["--trials", "1"]) == 0
+    assert train_module.main(["--trials", "1", "--sample", "0"]) == 0  # 0: every row, whatever the environment says
+    monkeypatch.setenv("TRAIN_SAMPLE", "")
+    assert train_module.main(["--trials", "1"]) == 0
+    assert seen == [3000, 0, None]
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,10 @@ class Settings:
     model_name: str = "ride-duration"
     # A local folder, a gs:// prefix or the TLC download URL holding <color>_tripdata_<YYYY-MM>.parquet.
     data_base: str = DEFAULT_DATA_BASE
+    # Rows per split for a quick run (`python -m training.train` and `mlflow run .`); None: every row.
+    # From the environment, not an MLproject parameter: `mlflow run` logs its parameters as the run's,
+    # and a parameter training logs again with another value ("all") is refused.
+    train_sample: int | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -32,6 +36,7 @@ class Settings:
             artifact_root=env("MLFLOW_ARTIFACT_ROOT", ""),
             model_name=env("REGISTERED_MODEL_NAME") or "ride-duration",
             data_base=env("TRIP_DATA_BASE") or DEFAULT_DATA_BASE,
+            train_sample=int(env("TRAIN_SAMPLE") or 0) or None,
         )
 
 

@@ -349,7 +349,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-month", type=months, nargs="+", default=[["2021-03"]], help=month_help)
     parser.add_argument("--model-family", choices=MODEL_FAMILIES, default="hgb")
     parser.add_argument("--trials", type=int, default=TrainConfig.trials, help="hyperparameter trials (1 = defaults only)")
-    parser.add_argument("--sample", type=int, default=None, help="rows per split (quick runs); 0 = all")
+    parser.add_argument(
+        "--sample", type=int, default=None, help="rows per split (quick runs); 0 = all; default: TRAIN_SAMPLE, else all"
+    )
     parser.add_argument(
         "--data-base", default=None, help='folder, gs:// prefix or URL with the TLC files; "tlc": the public download'
     )
@@ -376,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model_family,
         args.trials,
         not args.no_register,
-        args.sample,
+        settings.train_sample if args.sample is None else args.sample,
         args.shuffle_targets,
     )
     try:
