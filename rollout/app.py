@@ -29,6 +29,7 @@ from typing import Any
 
 from flask import Flask, jsonify, request
 
+from rollout import story
 from rollout.reconcile import Deployment, Guard, Rollout, ShadowSlot, Target
 from rollout.settings import AnalysisSettings, RolloutSettings
 from rollout.webhook import Rejected, WebhookVerifier
@@ -91,7 +92,8 @@ def previous_marker(model_name: str, mlflow_audience: str = ""):
 class RegistryStory:
     """A rollout's durable state and its story, on the version's page in the MLflow UI: ``rollout_*`` tags
     (the phase, when it began, the version it replaces, attempts, figures) that a restarted controller
-    resumes from, and a paragraph per phase appended to the version's description. A blocked version is
+    resumes from, and a paragraph per event: each a tag of its own (``rollout.history.NNNN``), the latest
+    state and the last few on the version's description, within its column (rollout.story). A blocked version is
     tagged ``rollout_status=blocked`` with the reason; the alias goes back to the version still serving:
     once a rollout has ended, the registry never names a version that riders are not getting."""
 
@@ -115,9 +117,19 @@ class RegistryStory:
 
     def tell(self, version: str, paragraph: str, **tags: str) -> None:
         authenticate_to_mlflow(self._audience)
-        description = self._client.get_model_version(self.model_name, version).description or ""
-        self._client.update_model_version(self.model_name, version, description=f"{description}\n\n{paragraph}".strip())
+        current = self._client.get_model_version(self.model_name, version)
+        recorded = current.tags or {}
+        events = [*story.history(recorded), story.clipped(paragraph, story.EVENT_LIMIT)]
+        # The event's tag first: if the page's write fails, the history has lost nothing.
+        self._client.set_model_version_tag(self.model_name, version, story.history_key(len(events)), events[-1])
+        page = story.bounded_description(story.page_of_others(current.description or ""), events, {**recorded, **tags})
+        self._client.update_model_version(self.model_name, version, description=page)
         self.mark(version, **tags)
+
+    def history(self, version: str) -> list[str]:
+        """Every event told of ``version``, in order (the page shows the last few)."""
+        authenticate_to_mlflow(self._audience)
+        return story.history(self._client.get_model_version(self.model_name, version).tags or {})
 
     def move_alias(self, alias: str, version: str) -> None:
         authenticate_to_mlflow(self._audience)
