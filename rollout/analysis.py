@@ -13,16 +13,21 @@ what it read, so tests judge real models' answers without a stream.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
+
+# At import, not in a reader thread: an image without google-cloud-pubsub fails when the service
+# loads, instead of starting with readers that die unseen (issue 31).
+from google.api_core import exceptions
+from google.cloud import pubsub_v1
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ride_contract.outcome import CompletedRide
 from ride_contract.quality import paired_rmse_difference
@@ -106,104 +111,189 @@ def breaches(figs: dict[str, Any], settings: AnalysisSettings) -> list[str]:
     return found
 
 
+class PublishedAnswer(BaseModel):
+    """What the controller reads of a result message (ride_contract.result.RideResult, or any newer form)."""
+
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
+
+    ride_id: str = Field(min_length=1)
+    duration_final: float
+    clipped: bool = False
+    answer_ms: float | None = None
+    model_version: str | None = None
+
+
+class DeadLetter(BaseModel):
+    """What the controller reads of a dead letter: the version that refused the ride."""
+
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
+
+    model_version: str
+
+
+@dataclass
+class Reader:
+    """One subscription's reader thread and what it has seen: /readyz reports a reader that is not reading."""
+
+    subscription: str
+    thread: threading.Thread | None = None
+    error: str | None = None  # why the last pull failed; None once one succeeds
+    received: int = 0  # messages read and kept
+    rejected: int = 0  # messages that were not an answer, outcome or dead letter (acked, skipped)
+    ack_failures: int = 0  # acks that failed (the messages come again; a repeated one is counted once)
+
+    def problem(self) -> str | None:
+        if self.thread is None or not self.thread.is_alive():
+            return "its reader has stopped"
+        return self.error
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "problem": self.problem(),
+            "received": self.received,
+            "rejected": self.rejected,
+            "ack_failures": self.ack_failures,
+        }
+
+
 class LiveAnswers:
     """The answers of every deployment, by ride and version, read from the controller's own subscriptions.
 
     Results arrive from production's result topic and the shadow's; dead letters from the dead-letter
-    topic (each carries the version that refused the ride). Unary pulls, acked at once: what the
-    controller reads is a copy (its subscriptions), never what the backends or the function consume."""
+    topic (each carries the version that refused the ride). Unary pulls, acked once read: what the
+    controller reads is a copy (its subscriptions), never what the backends or the function consume.
+    A reader lives as long as the controller: a failed pull or ack, or a message it cannot read, is
+    logged and counted, never the end of it; ``problems`` says which reader is not reading and why."""
 
     def __init__(
-        self, project: str, result_subscriptions: list[str], deadletter_subscription: str = "", outcome_subscription: str = ""
+        self,
+        project: str,
+        result_subscriptions: list[str],
+        deadletter_subscription: str = "",
+        outcome_subscription: str = "",
+        subscriber: Any = None,
     ):
         self.project = project
         self.subscriptions = [s for s in result_subscriptions if s]
         self.deadletter_subscription = deadletter_subscription
         self.outcome_subscription = outcome_subscription  # completed rides: the actual durations, where they come back
+        # Made here, at start, not in a reader thread: a missing package or credential fails the service's start.
+        self._subscriber = subscriber if subscriber is not None else pubsub_v1.SubscriberClient()
         self._actual: OrderedDict[str, float] = OrderedDict()  # ride_id -> actual minutes
         self._answers: OrderedDict[str, dict[str, Answer]] = OrderedDict()  # ride_id -> version -> answer
         self._first_seen: dict[str, float] = {}  # ride_id -> when its first answer reached this reader
         self._first_published: dict[str, float] = {}  # ride_id -> when its first answer was published
-        self._dead: list[tuple[float, str]] = []  # (at, model_version)
+        # message id -> (at, model_version): a dead letter delivered again (its ack failed) counts once
+        self._dead: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        names = [*self.subscriptions, deadletter_subscription, outcome_subscription]
+        self.readers = {name: Reader(name) for name in names if name}
         self.started_at = time.time()
 
     def start(self) -> LiveAnswers:
-        self.started_at = time.time()
-        for name in [*self.subscriptions, self.deadletter_subscription, self.outcome_subscription]:
-            if name:
-                thread = threading.Thread(target=self._pull, args=(name,), name=f"answers-{name}", daemon=True)
-                thread.start()
-                self._threads.append(thread)
+        """Start every reader that is not running (all of them, the first time)."""
+        self._stop.clear()
+        for reader in self.readers.values():
+            if reader.thread is None or not reader.thread.is_alive():
+                reader.thread = threading.Thread(
+                    target=self._read, args=(reader,), name=f"answers-{reader.subscription}", daemon=True
+                )
+                reader.thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
 
-    def _pull(self, name: str) -> None:
-        from google.api_core import exceptions
-        from google.cloud import pubsub_v1
+    def problems(self) -> dict[str, str]:
+        """subscription -> why its reader is not reading (it stopped, or its last pull failed); empty when all read."""
+        return {name: problem for name, reader in self.readers.items() if (problem := reader.problem())}
 
-        subscriber = pubsub_v1.SubscriberClient()
-        path = subscriber.subscription_path(self.project, name)
+    def _read(self, reader: Reader) -> None:
+        path = self._subscriber.subscription_path(self.project, reader.subscription)
         while not self._stop.is_set():
             try:
-                response = subscriber.pull(subscription=path, max_messages=500, timeout=2)
-            except exceptions.DeadlineExceeded:
-                continue
-            except Exception as exc:  # the stream is down: the figures stop growing, the window waits
-                log.warning("analysis: pulling %s: %s: %s", name, type(exc).__name__, exc)
+                self._read_once(reader, path)
+            except Exception as exc:  # the stream is down or the subscription is gone: the figures wait
+                reader.error = f"{type(exc).__name__}: {exc}"
+                log.warning("analysis: reading %s: %s", reader.subscription, reader.error)
                 self._stop.wait(1)
-                continue
-            if not response.received_messages:
-                continue
-            subscriber.acknowledge(subscription=path, ack_ids=[m.ack_id for m in response.received_messages])
-            for received in response.received_messages:
-                published = received.message.publish_time
-                at = published.timestamp() if published else None
-                if name == self.outcome_subscription:
-                    self.record_outcome(received.message.data)
-                else:
-                    self.record(received.message.data, dead_letter=name == self.deadletter_subscription, at=at)
 
-    def record_outcome(self, data: bytes) -> None:
+    def _read_once(self, reader: Reader, path: str) -> None:
+        try:
+            response = self._subscriber.pull(subscription=path, max_messages=500, timeout=2)
+        except exceptions.DeadlineExceeded:  # nothing to read within the pull's time: the subscription answers
+            reader.error = None
+            return
+        reader.error = None
+        if not response.received_messages:
+            return
+        for received in response.received_messages:
+            if self._take(reader.subscription, received):
+                reader.received += 1
+            else:
+                reader.rejected += 1
+        try:
+            self._subscriber.acknowledge(subscription=path, ack_ids=[m.ack_id for m in response.received_messages])
+        except Exception as exc:  # they come again after their ack deadline; what was kept stays kept once
+            reader.ack_failures += 1
+            log.warning("analysis: acking %s: %s: %s", reader.subscription, type(exc).__name__, exc)
+
+    def _take(self, subscription: str, received: Any) -> bool:
+        """One message, kept if it is what the subscription carries; any message that is not is skipped."""
+        published = received.message.publish_time
+        at = published.timestamp() if published else None
+        try:
+            if subscription == self.outcome_subscription:
+                return self.record_outcome(received.message.data)
+            dead_letter = subscription == self.deadletter_subscription
+            return self.record(received.message.data, dead_letter=dead_letter, at=at, message_id=received.message.message_id)
+        except Exception as exc:  # a message nobody foresaw: skipped, never the reader's end
+            log.warning("analysis: a message on %s skipped: %s: %s", subscription, type(exc).__name__, exc)
+            return False
+
+    def record_outcome(self, data: bytes) -> bool:
         """A completed ride (the outcomes topic): its actual duration, for the paired RMSE difference."""
         try:
             ride = CompletedRide.model_validate_json(data)
         except ValidationError:
-            return
+            return False
         with self._lock:
             self._actual[ride.ride_id] = ride.actual_minutes
             while len(self._actual) > KEPT_RIDES:
                 self._actual.popitem(last=False)
+        return True
 
-    def record(self, data: bytes, dead_letter: bool = False, at: float | None = None) -> None:
-        """One answer (or dead letter); ``at``: when it was published (Pub/Sub's publish time), else now."""
+    def record(self, data: bytes, dead_letter: bool = False, at: float | None = None, message_id: str = "") -> bool:
+        """One answer (or dead letter); ``at``: when it was published (Pub/Sub's publish time), else now.
+        False: not an answer (or a dead letter) this controller can read; skipped."""
         seen = time.time()
         at = seen if at is None else at
-        try:
-            body = json.loads(data)
-        except ValueError:
-            return  # not ours to judge (Pub/Sub's own forward of a raw ride is counted by the function's letter)
         if dead_letter:
-            if isinstance(body, dict) and body.get("model_version") is not None:
-                with self._lock:
-                    self._dead.append((at, str(body["model_version"])))
-            return
-        if not isinstance(body, dict) or not body.get("ride_id") or body.get("duration_final") is None:
-            return
-        answer = Answer(float(body["duration_final"]), bool(body.get("clipped")), body.get("answer_ms"), at)
+            try:
+                version = DeadLetter.model_validate_json(data).model_version
+            except ValidationError:
+                return False  # not ours to judge (Pub/Sub's own forward of a raw ride is counted by the function's letter)
+            with self._lock:
+                self._dead.setdefault(message_id or uuid.uuid4().hex, (at, version))
+                while len(self._dead) > KEPT_RIDES:
+                    self._dead.popitem(last=False)
+            return True
+        try:
+            body = PublishedAnswer.model_validate_json(data)
+        except ValidationError:
+            return False
+        answer = Answer(body.duration_final, body.clipped, body.answer_ms, at)
         with self._lock:
-            ride = self._answers.setdefault(body["ride_id"], {})
-            ride.setdefault(str(body.get("model_version", "")), answer)  # a repeated result keeps the first
-            self._first_seen.setdefault(body["ride_id"], seen)
-            self._first_published.setdefault(body["ride_id"], at)
+            ride = self._answers.setdefault(body.ride_id, {})
+            ride.setdefault(body.model_version or "", answer)  # a repeated result keeps the first
+            self._first_seen.setdefault(body.ride_id, seen)
+            self._first_published.setdefault(body.ride_id, at)
             while len(self._answers) > KEPT_RIDES:
                 old, _ = self._answers.popitem(last=False)
                 self._first_seen.pop(old, None)
                 self._first_published.pop(old, None)
+        return True
 
     def window(self, baseline: str, candidate: str, since: float, grace_seconds: float) -> tuple[list, list, int, int, list]:
         """Rides the baseline answered since ``since``, old enough that the candidate had ``grace_seconds``
@@ -224,7 +314,7 @@ class LiveAnswers:
                 and since <= self._first_published[ride_id]
                 and self._first_seen[ride_id] <= now - grace_seconds
             ]
-            dead = [version for at, version in self._dead if since <= at <= now - grace_seconds]
+            dead = [version for at, version in self._dead.values() if since <= at <= now - grace_seconds]
             actual = [self._actual.get(ride_id) for ride_id, _ in rides]
         return (
             [answers[baseline] for _, answers in rides],

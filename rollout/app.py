@@ -8,7 +8,8 @@ Routes:
                           rollout (202); anything else is ignored (200); a call that is not an
                           authentic, fresh, first delivery gets 401 and changes nothing
   GET  /status            per alias: the registry's version, the one deployed, in sync or not, the last rollouts
-  GET  /readyz            the registry and deployments reachable, and each alias's phase and figures
+  GET  /readyz            the registry and deployments reachable and every analysis reader reading (503 naming
+                          what is not), and each alias's phase and figures
   GET  /healthz           the process is up
 
 One worker process, one instance, always on (Terraform): exactly one controller acts, rollouts
@@ -28,6 +29,7 @@ from typing import Any
 
 from flask import Flask, jsonify, request
 
+from rollout import story
 from rollout.reconcile import Deployment, Guard, Rollout, ShadowSlot, Target
 from rollout.settings import AnalysisSettings, RolloutSettings
 from rollout.webhook import Rejected, WebhookVerifier
@@ -90,7 +92,8 @@ def previous_marker(model_name: str, mlflow_audience: str = ""):
 class RegistryStory:
     """A rollout's durable state and its story, on the version's page in the MLflow UI: ``rollout_*`` tags
     (the phase, when it began, the version it replaces, attempts, figures) that a restarted controller
-    resumes from, and a paragraph per phase appended to the version's description. A blocked version is
+    resumes from, and a paragraph per event: each a tag of its own (``rollout.history.NNNN``), the latest
+    state and the last few on the version's description, within its column (rollout.story). A blocked version is
     tagged ``rollout_status=blocked`` with the reason; the alias goes back to the version still serving:
     once a rollout has ended, the registry never names a version that riders are not getting."""
 
@@ -114,9 +117,19 @@ class RegistryStory:
 
     def tell(self, version: str, paragraph: str, **tags: str) -> None:
         authenticate_to_mlflow(self._audience)
-        description = self._client.get_model_version(self.model_name, version).description or ""
-        self._client.update_model_version(self.model_name, version, description=f"{description}\n\n{paragraph}".strip())
+        current = self._client.get_model_version(self.model_name, version)
+        recorded = current.tags or {}
+        events = [*story.history(recorded), story.clipped(paragraph, story.EVENT_LIMIT)]
+        # The event's tag first: if the page's write fails, the history has lost nothing.
+        self._client.set_model_version_tag(self.model_name, version, story.history_key(len(events)), events[-1])
+        page = story.bounded_description(story.page_of_others(current.description or ""), events, {**recorded, **tags})
+        self._client.update_model_version(self.model_name, version, description=page)
         self.mark(version, **tags)
+
+    def history(self, version: str) -> list[str]:
+        """Every event told of ``version``, in order (the page shows the last few)."""
+        authenticate_to_mlflow(self._audience)
+        return story.history(self._client.get_model_version(self.model_name, version).tags or {})
 
     def move_alias(self, alias: str, version: str) -> None:
         authenticate_to_mlflow(self._audience)
@@ -170,15 +183,13 @@ def live_answers(settings: RolloutSettings) -> Any:
     ).start()
 
 
-def build_rollouts(settings: RolloutSettings, targets: dict[str, Target]) -> dict[str, Rollout]:
-    """A started Rollout per alias. Production is guarded; its shadow phase and bake borrow the challenger's
-    deployment, whose own rollout waits meanwhile."""
+def build_rollouts(settings: RolloutSettings, targets: dict[str, Target], answers: Any = None) -> dict[str, Rollout]:
+    """A started Rollout per alias. Production is guarded (``answers``: live_answers); its shadow phase and
+    bake borrow the challenger's deployment, whose own rollout waits meanwhile."""
     resolve = registry_resolver(settings.model_name, settings.mlflow_audience)
     common = {"resync_seconds": settings.resync_seconds}
     rollouts: dict[str, Rollout] = {}
-    guard = production_guard(
-        settings.model_name, settings.mlflow_audience, targets.get("challenger"), live_answers(settings), settings.analysis
-    )
+    guard = production_guard(settings.model_name, settings.mlflow_audience, targets.get("challenger"), answers, settings.analysis)
     slot = guard["guard"].slot if guard["guard"] else None
     if slot is not None:
         # Production's first look decides what the shadow serves (a rollout to resume may be using it):
@@ -202,16 +213,19 @@ def create_app(
     rollouts: dict[str, Rollout] | None = None,
     verifier: WebhookVerifier | None = None,
     targets: dict[str, Target] | None = None,
+    answers: Any = None,
 ) -> Flask:
-    """Wire the service. Tests inject rollouts on fake targets, the local stack its own targets;
-    production builds Cloud Functions targets from the environment."""
+    """Wire the service. Tests inject rollouts on fake targets (and ``answers``, the live answers' readers),
+    the local stack its own targets; production builds Cloud Functions targets from the environment."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings or RolloutSettings.from_env()
     verifier = verifier or WebhookVerifier(settings.webhook_secret, settings.tolerance_seconds)
     if rollouts is None:
-        rollouts = build_rollouts(settings, targets if targets is not None else cloud_targets(settings))
+        answers = live_answers(settings)
+        rollouts = build_rollouts(settings, targets if targets is not None else cloud_targets(settings), answers)
     app = Flask(__name__)
     app.extensions["rollouts"] = rollouts
+    app.extensions["answers"] = answers
 
     @app.post("/webhooks/mlflow")
     def webhook():
@@ -241,9 +255,12 @@ def create_app(
 
     @app.get("/readyz")
     def readyz():
-        """Whether the controller can see the registry and its deployments, and each alias's phase with its figures."""
+        """Whether the controller can see the registry and its deployments and every analysis reader reads its
+        subscription (a problem each, by alias or ``reader <subscription>``), and each alias's phase with its figures."""
         aliases = {alias: rollout.status() for alias, rollout in rollouts.items()}
         problems = {alias: a["problem"] for alias, a in aliases.items() if a.get("problem")}
+        readers = {name: reader.summary() for name, reader in answers.readers.items()} if answers is not None else {}
+        problems.update({f"reader {name}": r["problem"] for name, r in readers.items() if r["problem"]})
         body = {
             "status": "down" if problems else "ok",
             "problems": problems,
@@ -251,6 +268,7 @@ def create_app(
                 alias: {k: a.get(k) for k in ("state", "phase", "registry", "serving", "last_error")}
                 for alias, a in aliases.items()
             },
+            "readers": readers,
         }
         return jsonify(body), 503 if problems else 200
 

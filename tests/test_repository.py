@@ -6,6 +6,7 @@ import ast
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -146,6 +147,46 @@ def test_the_function_installs_neither_scikit_learn_scipy_nor_pandas():
     closure = _installed_closure(pinned)
     assert {"numpy", "pydantic", "google-cloud-storage", "grpcio"} <= closure  # the walk does find dependencies
     assert not closure & {"scikit-learn", "scipy", "pandas", "pyarrow", "cloudpickle", "mlflow"}
+
+
+def _imported_modules(folder: str) -> set[str]:
+    """Every module the code under ``folder`` imports (at any depth, lazily too) from outside the standard library
+    and this repository, as the most precise module name that is a file (``google.cloud`` is no file; its
+    ``pubsub_v1`` is)."""
+    import ast
+    import importlib.util
+    import sys
+
+    local = {path.name for path in REPO.iterdir() if path.is_dir()}
+    found: set[str] = set()
+    for path in (REPO / folder).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                spec = importlib.util.find_spec(node.module)
+                names = [node.module] if spec and spec.origin else [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            found |= {name for name in names if name.split(".")[0] not in local | set(sys.stdlib_module_names)}
+    return found
+
+
+def test_the_rollout_image_installs_every_package_its_code_imports():
+    """The image installs rollout/requirements.txt only: a package its code imports and the file does not
+    install fails in production, in a thread if imported there (issue 31: the analysis readers' Pub/Sub)."""
+    import importlib.util
+    from importlib.metadata import distribution
+
+    pinned = re.findall(r"^([A-Za-z0-9_.\-]+)==", (REPO / "rollout/requirements.txt").read_text(), re.M)
+    installed = set()
+    for name in _installed_closure(pinned):
+        dist = distribution(name)
+        installed |= {Path(dist.locate_file(file)).resolve() for file in dist.files or []}
+    modules = _imported_modules("rollout")
+    assert "flask" in modules and "google.oauth2.id_token" in modules  # the walk does find imports
+    missing = {name for name in modules if Path(importlib.util.find_spec(name).origin).resolve() not in installed}
+    assert not missing, f"imported by rollout/, not installed by rollout/requirements.txt: {sorted(missing)}"
 
 
 def test_one_python_version_for_training_the_function_and_the_backend():
