@@ -166,8 +166,10 @@ def test_each_identity_gets_exactly_what_it_uses(resources):
         ("roles/run.invoker", "google_cloud_run_v2_service.mlflow"),
     }
     # The rollout controller: its webhook secret, the registry, revisions and traffic of this one function's
-    # Cloud Run service (acting as its identity), and its own copies of the answers.
+    # Cloud Run service (acting as its identity), its own copies of the answers, and the models it loads at
+    # pre-flight (issue 31: without this grant every promotion on Google Cloud is blocked).
     assert by_member["rollout"] == {
+        ("roles/storage.objectViewer", "google_storage_bucket.models"),
         ("roles/secretmanager.secretAccessor", 'google_secret_manager_secret.app["rollout-webhook-secret"]'),
         ("roles/run.developer", "google_cloudfunctions2_function.predict"),
         ("roles/iam.serviceAccountUser", "google_service_account.function"),
