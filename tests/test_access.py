@@ -26,7 +26,7 @@ from devstack.access.grants import (
     render,
 )
 from devstack.access.record import Use, read_record, record_use
-from devstack.access.recorder import AccessRecorder, IdentityPorts, identity_env, recorder_service
+from devstack.access.recorder import AccessRecorder, IdentityPorts, identity_env, read_ports, recorder_service
 from devstack.access.storage_proxy import storage_uses
 from devstack.stack import BUCKET, SUBSCRIPTIONS, TOPICS
 
@@ -194,10 +194,12 @@ def test_the_recorder_process_answers_records_at_once_and_its_record_survives_a_
     from google.cloud import storage
 
     record = tmp_path / "access.jsonl"
+    ports_file = tmp_path / "ports.json"
     service, ports = recorder_service(
-        tmp_path / "logs", record, ["function", "backend"], emulators.pubsub_host, emulators.storage_url
+        tmp_path / "logs", record, ["function", "backend"], emulators.pubsub_host, emulators.storage_url, ports_file
     )
     with service.start(timeout=60):
+        assert read_ports(ports_file) == ports  # for processes that start deployables of their own (the rollout target)
         health = json.load(urllib.request.urlopen(f"{service.url}/healthz", timeout=10))
         assert health["identities"]["function"] == {"pubsub": ports["function"].pubsub, "storage": ports["function"].storage}
         for name, value in identity_env(ports["function"]).items():
@@ -290,6 +292,14 @@ def test_the_comparison_fails_on_a_use_not_granted_and_on_a_grant_unused():
     assert GRANTS[2] in compare(record, GRANTS, []).unused
     stale = NotExercised("pusher", "run_service:other", "roles/run.invoker")
     assert compare(record, GRANTS, [INVOKE, stale]).stale == [stale]
+
+
+def test_a_role_broader_than_what_was_used_is_noted_without_failing():
+    writer = Grant("training", "bucket:models", "roles/storage.objectUser", "training_writes_models")
+    report = compare({Use("training", "storage", "bucket:models", "write")}, [writer], [])
+    assert report.ok and report.narrower == [(writer, "roles/storage.objectCreator")]
+    assert not compare({Use("training", "storage", "bucket:models", "delete")}, [writer], []).narrower
+    assert "| write (storage.objectCreator would do) |" in render(report, [])
 
 
 def test_the_comparison_on_infra_flags_what_the_record_does_not_show():

@@ -267,6 +267,7 @@ class Report:
     unused: list[Grant]  # a grant none of whose actions was used, and which the local stack can exercise
     stale: list[NotExercised]  # an entry of the not-exercised list that matches no grant any more
     tolerated: list[Use]  # a use no grant allows, made by a client library that goes on without it (TOLERATED)
+    narrower: list[tuple[Grant, str]]  # a grant used only in part, and a narrower role that allows what was used
     granted_uses: dict[Grant, list[Use]]  # what each grant was seen allowing
 
     @property
@@ -281,6 +282,16 @@ class Report:
         found += [f"unused grant: {g.identity} has {g.role} on {g.resource} ({g.address})" for g in self.unused]
         found += [f"stale not-exercised entry: {n.identity} {n.role} on {n.resource}" for n in self.stale]
         return found
+
+    def notes(self) -> list[str]:
+        """What passes but is worth a look: a role broader than what its holder was seen doing."""
+        return [f"narrower would do: {g.identity} {g.role} on {g.resource} -> {role}" for g, role in self.narrower]
+
+
+def _narrower_role(grant: Grant, used: set[str]) -> str | None:
+    """The role with the fewest actions that still allows ``used`` and fewer than ``grant``'s, if there is one."""
+    fitting = [(len(actions), role) for role, actions in ROLE_ACTIONS.items() if used <= actions < grant.actions]
+    return min(fitting)[1] if fitting else None
 
 
 def _allows(grant: Grant, use: Use) -> bool:
@@ -300,7 +311,13 @@ def compare(
     not_granted = [(use, NARROWEST_ROLE.get(use.action)) for use in refused if (use.service, use.action) not in tolerated]
     unused = [g for g in grants if not granted_uses[g] and not any(n.covers(g) for n in not_exercised)]
     stale = [n for n in not_exercised if not any(n.covers(g) for g in grants)]
-    return Report(not_granted, unused, stale, [use for use in refused if (use.service, use.action) in tolerated], granted_uses)
+    narrower = [
+        (grant, role)
+        for grant, used in granted_uses.items()
+        if used and (role := _narrower_role(grant, {use.action for use in used}))
+    ]
+    tolerated_uses = [use for use in refused if (use.service, use.action) in tolerated]
+    return Report(not_granted, unused, stale, tolerated_uses, narrower, granted_uses)
 
 
 # --- docs/identities.md -----------------------------------------------------------------------------------------
@@ -323,7 +340,9 @@ as said in the table), fails the comparison.
 def _seen(grant: Grant, report: Report, not_exercised: Iterable[NotExercised], recorded: bool) -> str:
     uses = report.granted_uses.get(grant, [])
     if uses:
-        return ", ".join(sorted({use.action for use in uses}))
+        narrower = dict(report.narrower).get(grant)
+        seen = ", ".join(sorted({use.action for use in uses}))
+        return f"{seen} ({narrower.removeprefix('roles/')} would do)" if narrower else seen
     reason = next((n.why for n in not_exercised if n.covers(grant)), None)
     if reason is not None:
         return f"not exercisable locally: {reason}"

@@ -171,15 +171,21 @@ def _distinct_free_ports(count: int) -> list[int]:
 
 
 def recorder_service(
-    log_dir: Path, record_file: Path, identities: list[str], pubsub_upstream: str, storage_upstream: str
+    log_dir: Path,
+    record_file: Path,
+    identities: list[str],
+    pubsub_upstream: str,
+    storage_upstream: str,
+    ports_file: Path | None = None,
 ) -> tuple[Service, dict[str, IdentityPorts]]:
     """The recorder as a devstack Service, restartable from its spec (its ports are fixed in its argv), and the
-    ports of each identity (for identity_env)."""
+    ports of each identity (for identity_env; also written to ``ports_file`` for other processes: read_ports)."""
     control, *free = _distinct_free_ports(1 + 2 * len(identities))
     ports = {identity: IdentityPorts(free[2 * i], free[2 * i + 1]) for i, identity in enumerate(identities)}
     argv = [
         sys.executable, "-m", "devstack.access", "--pubsub-upstream", pubsub_upstream,
         "--storage-upstream", storage_upstream, "--record", str(record_file), "--control-port", str(control),
         *(f"--identity={name}={p.pubsub},{p.storage}" for name, p in ports.items()),
+        *(["--ports-file", str(ports_file)] if ports_file else []),
     ]  # fmt: skip
     return Service("access-recorder", argv, control, log_dir, f"http://{HOST}:{control}/healthz"), ports

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.record.exists():
             DOCS_RECORD.write_text("".join(use.line() + "\n" for use in sorted(record)))
         DOCS_PAGE.write_text(docs_page())
-    for line in report.lines():
+    for line in report.lines() + report.notes():
         print(line)
     return 0 if report.ok else 1
 
