@@ -904,6 +904,13 @@ resource "google_service_account_iam_member" "rollout_acts_as_function" {
   member             = "serviceAccount:${google_service_account.rollout.email}"
 }
 
+# Pre-flight loads the candidate from the models bucket (rollout/app.py -> serving_function/model_store.py).
+resource "google_storage_bucket_iam_member" "rollout_reads_models" {
+  bucket = google_storage_bucket.models.name
+  role   = "roles/storage.objectViewer"
+  member = "serviceAccount:${google_service_account.rollout.email}"
+}
+
 # It reads its own copies of the answers and the dead letters, and nothing else of the streams.
 resource "google_pubsub_subscription_iam_member" "rollout_reads_analysis" {
   for_each     = google_pubsub_subscription.rollout_analysis

@@ -9,30 +9,15 @@ import hcl2
 import pytest
 from conftest import REPO
 
+from devstack.access.grants import clean_hcl as _clean
+from devstack.access.grants import load_resources
+
 INFRA = REPO / "infra"
-
-
-def _clean(value):
-    """python-hcl2 keeps HCL's quotes around keys and strings; drop them."""
-    if isinstance(value, dict):
-        return {_clean(k): _clean(v) for k, v in value.items() if k not in ("__is_block__", "__comments__")}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
-    return value
 
 
 @pytest.fixture(scope="module")
 def resources() -> dict[str, dict[str, dict]]:
-    found: dict[str, dict[str, dict]] = defaultdict(dict)
-    for path in sorted(INFRA.glob("*.tf")):
-        with open(path) as f:
-            parsed = _clean(hcl2.load(f))
-        for block in parsed.get("resource", []):
-            for kind, named in block.items():
-                found[kind].update(named)
-    return found
+    return load_resources(INFRA)
 
 
 def test_every_terraform_file_parses():
@@ -181,8 +166,10 @@ def test_each_identity_gets_exactly_what_it_uses(resources):
         ("roles/run.invoker", "google_cloud_run_v2_service.mlflow"),
     }
     # The rollout controller: its webhook secret, the registry, revisions and traffic of this one function's
-    # Cloud Run service (acting as its identity), and its own copies of the answers.
+    # Cloud Run service (acting as its identity), its own copies of the answers, and the models it loads at
+    # pre-flight (issue 31: without this grant every promotion on Google Cloud is blocked).
     assert by_member["rollout"] == {
+        ("roles/storage.objectViewer", "google_storage_bucket.models"),
         ("roles/secretmanager.secretAccessor", 'google_secret_manager_secret.app["rollout-webhook-secret"]'),
         ("roles/run.developer", "google_cloudfunctions2_function.predict"),
         ("roles/iam.serviceAccountUser", "google_service_account.function"),

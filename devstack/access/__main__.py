@@ -1,0 +1,3 @@
+from devstack.access.recorder import main
+
+main()
