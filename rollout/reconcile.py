@@ -88,6 +88,9 @@ class MemoryStory:
         self.pages.setdefault(version, []).append(paragraph)
         self.mark(version, **tags)
 
+    def history(self, version: str) -> list[str]:
+        return list(self.pages.get(version, []))
+
     def move_alias(self, alias: str, version: str) -> None:
         self.aliases[alias] = version
 

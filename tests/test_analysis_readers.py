@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from google.api_core.exceptions import NotFound
 from google.cloud import pubsub_v1
 
 from rollout.analysis import LiveAnswers
-from rollout.app import create_app
+from rollout.app import create_app, live_answers
 from rollout.settings import RolloutSettings
 from rollout.webhook import WebhookVerifier
 
@@ -155,3 +156,14 @@ def test_the_controllers_readyz_names_a_reader_whose_subscription_is_missing_or_
         _until(lambda: readiness()[0] == 200, "/readyz ready once the reader runs again")
     finally:
         answers.stop()
+
+
+def test_without_pubsub_installed_the_controller_fails_at_start_instead_of_reading_nothing(monkeypatch):
+    """As the image without google-cloud-pubsub was: building the readers (create_app calls live_answers when
+    gunicorn loads the service) raises, where it used to start threads that died unseen."""
+    monkeypatch.setitem(sys.modules, "google.cloud.pubsub_v1", None)  # any import of it fails, as if not installed
+    monkeypatch.delattr("google.cloud.pubsub_v1", raising=False)
+    monkeypatch.delitem(sys.modules, "rollout.analysis")  # imported afresh, as in a new process
+    settings = RolloutSettings("secret", "ride-duration", {}, 300, 0.05, 0.2, project="p", result_subscriptions=("results",))
+    with pytest.raises(ImportError):
+        live_answers(settings).stop()
