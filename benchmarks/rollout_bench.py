@@ -36,7 +36,7 @@ def main() -> None:
     results = {}
     # MLflow prints a line per run it ends on stdout: to stderr with the logs, so stdout is the one JSON document.
     with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp, contextlib.redirect_stdout(sys.stderr):
-        stack = RolloutStack(Path(tmp) / "stack")
+        stack = RolloutStack(Path(tmp) / "stack", record_access=False)  # timings without the recording proxies
         try:
             stack.start()
             for name, scenario in ROLLOUT_SCENARIOS.items():

@@ -15,12 +15,22 @@ from rollout.reconcile import Deployment
 
 
 class LocalFunctionTarget:
-    def __init__(self, stack_dir: str | Path, key: str = "function"):
+    """``identity``: who deploys, for the access record: the rollout controller's service account, or None for an
+    operator's own commands (`make redeploy`), which run as a person, not as a deployable."""
+
+    def __init__(self, stack_dir: str | Path, key: str = "function", identity: str | None = "rollout"):
         if key not in FUNCTIONS:
             raise ValueError(f"no local function {key!r}; there are: {', '.join(FUNCTIONS)}")
         self.stack_dir = Path(stack_dir)
         self.key = key
+        self.identity = identity
         self.name = f"local {key} (functions-framework)"
+
+    def _changed_by(self, stack: Stack) -> Stack:
+        """On Google Cloud, a new revision or traffic of the function's Cloud Run service (run.developer there)."""
+        if self.identity:
+            stack.record_use(self.identity, "run", f"service:{self.key}", "deploy")
+        return stack
 
     def serving(self) -> Deployment | None:
         """What the running instance was started with; None if it is not running (it is then started again)."""
@@ -33,13 +43,13 @@ class LocalFunctionTarget:
     def deploy(self, model: Deployment) -> None:
         with open(self.stack_dir / "rollout.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            Stack.load(self.stack_dir).deploy_function(model.run_id, model.version, key=self.key)
+            self._changed_by(Stack.load(self.stack_dir)).deploy_function(model.run_id, model.version, key=self.key)
 
     def retire(self) -> None:
         """No version is wanted here (no challenger alias): stop serving one."""
         with open(self.stack_dir / "rollout.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            Stack.load(self.stack_dir).retire_function(self.key)
+            self._changed_by(Stack.load(self.stack_dir)).retire_function(self.key)
 
 
 # Which function deployment each rolled-out alias drives.
@@ -58,7 +68,7 @@ def local_rollouts(stack: Stack, aliases: tuple[str, ...] = ("production", "chal
         alias: Rollout(
             alias,
             registry_resolver(name),
-            LocalFunctionTarget(stack.dir, DEPLOYMENT_OF_ALIAS[alias]),
+            LocalFunctionTarget(stack.dir, DEPLOYMENT_OF_ALIAS[alias], identity=None),
             **(production_guard(name) if alias == "production" else {}),
         )
         for alias in aliases

@@ -116,8 +116,10 @@ class RolloutStack:
     backend, the controller (resync every RESYNC_SECONDS), and three versions of real models: v1
     serving, v2 retrained on other rides, v3 trained on shuffled durations."""
 
-    def __init__(self, directory: Path):
-        self.stack = Stack(directory)
+    def __init__(self, directory: Path, record_access: bool = True):
+        # With the access recorder by default: these scenarios exercise every identity (tests/test_rollout_faults.py
+        # compares what each touched with infra/'s grants).
+        self.stack = Stack(directory, record_access=record_access)
         self.versions: dict[str, str] = {}
 
     def start(self) -> RolloutStack:
@@ -128,8 +130,9 @@ class RolloutStack:
         stack.start_emulators()
         stack.start_mlflow()
         stack.ensure_topology()
-        stack.apply_env()
+        stack.apply_env("training")  # this process trains the versions (and runs the flows), as training does
         stack.start_backends(1)
+        stack.start_outcome_sink()
         stack.start_rollout(settings=SCENARIO_ANALYSIS)
         settings = Settings.from_env()  # the stack's registry (apply_env)
         configs = {

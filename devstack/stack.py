@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from devstack.deployables import BACKEND, ROLLOUT, TRACKING_SERVER, stage
@@ -74,6 +74,9 @@ DEMO_ANALYSIS = {
     "ROLLOUT_BAKE_MIN_RIDES": "60",
     "ROLLOUT_ANSWER_GRACE_SECONDS": "3",
 }
+# The identities the deployables run as (infra/'s service accounts), with the access recorder: production and
+# the challenger are revisions of the one function; the outcome sink stands in for Pub/Sub's service agent.
+IDENTITIES = ("function", "backend", "rollout", "mlflow", "training", "pubsub_agent")
 # The function deployments: production answers riders; the challenger (alias challenger) answers
 # the same rides into the shadow topic only.
 FUNCTIONS = {
@@ -159,6 +162,10 @@ class Stack:
     # processes (the local rollout service) wrote for the rest.
     changed: set[str] = field(default_factory=set)
     removed: set[str] = field(default_factory=set)
+    # Record what each identity touches (devstack/access): every deployable reaches the emulators through
+    # proxies of its identity's own. ``access``: the record file and each identity's proxy ports, once started.
+    record_access: bool = False
+    access: dict = field(default_factory=dict)
 
     @property
     def model(self) -> dict:
@@ -205,9 +212,26 @@ class Stack:
             env["PREFECT_API_URL"] = self.urls["prefect"] + "/api"
         return env
 
-    def apply_env(self) -> None:
-        """Make this process a client of the stack too."""
-        os.environ.update(self.env())
+    def env_as(self, identity: str) -> dict[str, str]:
+        """The environment of a process running as ``identity``: with the access recorder, the emulators are
+        reached through that identity's proxies, so what it touches is recorded as its own."""
+        ports = self.access.get("identities", {}).get(identity)
+        if ports is None:
+            return self.env()
+        from devstack.access.recorder import IdentityPorts, identity_env
+
+        return {**self.env(), **identity_env(IdentityPorts(**ports))}
+
+    def record_use(self, identity: str, service: str, resource: str, action: str) -> None:
+        """A use that is no emulator call (a secret handed over, a revision deployed), when recording."""
+        if self.access:
+            from devstack.access.record import record_use
+
+            record_use(self.access["record"], identity, service, resource, action)
+
+    def apply_env(self, identity: str | None = None) -> None:
+        """Make this process a client of the stack too (as ``identity``, when it stands for one)."""
+        os.environ.update(self.env_as(identity) if identity else self.env())
 
     # --- bookkeeping -------------------------------------------------------------------------
     def _started(self, key: str, service: Service) -> Service:
@@ -221,7 +245,7 @@ class Stack:
         self.save()
         return service
 
-    _STATE_KEYS = ("pids", "ports", "urls", "models", "specs")
+    _STATE_KEYS = ("pids", "ports", "urls", "models", "specs", "access")
 
     def save(self) -> None:
         """Write this process's view into the state file, merged with what other processes wrote meanwhile.
@@ -248,7 +272,10 @@ class Stack:
         if not path.exists():
             raise ServiceError(f"no stack running from {stack_dir} (start one with `make demo`)")
         state = json.loads(path.read_text())
-        return cls(stack_dir, {}, state["urls"], state["pids"], state["ports"], state.get("models", {}), state.get("specs", {}))
+        return cls(
+            stack_dir, {}, state["urls"], state["pids"], state["ports"], state.get("models", {}), state.get("specs", {}),
+            access=state.get("access", {}),
+        )  # fmt: skip
 
     def refresh(self) -> None:
         """Take in what other processes changed (a function the rollout service deployed)."""
@@ -298,6 +325,22 @@ class Stack:
         # On disk, like a real bucket: the models survive a restart of the storage emulator.
         self._started("storage", storage_emulator(self.log_dir, BUCKET, data_dir=self.storage_dir).start())
         self.ensure_buckets()
+        if self.record_access:
+            self.start_access_recorder()
+
+    @property
+    def access_record(self) -> Path:
+        return self.dir / "access.jsonl"
+
+    def start_access_recorder(self) -> None:
+        """A Pub/Sub and a storage proxy per identity in front of the emulators, recording into access_record."""
+        from devstack.access.recorder import recorder_service
+
+        service, ports = recorder_service(
+            self.log_dir, self.access_record, list(IDENTITIES), f"{HOST}:{self.ports['pubsub']}", self.urls["storage"]
+        )
+        self.access = {"record": str(self.access_record), "identities": {name: asdict(p) for name, p in ports.items()}}
+        self._started("access-recorder", service.start())
 
     def ensure_buckets(self) -> None:
         """The buckets beside the emulator's default one (Terraform makes them on Google Cloud)."""
@@ -396,7 +439,8 @@ class Stack:
             ARTIFACT_ROOT,
             "--no-serve-artifacts",
         ]
-        env = {**self.env(), **local_webhook_env(self.secrets()["mlflow_webhook_encryption_key"])}
+        env = {**self.env_as("mlflow"), **local_webhook_env(self.secrets()["mlflow_webhook_encryption_key"])}
+        self.record_use("mlflow", "secretmanager", "secret:mlflow_webhook_encryption_key", "access")
         cwd = stage(TRACKING_SERVER, self.dir / "images" / "mlflow")  # the image copies no code of ours
         service = Service("mlflow", argv, port, self.log_dir, f"http://{HOST}:{port}/health", env=env, cwd=cwd)
         self._started("mlflow", service.start())
@@ -425,8 +469,9 @@ class Stack:
         from rollout.register import register_webhook
 
         port = free_port()
+        self.record_use("rollout", "secretmanager", "secret:rollout_webhook_secret", "access")
         env = {
-            **self.env(),
+            **self.env_as("rollout"),
             "ROLLOUT_WEBHOOK_SECRET": self.secrets()["rollout_webhook_secret"],
             "ROLLOUT_ALIASES": aliases,
             "STACK_DIR": str(self.dir),
@@ -489,7 +534,7 @@ class Stack:
 
     def run_training(self, *train_args: str) -> dict:
         """`python -m training.train` against the stack's registry: a version registered with no alias (its JSON)."""
-        env = {**os.environ, **self.env()}
+        env = {**os.environ, **self.env_as("training")}
         with open(self.log_dir / "training.log", "ab") as log:
             done = subprocess.run(
                 [sys.executable, "-m", "training.train", *train_args],
@@ -513,7 +558,7 @@ class Stack:
     def run_training_flow(self, *flow_args: str) -> dict:
         """The Prefect training flow, run as a user would, against the stack's servers."""
         out = self.dir / f"flow-{len(list(self.dir.glob('flow-*.json'))) + 1}.json"
-        env = {**os.environ, **self.env(), "PREFECT_HOME": str(self.dir / "prefect")}
+        env = {**os.environ, **self.env_as("training"), "PREFECT_HOME": str(self.dir / "prefect")}
         with open(self.log_dir / "training-flow.log", "ab") as log:
             subprocess.run(
                 [sys.executable, "-m", "flows.training_flow", *flow_args, "--json-out", str(out)],
@@ -527,7 +572,7 @@ class Stack:
 
     def _function_service(self, key: str, run_id: str, version: str, port: int | None) -> Service:
         env = {
-            **self.env(),
+            **self.env_as("function"),
             "BACKEND_PULL_STREAM": FUNCTIONS[key]["results"],
             "RUN_ID": run_id,
             "MODEL_VERSION": version,
@@ -601,7 +646,7 @@ class Stack:
         for index in range(replicas):
             port = free_port()
             env = {
-                **self.env(),
+                **self.env_as("backend"),
                 "REDIS_URL": redis_url,
                 "REDIS_PREFIX": self.redis_prefix,
                 **(settings or {}),
@@ -627,7 +672,10 @@ class Stack:
             sys.executable, "-m", "devstack.outcome_sink", "--port", str(port), "--project", PROJECT,
             "--subscription", SUBSCRIPTIONS["outcomes_sink"], "--bucket", OUTCOMES_BUCKET, "--max-seconds", str(max_seconds),
         ]  # fmt: skip
-        service = Service("outcome-sink", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=self.env(), cwd=REPO)
+        # It writes the bucket as Pub/Sub's service agent would; it reads its subscription directly, as Pub/Sub itself
+        # does (a Cloud Storage subscription needs no grant on the subscription).
+        env = {**self.env(), "STORAGE_EMULATOR_HOST": self.env_as("pubsub_agent")["STORAGE_EMULATOR_HOST"]}
+        service = Service("outcome-sink", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=REPO)
         self._started("outcome-sink", service.start())
 
     @property

@@ -7,7 +7,10 @@ scenarios run in order; benchmarks/rollout_bench.py prints the same figures.
 
 from __future__ import annotations
 
+import time
+
 import pytest
+import requests
 from conftest import assert_runs_as_shipped, started_as_client
 
 from devstack.deployables import ROLLOUT, TRACKING_SERVER
@@ -66,3 +69,58 @@ def test_the_controller_and_the_tracking_server_run_from_what_they_ship(rollouts
         pids["rollout"], ROLLOUT, runs="devstack.rollout_service", lacks=("pandas", "prefect", "flows", "backend")
     )
     assert_runs_as_shipped(pids["mlflow"], TRACKING_SERVER, runs="mlflow.server", lacks=("prefect", "redis", "training"))
+
+
+def test_every_identity_touches_exactly_what_infra_grants_it(results, rollouts, prefect_harness, monkeypatch):
+    """After the scenarios (training, guarded promotions with pre-flight, shadow and bake, a block, a rollback,
+    riders all along), the rest of a day: riders report how their rides ended, a poison ride is dead-lettered,
+    health is checked, an operator browses a run's artifacts in the MLflow UI, and the flows read the completed
+    rides. Each deployable reached the emulators through its identity's own recording proxy (devstack/access):
+    what each touched must be exactly what infra/ grants it, no more (the pre-flight's read of the models bucket
+    was once missing) and no less, apart from NOT_EXERCISED; docs/identities.md shows the same record."""
+    from google.cloud import pubsub_v1
+    from mlflow import MlflowClient
+
+    from devstack.access.grants import DOCS_RECORD, NOT_EXERCISED, compare, in_infra, parse_grants
+    from devstack.access.record import read_record
+    from devstack.stack import PROJECT, TOPICS
+    from devstack.traffic import real_rides, stream, summarize
+    from flows.challenger_flow import challenger_flow
+    from flows.live_quality_flow import live_quality_flow
+    from training.settings import Settings
+
+    stack = rollouts.stack
+    outcomes = stream(stack.backend_urls, real_rides(40, seed=21), concurrency=4, report_outcomes=True)
+    assert summarize(outcomes)["lost"] == 0
+    # A ride the function cannot read: dead-lettered by the function itself (published by an operator, straight
+    # to the emulator: this process otherwise stands for the training identity).
+    with monkeypatch.context() as operator:
+        operator.setenv("PUBSUB_EMULATOR_HOST", f"127.0.0.1:{stack.ports['pubsub']}")
+        poison = pubsub_v1.PublisherClient()
+        poison.publish(poison.topic_path(PROJECT, TOPICS["push"]), b"not a ride").result(timeout=60)
+    for url in stack.backend_urls:  # what Cloud Run's probe and an operator ask
+        assert requests.get(f"{url}/readyz", timeout=30).status_code in (200, 503)
+    settings = Settings.from_env()
+    client = MlflowClient(stack.urls["mlflow"])
+    run_id = client.get_model_version(settings.model_name, rollouts.versions["serving"]).run_id
+    listed = requests.get(f"{stack.urls['mlflow']}/ajax-api/2.0/mlflow/artifacts/list", params={"run_id": run_id}, timeout=60)
+    assert listed.ok and listed.json().get("files"), listed.text  # the UI's artifact view, which the server reads
+    deadline = time.monotonic() + 120  # the sink files completed rides every few seconds
+    while requests.get(f"{stack.urls['outcome-sink']}/healthz", timeout=10).json()["rides"] < len(outcomes):
+        assert time.monotonic() < deadline, "the outcome sink did not file the completed rides"
+        time.sleep(1)
+    assert live_quality_flow(hours=1, return_state=True).is_final()
+    production = client.get_model_version_by_alias(settings.model_name, "production").version
+    assert challenger_flow(champion=production, challenger=rollouts.versions["retrained"], hours=1, return_state=True).is_final()
+    deadline = time.monotonic() + 120  # the dead letter is in the record once the function has published it
+    while not any(u.resource.endswith(TOPICS["dead"]) for u in read_record(stack.access_record) if u.identity == "function"):
+        assert time.monotonic() < deadline, "the function never dead-lettered the poison ride"
+        time.sleep(1)
+
+    record = read_record(stack.access_record)
+    report = compare(in_infra(record), parse_grants(), NOT_EXERCISED)
+    assert report.ok, "\n".join(report.lines())
+    # The identity page's record is this one: regenerate it with `python -m devstack.access.report --record
+    # <stack>/access.jsonl --write-docs` when the deployables' uses change.
+    kept = {u for u in read_record(DOCS_RECORD) if u.action != "bucket_get"}
+    assert {u for u in record if u.action != "bucket_get"} == kept, "docs/identities.record.jsonl is not this run's record"
