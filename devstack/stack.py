@@ -103,6 +103,8 @@ class Stack:
     # processes (the local rollout service) wrote for the rest.
     changed: set[str] = field(default_factory=set)
     removed: set[str] = field(default_factory=set)
+    # Retired deployments: their address and spec go too (forget()), so nothing points at them again.
+    forgotten: set[str] = field(default_factory=set)
 
     @property
     def model(self) -> dict:
@@ -149,6 +151,7 @@ class Stack:
     # --- bookkeeping -------------------------------------------------------------------------
     def _started(self, key: str, service: Service) -> Service:
         self.removed.discard(key)
+        self.forgotten.discard(key)
         self.changed.add(key)
         self.services[key] = service
         self.specs[key] = service.spec()
@@ -159,6 +162,7 @@ class Stack:
         return service
 
     _STATE_KEYS = ("pids", "ports", "urls", "models", "specs")
+    _FORGOTTEN_KEYS = ("ports", "urls", "specs")
 
     def save(self) -> None:
         """Write this process's view into the state file, merged with what other processes wrote meanwhile.
@@ -175,6 +179,9 @@ class Stack:
                 merged.update({key: mine[key] for key in self.changed if key in mine})
                 if name == "pids":  # a stopped service keeps its spec, port and URL: restart() needs them
                     for key in self.removed:
+                        merged.pop(key, None)
+                elif name in self._FORGOTTEN_KEYS:  # ...unless it was retired: then they go as well
+                    for key in self.forgotten:
                         merged.pop(key, None)
                 setattr(self, name, merged)
             self.state_path.write_text(json.dumps({name: getattr(self, name) for name in self._STATE_KEYS}, indent=2))
@@ -267,6 +274,39 @@ class Stack:
         self.changed.discard(key)
         self.save()
 
+    def forget(self, key: str) -> None:
+        """A stopped service's address and spec go too: a retired deployment is not restarted, and no
+        subscription is pointed at its port again (issue 31: a retired shadow's push URL, left in the state,
+        was recreated by every deploy and emulator restart and filled the emulator's log with failed pushes)."""
+        for name in self._FORGOTTEN_KEYS:
+            getattr(self, name).pop(key, None)
+        self.forgotten.add(key)
+        self.changed.discard(key)
+
+    def push_endpoints(self) -> dict[str, str | None]:
+        """The desired push subscriptions: each function deployment's endpoint if it serves (started, with a
+        model, not retired), else None. Computed from the state alone, so any process derives the same."""
+        return {
+            key: self.urls[key] + "/" if self.models.get(key) and key in self.pids and key in self.urls else None
+            for key in FUNCTIONS
+        }
+
+    def _ensure_function_subscriptions(self, emulator: str) -> None:
+        """Push to each deployment that serves; production's subscription is kept as pull while it serves
+        nothing (it holds the rides), a shadow's is deleted (no backlog, no pushes to a dead port)."""
+        from devstack.pubsub import delete_subscription, ensure_subscription
+
+        for key, endpoint in self.push_endpoints().items():
+            subscription = FUNCTIONS[key]["subscription"]
+            if endpoint is not None:
+                ensure_subscription(PROJECT, TOPICS["push"], subscription, endpoint, emulator_host=emulator)
+            elif key == "function":
+                # Before the first deployment: a subscription that holds the rides (Pub/Sub keeps messages
+                # only for subscriptions that exist), switched to push once the function answers.
+                ensure_subscription(PROJECT, TOPICS["push"], subscription, emulator_host=emulator)
+            else:
+                delete_subscription(PROJECT, subscription, emulator_host=emulator)
+
     def ensure_topology(self) -> None:
         from devstack.pubsub import ensure_subscription, ensure_topic
 
@@ -287,14 +327,7 @@ class Stack:
         }
         for topic, subscription in analysis.items():
             ensure_subscription(PROJECT, TOPICS[topic], SUBSCRIPTIONS[subscription], emulator_host=emulator)
-        for key, function in FUNCTIONS.items():
-            if key in self.urls:
-                push_endpoint = self.urls[key] + "/"
-                ensure_subscription(PROJECT, TOPICS["push"], function["subscription"], push_endpoint, emulator_host=emulator)
-            elif key == "function":
-                # Before the first deployment: a subscription that holds the rides (Pub/Sub keeps messages
-                # only for subscriptions that exist), switched to push once the function answers.
-                ensure_subscription(PROJECT, TOPICS["push"], function["subscription"], emulator_host=emulator)
+        self._ensure_function_subscriptions(emulator)
 
     def start_mlflow(self, backend_store_uri: str | None = None, preferred_port: int | None = None) -> None:
         port = free_port(preferred_port)
@@ -488,6 +521,7 @@ class Stack:
 
         self.stop(key)
         delete_subscription(PROJECT, FUNCTIONS[key]["subscription"], emulator_host=f"{HOST}:{self.ports['pubsub']}")
+        self.forget(key)
         self.models[key] = {}  # serves nothing (an empty entry, so the merge in save() does not bring the old one back)
         self.changed.add(key)
         self.save()
