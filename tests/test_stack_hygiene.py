@@ -98,7 +98,6 @@ def test_a_retired_shadow_gets_no_subscription_back_and_no_push_is_tried_at_its_
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
 
     stack = Stack.load(stack.dir)
-    assert "challenger" not in stack.urls and "challenger" not in stack.specs  # its address went with it
     # Rides flow: production answers every one (the emulator pushed them to it) ...
     publisher = pubsub_v1.PublisherClient()
     rides = [{**ride, "ride_id": f"hygiene-{i}"} for i, (ride, _) in enumerate(real_rides(20, seed=3))]
@@ -117,6 +116,7 @@ def test_a_retired_shadow_gets_no_subscription_back_and_no_push_is_tried_at_its_
     failed = [line for line in logged.decode(errors="replace").splitlines() if "Failed to push" in line]
     assert not [line for line in failed if retired_endpoint.rstrip("/") in line], failed[:3]
     assert not failed, failed[:3]
+    assert "challenger" not in stack.urls and "challenger" not in stack.specs  # its address went with it
 
 
 def start_controller(stack: Stack) -> int:
