@@ -16,17 +16,15 @@ import json
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import requests
 from rich.console import Console
 from rich.table import Table
 
-from devstack.processes import ServiceError, pid_alive
-from devstack.rollout_target import local_rollouts
-from devstack.rollouts import production_version, promote_under_traffic, version_tags
+from devstack.processes import ServiceError
 from devstack.stack import DEFAULT_STACK_DIR, OUTCOMES_URI, Stack
-from devstack.traffic import real_rides, stream, summarize
 
 # The UIs' usual addresses when free (bookmarks keep working); other free ports when not.
 MLFLOW_PORT, PREFECT_PORT = 5000, 4200
@@ -102,6 +100,10 @@ def _run_metrics(stack: Stack, run_id: str) -> dict[str, float]:
 
 
 def demo(args: argparse.Namespace) -> int:
+    # Here, not at the top: pandas and MLflow take seconds to import, and `status` must answer in a few.
+    from devstack.rollouts import production_version, promote_under_traffic, version_tags
+    from devstack.traffic import real_rides, stream, summarize
+
     stack = Stack(args.stack_dir)
     if stack.state_path.exists():
         console.print(f"[red]a stack is already running ({stack.state_path}); `make down` first[/red]")
@@ -213,30 +215,45 @@ def demo(args: argparse.Namespace) -> int:
         raise
 
 
-def _sync_report(stack: Stack, served: dict | None) -> dict:
+def _sync_report(stack: Stack, answers: dict, served: dict | None) -> dict:
     """Registry vs deployed per alias (computed here: it holds whether the rollout service runs or not),
-    and ``served``, the model behind a backend's latest result (its /readyz ``model_served``)."""
+    and ``served``, the model behind a backend's latest result (its /readyz ``model_served``).
+    ``answers``: what the registry and the rollout service answered (health.side_by_side)."""
+    from devstack.health import NoAnswer
+    from devstack.rollout_target import DEPLOYMENT_OF_ALIAS, LocalFunctionTarget
     from rollout.__main__ import judge
+    from rollout.reconcile import Deployment, Rollout
 
-    aliases = {alias: rollout.status() for alias, rollout in local_rollouts(stack).items()}
+    def resolve(alias: str) -> Deployment | None:
+        found = answers.get(f"registry:{alias}", NoAnswer("no MLflow server in this stack"))
+        if isinstance(found, NoAnswer):
+            raise ServiceError(f"the registry did not say: {found}")
+        return Deployment(str(found["version"]), found["run_id"], found.get("source", "")) if found else None
+
+    aliases = {
+        alias: Rollout(alias, resolve, LocalFunctionTarget(stack.dir, key)).status() for alias, key in DEPLOYMENT_OF_ALIAS.items()
+    }
     if (aliases["challenger"]["registry"] or aliases["challenger"]["serving"]) is None:
         aliases.pop("challenger")  # no challenger anywhere: nothing to compare
-    service_running = "rollout" in stack.urls and pid_alive(stack.pids.get("rollout", -1))
-    if service_running:  # its history of rollouts
-        service = requests.get(f"{stack.urls['rollout']}/status", timeout=30).json()["aliases"]
-        for alias, entry in aliases.items():  # its phase under way, its failures, its history of rollouts
+    service = answers.get("rollout:status")
+    if isinstance(service, dict):  # its phase under way, its failures, its history of rollouts
+        for alias, entry in aliases.items():
             for key in ("phase", "guarded", "state", "last_error", "history"):
-                entry[key] = service.get(alias, {}).get(key)
+                entry[key] = service["aliases"].get(alias, {}).get(key)
             if entry["phase"]:  # a rollout under way is not a mismatch yet
                 entry["in_sync"] = False
     report = judge({"aliases": aliases}, served)
-    if not service_running:
+    if service is None:
         report["warning"] = "the rollout service is not running: alias moves are not followed until `make redeploy`"
+    elif isinstance(service, NoAnswer):
+        report["warning"] = f"the rollout service did not answer its /status ({service}): alias moves may not be followed"
     return report
 
 
 def redeploy(args: argparse.Namespace) -> int:
     """Reconcile now, through the rollout path: deploy what the registry's production alias says, if it differs."""
+    from devstack.rollout_target import local_rollouts
+
     stack = Stack.load(args.stack_dir)
     console.print(local_rollouts(stack, ("production",))["production"].reconcile())
     return 0
@@ -280,28 +297,51 @@ def down(args: argparse.Namespace) -> int:
     return 0
 
 
-def _readiness(stack: Stack) -> dict[str, dict]:
-    """Each backend replica's /readyz, read once: how riders are served (status ok, degraded or down,
-    and why) and the model behind its latest result."""
-    bodies = {}
-    for url in stack.backend_urls:
-        try:
-            bodies[url] = requests.get(f"{url}/readyz", timeout=10).json()
-        except (requests.RequestException, ValueError) as exc:
-            bodies[url] = {"status": "down", "degraded": [f"no /readyz answer: {type(exc).__name__}"]}
-    return bodies
+def _status_checks(stack: Stack) -> dict:
+    """Every question `status` asks, to be asked side by side: each service's process and address, each
+    backend's /readyz (how riders are served, the model behind its latest result), the registry's aliases,
+    the rollout service's /status."""
+    from devstack.health import json_of, registry_alias, service_state
+    from devstack.processes import pid_alive
+    from devstack.rollout_target import DEPLOYMENT_OF_ALIAS
+    from training.settings import Settings
+
+    checks = {
+        f"service:{key}": partial(service_state, pid, stack.specs.get(key, {}).get("ready")) for key, pid in stack.pids.items()
+    }
+    for url in stack.backend_urls:  # /readyz says 503 with its reasons when degraded: its body counts either way
+        checks[f"readyz:{url}"] = partial(json_of, f"{url}/readyz", any_status=True)
+    if "mlflow" in stack.urls:
+        model_name = Settings.from_env().model_name
+        for alias in DEPLOYMENT_OF_ALIAS:
+            checks[f"registry:{alias}"] = partial(registry_alias, stack.urls["mlflow"], model_name, alias)
+    if "rollout" in stack.urls and pid_alive(stack.pids.get("rollout", -1)):
+        checks["rollout:status"] = partial(json_of, f"{stack.urls['rollout']}/status")
+    return checks
+
+
+def _readiness(stack: Stack, answers: dict) -> dict[str, dict]:
+    """Each backend replica's /readyz as answered, or why it did not answer."""
+    from devstack.health import NoAnswer
+
+    return {
+        url: {"status": "down", "degraded": [f"no /readyz answer: {body}"]} if isinstance(body, NoAnswer) else body
+        for url, body in ((url, answers[f"readyz:{url}"]) for url in stack.backend_urls)
+    }
 
 
 def status(args: argparse.Namespace) -> int:
+    from devstack.health import side_by_side
+
     stack = Stack.load(args.stack_dir)
-    alive = {key: "running" if pid_alive(pid) else "DEAD" for key, pid in stack.pids.items()}
-    readiness = _readiness(stack)
+    answers = side_by_side(_status_checks(stack))
+    readiness = _readiness(stack, answers)
     report = {
-        "services": alive,
+        "services": {key: str(answers[f"service:{key}"]) for key in stack.pids},  # a NoAnswer as its reason
         "urls": stack.urls,
         "pids": stack.pids,
         "models": {key: model for key, model in stack.models.items() if model},  # a retired deployment serves none
-        "sync": _sync_report(stack, next(iter(readiness.values()), {}).get("model_served")),
+        "sync": _sync_report(stack, answers, next(iter(readiness.values()), {}).get("model_served")),
         "riders": {
             url: {"status": body.get("status", "down"), "degraded": body.get("degraded", [])} for url, body in readiness.items()
         },
@@ -324,7 +364,10 @@ def status(args: argparse.Namespace) -> int:
     unhealthy = {url: entry for url, entry in report["riders"].items() if entry["status"] != "ok"}
     for url, entry in unhealthy.items():
         console.print(f"[yellow]{entry['status'].upper()}:[/yellow] {url}: {'; '.join(entry['degraded']) or 'not ready'}")
-    return 0 if sync["in_sync"] and not unhealthy else 1
+    stuck = {key: state for key, state in report["services"].items() if state != "running"}
+    for key, state in stuck.items():
+        console.print(f"[red]{key}:[/red] {state}")
+    return 0 if sync["in_sync"] and not unhealthy and not stuck else 1
 
 
 def watch(args: argparse.Namespace) -> int:

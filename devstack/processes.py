@@ -28,6 +28,11 @@ HOST = "127.0.0.1"
 # (two test workers, one of them training) can make a server's imports take minutes.
 READY_WITHIN_SECONDS = 300
 VENV_BIN = Path(sys.executable).parent
+# Each service's log is capped: the file and this many predecessors (<name>.log.1, .2) at most this big
+# each. An emulator retrying a dead push endpoint once wrote 1.83 GiB in an afternoon (issue 31).
+LOG_MAX_BYTES = 20 * 1024 * 1024
+LOG_BACKUPS = 2
+LOG_WRITER = Path(__file__).resolve().parent / "log_writer.py"
 
 
 class ServiceError(RuntimeError):
@@ -102,6 +107,8 @@ class Service:
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
     process: subprocess.Popen | None = None
+    log_max_bytes: int = LOG_MAX_BYTES
+    log_backups: int = LOG_BACKUPS
 
     def spec(self) -> dict:
         """What it takes to start this service again (see Stack.restart)."""
@@ -130,20 +137,24 @@ class Service:
     def log_path(self) -> Path:
         return self.log_dir / f"{self.name}.log"
 
+    @property
+    def log_paths(self) -> list[Path]:
+        """The log and the predecessors it was rotated into, oldest first."""
+        return [*rotated_logs(self.log_path, self.log_backups), self.log_path]
+
     def start(self, timeout: float = READY_WITHIN_SECONDS, on_spawn: Callable[[int], None] | None = None) -> Service:
         """Start and wait until ready. ``on_spawn(pid)``: told as soon as the process exists, before it is
         ready, so that whoever started it can stop it even if it dies while waiting (a killed controller)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                self.argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env},
-                cwd=self.cwd,
-                start_new_session=True,  # own process group: stop() reaches its children too
-            )
+        self.process = subprocess.Popen(
+            capped_log_argv(self.log_path, self.log_max_bytes, self.log_backups, self.argv),
+            stdout=subprocess.DEVNULL,  # the service's output goes through the log writer's pipe
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
+            cwd=self.cwd,
+            start_new_session=True,  # own process group: stop() reaches its children (and its log writer) too
+        )
         if on_spawn is not None:
             on_spawn(self.process.pid)
         check = ready_check(self.ready)
@@ -158,10 +169,9 @@ class Service:
         raise ServiceError(f"{self.name} was not ready on port {self.port} after {timeout:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        """The last ``lines`` lines, from the predecessor too when the log was rotated just now."""
+        tail = tail_lines(self.log_paths, lines)
+        return "\n".join(tail) if tail is not None else "(no log)"
 
     def stop(self, timeout: float = 5) -> None:
         if self.process is None:
@@ -177,6 +187,36 @@ class Service:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def capped_log_argv(log: Path, max_bytes: int, backups: int, argv: list[str]) -> list[str]:
+    """``argv`` started through the log writer (devstack/log_writer.py): same PID, output in a capped log."""
+    limits = ["--max-bytes", str(max_bytes), "--backups", str(backups)]
+    return [sys.executable, str(LOG_WRITER), "--log", str(log), *limits, "--", *argv]
+
+
+def rotated_logs(log: Path, backups: int) -> list[Path]:
+    """The predecessors of ``log`` that exist, oldest first (<log>.2, then <log>.1)."""
+    candidates = (log.with_name(f"{log.name}.{n}") for n in range(backups, 0, -1))
+    return [path for path in candidates if path.exists()]
+
+
+def tail_lines(paths: list[Path], lines: int, chunk: int = 64 * 1024) -> list[str] | None:
+    """The last ``lines`` lines of ``paths`` read as one file (oldest first), reading only their ends; None if none exists."""
+    found: list[str] = []
+    seen_any = False
+    for path in reversed(paths):
+        try:
+            with open(path, "rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - chunk))
+                text = log.read().decode("utf-8", errors="replace")
+        except OSError:
+            continue
+        seen_any = True
+        found[:0] = text.splitlines()
+        if len(found) >= lines:
+            break
+    return found[-lines:] if seen_any else None
 
 
 def pid_alive(pid: int) -> bool:

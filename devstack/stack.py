@@ -166,6 +166,8 @@ class Stack:
     # proxies of its identity's own. ``access``: the record file and each identity's proxy ports, once started.
     record_access: bool = False
     access: dict = field(default_factory=dict)
+    # Retired deployments: their address and spec go too (forget()), so nothing points at them again.
+    forgotten: set[str] = field(default_factory=set)
 
     @property
     def model(self) -> dict:
@@ -236,6 +238,7 @@ class Stack:
     # --- bookkeeping -------------------------------------------------------------------------
     def _started(self, key: str, service: Service) -> Service:
         self.removed.discard(key)
+        self.forgotten.discard(key)
         self.changed.add(key)
         self.services[key] = service
         self.specs[key] = service.spec()
@@ -246,6 +249,7 @@ class Stack:
         return service
 
     _STATE_KEYS = ("pids", "ports", "urls", "models", "specs", "access")
+    _FORGOTTEN_KEYS = ("ports", "urls", "specs")
 
     def save(self) -> None:
         """Write this process's view into the state file, merged with what other processes wrote meanwhile.
@@ -262,6 +266,9 @@ class Stack:
                 merged.update({key: mine[key] for key in self.changed if key in mine})
                 if name == "pids":  # a stopped service keeps its spec, port and URL: restart() needs them
                     for key in self.removed:
+                        merged.pop(key, None)
+                elif name in self._FORGOTTEN_KEYS:  # ...unless it was retired: then they go as well
+                    for key in self.forgotten:
                         merged.pop(key, None)
                 setattr(self, name, merged)
             self.state_path.write_text(json.dumps({name: getattr(self, name) for name in self._STATE_KEYS}, indent=2))
@@ -389,6 +396,39 @@ class Stack:
         self.changed.discard(key)
         self.save()
 
+    def forget(self, key: str) -> None:
+        """A stopped service's address and spec go too: a retired deployment is not restarted, and no
+        subscription is pointed at its port again (issue 31: a retired shadow's push URL, left in the state,
+        was recreated by every deploy and emulator restart and filled the emulator's log with failed pushes)."""
+        for name in self._FORGOTTEN_KEYS:
+            getattr(self, name).pop(key, None)
+        self.forgotten.add(key)
+        self.changed.discard(key)
+
+    def push_endpoints(self) -> dict[str, str | None]:
+        """The desired push subscriptions: each function deployment's endpoint if it serves (started, with a
+        model, not retired), else None. Computed from the state alone, so any process derives the same."""
+        return {
+            key: self.urls[key] + "/" if self.models.get(key) and key in self.pids and key in self.urls else None
+            for key in FUNCTIONS
+        }
+
+    def _ensure_function_subscriptions(self, emulator: str) -> None:
+        """Push to each deployment that serves; production's subscription is kept as pull while it serves
+        nothing (it holds the rides), a shadow's is deleted (no backlog, no pushes to a dead port)."""
+        from devstack.pubsub import delete_subscription, ensure_subscription
+
+        for key, endpoint in self.push_endpoints().items():
+            subscription = FUNCTIONS[key]["subscription"]
+            if endpoint is not None:
+                ensure_subscription(PROJECT, TOPICS["push"], subscription, endpoint, emulator_host=emulator)
+            elif key == "function":
+                # Before the first deployment: a subscription that holds the rides (Pub/Sub keeps messages
+                # only for subscriptions that exist), switched to push once the function answers.
+                ensure_subscription(PROJECT, TOPICS["push"], subscription, emulator_host=emulator)
+            else:
+                delete_subscription(PROJECT, subscription, emulator_host=emulator)
+
     def ensure_topology(self) -> None:
         from devstack.pubsub import ensure_subscription, ensure_topic
 
@@ -409,14 +449,7 @@ class Stack:
         }
         for topic, subscription in analysis.items():
             ensure_subscription(PROJECT, TOPICS[topic], SUBSCRIPTIONS[subscription], emulator_host=emulator)
-        for key, function in FUNCTIONS.items():
-            if key in self.urls:
-                push_endpoint = self.urls[key] + "/"
-                ensure_subscription(PROJECT, TOPICS["push"], function["subscription"], push_endpoint, emulator_host=emulator)
-            elif key == "function":
-                # Before the first deployment: a subscription that holds the rides (Pub/Sub keeps messages
-                # only for subscriptions that exist), switched to push once the function answers.
-                ensure_subscription(PROJECT, TOPICS["push"], function["subscription"], emulator_host=emulator)
+        self._ensure_function_subscriptions(emulator)
 
     def start_mlflow(self, backend_store_uri: str | None = None, preferred_port: int | None = None) -> None:
         """The tracking server from its image's environment, on PostgreSQL as on Cloud SQL (a database of this
@@ -616,6 +649,7 @@ class Stack:
 
         self.stop(key)
         delete_subscription(PROJECT, FUNCTIONS[key]["subscription"], emulator_host=f"{HOST}:{self.ports['pubsub']}")
+        self.forget(key)
         self.models[key] = {}  # serves nothing (an empty entry, so the merge in save() does not bring the old one back)
         self.changed.add(key)
         self.save()
