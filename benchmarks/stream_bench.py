@@ -143,7 +143,7 @@ def main() -> None:
                 TrainConfig(trials=1, register=False),
                 Settings(f"sqlite:///{tmp}/mlflow.db", "bench", ARTIFACT_ROOT, "bench", str(REPO / "data")),
             )
-            os.environ["WORKERS"] = str(args.function_workers)
+            stack.function_settings["WORKERS"] = str(args.function_workers)
             stack.start_function(model.run_id, "bench")
             stack.start_backends(1)
 

@@ -109,6 +109,10 @@ class Service:
     process: subprocess.Popen | None = None
     log_max_bytes: int = LOG_MAX_BYTES
     log_backups: int = LOG_BACKUPS
+    # False for a deployable: it gets only the machine's basics from its starter's environment (machine_env), as
+    # a Cloud Run container gets nothing of whoever deployed it; a controller's secret, the development venv's
+    # PATH or a test's setting must not reach it unsaid.
+    inherit_env: bool = True
 
     def spec(self) -> dict:
         """What it takes to start this service again (see Stack.restart)."""
@@ -121,6 +125,7 @@ class Service:
             "ready": self.ready,
             "env": self.env,
             "cwd": str(self.cwd) if self.cwd else None,
+            "inherit_env": self.inherit_env,
         }
 
     @property
@@ -151,7 +156,7 @@ class Service:
             stdout=subprocess.DEVNULL,  # the service's output goes through the log writer's pipe
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env},
+            env={**(os.environ if self.inherit_env else machine_env()), **self.env},
             cwd=self.cwd,
             start_new_session=True,  # own process group: stop() reaches its children (and its log writer) too
         )
@@ -217,6 +222,30 @@ def tail_lines(paths: list[Path], lines: int, chunk: int = 64 * 1024) -> list[st
         if len(found) >= lines:
             break
     return found[-lines:] if seen_any else None
+
+
+# What a deployable takes from the machine: the user, locale and temporary folder, and this machine's OpenBLAS
+# and OpenMP settings (some processors here need OPENBLAS_CORETYPE for correct results).
+MACHINE_VARIABLES = (
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+    "OMP_NUM_THREADS",
+)
+
+
+def machine_env() -> dict[str, str]:
+    """The machine's basics from this process's environment, and its PATH without any virtual environment's folder."""
+    env = {name: os.environ[name] for name in MACHINE_VARIABLES if name in os.environ}
+    folders = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    env["PATH"] = os.pathsep.join(f for f in folders if f and not (Path(f).parent / "pyvenv.cfg").exists())
+    return env
 
 
 def pid_alive(pid: int) -> bool:
@@ -317,7 +346,8 @@ def function_server(
         f"--host={HOST}",
         f"--port={port}",
     ]
-    return Service(name, argv, port, log_dir, f"http://{HOST}:{port}/", env=env, cwd=source.parent)
+    deployable = source == SERVING_FUNCTION
+    return Service(name, argv, port, log_dir, f"http://{HOST}:{port}/", env=env, cwd=source.parent, inherit_env=not deployable)
 
 
 def redis_server(log_dir: Path, data_dir: Path, port: int | None = None) -> Service:

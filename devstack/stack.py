@@ -166,6 +166,8 @@ class Stack:
     # proxies of its identity's own. ``access``: the record file and each identity's proxy ports, once started.
     record_access: bool = False
     access: dict = field(default_factory=dict)
+    # The function deployments' environment beyond the stack's (a benchmark's WORKERS), as start_backends' settings.
+    function_settings: dict[str, str] = field(default_factory=dict)
     # Retired deployments: their address and spec go too (forget()), so nothing points at them again.
     forgotten: set[str] = field(default_factory=set)
 
@@ -203,6 +205,10 @@ class Stack:
             "BACKEND_SHADOW_SUBSCRIPTION": SUBSCRIPTIONS["shadow_backend"],
             "BACKEND_OUTCOME_STREAM": TOPICS["outcomes"],
             "OUTCOMES_URI": OUTCOMES_URI,  # where the monitoring flow reads completed rides
+            # google-cloud-storage fetches each bucket's metadata in the background for its trace spans, and goes on
+            # without it when refused (as on Google Cloud, where no deployable may get a bucket): off here, so
+            # that every bucket get in the access record is one our own code made.
+            "DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA": "true",
         }
         if "pubsub" in self.ports:
             env["PUBSUB_EMULATOR_HOST"] = f"{HOST}:{self.ports['pubsub']}"
@@ -475,7 +481,7 @@ class Stack:
         env = {**self.env_as("mlflow"), **local_webhook_env(self.secrets()["mlflow_webhook_encryption_key"])}
         self.record_use("mlflow", "secretmanager", "secret:mlflow_webhook_encryption_key", "access")
         cwd = stage(TRACKING_SERVER, self.dir / "images" / "mlflow")  # the image copies no code of ours
-        service = Service("mlflow", argv, port, self.log_dir, f"http://{HOST}:{port}/health", env=env, cwd=cwd)
+        service = Service("mlflow", argv, port, self.log_dir, f"http://{HOST}:{port}/health", env=env, cwd=cwd, inherit_env=False)
         self._started("mlflow", service.start())
 
     def secrets(self) -> dict[str, str]:
@@ -527,7 +533,9 @@ class Stack:
             "devstack.rollout_service:create_app()",
         ]
         cwd = stage(ROLLOUT, self.dir / "images" / "rollout")
-        service = Service("rollout", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=cwd)
+        service = Service(
+            "rollout", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=cwd, inherit_env=False
+        )
         self._started("rollout", service.start())
         register_webhook(self.urls["mlflow"], f"{self.urls['rollout']}/webhooks/mlflow", env["ROLLOUT_WEBHOOK_SECRET"])
 
@@ -605,6 +613,7 @@ class Stack:
 
     def _function_service(self, key: str, run_id: str, version: str, port: int | None) -> Service:
         env = {
+            **self.function_settings,
             **self.env_as("function"),
             "BACKEND_PULL_STREAM": FUNCTIONS[key]["results"],
             "RUN_ID": run_id,
@@ -696,7 +705,9 @@ class Stack:
                 "backend.app:create_app()",
             ]
             cwd = stage(BACKEND, self.dir / "images" / "backend")
-            service = Service(f"backend-{index}", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=cwd)
+            service = Service(
+                f"backend-{index}", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=cwd, inherit_env=False
+            )
             self._started(f"backend-{index}", service.start())
 
     def start_outcome_sink(self, max_seconds: float = 5.0) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import replace
 from typing import Any
 
@@ -104,6 +105,9 @@ class RegistryStory:
 
         self.model_name, self._audience = model_name, mlflow_audience
         self._client = MlflowClient(Settings.from_env().tracking_uri)
+        # The next event's key is read from the version's tags: two aliases' threads telling one version at once
+        # would both take the same one, and one event would be lost (one controller acts: a lock is enough).
+        self._telling = threading.Lock()
 
     def state(self, version: str) -> dict[str, str]:
         authenticate_to_mlflow(self._audience)
@@ -116,6 +120,10 @@ class RegistryStory:
             self._client.set_model_version_tag(self.model_name, version, key, value)
 
     def tell(self, version: str, paragraph: str, **tags: str) -> None:
+        with self._telling:
+            self._tell(version, paragraph, **tags)
+
+    def _tell(self, version: str, paragraph: str, **tags: str) -> None:
         authenticate_to_mlflow(self._audience)
         current = self._client.get_model_version(self.model_name, version)
         recorded = current.tags or {}

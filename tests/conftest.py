@@ -185,9 +185,12 @@ def assert_runs_as_shipped(pid: int, deployable, runs: str, lacks: tuple[str, ..
     python = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
     assert python == deployable.bin("python"), f"{deployable.name} runs {python}, not its own environment's"
     cwd = os.readlink(f"/proc/{pid}/cwd")
+    # Its own environment variables too (a PYTHONPATH it was given would change what it imports).
+    environment = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
 
     def imports(module: str) -> bool:
-        return subprocess.run([python, "-c", f"import {module}"], cwd=cwd, capture_output=True).returncode == 0
+        done = subprocess.run([python, "-c", f"import {module}"], cwd=cwd, env=environment, capture_output=True)
+        return done.returncode == 0
 
     assert imports(runs), f"{deployable.name} cannot import {runs} as it runs"
     assert not any(imports(module) for module in lacks), f"{deployable.name} imports one of {lacks} as it runs"

@@ -35,13 +35,15 @@ def live(tmp_path_factory):
         stack.ensure_topology()
         for name, value in stack.env().items():
             patch.setenv(name, value)
-        patch.setenv("PUBLISH_TIMEOUT_SECONDS", "3")  # a publish to the stopped emulator gives up quickly
-        patch.setenv("RESEND_AFTER_SECONDS", "10")  # and publish again what the dead emulator took with it
+        backend_settings = {
+            "PUBLISH_TIMEOUT_SECONDS": "3",  # a publish to the stopped emulator gives up quickly
+            "RESEND_AFTER_SECONDS": "10",  # and publish again what the dead emulator took with it
+        }
         settings = Settings(f"sqlite:///{tmp / 'mlflow.db'}", "ride-duration", ARTIFACT_ROOT, "ride-duration", str(DATA))
         first = train(TrainConfig(trials=1, sample=20_000), settings)
         registry.promote(first.version, settings)
         stack.start_function(first.run_id, first.version)
-        stack.start_backends(2, redis_url=REDIS_URL)  # keys under a prefix of this stack's own
+        stack.start_backends(2, redis_url=REDIS_URL, settings=backend_settings)  # keys under a prefix of this stack's own
         yield stack, settings, first
     finally:
         stack.stop_all()

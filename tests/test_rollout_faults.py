@@ -85,7 +85,6 @@ def test_every_identity_touches_exactly_what_infra_grants_it(results, rollouts, 
     from devstack.access.record import read_record
     from devstack.stack import PROJECT, TOPICS
     from devstack.traffic import real_rides, stream, summarize
-    from flows.challenger_flow import challenger_flow
     from flows.live_quality_flow import live_quality_flow
     from training.settings import Settings
 
@@ -110,8 +109,6 @@ def test_every_identity_touches_exactly_what_infra_grants_it(results, rollouts, 
         assert time.monotonic() < deadline, "the outcome sink did not file the completed rides"
         time.sleep(1)
     assert live_quality_flow(hours=1, return_state=True).is_final()
-    production = client.get_model_version_by_alias(settings.model_name, "production").version
-    assert challenger_flow(champion=production, challenger=rollouts.versions["retrained"], hours=1, return_state=True).is_final()
     deadline = time.monotonic() + 120  # the dead letter is in the record once the function has published it
     while not any(u.resource.endswith(TOPICS["dead"]) for u in read_record(stack.access_record) if u.identity == "function"):
         assert time.monotonic() < deadline, "the function never dead-lettered the poison ride"
@@ -120,7 +117,10 @@ def test_every_identity_touches_exactly_what_infra_grants_it(results, rollouts, 
     record = read_record(stack.access_record)
     report = compare(in_infra(record), parse_grants(), NOT_EXERCISED)
     assert report.ok, "\n".join(report.lines())
-    # The identity page's record is this one: regenerate it with `python -m devstack.access.report --record
-    # <stack>/access.jsonl --write-docs` when the deployables' uses change.
-    kept = {u for u in read_record(DOCS_RECORD) if u.action != "bucket_get"}
-    assert {u for u in record if u.action != "bucket_get"} == kept, "docs/identities.record.jsonl is not this run's record"
+    # The identity page shows this record. When the deployables' uses change, keep the new one (printed below) as
+    # docs/identities.record.jsonl and run `python -m devstack.access.report --record docs/identities.record.jsonl
+    # --write-docs`.
+    assert DOCS_RECORD.exists()
+    assert record == read_record(DOCS_RECORD), "docs/identities.record.jsonl is not this run's record, which is:\n" + "".join(
+        u.line() + "\n" for u in sorted(record)
+    )

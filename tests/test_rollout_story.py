@@ -22,24 +22,18 @@ TRAINING_STORY = "### v2: kept as **challenger**\n\nIts validation RMSE beat pro
 
 @pytest.fixture
 def postgres_tracking_uri(monkeypatch, tmp_path):
-    """MLflow's tracking and registry store in a PostgreSQL database of the test's own, dropped afterwards."""
-    import psycopg
+    """MLflow's tracking and registry store in a PostgreSQL database of the test's own (as the stack makes them:
+    MLflow's schema from the migrated template), dropped afterwards."""
+    from devstack.stack import create_database, drop_database
 
     database = f"ridestream_test_{uuid.uuid4().hex[:8]}"
-    admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True)
-    admin.execute(f'CREATE DATABASE "{database}"')
-    uri = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
+    uri = create_database(database)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # where MLflow puts a run's artifacts by default
     try:
         yield uri
     finally:
-        # MLflow keeps pooled connections open; end them so the database can be dropped.
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (database,)
-        )
-        admin.execute(f'DROP DATABASE "{database}"')
-        admin.close()
+        drop_database(database)  # WITH (FORCE): MLflow's pooled connections are ended with it
 
 
 def _two_versions(client) -> dict[str, Deployment]:

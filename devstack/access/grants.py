@@ -24,7 +24,7 @@ INFRA = Path(__file__).resolve().parent.parent.parent / "infra"
 ROLE_ACTIONS: dict[str, frozenset[str]] = {
     "roles/storage.objectViewer": frozenset({"read"}),  # storage.objects.get, .list
     "roles/storage.objectCreator": frozenset({"write"}),  # storage.objects.create: no overwrite, no delete
-    "roles/storage.objectUser": frozenset({"read", "write", "delete"}),
+    "roles/storage.objectUser": frozenset({"read", "write", "update", "delete"}),
     "roles/storage.legacyBucketReader": frozenset({"bucket_get"}),  # storage.buckets.get
     "roles/pubsub.publisher": frozenset({"publish"}),
     "roles/pubsub.subscriber": frozenset({"consume", "attach"}),  # .subscriptions.consume, .topics.attachSubscription
@@ -39,6 +39,7 @@ ROLE_ACTIONS: dict[str, frozenset[str]] = {
 NARROWEST_ROLE: dict[str, str] = {
     "read": "roles/storage.objectViewer",
     "write": "roles/storage.objectCreator",
+    "update": "roles/storage.objectUser",
     "delete": "roles/storage.objectUser",
     "bucket_get": "roles/storage.legacyBucketReader",
     "bucket_admin": "roles/storage.admin",
@@ -55,9 +56,7 @@ NARROWEST_ROLE: dict[str, str] = {
 }
 
 # The local stack's names -> infra/'s resources ("<kind>:<Terraform name>[key]"). None: a local-only resource
-# for people and tests, which no deployable may use. The outcomes bucket: devstack.stack.OUTCOMES_BUCKET once the
-# stack has one of its own, as infra/ does.
-_OUTCOMES_BUCKET = getattr(local, "OUTCOMES_BUCKET", "ridestream-outcomes")
+# for people and tests, which no deployable may use.
 _TOPICS = {"push": "push", "pull": "pull", "dead": "deadletter", "shadow": "shadow", "outcomes": "outcomes"}
 _SUBSCRIPTIONS = {
     "push": "function_push",
@@ -77,7 +76,7 @@ _SUBSCRIPTIONS = {
 _SECRETS = {"rollout_webhook_secret": "rollout-webhook-secret", "mlflow_webhook_encryption_key": "mlflow-webhook-key"}
 LOCAL_TO_INFRA: dict[str, str | None] = {
     f"bucket:{local.BUCKET}": "bucket:models",
-    f"bucket:{_OUTCOMES_BUCKET}": "bucket:outcomes",
+    f"bucket:{local.OUTCOMES_BUCKET}": "bucket:outcomes",
     **{f"topic:{local.TOPICS[key]}": f"topic:{name}" for key, name in _TOPICS.items()},
     **{f"subscription:{local.SUBSCRIPTIONS[key]}": name and f"subscription:{name}" for key, name in _SUBSCRIPTIONS.items()},
     **{f"secret:{key}": f'secret:app["{name}"]' for key, name in _SECRETS.items()},
@@ -119,7 +118,12 @@ NOT_EXERCISED: tuple[NotExercised, ...] = (
     NotExercised("training", "run_service:mlflow", "roles/run.invoker", _LOCAL_INVOKE),
     NotExercised("rollout", "run_service:mlflow", "roles/run.invoker", _LOCAL_INVOKE),
     NotExercised("allUsers", "run_service:rollout", "roles/run.invoker", "MLflow's webhooks: no identity anywhere"),
-    NotExercised("mlflow", "project", "roles/cloudsql.client", "the local MLflow keeps its registry in SQLite/PostgreSQL"),
+    NotExercised(
+        "mlflow",
+        "project",
+        "roles/cloudsql.client",
+        "the local MLflow reaches PostgreSQL over loopback, not through the Cloud SQL connector",
+    ),
     NotExercised(
         "mlflow", 'secret:app["mlflow-db-password"]', "roles/secretmanager.secretAccessor", "the local database takes no password"
     ),
@@ -141,14 +145,6 @@ NOT_EXERCISED: tuple[NotExercised, ...] = (
         "no Cloud Logging locally: the function's prediction lines go to its log file",
     ),
 )
-
-
-# Uses a client library makes on its own and gets on without when refused: not granted on purpose.
-TOLERATED: dict[tuple[str, str], str] = {
-    # google-cloud-storage 3.x fetches a bucket's metadata in the background for its trace spans, and caches a
-    # fallback on 403 (google.cloud.storage._bucket_metadata_cache). No code of ours gets a bucket's metadata.
-    ("storage", "bucket_get"): "google-cloud-storage's background fetch for its trace spans; a 403 is cached and ignored",
-}
 
 
 # --- infra/ ---------------------------------------------------------------------------------------------------
@@ -266,7 +262,6 @@ class Report:
     not_granted: list[tuple[Use, str | None]]  # a use (infra's names) no grant allows, and the role that would
     unused: list[Grant]  # a grant none of whose actions was used, and which the local stack can exercise
     stale: list[NotExercised]  # an entry of the not-exercised list that matches no grant any more
-    tolerated: list[Use]  # a use no grant allows, made by a client library that goes on without it (TOLERATED)
     narrower: list[tuple[Grant, str]]  # a grant used only in part, and a narrower role that allows what was used
     granted_uses: dict[Grant, list[Use]]  # what each grant was seen allowing
 
@@ -285,7 +280,16 @@ class Report:
 
     def notes(self) -> list[str]:
         """What passes but is worth a look: a role broader than what its holder was seen doing."""
-        return [f"narrower would do: {g.identity} {g.role} on {g.resource} -> {role}" for g, role in self.narrower]
+        return [
+            f"narrower would do: {g.identity} {g.role} on {g.resource} -> {role}"
+            + (f" ({NARROWER_CAVEATS[role]})" if role in NARROWER_CAVEATS else "")
+            for g, role in self.narrower
+        ]
+
+
+# What the record cannot tell about a narrower role: an upload over an existing object looks like any other
+# write here, and objectCreator cannot overwrite (storage.objects.delete is needed).
+NARROWER_CAVEATS = {"roles/storage.objectCreator": "if it never overwrites an object: not told apart here"}
 
 
 def _narrower_role(grant: Grant, used: set[str]) -> str | None:
@@ -302,13 +306,12 @@ def compare(
     record: Iterable[Use],
     grants: Iterable[Grant],
     not_exercised: Iterable[NotExercised] = NOT_EXERCISED,
-    tolerated: Iterable[tuple[str, str]] = TOLERATED,
 ) -> Report:
     """``record`` with infra/'s names (in_infra) against ``grants``: what no grant allows, what no use needed."""
-    grants, not_exercised, uses, tolerated = sorted(grants), sorted(not_exercised), sorted(record), set(tolerated)
+    grants, not_exercised, uses = sorted(grants), sorted(not_exercised), sorted(record)
     granted_uses = {grant: [use for use in uses if _allows(grant, use)] for grant in grants}
     refused = [use for use in uses if not any(_allows(g, use) for g in grants)]
-    not_granted = [(use, NARROWEST_ROLE.get(use.action)) for use in refused if (use.service, use.action) not in tolerated]
+    not_granted = [(use, NARROWEST_ROLE.get(use.action)) for use in refused]
     unused = [g for g in grants if not granted_uses[g] and not any(n.covers(g) for n in not_exercised)]
     stale = [n for n in not_exercised if not any(n.covers(g) for g in grants)]
     narrower = [
@@ -316,8 +319,7 @@ def compare(
         for grant, used in granted_uses.items()
         if used and (role := _narrower_role(grant, {use.action for use in used}))
     ]
-    tolerated_uses = [use for use in refused if (use.service, use.action) in tolerated]
-    return Report(not_granted, unused, stale, tolerated_uses, narrower, granted_uses)
+    return Report(not_granted, unused, stale, narrower, granted_uses)
 
 
 # --- docs/identities.md -----------------------------------------------------------------------------------------
@@ -342,7 +344,10 @@ def _seen(grant: Grant, report: Report, not_exercised: Iterable[NotExercised], r
     if uses:
         narrower = dict(report.narrower).get(grant)
         seen = ", ".join(sorted({use.action for use in uses}))
-        return f"{seen} ({narrower.removeprefix('roles/')} would do)" if narrower else seen
+        if not narrower:
+            return seen
+        caveat = f", {NARROWER_CAVEATS[narrower]}" if narrower in NARROWER_CAVEATS else ""
+        return f"{seen} ({narrower.removeprefix('roles/')} would do{caveat})"
     reason = next((n.why for n in not_exercised if n.covers(grant)), None)
     if reason is not None:
         return f"not exercisable locally: {reason}"

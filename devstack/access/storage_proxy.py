@@ -19,6 +19,7 @@ _API_PREFIXES = ("/storage/v1", "/upload/storage/v1", "/download/storage/v1")
 _BATCH = "/batch/storage/v1"
 _BUCKETS = re.compile(r"^/b/?$")
 _BUCKET = re.compile(r"^/b/(?P<bucket>[^/]+)(?P<rest>/.*)?$")
+_OBJECT = re.compile(r"^/o/[^/]+$")  # one object (its name URL-encoded): /o/<name>
 _COPY = re.compile(r"^/o/.+/(?:copyTo|rewriteTo)/b/(?P<dest>[^/]+)/o/.+$")
 _XML_OBJECT = re.compile(r"^/(?P<bucket>[^/]+)/.+$")  # the XML API (signed URLs): /<bucket>/<object>
 _BATCH_PART = re.compile(r"^(GET|POST|PUT|PATCH|DELETE) (\S+)", re.MULTILINE)
@@ -47,7 +48,10 @@ def _bucket_route_uses(method: str, bucket: str, rest: str) -> list[Recorded]:
         return [(_bucket(bucket), "read")]
     if method == "DELETE":
         return [(_bucket(bucket), "delete")]
-    return [(_bucket(bucket), "write")]  # insert, resumable chunks, patch, restore
+    if method in ("PATCH", "PUT") and _OBJECT.match(rest):
+        # An object's metadata changed: storage.objects.update, which objectCreator lacks (objectUser has it).
+        return [(_bucket(bucket), "update")]
+    return [(_bucket(bucket), "write")]  # insert, resumable chunks, restore
 
 
 def storage_uses(method: str, target: str, body: bytes = b"") -> list[Recorded]:
