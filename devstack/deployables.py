@@ -46,6 +46,16 @@ class Deployable:
         copies, install = image_recipe(REPO / self.dockerfile)
         return REPO / copies[install]
 
+    def image_env(self) -> dict[str, str]:
+        """The environment its image sets (its Dockerfile's ENV, but PORT: the stack gives each its own address).
+        The function's runtime is Google's: only what keeps its source folder, the upload, free of bytecode."""
+        if self.dockerfile is None:
+            return {"PYTHONDONTWRITEBYTECODE": "1"}
+        from dockerfile_parse import DockerfileParser
+
+        envs = DockerfileParser(path=str(REPO / self.dockerfile)).envs
+        return {name: value for name, value in envs.items() if name != "PORT"}
+
     def shipped_files(self) -> list[str]:
         """The repository paths the image copies into its working folder (requirements aside)."""
         if self.dockerfile is None:

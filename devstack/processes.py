@@ -335,9 +335,10 @@ def function_server(
     from devstack.deployables import FUNCTION
 
     port = port or free_port()
-    # The serving function from its own environment (its requirements.txt only); the benchmarks' stand-in
-    # functions, which are no deployable, from the development venv.
-    program = FUNCTION.bin("functions-framework") if source == SERVING_FUNCTION else str(VENV_BIN / "functions-framework")
+    deployable = source == SERVING_FUNCTION
+    # The serving function from its own environment (its requirements.txt only), given nothing of this process's
+    # environment; the benchmarks' stand-in functions, which are no deployable, from the development venv.
+    program = FUNCTION.bin("functions-framework") if deployable else str(VENV_BIN / "functions-framework")
     argv = [
         program,
         f"--source={source}",
@@ -346,7 +347,7 @@ def function_server(
         f"--host={HOST}",
         f"--port={port}",
     ]
-    deployable = source == SERVING_FUNCTION
+    env = {**FUNCTION.image_env(), **env} if deployable else env
     return Service(name, argv, port, log_dir, f"http://{HOST}:{port}/", env=env, cwd=source.parent, inherit_env=not deployable)
 
 

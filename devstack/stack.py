@@ -478,7 +478,11 @@ class Stack:
             ARTIFACT_ROOT,
             "--no-serve-artifacts",
         ]
-        env = {**self.env_as("mlflow"), **local_webhook_env(self.secrets()["mlflow_webhook_encryption_key"])}
+        env = {
+            **TRACKING_SERVER.image_env(),
+            **self.env_as("mlflow"),
+            **local_webhook_env(self.secrets()["mlflow_webhook_encryption_key"]),
+        }
         self.record_use("mlflow", "secretmanager", "secret:mlflow_webhook_encryption_key", "access")
         cwd = stage(TRACKING_SERVER, self.dir / "images" / "mlflow")  # the image copies no code of ours
         service = Service("mlflow", argv, port, self.log_dir, f"http://{HOST}:{port}/health", env=env, cwd=cwd, inherit_env=False)
@@ -510,6 +514,7 @@ class Stack:
         port = free_port()
         self.record_use("rollout", "secretmanager", "secret:rollout_webhook_secret", "access")
         env = {
+            **ROLLOUT.image_env(),
             **self.env_as("rollout"),
             "ROLLOUT_WEBHOOK_SECRET": self.secrets()["rollout_webhook_secret"],
             "ROLLOUT_ALIASES": aliases,
@@ -689,6 +694,7 @@ class Stack:
         for index in range(replicas):
             port = free_port()
             env = {
+                **BACKEND.image_env(),
                 **self.env_as("backend"),
                 "REDIS_URL": redis_url,
                 "REDIS_PREFIX": self.redis_prefix,

@@ -41,7 +41,10 @@ class Stack:
         ensure_subscription(self.project, self.pull, self.pull + "-sub")
         ensure_subscription(self.project, self.dead, self.dead + "-sub")
         self.run_id = run_id or result.run_id
-        env = {
+        env = {  # all the function is given: it takes nothing from this process's environment
+            "GOOGLE_CLOUD_PROJECT": self.project,
+            "PUBSUB_EMULATOR_HOST": emulators.pubsub_host,
+            "STORAGE_EMULATOR_HOST": emulators.storage_url,
             "RUN_ID": self.run_id,
             "MODEL_BUCKET": f"gs://{emulators.bucket}",
             "MODEL_VERSION": str(result.version),
