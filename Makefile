@@ -51,9 +51,10 @@ browser:
 		|| { $(APT_GET) update -q >/dev/null && $(APT_GET) install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; }; }
 	@chromium --version && chromedriver --version
 
-# Two workers, each test file on one of them (its module fixtures, stacks and emulators stay together):
-# most of the suite waits on processes it started, so the two cores are better used side by side.
-TEST_WORKERS ?= 2
+# Three workers, each test file on one of them (its module fixtures, stacks and emulators stay together):
+# most of the suite waits on processes it started, so the two cores are better used with a third file under
+# way. The suite passes with a core taken by stress-ng on two workers, about the same contention.
+TEST_WORKERS ?= 3
 
 test: setup browser
 	$(PY) -m ruff check .

@@ -542,7 +542,8 @@ class Stack:
             "rollout", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=cwd, inherit_env=False
         )
         self._started("rollout", service.start())
-        register_webhook(self.urls["mlflow"], f"{self.urls['rollout']}/webhooks/mlflow", env["ROLLOUT_WEBHOOK_SECRET"])
+        if "mlflow" in self.urls:  # without a tracking server (its registry a file), only the resync follows the aliases
+            register_webhook(self.urls["mlflow"], f"{self.urls['rollout']}/webhooks/mlflow", env["ROLLOUT_WEBHOOK_SECRET"])
 
     def wait_rolled_out(self, alias: str, version: str, timeout: float = 180) -> dict:
         """Block until the rollout service reports ``alias`` at ``version`` deployed; its status then."""

@@ -16,7 +16,8 @@ from conftest import assert_runs_as_shipped, started_as_client
 from devstack.deployables import ROLLOUT, TRACKING_SERVER
 from devstack.rollouts import NOTICE_BOUND_SECONDS, ROLLOUT_SCENARIOS, RolloutStack
 
-pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+# The first test carries the stack's start (three real models trained, every server): a hang guard above it.
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")
