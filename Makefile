@@ -20,10 +20,12 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # into the venv itself, so a machine without uv gets the same, fast install path. The project is
 # installed too (editable, without dependencies: the lock has them), so its packages import from anywhere.
 # checkov scans infra/ in the tests; it pins many packages of its own, so it gets a venv of its own.
+# Bytecode is compiled at install: with PYTHONDONTWRITEBYTECODE set (as on many machines and in every image)
+# nothing is cached later, and each process of the suite would compile MLflow, pandas and scikit-learn again.
 $(VENV)/.installed: requirements.lock pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	test -x $(UV) || $(VENV)/bin/python -m pip install --quiet uv
-	$(UV) pip install --python $(PY) --quiet -r requirements.lock
+	$(UV) pip install --python $(PY) --quiet --compile-bytecode -r requirements.lock
 	$(UV) pip install --python $(PY) --quiet --no-deps --editable .
 	test -x $(CHECKOV) || $(UV) venv --quiet --python $(PY) $(VENV)/tools/checkov
 	$(UV) pip install --python $(VENV)/tools/checkov/bin/python --quiet checkov==$(CHECKOV_VERSION)

@@ -212,8 +212,15 @@ def render(snapshot: Snapshot) -> Group:
     return Group(*parts)
 
 
-def watch(stack: Stack, console: Console, seconds: float | None = None, deployments: dict[str, Any] | None = None) -> int:
-    """Refresh the view every second, for ``seconds`` (None: until Ctrl-C). Returns the number of refreshes."""
+def watch(
+    stack: Stack,
+    console: Console,
+    seconds: float | None = None,
+    deployments: dict[str, Any] | None = None,
+    frames: int | None = None,
+) -> int:
+    """Refresh the view every second, for ``seconds`` or ``frames`` refreshes, whichever comes first (neither:
+    until Ctrl-C). Returns the number of refreshes."""
     from devstack.rollout_target import local_rollouts
 
     deployments = deployments if deployments is not None else local_rollouts(stack)
@@ -222,7 +229,7 @@ def watch(stack: Stack, console: Console, seconds: float | None = None, deployme
     ends = None if seconds is None else time.monotonic() + seconds
     with Live(render(collect(stack, dead_letters, deployments)), console=console, auto_refresh=False) as live:
         try:
-            while ends is None or time.monotonic() < ends:
+            while (ends is None or time.monotonic() < ends) and (frames is None or refreshes < frames):
                 started = time.monotonic()
                 live.update(render(collect(stack, dead_letters, deployments)), refresh=True)
                 refreshes += 1

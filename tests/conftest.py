@@ -176,8 +176,10 @@ def mlflow_server(tmp_path, monkeypatch):
         TRACKING_SERVER.bin("mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1",
         "--backend-store-uri", create_database(database), "--default-artifact-root", str(tmp_path / "artifacts"),
     ]  # fmt: skip
-    env = {**local_webhook_env(Fernet.generate_key().decode()), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    server = Service("mlflow", argv, port, tmp_path / "logs", f"http://{HOST}:{port}/health", env=env, cwd=tmp_path)
+    env = {**TRACKING_SERVER.image_env(), **local_webhook_env(Fernet.generate_key().decode()), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    server = Service(
+        "mlflow", argv, port, tmp_path / "logs", f"http://{HOST}:{port}/health", env=env, cwd=tmp_path, inherit_env=False
+    )
     try:
         with server.start():
             monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
