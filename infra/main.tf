@@ -10,29 +10,48 @@ locals {
   # Pub/Sub's own service agent moves undeliverable messages to the dead-letter topic.
   pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
   # The backend replicas' shared store: the Memorystore created here, or one given by URL.
-  # Cloud Run log entries name their service by its short name; the function reports the full path
-  # (projects/P/locations/R/services/NAME).
-  function_service_name = element(reverse(split("/", google_cloudfunctions2_function.predict.service_config[0].service)), 0)
+  # Cloud Run log entries name their service by its short name, which is the function's service name.
+  function_service_name = google_cloud_run_v2_service.predict.name
   # The function's prediction lines (production's and the shadow's: revisions of the one service).
   prediction_log_filter = "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=\"${local.function_service_name}\" AND jsonPayload.message=\"prediction\""
-  # Every API the resources below use: a fresh project has them off, and the first apply would fail.
-  apis = toset(concat(
-    ["cloudfunctions", "run", "cloudbuild", "artifactregistry", "eventarc", "pubsub", "storage", "logging", "iam", "compute", "sqladmin", "secretmanager", "monitoring"],
-    var.memorystore_size_gb > 0 ? ["redis"] : [],
-  ))
   # Whether the replicas share a store, decided without the (sensitive) URL: for_each and count
   # may not depend on sensitive values.
   shared_store = var.memorystore_size_gb > 0 || var.redis_url != ""
-  redis_url    = var.memorystore_size_gb > 0 ? "redis://:${google_redis_instance.results[0].auth_string}@${google_redis_instance.results[0].host}:${google_redis_instance.results[0].port}/0" : var.redis_url
+  # A public rider API: Cloud Run's invoker check off instead of an allUsers binding.
+  public_backend = contains(var.backend_invokers, "allUsers")
+  redis_url      = var.memorystore_size_gb > 0 ? "redis://:${google_redis_instance.results[0].auth_string}@${google_redis_instance.results[0].host}:${google_redis_instance.results[0].port}/0" : var.redis_url
 }
 
+# The APIs every resource here needs are enabled by infra/bootstrap (root 1), applied first.
 data "google_project" "this" {}
+
+# Every name the project id enters, checked against Google's limit before anything is created: a bucket
+# name is 3-63 characters (https://cloud.google.com/storage/docs/buckets#naming). The names that hold only
+# env are kept within their limits by env's own validation (variables.tf).
+locals {
+  buckets = {
+    models          = "${var.project_id}-ridestream-${var.env}-models"
+    function_source = "${var.project_id}-ridestream-${var.env}-function-source"
+    prediction_logs = "${var.project_id}-ridestream-${var.env}-prediction-logs"
+    outcomes        = "${var.project_id}-ridestream-${var.env}-outcomes"
+  }
+}
+
+resource "terraform_data" "name_limits" {
+  lifecycle {
+    precondition {
+      condition     = alltrue([for name in values(local.buckets) : length(name) <= 63])
+      error_message = "Bucket names are at most 63 characters: ${join(", ", [for name in values(local.buckets) : "${name} (${length(name)})" if length(name) > 63])}. Choose a shorter env."
+    }
+  }
+}
 
 # --- storage -----------------------------------------------------------------------------------
 
 resource "google_storage_bucket" "models" {
   #checkov:skip=CKV_GCP_62:object access is recorded by Cloud Audit Logs (Data Access); legacy usage-log buckets add nothing
-  name                        = "${var.project_id}-${local.prefix}-models"
+  name                        = local.buckets.models
+  depends_on                  = [terraform_data.name_limits]
   location                    = var.region
   uniform_bucket_level_access = true
   public_access_prevention    = "enforced"
@@ -44,7 +63,8 @@ resource "google_storage_bucket" "models" {
 resource "google_storage_bucket" "function_source" {
   #checkov:skip=CKV_GCP_62:object access is recorded by Cloud Audit Logs (Data Access); legacy usage-log buckets add nothing
   #checkov:skip=CKV_GCP_78:build uploads are reproducible from git; old versions would only cost storage
-  name                        = "${var.project_id}-${local.prefix}-function-source"
+  name                        = local.buckets.function_source
+  depends_on                  = [terraform_data.name_limits]
   location                    = var.region
   uniform_bucket_level_access = true
   public_access_prevention    = "enforced"
@@ -53,7 +73,8 @@ resource "google_storage_bucket" "function_source" {
 resource "google_storage_bucket" "prediction_logs" {
   #checkov:skip=CKV_GCP_62:object access is recorded by Cloud Audit Logs (Data Access); legacy usage-log buckets add nothing
   #checkov:skip=CKV_GCP_78:the sink only appends new objects and a lifecycle rule deletes them; nothing is overwritten
-  name                        = "${var.project_id}-${local.prefix}-prediction-logs"
+  name                        = local.buckets.prediction_logs
+  depends_on                  = [terraform_data.name_limits]
   location                    = var.region
   uniform_bucket_level_access = true
   public_access_prevention    = "enforced"
@@ -72,7 +93,8 @@ resource "google_storage_bucket" "prediction_logs" {
 resource "google_storage_bucket" "outcomes" {
   #checkov:skip=CKV_GCP_62:object access is recorded by Cloud Audit Logs (Data Access); legacy usage-log buckets add nothing
   #checkov:skip=CKV_GCP_78:the subscription only writes new objects and a lifecycle rule deletes them; nothing is overwritten
-  name                        = "${var.project_id}-${local.prefix}-outcomes"
+  name                        = local.buckets.outcomes
+  depends_on                  = [terraform_data.name_limits]
   location                    = var.region
   uniform_bucket_level_access = true
   public_access_prevention    = "enforced"
@@ -173,7 +195,7 @@ resource "google_pubsub_subscription" "function_push" {
   topic                = google_pubsub_topic.push.id
   ack_deadline_seconds = 60
   push_config {
-    push_endpoint = google_cloudfunctions2_function.predict.service_config[0].uri
+    push_endpoint = google_cloud_run_v2_service.predict.uri
     oidc_token {
       service_account_email = google_service_account.pusher.email
     }
@@ -201,10 +223,10 @@ resource "google_pubsub_subscription" "function_shadow_push" {
   topic                = google_pubsub_topic.push.id
   ack_deadline_seconds = 60
   push_config {
-    push_endpoint = replace(google_cloudfunctions2_function.predict.service_config[0].uri, "https://", "https://shadow---")
+    push_endpoint = replace(google_cloud_run_v2_service.predict.uri, "https://", "https://shadow---")
     oidc_token {
       service_account_email = google_service_account.pusher.email
-      audience              = google_cloudfunctions2_function.predict.service_config[0].uri
+      audience              = google_cloud_run_v2_service.predict.uri
     }
   }
   message_retention_duration = "600s" # the least Pub/Sub keeps; an older shadow copy judges nothing
@@ -334,7 +356,7 @@ resource "google_storage_bucket_iam_member" "flows_read_outcomes" {
 
 resource "google_cloud_run_v2_service_iam_member" "pusher_invokes_function" {
   location = var.region
-  name     = google_cloudfunctions2_function.predict.service_config[0].service
+  name     = google_cloud_run_v2_service.predict.name
   role     = "roles/run.invoker"
   member   = "serviceAccount:${google_service_account.pusher.email}"
 }
@@ -351,66 +373,129 @@ resource "google_pubsub_subscription_iam_member" "pubsub_agent_forwards_from_pus
   member       = local.pubsub_agent
 }
 
-# --- the serving function (2nd gen) ------------------------------------------------------------
+# --- the serving function: a Cloud Run function ------------------------------------------------
+# Google's current form of a 2nd-gen function: a Cloud Run service built from the function's source
+# (build_config). Terraform creates it, serving no model (main.py refuses rides for redelivery until then);
+# from then on the rollout controller alone makes its revisions and moves its traffic (rollout/cloud.py).
 
+# Reproducible: every file archived with one mode, whatever the umask of the machine that zips it, and the
+# object named by the zip's content hash, so the same code is the same object.
 data "archive_file" "function" {
-  type        = "zip"
-  source_dir  = "${path.module}/../serving_function"
-  output_path = "${path.module}/.build/serving_function.zip"
-  excludes    = ["deploy.py", "__pycache__"]
+  type             = "zip"
+  source_dir       = "${path.module}/../serving_function"
+  output_path      = "${path.module}/.build/serving_function.zip"
+  output_file_mode = "0644"
+  excludes         = ["deploy.py", "__pycache__"]
 }
 
 resource "google_storage_bucket_object" "function_source" {
-  name   = "serving_function-${data.archive_file.function.output_md5}.zip"
+  name   = "serving_function-${data.archive_file.function.output_sha256}.zip"
   bucket = google_storage_bucket.function_source.name
   source = data.archive_file.function.output_path
 }
 
-resource "google_cloudfunctions2_function" "predict" {
-  name       = "${local.prefix}-predict-duration"
-  location   = var.region
-  depends_on = [google_project_service.apis]
+# Builds run as the dedicated build account of infra/bootstrap: it reads the source here, nothing else of
+# the system (its log writing and image pushing are granted in bootstrap).
+resource "google_storage_bucket_iam_member" "build_reads_function_source" {
+  bucket = google_storage_bucket.function_source.name
+  role   = "roles/storage.objectViewer"
+  member = "serviceAccount:${var.build_service_account}"
+}
+
+locals {
+  # The function's language runtime (operations/deploy.py RUNTIME), as Cloud Run's base image for it.
+  runtime             = "python311"
+  function_base_image = "${var.region}-docker.pkg.dev/serverless-runtimes/google-22-full/runtimes/${local.runtime}"
+  # Where the build puts the image: the system's own repository (bootstrap), which the build account may write.
+  function_image = "${var.region}-docker.pkg.dev/${var.project_id}/${local.prefix}/predict-duration"
+}
+
+resource "google_cloud_run_v2_service" "predict" {
+  name     = "${local.prefix}-predict-duration"
+  location = var.region
+  # Pub/Sub push counts as internal traffic (https://cloud.google.com/run/docs/securing/ingress).
+  ingress             = "INGRESS_TRAFFIC_INTERNAL_ONLY"
+  deletion_protection = var.deletion_protection
+  depends_on          = [google_storage_bucket_iam_member.build_reads_function_source]
 
   build_config {
-    runtime     = "python311"
-    entry_point = "predict_duration_cloudevent"
-    source {
-      storage_source {
-        bucket = google_storage_bucket.function_source.name
-        object = google_storage_bucket_object.function_source.name
+    # The entry point Pub/Sub push reaches (serving_function/main.py).
+    function_target = "predict_duration_cloudevent"
+    source_location = "gs://${google_storage_bucket.function_source.name}/${google_storage_bucket_object.function_source.name}"
+    base_image      = local.function_base_image
+    image_uri       = local.function_image
+    service_account = "projects/${var.project_id}/serviceAccounts/${var.build_service_account}"
+  }
+
+  template {
+    service_account                  = google_service_account.function.email
+    max_instance_request_concurrency = 16
+    timeout                          = "60s"
+    scaling {
+      max_instance_count = 20
+    }
+    containers {
+      image          = local.function_image
+      base_image_uri = local.function_base_image
+      resources {
+        limits = {
+          cpu    = "1"
+          memory = "1Gi"
+        }
+      }
+      # No RUN_ID or MODEL_URI: the controller gives each revision its model.
+      dynamic "env" {
+        for_each = {
+          PROJECT_ID                = var.project_id
+          MODEL_BUCKET              = google_storage_bucket.models.name
+          BACKEND_PULL_STREAM       = google_pubsub_topic.pull.name
+          BACKEND_DEADLETTER_STREAM = google_pubsub_topic.deadletter.name
+          OMP_NUM_THREADS           = "1"
+        }
+        content {
+          name  = env.key
+          value = env.value
+        }
       }
     }
   }
 
-  service_config {
-    available_memory                 = "1Gi"
-    available_cpu                    = "1"
-    timeout_seconds                  = 60
-    max_instance_count               = 20
-    max_instance_request_concurrency = 16
-    ingress_settings                 = "ALLOW_INTERNAL_ONLY"
-    service_account_email            = google_service_account.function.email
-    environment_variables = {
-      PROJECT_ID                = var.project_id
-      RUN_ID                    = var.run_id
-      MODEL_URI                 = var.model_uri
-      MODEL_VERSION             = var.model_version
-      MODEL_BUCKET              = google_storage_bucket.models.name
-      BACKEND_PULL_STREAM       = google_pubsub_topic.pull.name
-      BACKEND_DEADLETTER_STREAM = google_pubsub_topic.deadletter.name
-      OMP_NUM_THREADS           = "1"
-    }
-  }
-
   lifecycle {
-    # The model served is chosen in the MLflow registry and set by `operations.deploy redeploy`,
-    # which owns these three variables after the first apply: Terraform never resets them.
-    ignore_changes = [
-      service_config[0].environment_variables["RUN_ID"],
-      service_config[0].environment_variables["MODEL_URI"],
-      service_config[0].environment_variables["MODEL_VERSION"],
-    ]
+    # Terraform creates the service and never touches it again: revisions and traffic belong to the rollout
+    # controller (its gcloud updates set client and client_version), and a changed code zip or a second
+    # apply rebuilds nothing (a code change is deployed on purpose: docs/deploy-gcp-infra.md).
+    ignore_changes = [template, traffic, client, client_version, build_config]
   }
+}
+
+# --- the network: the system's own, unless one is named ---------------------------------------------
+# Memorystore has only a private address, and the backend reaches it through Direct VPC egress. Hardened
+# projects have no `default` network, so the system makes its own (var.network = "" by default).
+
+resource "google_compute_network" "vpc" {
+  #checkov:skip=CKV2_GCP_18:a new network's implied rules deny all ingress and allow egress; nothing on it listens (Direct VPC egress and Memorystore's peering only)
+  count                   = var.network == "" ? 1 : 0
+  name                    = "${local.prefix}-vpc"
+  auto_create_subnetworks = false
+}
+
+resource "google_compute_subnetwork" "backend" {
+  count                    = var.network == "" ? 1 : 0
+  name                     = "${local.prefix}-backend"
+  region                   = var.region
+  network                  = google_compute_network.vpc[0].id
+  ip_cidr_range            = var.subnet_cidr
+  private_ip_google_access = true
+  log_config {
+    aggregation_interval = "INTERVAL_10_MIN"
+    flow_sampling        = 0.5
+    metadata             = "INCLUDE_ALL_METADATA"
+  }
+}
+
+locals {
+  network    = var.network == "" ? google_compute_network.vpc[0].id : var.network
+  subnetwork = var.network == "" ? google_compute_subnetwork.backend[0].id : var.subnetwork
 }
 
 # --- the backend's shared result store ----------------------------------------------------------
@@ -429,7 +514,7 @@ resource "google_redis_instance" "results" {
   tier               = "STANDARD_HA"
   memory_size_gb     = var.memorystore_size_gb
   redis_version      = "REDIS_7_2"
-  authorized_network = var.network
+  authorized_network = local.network
 
   persistence_config {
     persistence_mode    = "RDB"
@@ -447,7 +532,11 @@ resource "google_cloud_run_v2_service" "backend" {
   location            = var.region
   ingress             = "INGRESS_TRAFFIC_ALL"
   deletion_protection = var.deletion_protection
-  depends_on          = [google_project_service.apis]
+  # Public (the default): Cloud Run's invoker check off, which Domain Restricted Sharing allows where an
+  # allUsers binding is refused (https://cloud.google.com/run/docs/authenticating/public).
+  invoker_iam_disabled = local.public_backend
+  # It reads the store's URL (with its AUTH string) from Secret Manager at start.
+  depends_on = [google_secret_manager_secret_version.app, google_secret_manager_secret_iam_member.backend_reads_redis_url]
 
   # Without a shared store every restart, deploy (two revisions overlap) or scale event loses rides:
   # refused unless asked for by name.
@@ -470,8 +559,8 @@ resource "google_cloud_run_v2_service" "backend" {
       content {
         egress = "PRIVATE_RANGES_ONLY"
         network_interfaces {
-          network    = var.network
-          subnetwork = var.subnetwork
+          network    = local.network
+          subnetwork = local.subnetwork
         }
       }
     }
@@ -504,9 +593,18 @@ resource "google_cloud_run_v2_service" "backend" {
         name  = "BACKEND_OUTCOME_STREAM"
         value = google_pubsub_topic.outcomes.name
       }
-      env {
-        name  = "REDIS_URL"
-        value = local.redis_url
+      # The URL holds the Memorystore AUTH string: read from Secret Manager, never in the service's configuration.
+      dynamic "env" {
+        for_each = local.shared_store ? [1] : []
+        content {
+          name = "REDIS_URL"
+          value_source {
+            secret_key_ref {
+              secret  = google_secret_manager_secret.app["redis-url"].secret_id
+              version = "latest"
+            }
+          }
+        }
       }
       env {
         name  = "CORS_ALLOWED_ORIGINS"
@@ -526,22 +624,14 @@ resource "google_cloud_run_v2_service" "backend" {
   }
 }
 
-# Riders call the backend: anyone by default (a public API), or only the members given.
+# Riders call the backend: anyone by default (a public API: the invoker check is off, above), or only the
+# members given.
 resource "google_cloud_run_v2_service_iam_member" "riders_invoke_backend" {
-  for_each = toset(var.backend_invokers)
+  for_each = toset([for member in var.backend_invokers : member if member != "allUsers"])
   name     = google_cloud_run_v2_service.backend.name
   location = google_cloud_run_v2_service.backend.location
   role     = "roles/run.invoker"
   member   = each.value
-}
-
-# --- the project's APIs -------------------------------------------------------------------------
-
-resource "google_project_service" "apis" {
-  for_each = local.apis
-  service  = "${each.value}.googleapis.com"
-  # Turning an API off on destroy would break whatever else in the project uses it.
-  disable_on_destroy = false
 }
 
 # --- the MLflow tracking server: the registry training writes and the deploy commands read --------
@@ -559,9 +649,11 @@ resource "google_sql_database_instance" "mlflow" {
   region              = var.region
   database_version    = "POSTGRES_18"
   deletion_protection = var.deletion_protection
-  depends_on          = [google_project_service.apis]
 
   settings {
+    # From PostgreSQL 16 on an instance without an edition is Enterprise Plus, which refuses the shared-core
+    # tiers ("Invalid Tier (db-g1-small) for (ENTERPRISE_PLUS) Edition"): Enterprise takes them.
+    edition           = "ENTERPRISE"
     tier              = var.mlflow_db_tier
     availability_type = "ZONAL"
     backup_configuration {
@@ -642,15 +734,16 @@ locals {
     mlflow-webhook-key = replace(replace(random_bytes.mlflow_webhook_key.base64, "+", "-"), "/", "_")
     # What MLflow signs its webhooks with, and the rollout service checks.
     rollout-webhook-secret = random_password.rollout_webhook.result
+    # The backend replicas' shared store, with the Memorystore AUTH string in it.
+    redis-url = local.redis_url
   }
 }
 
 resource "google_secret_manager_secret" "app" {
   #checkov:skip=CKV_GCP_128:encrypted with Google-managed keys; a customer key is an option, not a need here
   # The names, not the values: for_each may not depend on sensitive values.
-  for_each   = toset(["mlflow-db-password", "mlflow-webhook-key", "rollout-webhook-secret"])
-  secret_id  = "${local.prefix}-${each.key}"
-  depends_on = [google_project_service.apis]
+  for_each  = toset(concat(["mlflow-db-password", "mlflow-webhook-key", "rollout-webhook-secret"], local.shared_store ? ["redis-url"] : []))
+  secret_id = "${local.prefix}-${each.key}"
   replication {
     auto {}
   }
@@ -671,6 +764,14 @@ resource "google_service_account" "mlflow" {
 resource "google_service_account" "training" {
   account_id   = "${local.prefix}-training"
   display_name = "ridestream training"
+}
+
+# The backend reads the store's URL, its one secret.
+resource "google_secret_manager_secret_iam_member" "backend_reads_redis_url" {
+  count     = local.shared_store ? 1 : 0
+  secret_id = google_secret_manager_secret.app["redis-url"].id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = "serviceAccount:${google_service_account.backend.email}"
 }
 
 resource "google_secret_manager_secret_iam_member" "mlflow_reads_db_password" {
@@ -709,8 +810,10 @@ resource "google_cloud_run_v2_service" "mlflow" {
   location            = var.region
   ingress             = "INGRESS_TRAFFIC_ALL"
   deletion_protection = var.deletion_protection
+  # A revision reads its secrets at start: the versions must exist, and the right to read them.
   depends_on = [
-    google_project_service.apis,
+    google_secret_manager_secret_version.app["mlflow-db-password"],
+    google_secret_manager_secret_version.app["mlflow-webhook-key"],
     google_secret_manager_secret_iam_member.mlflow_reads_db_password,
     google_secret_manager_secret_iam_member.mlflow_reads_webhook_key,
   ]
@@ -828,7 +931,6 @@ resource "google_logging_metric" "live_quality_degraded" {
     metric_kind = "DELTA"
     value_type  = "INT64"
   }
-  depends_on = [google_project_service.apis]
 }
 
 resource "google_monitoring_alert_policy" "live_quality_degraded" {
@@ -892,9 +994,20 @@ resource "google_secret_manager_secret_iam_member" "rollout_reads_webhook_secret
 # nothing else: the role is granted on that one service. No source upload, no build (rollout/cloud.py).
 resource "google_cloud_run_v2_service_iam_member" "rollout_updates_function_revisions" {
   location = var.region
-  name     = google_cloudfunctions2_function.predict.service_config[0].service
+  name     = google_cloud_run_v2_service.predict.name
   role     = "roles/run.developer"
   member   = "serviceAccount:${google_service_account.rollout.email}"
+}
+
+# `gcloud run revisions list --service=S` (rollout/cloud.py) calls the v1 API's namespaces.revisions.list on
+# namespaces/PROJECT with a label selector for the service (gcloud's surface/run/revisions/list.py ->
+# serverless_operations.ListRevisions): run.revisions.list is checked on the project, so the service-level
+# run.developer above does not hold it. roles/run.viewer is the narrowest predefined role with
+# run.revisions.list (https://cloud.google.com/iam/docs/roles-permissions/run); it reads, never changes.
+resource "google_project_iam_member" "rollout_lists_revisions" {
+  project = var.project_id
+  role    = "roles/run.viewer"
+  member  = "serviceAccount:${google_service_account.rollout.email}"
 }
 
 # A new revision runs as the function's own identity: the rollout may act as that one only.
@@ -932,7 +1045,14 @@ resource "google_cloud_run_v2_service" "rollout" {
   location            = var.region
   ingress             = "INGRESS_TRAFFIC_ALL"
   deletion_protection = var.deletion_protection
-  depends_on          = [google_project_service.apis, google_secret_manager_secret_iam_member.rollout_reads_webhook_secret]
+  # MLflow's webhooks carry no Google identity: the service is public (the invoker check off, which Domain
+  # Restricted Sharing allows where an allUsers binding is refused), and every call must carry a valid HMAC
+  # signature of a fresh, first delivery (rollout/webhook.py), or it is refused with 401.
+  invoker_iam_disabled = true
+  depends_on = [
+    google_secret_manager_secret_version.app["rollout-webhook-secret"],
+    google_secret_manager_secret_iam_member.rollout_reads_webhook_secret,
+  ]
 
   template {
     service_account = google_service_account.rollout.email
@@ -1012,14 +1132,4 @@ resource "google_cloud_run_v2_service" "rollout" {
       }
     }
   }
-}
-
-# MLflow's webhooks carry no Google identity: the service is public, and every call must carry a
-# valid HMAC signature of a fresh, first delivery (rollout/webhook.py), or it is refused with 401.
-resource "google_cloud_run_v2_service_iam_member" "mlflow_webhooks_reach_rollout" {
-  #checkov:skip=CKV_GCP_102:webhooks cannot authenticate with Google identities; the service verifies an HMAC signature on every call
-  name     = google_cloud_run_v2_service.rollout.name
-  location = google_cloud_run_v2_service.rollout.location
-  role     = "roles/run.invoker"
-  member   = "allUsers"
 }

@@ -1,26 +1,54 @@
-output "model_bucket" {
-  value = "gs://${google_storage_bucket.models.name}"
+# What operations/gcp.py reads (it never falls back on local defaults): the names and addresses of the system.
+
+output "project_id" {
+  value = var.project_id
 }
 
-output "topics" {
-  value = local.topics
+output "region" {
+  value = var.region
 }
 
-output "function_uri" {
-  value = google_cloudfunctions2_function.predict.service_config[0].uri
+output "function_service" {
+  description = "The Cloud Run service of the serving function: its revisions and traffic belong to the rollout controller"
+  value       = google_cloud_run_v2_service.predict.name
 }
 
 output "backend_url" {
   value = google_cloud_run_v2_service.backend.uri
 }
 
-output "outcomes" {
-  description = "Where the completed rides land (newline-delimited JSON), read by the monitoring flow as OUTCOMES_URI"
-  value       = "gs://${google_storage_bucket.outcomes.name}/outcomes/"
+output "mlflow_url" {
+  description = "MLFLOW_TRACKING_URI for training and the deploy commands (send an identity token, or use gcloud run services proxy)"
+  value       = google_cloud_run_v2_service.mlflow.uri
 }
 
-output "prediction_logs" {
-  value = "gs://${google_storage_bucket.prediction_logs.name}"
+output "mlflow_service" {
+  value = google_cloud_run_v2_service.mlflow.name
+}
+
+output "rollout_url" {
+  value = google_cloud_run_v2_service.rollout.uri
+}
+
+output "rollout_service" {
+  value = google_cloud_run_v2_service.rollout.name
+}
+
+output "rollout_webhook_url" {
+  description = "Register it once: python -m rollout register --url <this> (ROLLOUT_WEBHOOK_SECRET from Secret Manager)"
+  value       = "${google_cloud_run_v2_service.rollout.uri}/webhooks/mlflow"
+}
+
+output "topics" {
+  value = local.topics
+}
+
+output "model_bucket" {
+  value = "gs://${google_storage_bucket.models.name}"
+}
+
+output "function_source_bucket" {
+  value = "gs://${google_storage_bucket.function_source.name}"
 }
 
 output "service_accounts" {
@@ -34,12 +62,22 @@ output "service_accounts" {
   }
 }
 
-output "mlflow_url" {
-  description = "MLFLOW_TRACKING_URI for training and the deploy commands (send an identity token: see the README)"
-  value       = google_cloud_run_v2_service.mlflow.uri
+output "outcomes" {
+  description = "Where the completed rides land (newline-delimited JSON), read by the monitoring flow as OUTCOMES_URI"
+  value       = "gs://${google_storage_bucket.outcomes.name}/outcomes/"
 }
 
-output "rollout_webhook_url" {
-  description = "Register it once: python -m rollout register --url <this> (ROLLOUT_WEBHOOK_SECRET from Secret Manager)"
-  value       = "${google_cloud_run_v2_service.rollout.uri}/webhooks/mlflow"
+output "prediction_logs" {
+  value = "gs://${google_storage_bucket.prediction_logs.name}"
+}
+
+output "deletion_protected" {
+  description = "Resources that refuse to be destroyed while deletion_protection is true: set it false and apply before destroying"
+  value = var.deletion_protection ? [
+    "google_cloud_run_v2_service.predict",
+    "google_cloud_run_v2_service.backend",
+    "google_cloud_run_v2_service.mlflow",
+    "google_cloud_run_v2_service.rollout",
+    "google_sql_database_instance.mlflow",
+  ] : []
 }

@@ -6,7 +6,7 @@ The source is cdktf-cdktf-provider-google, the provider's bindings generated fro
 published schema: its jsii assembly documents every argument and nested block of every
 resource with a link to the registry page (``.../docs/resources/storage_bucket#versioning``),
 which names the Terraform argument exactly. Only the resource and data-source types used in
-infra/*.tf are written, to infra/google-provider-schema.json, so the tests check every
+infra/*.tf and infra/bootstrap/*.tf (both roots) are written, to infra/google-provider-schema.json, so the tests check every
 argument there against the provider without a provider download.
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 INFRA = Path(__file__).resolve().parent
+ROOTS = (INFRA, INFRA / "bootstrap")  # the system, and the bootstrap root applied before it
 SCHEMA_FILE = INFRA / "google-provider-schema.json"
 _ARGUMENT_LINK = re.compile(
     r"/hashicorp/google/(?P<version>[\d.]+)/docs/(?P<kind>resources|data-sources)/(?P<slug>\w+)#(?P<arg>\w+)"
@@ -91,7 +92,7 @@ def extract(wheel: Path, used: set[str]) -> dict[str, Any]:
 
 
 def used_types() -> set[tuple[str, str]]:
-    return {(kind, name) for path in INFRA.glob("*.tf") for kind, name in _USED.findall(path.read_text())}
+    return {(kind, name) for root in ROOTS for path in root.glob("*.tf") for kind, name in _USED.findall(path.read_text())}
 
 
 def main() -> None:

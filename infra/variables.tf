@@ -1,6 +1,10 @@
 variable "project_id" {
   description = "GCP project to deploy into"
   type        = string
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{4,28}[a-z0-9]$", var.project_id))
+    error_message = "project_id is a Google Cloud project id: 6-30 lowercase letters, digits or hyphens, starting with a letter."
+  }
 }
 
 variable "region" {
@@ -13,28 +17,27 @@ variable "env" {
   description = "Environment name, part of every resource name (dev, staging, prod)"
   type        = string
   default     = "prod"
+  # With 8 characters at most, every name it enters keeps within Google's limit: service account ids 6-30
+  # (ridestream-<env>-training), Cloud Run service and job names 49, Memorystore instance ids 40, secret
+  # ids 255 (tests/test_infra.py works them out). Bucket names also hold the project id: checked at plan.
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9]{0,7}$", var.env))
+    error_message = "env must be 1-8 lowercase letters or digits, starting with a letter: it is part of service account ids (at most 30 characters) and bucket names (at most 63)."
+  }
 }
 
 variable "backend_image" {
-  description = "Backend container image, e.g. europe-west1-docker.pkg.dev/PROJECT/ridestream/backend:TAG"
+  description = "Backend container image, e.g. europe-west1-docker.pkg.dev/PROJECT/ridestream-prod/backend:TAG"
   type        = string
 }
 
-variable "run_id" {
-  description = "MLflow RUN_ID the function serves at first deploy; afterwards `python -m operations.deploy redeploy` owns it"
+variable "build_service_account" {
+  description = "What the function's source build runs as: infra/bootstrap's build_service_account output (an email)"
   type        = string
-}
-
-variable "model_uri" {
-  description = "Artifact folder of run_id's model (python -m training.registry resolve --field artifact_uri): a cold start reads only it; empty: the function searches the bucket"
-  type        = string
-  default     = ""
-}
-
-variable "model_version" {
-  description = "Registry version of run_id, for the record in every result"
-  type        = string
-  default     = ""
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{4,28}[a-z0-9]@[a-z0-9-]+\\.iam\\.gserviceaccount\\.com$", var.build_service_account))
+    error_message = "build_service_account is a service account email, e.g. ridestream-prod-build@PROJECT.iam.gserviceaccount.com (infra/bootstrap's output)."
+  }
 }
 
 variable "redis_url" {
@@ -61,19 +64,29 @@ variable "allow_in_memory_results" {
 }
 
 variable "network" {
-  description = "VPC network of the Memorystore instance and of the backend's Direct VPC egress"
+  description = "An existing VPC network for the Memorystore instance and the backend's Direct VPC egress (with subnetwork); empty (default): the system makes its own"
   type        = string
-  default     = "default"
+  default     = ""
 }
 
 variable "subnetwork" {
-  description = "Subnetwork the backend's Direct VPC egress uses (in var.region)"
+  description = "With network: the subnetwork (in var.region) the backend's Direct VPC egress uses"
   type        = string
-  default     = "default"
+  default     = ""
+  validation {
+    condition     = (var.network == "") == (var.subnetwork == "")
+    error_message = "Name both network and subnetwork, or neither (the system then makes its own)."
+  }
+}
+
+variable "subnet_cidr" {
+  description = "Address range of the subnet the system makes when no network is named (Direct VPC egress needs at least a /26)"
+  type        = string
+  default     = "10.8.0.0/24"
 }
 
 variable "backend_invokers" {
-  description = "Who may call the backend: [\"allUsers\"] for a public rider API (default), or members such as [\"serviceAccount:app@PROJECT.iam.gserviceaccount.com\"]"
+  description = "Who may call the backend: [\"allUsers\"] for a public rider API (default: the invoker check is off, no allUsers binding), or members such as [\"serviceAccount:app@PROJECT.iam.gserviceaccount.com\"]"
   type        = list(string)
   default     = ["allUsers"]
 }
@@ -100,9 +113,13 @@ variable "mlflow_image" {
 }
 
 variable "mlflow_db_tier" {
-  description = "Cloud SQL machine tier of the MLflow backend store"
+  description = "Cloud SQL machine tier of the MLflow backend store (Enterprise edition: shared-core db-f1-micro, db-g1-small, or db-custom-CPUS-MB)"
   type        = string
   default     = "db-g1-small"
+  validation {
+    condition     = can(regex("^(db-f1-micro|db-g1-small|db-custom-[0-9]+-[0-9]+)$", var.mlflow_db_tier))
+    error_message = "The instance is Cloud SQL Enterprise edition: db-f1-micro, db-g1-small or db-custom-CPUS-MEMORY_MB (db-perf-optimized-* tiers are Enterprise Plus only)."
+  }
 }
 
 variable "mlflow_users" {

@@ -1,5 +1,9 @@
+# Root 2 of 2, the system: applied after infra/bootstrap (root 1), whose APIs, image repository and build
+# identity it relies on. State in Cloud Storage: bucket and prefix are given at `terraform init
+# -backend-config=bucket=... -backend-config=prefix=...` (a partial configuration).
 terraform {
-  required_version = ">= 1.6"
+  backend "gcs" {}
+  required_version = ">= 1.9" # a variable's validation may name another variable
   required_providers {
     google = {
       source  = "hashicorp/google"

@@ -32,19 +32,23 @@ class FunctionConfig:
     # Cloud Functions sets (K_SERVICE).
     deployment: str
 
+    @property
+    def has_model(self) -> bool:
+        return bool(self.model_uri or self.run_id)
+
     @classmethod
     def from_env(cls) -> FunctionConfig:
         model_uri = os.environ.get("MODEL_URI", "").strip()
         run_id = os.environ.get("RUN_ID", "").strip()
-        if not (model_uri or run_id):
-            raise ConfigError("set RUN_ID (with MODEL_BUCKET) or MODEL_URI to choose the model to serve")
+        # Neither set: the service was created serving no model (infra/), and the rollout controller
+        # deploys the first production model as a revision of its own (main.py refuses rides until then).
         return cls(
             project_id=os.environ.get("PROJECT_ID") or _required("GOOGLE_CLOUD_PROJECT"),
             pull_topic=_required("BACKEND_PULL_STREAM"),
             deadletter_topic=_required("BACKEND_DEADLETTER_STREAM"),
             run_id=run_id,
             model_uri=model_uri,
-            model_bucket="" if model_uri else _required("MODEL_BUCKET").removeprefix("gs://").strip("/"),
+            model_bucket="" if model_uri or not run_id else _required("MODEL_BUCKET").removeprefix("gs://").strip("/"),
             model_prefix=os.environ.get("MODEL_PREFIX", "").strip("/"),
             model_version=os.environ.get("MODEL_VERSION", ""),
             publish_timeout=float(os.environ.get("PUBLISH_TIMEOUT_SECONDS", "30")),

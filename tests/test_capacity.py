@@ -103,10 +103,11 @@ def test_every_price_names_its_page_and_the_day_it_was_read():
 
 def test_the_modelled_deployment_is_the_one_infra_deploys(resources):  # noqa: F811
     deployment = capacity.Deployment()
-    function = resources["google_cloudfunctions2_function"]["predict"]["service_config"][0]
-    assert float(function["available_cpu"]) == deployment.function_cpu
-    assert function["available_memory"] == f"{deployment.function_memory_gib:g}Gi"
-    assert function["max_instance_count"] == deployment.function_max_instances
+    function = resources["google_cloud_run_v2_service"]["predict"]["template"][0]
+    limits = function["containers"][0]["resources"][0]["limits"]
+    assert float(limits["cpu"]) == deployment.function_cpu
+    assert limits["memory"] == f"{deployment.function_memory_gib:g}Gi"
+    assert function["scaling"][0]["max_instance_count"] == deployment.function_max_instances
     assert function["max_instance_request_concurrency"] == deployment.function_concurrency
     backend = resources["google_cloud_run_v2_service"]["backend"]["template"][0]
     assert backend["scaling"][0]["min_instance_count"] == deployment.backend_min_instances
@@ -122,7 +123,7 @@ def test_the_modelled_deployment_is_the_one_infra_deploys(resources):  # noqa: F
             topics[topic.split(".")[1]] += 1
     assert {topic: topics[topic] for topic in deployment.deliveries} == deployment.deliveries
     # No minimum for the function; the prediction lines are kept off the _Default bucket unless asked.
-    assert "min_instance_count" not in function and deployment.function_min_instances == 0
+    assert "min_instance_count" not in function["scaling"][0] and deployment.function_min_instances == 0
     exclusion = resources["google_logging_project_exclusion"]["predictions_in_bucket_only"]
     assert exclusion["count"] == "${var.prediction_logs_in_default_bucket ? 0 : 1}"
     assert deployment.prediction_logs_in_default_bucket is False

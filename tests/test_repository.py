@@ -197,7 +197,7 @@ def test_one_python_version_for_training_the_function_and_the_backend():
     assert f"- python={version}\n" in (REPO / "conda.yaml").read_text()
     for dockerfile in ("backend/Dockerfile", "tracking_server/Dockerfile", "rollout/Dockerfile"):
         assert f"FROM python:{version}-slim\n" in (REPO / dockerfile).read_text(), dockerfile
-    assert f'runtime     = "{RUNTIME}"' in (REPO / "infra/main.tf").read_text()
+    assert re.search(rf'^  runtime\s+= "{RUNTIME}"$', (REPO / "infra/main.tf").read_text(), re.M)
     assert f'requires-python = ">={version}"' in (REPO / "pyproject.toml").read_text()
 
 

@@ -574,3 +574,34 @@ def test_the_function_looks_for_the_file_training_writes():
 
     assert model_store.SERVING_FORM_FILE == FILE_NAME
     assert model_store.RANGE_FILES == (INTERVAL_FILE, LOW_FORM_FILE, HIGH_FORM_FILE)
+
+
+def test_with_no_model_configured_the_function_starts_and_refuses_rides_for_redelivery():
+    """Terraform creates the function's service serving no model (the rollout controller deploys the first one).
+    The instance must start (else the service never becomes ready and the apply fails), and a ride pushed to it
+    must get an error status, so Pub/Sub redelivers it: never a 2xx, which would acknowledge it unanswered."""
+    import os
+    import subprocess
+    import sys
+
+    check = (
+        "import json, main, functions_framework; "
+        "app = functions_framework.create_app('predict_duration_cloudevent', 'main.py'); "
+        "push = {'message': {'data': '', 'messageId': 'm-1', 'attributes': {}}, 'subscription': 'projects/p/subscriptions/s'}; "
+        "r = app.test_client().post('/', json=push); "
+        "print(main.SERVICE is None, r.status_code)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RUN_ID", "MODEL_URI")}
+    env |= {
+        "GOOGLE_CLOUD_PROJECT": "no-model",
+        "MODEL_BUCKET": "models",
+        "BACKEND_PULL_STREAM": "results",
+        "BACKEND_DEADLETTER_STREAM": "dead",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", check], cwd=REPO / "serving_function", env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    no_service, status = out.stdout.split("\n")[-2].split()
+    assert no_service == "True" and int(status) >= 500, out.stdout + out.stderr
+    assert "no model configured" in out.stdout + out.stderr

@@ -33,6 +33,7 @@ ROLE_ACTIONS: dict[str, frozenset[str]] = {
     "roles/run.developer": frozenset({"deploy"}),  # revisions and traffic of the service it is granted on
     "roles/iam.serviceAccountUser": frozenset({"act_as"}),  # a revision deployed runs as that account
     "roles/run.invoker": frozenset({"invoke"}),
+    "roles/run.viewer": frozenset({"list_revisions"}),  # run.revisions.list (and reading every Cloud Run resource)
     "roles/cloudsql.client": frozenset({"connect"}),
 }
 # The narrowest role that allows an action: what a report suggests for a use no grant allows.
@@ -117,7 +118,24 @@ NOT_EXERCISED: tuple[NotExercised, ...] = (
     NotExercised("var.mlflow_users", "run_service:mlflow", "roles/run.invoker", _LOCAL_INVOKE),
     NotExercised("training", "run_service:mlflow", "roles/run.invoker", _LOCAL_INVOKE),
     NotExercised("rollout", "run_service:mlflow", "roles/run.invoker", _LOCAL_INVOKE),
-    NotExercised("allUsers", "run_service:rollout", "roles/run.invoker", "MLflow's webhooks: no identity anywhere"),
+    NotExercised(
+        "backend",
+        'secret:app["redis-url"]',
+        "roles/secretmanager.secretAccessor",
+        "the local stack hands the backend its Redis URL in the environment; the local Redis takes no AUTH string",
+    ),
+    NotExercised(
+        "rollout",
+        "project",
+        "roles/run.viewer",
+        "no Cloud Run locally: the controller lists the local functions' deployments, not revisions",
+    ),
+    NotExercised(
+        "var.build_service_account",
+        "bucket:function_source",
+        "roles/storage.objectViewer",
+        "no Cloud Build locally: the function runs from its folder, never built from the source zip",
+    ),
     NotExercised(
         "mlflow",
         "project",
@@ -192,6 +210,9 @@ def _identity(member: str, for_each: str) -> str:
         return account[1]
     if member == "${each.value}":  # one grant per member of a variable: the variable names them
         return re.search(r"var\.\w+", for_each)[0]
+    given = re.fullmatch(r"serviceAccount:\$\{(var\.\w+)\}", member)  # an account made elsewhere (infra/bootstrap)
+    if given:
+        return given[1]
     reference = re.fullmatch(r"\$\{(?:local\.)?([\w.]+?)(?:\.writer_identity)?\}", member)
     return reference[1] if reference else member
 
