@@ -43,3 +43,13 @@ output "rollout_webhook_url" {
   description = "Register it once: python -m rollout register --url <this> (ROLLOUT_WEBHOOK_SECRET from Secret Manager)"
   value       = "${google_cloud_run_v2_service.rollout.uri}/webhooks/mlflow"
 }
+
+output "jobs" {
+  description = "The flows' Cloud Run jobs (gcloud run jobs execute NAME --region REGION --wait runs one now)"
+  value       = { for key, job in google_cloud_run_v2_job.flows : key => job.name }
+}
+
+output "dashboard" {
+  description = "The operator's Cloud Monitoring dashboard (console: Monitoring > Dashboards)"
+  value       = google_monitoring_dashboard.operations.id
+}
