@@ -27,8 +27,10 @@ JOBS = ("training", "monitoring", "live-quality")
 # The line per answering version that the live-quality job writes for Cloud Logging (jsonPayload.message):
 # infra/observability.tf's log-based metrics chart its rmse and coverage per version.
 LIVE_QUALITY_LINE = "live quality per version"
-# Where the Cloud Logging sink files a day's prediction lines under its bucket: LOG_ID/YYYY/MM/DD/
-# (the function writes them on stdout: Cloud Run's log run.googleapis.com/stdout).
+# Where the Cloud Logging sink files a day's prediction lines under its bucket: LOG_ID/YYYY/MM/DD/ (UTC), in
+# hourly batches up to 3 hours late (cloud.google.com/logging/docs/export/storage). The function writes them on
+# stdout, Cloud Run's log run.googleapis.com/stdout. The daily run (07:00 New York) reads yesterday's UTC day,
+# which is complete by then.
 PREDICTION_LOG_ID = "run.googleapis.com/stdout"
 
 
