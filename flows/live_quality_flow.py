@@ -40,7 +40,11 @@ DEGRADED = "LIVE QUALITY DEGRADED"
 
 
 class QualityDegraded(RuntimeError):
-    pass
+    """Production is degraded; ``summary`` is the flow's summary, so a caller still reports the figures."""
+
+    def __init__(self, problem: str, summary: dict | None = None):
+        super().__init__(problem)
+        self.summary = summary or {}
 
 
 @task(name="read-completed-rides", retries=2, retry_delay_seconds=5, cache_policy=NONE)
@@ -152,6 +156,8 @@ def live_quality_flow(outcomes: str | None = None, hours: float = 24.0) -> dict:
         test_rmse = client.get_run(run_id).data.metrics.get("test_rmse")
     problem = degradation(windows, production, test_rmse, monitoring)
     latest = windows[max(windows)] if windows else {}
+    # The last window that has ended: the latest one is still filling (the hourly run starts 5 minutes in).
+    complete = int(time.time() // window_seconds) - 1
     summary = {
         "completed_rides": len(rides),
         "unreadable_lines": unreadable,
@@ -160,6 +166,8 @@ def live_quality_flow(outcomes: str | None = None, hours: float = 24.0) -> dict:
         "production": production,
         "production_test_rmse": test_rmse,
         "latest_window": latest,
+        "complete_window": windows.get(complete, {}),
+        "complete_window_start": complete * window_seconds,
         "degraded": problem,
     }
     _publish(summary)
@@ -168,7 +176,7 @@ def live_quality_flow(outcomes: str | None = None, hours: float = 24.0) -> dict:
         logger.warning("%d lines under %s are not completed rides: skipped (still there)", unreadable, outcomes_uri)
     if problem:
         logger.error("%s: %s", DEGRADED, problem)
-        raise QualityDegraded(problem)
+        raise QualityDegraded(problem, summary)
     return summary
 
 

@@ -30,3 +30,32 @@ class MonitoringSettings:
             alert_min_rides=int(env("ALERT_MIN_RIDES", "200")),
             alert_rmse_increase=float(env("ALERT_RMSE_INCREASE", "0.2")),
         )
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """What the flows read as Cloud Run jobs (``python -m flows.job``, infra/flows.tf), beside training's
+    settings and the monitoring settings above."""
+
+    # The MLflow server's URL when it sits behind Cloud Run IAM: the job fetches a Google ID token for it
+    # (from the job's own identity) and sends it as MLFLOW_TRACKING_TOKEN. Empty: no token (a local server).
+    mlflow_id_token_audience: str = ""
+    # Live quality: the completed rides of the last H hours (a window already logged is not logged again).
+    live_quality_hours: float = 24.0
+    # Monitoring: the month the drift is measured against. Empty: the first month production was trained on
+    # (its registry tag train_months, written by the training flow).
+    reference_month: str = ""
+    # Training: hyper-parameter trials, and how much better than production a candidate must be (0.01: 1 %).
+    training_trials: int = 3
+    min_improvement: float = 0.0
+
+    @classmethod
+    def from_env(cls) -> JobSettings:
+        env = os.environ.get
+        return cls(
+            mlflow_id_token_audience=env("MLFLOW_ID_TOKEN_AUDIENCE", "").strip(),
+            live_quality_hours=float(env("LIVE_QUALITY_HOURS", "24")),
+            reference_month=env("REFERENCE_MONTH", "").strip(),
+            training_trials=int(env("TRAINING_TRIALS", "3")),
+            min_improvement=float(env("MIN_IMPROVEMENT", "0")),
+        )

@@ -920,45 +920,6 @@ resource "google_storage_bucket_iam_member" "sink_writes_prediction_logs" {
   member = google_logging_project_sink.predictions.writer_identity
 }
 
-# --- live quality: production worse live than on its test month ---------------------------------
-# The hourly live-quality flow (flows/live_quality_flow.py, a Cloud Run job of the Prefect work pool)
-# logs LIVE QUALITY DEGRADED and fails when production's live RMSE, over a window of enough completed
-# rides, is above its test RMSE by more than ALERT_RMSE_INCREASE. That line is counted and alerts.
-resource "google_logging_metric" "live_quality_degraded" {
-  name   = "${local.prefix}-live-quality-degraded"
-  filter = "resource.type=\"cloud_run_job\" AND textPayload:\"LIVE QUALITY DEGRADED\""
-  metric_descriptor {
-    metric_kind = "DELTA"
-    value_type  = "INT64"
-  }
-}
-
-resource "google_monitoring_alert_policy" "live_quality_degraded" {
-  display_name          = "ridestream ${var.env}: production is worse live than on its test month"
-  combiner              = "OR"
-  notification_channels = var.alert_notification_channels
-  conditions {
-    display_name = "the live-quality flow logged LIVE QUALITY DEGRADED"
-    condition_threshold {
-      filter          = "metric.type=\"logging.googleapis.com/user/${google_logging_metric.live_quality_degraded.name}\" AND resource.type=\"cloud_run_job\""
-      comparison      = "COMPARISON_GT"
-      threshold_value = 0
-      duration        = "0s"
-      aggregations {
-        alignment_period   = "300s"
-        per_series_aligner = "ALIGN_SUM"
-      }
-    }
-  }
-  alert_strategy {
-    auto_close = "86400s"
-  }
-  documentation {
-    mime_type = "text/markdown"
-    content   = "Production's live RMSE on completed rides is above its test RMSE by more than the allowed share. The flow run's `live-quality` artifact names the version and the figures; the README's *Live quality* section says what to do (roll back with `make rollback`, or retrain)."
-  }
-}
-
 # --- rollout: the registry's production alias moves, the function follows ----------------------
 # MLflow calls the rollout service (a signed webhook) when an alias moves, and it reads the registry
 # every minute besides; it takes a new production version through pre-flight, shadow analysis,

@@ -81,3 +81,13 @@ output "deletion_protected" {
     "google_sql_database_instance.mlflow",
   ] : []
 }
+
+output "jobs" {
+  description = "The flows' Cloud Run jobs (gcloud run jobs execute NAME --region REGION --wait runs one now)"
+  value       = { for key, job in google_cloud_run_v2_job.flows : key => job.name }
+}
+
+output "dashboard" {
+  description = "The operator's Cloud Monitoring dashboard (console: Monitoring > Dashboards)"
+  value       = google_monitoring_dashboard.operations.id
+}

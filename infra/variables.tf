@@ -144,3 +144,50 @@ variable "prediction_logs_in_default_bucket" {
   type        = bool
   default     = false
 }
+
+# --- the flows as Cloud Run jobs (infra/flows.tf) -------------------------------------------------
+
+variable "flows_image" {
+  description = "The flows' image (flows/Dockerfile): the training, monitoring and live-quality Cloud Run jobs run it"
+  type        = string
+}
+
+variable "trip_data" {
+  description = "gs:// prefix holding the TLC trip months (<color>_tripdata_<YYYY-MM>.parquet) training and the drift reference read; empty: gs://<models bucket>/trip-data"
+  type        = string
+  default     = ""
+  validation {
+    condition     = var.trip_data == "" || startswith(var.trip_data, "gs://")
+    error_message = "trip_data is a gs:// prefix (training lists it to find the newest three months), or empty."
+  }
+}
+
+variable "training_trials" {
+  description = "Hyper-parameter trials of each scheduled training"
+  type        = number
+  default     = 3
+}
+
+variable "flows_time_zone" {
+  description = "Time zone of the flows' schedules (tz database name), the taxis' own by default"
+  type        = string
+  default     = "America/New_York"
+}
+
+variable "flows_schedules" {
+  description = "When each flow's job runs (cron, in flows_time_zone): training weekly (Monday 06:00), the drift report daily, live quality hourly at 5 past, once the hour's outcomes have landed. Give all three to change one."
+  type        = map(string)
+  default = {
+    training     = "0 6 * * 1"
+    monitoring   = "0 7 * * *"
+    live_quality = "5 * * * *"
+  }
+  validation {
+    condition     = toset(keys(var.flows_schedules)) == toset(["training", "monitoring", "live_quality"])
+    error_message = "flows_schedules names exactly the three jobs: training, monitoring, live_quality."
+  }
+  validation {
+    condition     = alltrue([for schedule in values(var.flows_schedules) : length(split(" ", trimspace(schedule))) == 5])
+    error_message = "A cron schedule has five fields: minute hour day-of-month month day-of-week."
+  }
+}

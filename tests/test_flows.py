@@ -142,7 +142,7 @@ def test_prefect_yaml_matches_the_lock_the_schedules_and_uses_worker_pools():
     import yaml
     from conftest import REPO
 
-    from flows.serve import MONTHLY_SCORING, MONTHLY_TRAINING, TIMEZONE
+    from flows.serve import DAILY_MONITORING, HOURLY_LIVE_QUALITY, MONTHLY_SCORING, MONTHLY_TRAINING, TIMEZONE
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     [locked] = re.findall(r"^prefect==(\S+)$", (REPO / "requirements.lock").read_text(), re.M)
@@ -151,7 +151,16 @@ def test_prefect_yaml_matches_the_lock_the_schedules_and_uses_worker_pools():
     assert schedules == {
         "monthly-training": {"cron": MONTHLY_TRAINING, "timezone": TIMEZONE},
         "monthly-scoring": {"cron": MONTHLY_SCORING, "timezone": TIMEZONE},
+        "daily-monitoring": {"cron": DAILY_MONITORING, "timezone": TIMEZONE},
+        "hourly-live-quality": {"cron": HOURLY_LIVE_QUALITY, "timezone": TIMEZONE},
     }
+    # The same parameters flows.serve gives them, from the same environment, and each entry point exists.
+    parameters = {d["name"]: d.get("parameters", {}) for d in spec["deployments"]}
+    assert parameters["daily-monitoring"] == {"predictions": "{{ $PREDICTION_LOGS }}"}
+    assert parameters["hourly-live-quality"] == {"outcomes": "{{ $OUTCOMES_URI }}", "hours": 24}
+    for deployment in spec["deployments"]:
+        path, _, name = deployment["entrypoint"].partition(":")
+        assert f"def {name}(" in (REPO / path).read_text(), deployment["entrypoint"]
     text = (REPO / "prefect.yaml").read_text()
     assert "--type cloud-run:push" not in text  # push pools need Prefect Cloud; this project runs its own server
 

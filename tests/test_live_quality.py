@@ -153,3 +153,23 @@ def test_the_challenger_is_judged_on_the_completed_rides_and_its_page_says_so(em
     assert version.tags["live_comparison"].startswith("v2 better: RMSE v2 - v1 -")
     assert json.loads(version.tags["live_rmse_diff_ci95"]) == result["rmse_diff_ci95"]
     assert "**Live, against v1**: v2 better" in version.description
+
+
+def test_the_live_quality_job_fails_on_degradation_and_still_writes_each_versions_figures(
+    emulators, production, prefect_harness, monkeypatch, capsys
+):
+    """flows.job as Cloud Run runs it: exit 1 (a failed execution), and one JSON line per version of the last
+    complete hour on stdout, which the dashboard's log-based metrics read (infra/observability.tf)."""
+    from flows import job
+
+    _, run_id = production
+    monkeypatch.setenv("ALERT_MIN_RIDES", "30")
+    at = (time.time() // 3600) * 3600 - 1800  # in the last hour that has ended
+    monkeypatch.setenv("OUTCOMES_URI", _filed(emulators, _completed(40, np.full(40, 7.0), run_id, at)))
+    monkeypatch.setenv("LIVE_QUALITY_HOURS", "2")
+    monkeypatch.delenv("MLFLOW_ID_TOKEN_AUDIENCE", raising=False)  # the local registry takes no token
+    assert job.run("live-quality") == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    [figures] = [line for line in lines if line.get("message") == job.LIVE_QUALITY_LINE]
+    assert (figures["answer"], figures["model_version"], figures["rides"]) == ("final", "1", 40)
+    assert figures["rmse"] == pytest.approx(7.0) and figures["severity"] == "INFO"

@@ -210,7 +210,9 @@ def test_no_file_claims_the_conda_env_manager():
         assert all("refuses" in line for line in claims), (name, claims)
 
 
-@pytest.mark.parametrize("dockerfile", ["backend/Dockerfile", "tracking_server/Dockerfile", "rollout/Dockerfile"])
+@pytest.mark.parametrize(
+    "dockerfile", ["backend/Dockerfile", "tracking_server/Dockerfile", "rollout/Dockerfile", "flows/Dockerfile"]
+)
 def test_every_file_an_image_copies_is_in_the_build_context(dockerfile):
     # .dockerignore excludes everything ("**") but what it re-includes with "!".
     included = [line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")]

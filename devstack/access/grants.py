@@ -162,6 +162,20 @@ NOT_EXERCISED: tuple[NotExercised, ...] = (
         "roles/storage.objectCreator",
         "no Cloud Logging locally: the function's prediction lines go to its log file",
     ),
+    # The flows as Cloud Run jobs (infra/flows.tf): locally they are started by hand or by flows.serve, as the
+    # developer, and read the stack's files, not buckets.
+    NotExercised(
+        "training",
+        "bucket:prediction_logs",
+        "roles/storage.objectViewer",
+        "no Cloud Logging sink locally: the monitoring flow reads the function's log file",
+    ),
+    *(
+        NotExercised(
+            "scheduler", f'run_job:flows["{job}"]', "roles/run.invoker", "no Cloud Scheduler locally: nothing starts jobs"
+        )
+        for job in ("training", "monitoring", "live_quality")
+    ),
 )
 
 
@@ -171,7 +185,11 @@ NOT_EXERCISED: tuple[NotExercised, ...] = (
 def clean_hcl(value):
     """python-hcl2 keeps HCL's quotes around keys and strings; drop them."""
     if isinstance(value, dict):
-        return {clean_hcl(k): clean_hcl(v) for k, v in value.items() if k not in ("__is_block__", "__comments__")}
+        return {
+            clean_hcl(k): clean_hcl(v)
+            for k, v in value.items()
+            if k not in ("__is_block__", "__comments__", "__inline_comments__")
+        }
     if isinstance(value, list):
         return [clean_hcl(v) for v in value]
     if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
@@ -198,6 +216,7 @@ _KINDS = {
     "google_secret_manager_secret": "secret",
     "google_cloudfunctions2_function": "run_service",  # its Cloud Run service (service_config[0].service)
     "google_cloud_run_v2_service": "run_service",
+    "google_cloud_run_v2_job": "run_job",
     "google_service_account": "service_account",
 }
 _REFERENCE = re.compile(r"\b(google_\w+)\.(\w+)(\[\"[^\"]+\"\])?")
