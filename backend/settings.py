@@ -9,6 +9,14 @@ from pathlib import Path
 
 DEFAULT_COARSE_MODEL = Path(__file__).resolve().parent / "coarse_model.json"
 DEFAULT_ZONE_GUIDE = Path(__file__).resolve().parent / "zone_guide.json"
+# How long a ride's record lives in the result store. After its final the record is still needed for
+# the rider's outcome: the ride lasts up to 60 minutes (ride_contract's MAX_DURATION_MINUTES) and the app
+# reports its outcome when the ride ends, often later (the phone offline, the app closed: issue 33), and
+# record_outcome needs the record. Four hours leave three after the longest ride for a late outcome;
+# nothing else reads a record after its outcome is published (the outcome goes to the outcomes topic and
+# the bucket). A day held 6x the memory for nothing: 4 h at the default maximum rate fits the default
+# Memorystore (infra/variables.tf; benchmarks/capacity.py checks it).
+DEFAULT_RESULT_TTL_SECONDS = 4 * 3600
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 
 
@@ -67,7 +75,7 @@ class BackendSettings:
             redis_prefix=env("REDIS_PREFIX", "ridestream"),
             coarse_model_path=Path(env("COARSE_MODEL_PATH") or DEFAULT_COARSE_MODEL),
             max_wait_seconds=float(env("MAX_WAIT_SECONDS", "10")),
-            result_ttl_seconds=int(env("RESULT_TTL_SECONDS", "86400")),
+            result_ttl_seconds=int(env("RESULT_TTL_SECONDS", str(DEFAULT_RESULT_TTL_SECONDS))),
             max_body_bytes=int(env("MAX_BODY_BYTES", "16384")),
             publish_timeout_seconds=float(env("PUBLISH_TIMEOUT_SECONDS", "10")),
             resend_after_seconds=float(env("RESEND_AFTER_SECONDS", "30")),
