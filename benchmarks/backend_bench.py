@@ -2,7 +2,7 @@
 until the final, at the rate the default deployment claims (benchmarks/capacity.py:
 DEFAULT_MAX_RIDES_PER_SECOND).
 
-    python benchmarks/backend_bench.py [--seconds 20] [--rate 100] [--backlog-seconds 10]
+    python benchmarks/backend_bench.py [--seconds 10] [--rate 100] [--backlog-seconds 10] [--before]
 
 The stack is the deployed one in miniature: the Pub/Sub emulator, a Redis of its own as the result store,
 the function serving a freshly trained model, and one backend started from its image's environment
@@ -16,7 +16,8 @@ in Cloud Run's queue.
 2. backlog: the function frozen (SIGSTOP) for ``--backlog-seconds``, so every rider's poll is held its
    whole wait, while riders keep arriving at the rate Cloud Run sends one instance in a backlog (its 60 %
    concurrency target over the wait). The POSTs must still be answered at once: a serving model with
-   fewer threads than concurrency (the 16 the image had) queues them behind the held polls.
+   fewer threads than concurrency (the 16 the image had) queues them behind the held polls: ``--before``
+   runs this phase again with that serving model, behind Cloud Run's default concurrency of 80.
 
 One JSON document on stdout, each figure beside its target; logs on stderr.
 """
@@ -32,6 +33,8 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,6 +43,7 @@ import requests
 
 from devstack.stack import ARTIFACT_ROOT, Stack
 from devstack.traffic import real_rides
+from devstack.usage import cpu_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -48,6 +52,8 @@ from capacity import DEFAULT_MAX_RIDES_PER_SECOND, Deployment, deployed  # noqa:
 log = logging.getLogger("backend_bench")
 FINAL_WITHIN_SECONDS = 60  # a rider gives up after this (the backend's own bound is 150 s)
 WARM_UP = 100  # riders before the measured ones, not counted
+# The serving model the image had: 1 worker x 16 threads, and Cloud Run's default concurrency (80 per vCPU).
+BEFORE_GUNICORN_ARGS, BEFORE_CONCURRENCY = "--worker-class gthread --threads 16 --timeout 60", 80
 
 
 class Instance:
@@ -62,8 +68,8 @@ class Instance:
         self.slot_waits: list[float] = []
         self._local = threading.local()
 
-    def request(self, method: str, path: str, **kwargs) -> tuple[requests.Response, float]:
-        """The response and its seconds, from asking for a slot to the answer."""
+    def request(self, method: str, path: str, **kwargs) -> requests.Response:
+        """The instance's response, once a slot was free."""
         if not hasattr(self._local, "session"):
             self._local.session = requests.Session()
         started = time.perf_counter()
@@ -74,32 +80,53 @@ class Instance:
                 self.most_in_flight = max(self.most_in_flight, self.in_flight)
                 self.slot_waits.append(waited)
             try:
-                response = self._local.session.request(method, self.url + path, timeout=30, **kwargs)
+                return self._local.session.request(method, self.url + path, timeout=30, **kwargs)
             finally:
                 with self._lock:
                     self.in_flight -= 1
-        return response, time.perf_counter() - started
+
+
+def call(instance: Instance, seen: dict, deadline: float, method: str, path: str, **kwargs) -> requests.Response | None:
+    """One request as the rider page makes it (backend/static/rider.js): a 502/503/504 or no answer is
+    retried, the same request (ride_id included), after 0.5 s doubling to 8 s and at least the
+    Retry-After asked for, until ``deadline``; None when it never got an answer."""
+    backoff = 0.5
+    while True:
+        try:
+            response = instance.request(method, path, **kwargs)
+            if response.status_code not in (502, 503, 504):
+                return response
+            seen["retried"].append(f"{response.status_code} {response.json().get('error', '')}"[:120])
+            delay = max(backoff, float(response.headers.get("Retry-After") or 0))
+        except (requests.RequestException, ValueError) as exc:
+            seen["retried"].append(f"{type(exc).__name__}"[:120])
+            delay = backoff
+        if time.perf_counter() + delay > deadline:
+            return None
+        time.sleep(delay)
+        backoff = min(backoff * 2, 8.0)
 
 
 def rider(instance: Instance, ride: dict, wait_seconds: int) -> dict:
     """POST the ride, then long-poll it until its final: what the rider saw."""
     started = time.perf_counter()
-    seen = {"post_status": None, "post_seconds": None, "polls": 0, "final_seconds": None}
-    try:
-        response, seen["post_seconds"] = instance.request("POST", "/predict", json=ride)
-        seen["post_status"] = response.status_code
-        if response.status_code != 202:
-            return seen
-        ride_id = response.json()["ride_id"]
-        while time.perf_counter() - started < FINAL_WITHIN_SECONDS:
-            response, _ = instance.request("GET", f"/rides/{ride_id}", params={"wait": wait_seconds})
-            seen["polls"] += 1
-            if response.status_code == 200 and response.json().get("status") in ("done", "failed"):
-                seen["final_seconds"] = time.perf_counter() - started
-                seen["status"] = response.json()["status"]
-                return seen
-    except (requests.RequestException, ValueError, KeyError) as exc:
-        seen["error"] = f"{type(exc).__name__}: {exc}"
+    deadline = started + FINAL_WITHIN_SECONDS
+    seen = {"post_status": None, "post_seconds": None, "polls": 0, "final_seconds": None, "retried": []}
+    ride = {**ride, "ride_id": uuid.uuid4().hex}  # the page picks the ride_id, so a retried POST books it once
+    response = call(instance, seen, deadline, "POST", "/predict", json=ride)
+    seen["post_seconds"] = time.perf_counter() - started
+    seen["post_status"] = None if response is None else response.status_code
+    if response is None or response.status_code != 202:
+        return seen
+    while time.perf_counter() < deadline:
+        response = call(instance, seen, deadline, "GET", f"/rides/{ride['ride_id']}", params={"wait": wait_seconds})
+        seen["polls"] += 1
+        if response is None:
+            break
+        body = response.json()
+        if response.status_code == 200 and body.get("status") in ("done", "failed"):
+            seen["final_seconds"], seen["status"] = time.perf_counter() - started, body["status"]
+            break
     return seen
 
 
@@ -125,13 +152,32 @@ def ride_at_rate(instance: Instance, rides: list[dict], rate: float, wait_second
     return summarize(results, rate, elapsed)
 
 
+def backlog_phase(stack: Stack, instance: Instance, rides: list[dict], rate: float, seconds: float, wait_seconds: int) -> dict:
+    """Riders at ``rate`` while the function is frozen ``seconds``: every poll meanwhile is held its whole wait."""
+    group = os.getpgid(stack.pids["function"])
+    if group == os.getpgid(0):
+        raise RuntimeError("the function runs in this process's group: freezing it would freeze the benchmark")
+
+    def freeze(started_at: float) -> None:
+        os.killpg(group, signal.SIGSTOP)
+        try:
+            time.sleep(max(0.0, started_at + seconds - time.perf_counter()))
+        finally:
+            os.killpg(group, signal.SIGCONT)
+
+    log.info("backlog: function frozen %g s, %d riders at %g/s", seconds, len(rides), rate)
+    instance.most_in_flight, instance.slot_waits = 0, []
+    result = ride_at_rate(instance, rides, rate, wait_seconds, during=freeze)
+    result["most_requests_in_flight"] = instance.most_in_flight
+    result["requests_waiting_for_a_slot"] = sum(1 for w in instance.slot_waits if w > 0.001)
+    return result
+
+
 def summarize(results: list[dict], rate: float, elapsed: float) -> dict:
     answered = [r for r in results if r["final_seconds"] is not None and r.get("status") == "done"]
     posts = np.array([r["post_seconds"] for r in results if r["post_seconds"] is not None] or [np.nan])
     finals = np.array([r["final_seconds"] for r in answered] or [np.nan])
-    statuses: dict[str, int] = {}
-    for r in results:
-        statuses[str(r["post_status"])] = statuses.get(str(r["post_status"]), 0) + 1
+    statuses = dict(Counter(str(r["post_status"]) for r in results))
     return {
         "riders": len(results),
         "arrival_rides_per_second": rate,
@@ -145,15 +191,19 @@ def summarize(results: list[dict], rate: float, elapsed: float) -> dict:
         "final_ms_p50": round(float(np.nanpercentile(finals, 50)) * 1000, 1),
         "final_ms_p95": round(float(np.nanpercentile(finals, 95)) * 1000, 1),
         "polls_per_rider": round(sum(r["polls"] for r in results) / max(len(results), 1), 2),
-        "errors": sorted({r["error"] for r in results if "error" in r})[:5],
+        "requests_retried": sum(len(r["retried"]) for r in results),
+        "why_retried": dict(Counter(reason for r in results for reason in r["retried"]).most_common(5)),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=DEFAULT_MAX_RIDES_PER_SECOND, help="riders arriving per second")
-    parser.add_argument("--seconds", type=float, default=20, help="the steady phase's length")
+    parser.add_argument("--seconds", type=float, default=10, help="the steady phase's length")
     parser.add_argument("--backlog-seconds", type=float, default=10, help="the function frozen this long; 0: no backlog phase")
+    parser.add_argument(
+        "--before", action="store_true", help="the backlog phase again with the serving model before (16 threads, concurrency 80)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -163,7 +213,7 @@ def main() -> None:
     backlog_rate = deployment.backend_concurrency * deployment.concurrency_utilization / wait_seconds
     steady_count = round(args.rate * args.seconds)
     backlog_count = round(backlog_rate * args.backlog_seconds)
-    rides = [ride for ride, _ in real_rides(WARM_UP + steady_count + backlog_count, seed=4)]
+    rides = [ride for ride, _ in real_rides(WARM_UP + steady_count + 2 * backlog_count, seed=4)]
 
     with tempfile.TemporaryDirectory(prefix="backend-bench-") as tmp:
         stack = Stack(Path(tmp))
@@ -176,7 +226,7 @@ def main() -> None:
             from training.train import TrainConfig, train
 
             model = train(
-                TrainConfig(trials=1, sample=20_000, register=False),
+                TrainConfig(trials=1, sample=5_000, register=False),  # any model: the backend is measured
                 Settings(f"sqlite:///{tmp}/mlflow.db", "backend-bench", ARTIFACT_ROOT, "backend-bench", str(REPO / "data")),
             )
             stack.start_function(model.run_id, "1")
@@ -185,28 +235,30 @@ def main() -> None:
             ride_at_rate(instance, rides[:WARM_UP], 50, wait_seconds)  # warm-up, not counted
             log.info("steady: %d riders at %g/s", steady_count, args.rate)
             instance.most_in_flight, instance.slot_waits = 0, []
+            cpu_before = cpu_seconds(stack.pids["backend-0"])
             steady = ride_at_rate(instance, rides[WARM_UP : WARM_UP + steady_count], args.rate, wait_seconds)
+            # CPU is CPU on a busy machine too: what one instance's vCPU serves at Cloud Run's 60 % target.
+            cpu_ms = (cpu_seconds(stack.pids["backend-0"]) - cpu_before) * 1000 / max(steady["answered"], 1)
+            steady["backend_cpu_ms_per_ride"] = round(cpu_ms, 2)
+            steady["rides_per_second_one_vcpu_at_60_percent"] = round(600 / cpu_ms, 1)
+            steady["load_average_1min"] = os.getloadavg()[0]  # the machine's, shared with other work
             steady["most_requests_in_flight"] = instance.most_in_flight
             steady["requests_waiting_for_a_slot"] = sum(1 for w in instance.slot_waits if w > 0.001)
-            backlog = None
+            backlog = before = None
             if args.backlog_seconds > 0:
-                group = os.getpgid(stack.pids["function"])
-                if group == os.getpgid(0):
-                    raise RuntimeError("the function runs in this process's group: freezing it would freeze the benchmark")
-
-                def freeze(started_at: float) -> None:
-                    """The function stops answering for a while: every poll meanwhile is held its whole wait."""
-                    os.killpg(group, signal.SIGSTOP)
-                    try:
-                        time.sleep(max(0.0, started_at + args.backlog_seconds - time.perf_counter()))
-                    finally:
-                        os.killpg(group, signal.SIGCONT)
-
-                log.info("backlog: function frozen %g s, %d riders at %g/s", args.backlog_seconds, backlog_count, backlog_rate)
-                instance.most_in_flight, instance.slot_waits = 0, []
-                backlog = ride_at_rate(instance, rides[WARM_UP + steady_count :], backlog_rate, wait_seconds, during=freeze)
-                backlog["most_requests_in_flight"] = instance.most_in_flight
-                backlog["requests_waiting_for_a_slot"] = sum(1 for w in instance.slot_waits if w > 0.001)
+                backlog_rides = rides[WARM_UP + steady_count : WARM_UP + steady_count + backlog_count]
+                backlog = backlog_phase(stack, instance, backlog_rides, backlog_rate, args.backlog_seconds, wait_seconds)
+            if args.before and args.backlog_seconds > 0:
+                # The serving model before: 16 threads behind Cloud Run's default concurrency of 80.
+                stack.stop("backend-0")
+                stack.start_backends(1, redis_url, settings={"GUNICORN_CMD_ARGS": BEFORE_GUNICORN_ARGS})
+                instance = Instance(stack.backend_urls[0], BEFORE_CONCURRENCY)
+                ride_at_rate(instance, rides[:WARM_UP], 50, wait_seconds)  # warm-up, not counted
+                rate = BEFORE_CONCURRENCY * deployment.concurrency_utilization / wait_seconds
+                before = backlog_phase(
+                    stack, instance, rides[-round(rate * args.backlog_seconds) :], rate, args.backlog_seconds, wait_seconds
+                )
+                before["serving"] = {"gunicorn": BEFORE_GUNICORN_ARGS, "cloud_run_concurrency": BEFORE_CONCURRENCY}
         finally:
             stack.stop_all()
 
@@ -225,6 +277,7 @@ def main() -> None:
                 | {"cloud_run_concurrency": serving["backend_concurrency"], "wait_seconds": wait_seconds},
                 "steady": steady,
                 "backlog": backlog,
+                "backlog_with_the_serving_model_before": before,
                 "targets": targets,
                 # The sustained rate within 5 % of the arrival rate: an open-loop run's last riders'
                 # finals end the clock, so a run that keeps up measures just under its arrival rate.
