@@ -47,6 +47,12 @@ class BackendSettings:
     resend_after_seconds: float  # a ride still pending this long is published again
     resend_max_attempts: int  # then it is marked failed
     redis_timeout_seconds: float  # a hanging Redis costs a request this long before its 503
+    # Connections this process may open to Redis (REDIS_MAX_CONNECTIONS). A waiting long poll holds one
+    # (its subscription) and reads the ride on a second, so two per serving thread (backend/Dockerfile:
+    # 200), plus the listeners' and the resend sweep's. redis-py's default, 100, refused the 51st
+    # concurrent poll with "Too many connections" (benchmarks/backend_bench.py found it). Memorystore
+    # takes 65,000 clients: ten instances at 500 are 5,000.
+    redis_max_connections: int
     # How results are pulled: "streaming" (production), or "unary" Pull calls, the default on the
     # Pub/Sub emulator, whose streaming pull keeps feeding the streams of dead clients.
     result_pull: str
@@ -81,6 +87,7 @@ class BackendSettings:
             resend_after_seconds=float(env("RESEND_AFTER_SECONDS", "30")),
             resend_max_attempts=int(env("RESEND_MAX_ATTEMPTS", "5")),
             redis_timeout_seconds=float(env("REDIS_TIMEOUT_SECONDS", "1")),
+            redis_max_connections=int(env("REDIS_MAX_CONNECTIONS", "500")),
             result_pull=env("RESULT_PULL") or ("unary" if env("PUBSUB_EMULATOR_HOST") else "streaming"),
             late_final_p95_ms=float(env("LATE_FINAL_P95_SECONDS", "5")) * 1000,
             outcome_topic=env("BACKEND_OUTCOME_STREAM", "backend-outcome-stream"),

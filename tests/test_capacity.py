@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib.util
 import shlex
 import sys
+import time
 from collections import Counter
 from dataclasses import replace
 
 import pytest
-from conftest import REPO
+from conftest import REDIS_URL, REPO
 from dockerfile_parse import DockerfileParser
 from test_infra import resources  # noqa: F401 - the parsed Terraform, as a fixture
 
@@ -276,3 +277,21 @@ def test_the_burst_holds_rides_for_the_function_and_refuses_posts_the_backend_ca
     # 1,000 rides/s x 3 ms is 3 vCPU: 5 function instances at 60 %; 6 ms on the backend: 10 of its 10.
     assert runs["function", True]["instances_needed"] == 5 and runs["backend", True]["instances_needed"] == 10
     assert not any(key.startswith("_") for run in result["runs"] for key in run)
+
+
+def test_every_thread_of_the_serving_model_can_hold_a_long_poll_on_redis(redis_prefix, monkeypatch):
+    """As many long polls at once as an instance has threads, on a real Redis, with the backend's
+    connection limit: each holds a subscription of its own. redis-py's default pool (100) refused the
+    51st; the benchmark found it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backend.results import RedisResultStore
+
+    monkeypatch.delenv("REDIS_MAX_CONNECTIONS", raising=False)
+    settings, threads = BackendSettings.from_env(), capacity.deployed()["backend_threads"]
+    store = RedisResultStore(REDIS_URL, 60, redis_prefix, max_connections=settings.redis_max_connections)
+    for index in range(threads):
+        store.create(f"r{index}", {"ride_id": f"r{index}", "status": "pending"}, resend_at=time.time() + 60)
+    with ThreadPoolExecutor(threads) as pool:
+        waited = list(pool.map(lambda index: store.wait(f"r{index}", 2.0), range(threads)))
+    assert [record["status"] for record in waited] == ["pending"] * threads  # each waited, none refused
