@@ -141,7 +141,11 @@ def create_app(
     _configure_logging()
     settings = settings or BackendSettings.from_env()
     store = store or make_store(
-        settings.redis_url, settings.result_ttl_seconds, settings.redis_prefix, settings.redis_timeout_seconds
+        settings.redis_url,
+        settings.result_ttl_seconds,
+        settings.redis_prefix,
+        settings.redis_timeout_seconds,
+        settings.redis_max_connections,
     )
     publisher = publisher or RidePublisher(settings.project_id, settings.push_topic, settings.publish_timeout_seconds)
     outcome_publisher = outcome_publisher or RidePublisher(

@@ -387,6 +387,7 @@ class RedisResultStore:
         timeout_seconds: float = 1.0,
         reuse_wait_connections: bool = True,
         scripted_updates: bool = True,
+        max_connections: int = 100,
     ):
         import redis
 
@@ -396,7 +397,12 @@ class RedisResultStore:
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError)
         # A hanging Redis costs a request ``timeout_seconds``, not the rider's patience.
         self._redis = redis.Redis.from_url(
-            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds, health_check_interval=30
+            url,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            health_check_interval=30,
+            # Past it a request gets "Too many connections" (a 503): each waiting long poll holds one.
+            max_connections=max_connections,
         )
         self._ttl = ttl_seconds
         self._prefix = prefix
@@ -613,7 +619,9 @@ class RedisResultStore:
         return _stream_stats(pending, [(at, float(member.rsplit(b":", 1)[1])) for member, at in finals], now)
 
 
-def make_store(redis_url: str, ttl_seconds: int, prefix: str = "ridestream", timeout_seconds: float = 1.0) -> ResultStore:
+def make_store(
+    redis_url: str, ttl_seconds: int, prefix: str = "ridestream", timeout_seconds: float = 1.0, max_connections: int = 100
+) -> ResultStore:
     if redis_url:
-        return RedisResultStore(redis_url, ttl_seconds, prefix, timeout_seconds)
+        return RedisResultStore(redis_url, ttl_seconds, prefix, timeout_seconds, max_connections=max_connections)
     return InMemoryResultStore(ttl_seconds)

@@ -9,6 +9,14 @@ from pathlib import Path
 
 DEFAULT_COARSE_MODEL = Path(__file__).resolve().parent / "coarse_model.json"
 DEFAULT_ZONE_GUIDE = Path(__file__).resolve().parent / "zone_guide.json"
+# How long a ride's record lives in the result store. After its final the record is still needed for
+# the rider's outcome: the ride lasts up to 60 minutes (ride_contract's MAX_DURATION_MINUTES) and the app
+# reports its outcome when the ride ends, often later (the phone offline, the app closed: issue 33), and
+# record_outcome needs the record. Four hours leave three after the longest ride for a late outcome;
+# nothing else reads a record after its outcome is published (the outcome goes to the outcomes topic and
+# the bucket). A day held 6x the memory for nothing: 4 h at the default maximum rate fits the default
+# Memorystore (infra/variables.tf; benchmarks/capacity.py checks it).
+DEFAULT_RESULT_TTL_SECONDS = 4 * 3600
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 
 
@@ -39,6 +47,12 @@ class BackendSettings:
     resend_after_seconds: float  # a ride still pending this long is published again
     resend_max_attempts: int  # then it is marked failed
     redis_timeout_seconds: float  # a hanging Redis costs a request this long before its 503
+    # Connections this process may open to Redis (REDIS_MAX_CONNECTIONS). A waiting long poll holds one
+    # (its subscription) and reads the ride on a second, so two per serving thread (backend/Dockerfile:
+    # 200), plus the listeners' and the resend sweep's. redis-py's default, 100, refused the 51st
+    # concurrent poll with "Too many connections" (benchmarks/backend_bench.py found it). Memorystore
+    # takes 65,000 clients: ten instances at 500 are 5,000.
+    redis_max_connections: int
     # How results are pulled: "streaming" (production), or "unary" Pull calls, the default on the
     # Pub/Sub emulator, whose streaming pull keeps feeding the streams of dead clients.
     result_pull: str
@@ -67,12 +81,13 @@ class BackendSettings:
             redis_prefix=env("REDIS_PREFIX", "ridestream"),
             coarse_model_path=Path(env("COARSE_MODEL_PATH") or DEFAULT_COARSE_MODEL),
             max_wait_seconds=float(env("MAX_WAIT_SECONDS", "10")),
-            result_ttl_seconds=int(env("RESULT_TTL_SECONDS", "86400")),
+            result_ttl_seconds=int(env("RESULT_TTL_SECONDS", str(DEFAULT_RESULT_TTL_SECONDS))),
             max_body_bytes=int(env("MAX_BODY_BYTES", "16384")),
             publish_timeout_seconds=float(env("PUBLISH_TIMEOUT_SECONDS", "10")),
             resend_after_seconds=float(env("RESEND_AFTER_SECONDS", "30")),
             resend_max_attempts=int(env("RESEND_MAX_ATTEMPTS", "5")),
             redis_timeout_seconds=float(env("REDIS_TIMEOUT_SECONDS", "1")),
+            redis_max_connections=int(env("REDIS_MAX_CONNECTIONS", "500")),
             result_pull=env("RESULT_PULL") or ("unary" if env("PUBSUB_EMULATOR_HOST") else "streaming"),
             late_final_p95_ms=float(env("LATE_FINAL_P95_SECONDS", "5")) * 1000,
             outcome_topic=env("BACKEND_OUTCOME_STREAM", "backend-outcome-stream"),

@@ -1,67 +1,287 @@
-"""POST /predict under concurrent load on loopback: requests/s and latency percentiles.
+"""Real riders against one backend at its deployed threads: POST /predict, then GET /rides/<id>?wait=N
+until the final, at the rate the default deployment claims (benchmarks/capacity.py:
+DEFAULT_MAX_RIDES_PER_SECOND).
 
-    python benchmarks/backend_bench.py [--requests 3000] [--concurrency 32]
+    python benchmarks/backend_bench.py [--seconds 10] [--rate 100] [--backlog-seconds 10] [--before]
 
-The backend runs as in its image (gunicorn, the Dockerfile's command) against the Pub/Sub
-emulator; each request validates a real ride, computes the coarse estimate, stores it and
-waits for its publish to be acknowledged, then answers 202.
+The stack is the deployed one in miniature: the Pub/Sub emulator, a Redis of its own as the result store,
+the function serving a freshly trained model, and one backend started from its image's environment
+(backend/Dockerfile: gunicorn gthread and its threads, as on Cloud Run). Riders arrive open-loop, each in
+a thread of its own, as the page does: POST, then long polls of at most MAX_WAIT_SECONDS until the final.
+The client never has more requests in flight to the instance than Cloud Run's
+max_instance_request_concurrency (infra/main.tf) would send it; a request waits for a slot as it would
+in Cloud Run's queue.
+
+1. steady: the claimed rate for ``--seconds``; the sustained rate is the riders answered per second.
+2. backlog: the function frozen (SIGSTOP) for ``--backlog-seconds``, so every rider's poll is held its
+   whole wait, while riders keep arriving at the rate Cloud Run sends one instance in a backlog (its 60 %
+   concurrency target over the wait). The POSTs must still be answered at once: a serving model with
+   fewer threads than concurrency (the 16 the image had) queues them behind the held polls: ``--before``
+   runs this phase again with that serving model, behind Cloud Run's default concurrency of 80.
+
+One JSON document on stdout, each figure beside its target; logs on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import signal
+import sys
 import tempfile
+import threading
 import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import requests
 
-from devstack.stack import Stack
-from devstack.traffic import real_rides, run_clients
+from devstack.stack import ARTIFACT_ROOT, Stack
+from devstack.traffic import real_rides
+from devstack.usage import cpu_seconds
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from capacity import DEFAULT_MAX_RIDES_PER_SECOND, Deployment, deployed  # noqa: E402
+
+log = logging.getLogger("backend_bench")
+FINAL_WITHIN_SECONDS = 60  # a rider gives up after this (the backend's own bound is 150 s)
+WARM_UP = 100  # riders before the measured ones, not counted
+# The serving model the image had: 1 worker x 16 threads, and Cloud Run's default concurrency (80 per vCPU).
+BEFORE_GUNICORN_ARGS, BEFORE_CONCURRENCY = "--worker-class gthread --threads 16 --timeout 60", 80
+
+
+class Instance:
+    """One Cloud Run instance as a client sees it: at most ``concurrency`` requests in flight; the
+    others wait for a slot, counted."""
+
+    def __init__(self, url: str, concurrency: int):
+        self.url = url
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._lock = threading.Lock()
+        self.in_flight = self.most_in_flight = 0
+        self.slot_waits: list[float] = []
+        self._local = threading.local()
+
+    def request(self, method: str, path: str, **kwargs) -> requests.Response:
+        """The instance's response, once a slot was free."""
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        started = time.perf_counter()
+        with self._slots:
+            waited = time.perf_counter() - started
+            with self._lock:
+                self.in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+                self.slot_waits.append(waited)
+            try:
+                return self._local.session.request(method, self.url + path, timeout=30, **kwargs)
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
+
+
+def call(instance: Instance, seen: dict, deadline: float, method: str, path: str, **kwargs) -> requests.Response | None:
+    """One request as the rider page makes it (backend/static/rider.js): a 502/503/504 or no answer is
+    retried, the same request (ride_id included), after 0.5 s doubling to 8 s and at least the
+    Retry-After asked for, until ``deadline``; None when it never got an answer."""
+    backoff = 0.5
+    while True:
+        try:
+            response = instance.request(method, path, **kwargs)
+            if response.status_code not in (502, 503, 504):
+                return response
+            seen["retried"].append(f"{response.status_code} {response.json().get('error', '')}"[:120])
+            delay = max(backoff, float(response.headers.get("Retry-After") or 0))
+        except (requests.RequestException, ValueError) as exc:
+            seen["retried"].append(f"{type(exc).__name__}"[:120])
+            delay = backoff
+        if time.perf_counter() + delay > deadline:
+            return None
+        time.sleep(delay)
+        backoff = min(backoff * 2, 8.0)
+
+
+def rider(instance: Instance, ride: dict, wait_seconds: int) -> dict:
+    """POST the ride, then long-poll it until its final: what the rider saw."""
+    started = time.perf_counter()
+    deadline = started + FINAL_WITHIN_SECONDS
+    seen = {"post_status": None, "post_seconds": None, "polls": 0, "final_seconds": None, "retried": []}
+    ride = {**ride, "ride_id": uuid.uuid4().hex}  # the page picks the ride_id, so a retried POST books it once
+    response = call(instance, seen, deadline, "POST", "/predict", json=ride)
+    seen["post_seconds"] = time.perf_counter() - started
+    seen["post_status"] = None if response is None else response.status_code
+    if response is None or response.status_code != 202:
+        return seen
+    while time.perf_counter() < deadline:
+        response = call(instance, seen, deadline, "GET", f"/rides/{ride['ride_id']}", params={"wait": wait_seconds})
+        seen["polls"] += 1
+        if response is None:
+            break
+        body = response.json()
+        if response.status_code == 200 and body.get("status") in ("done", "failed"):
+            seen["final_seconds"], seen["status"] = time.perf_counter() - started, body["status"]
+            break
+    return seen
+
+
+def ride_at_rate(instance: Instance, rides: list[dict], rate: float, wait_seconds: int, during=None) -> dict:
+    """Riders arriving ``rate`` a second (open loop), each in its own thread; ``during(started_at)`` runs
+    beside them. The riders' figures, and the rate at which they were answered."""
+    results: list[dict] = []
+    with ThreadPoolExecutor(max_workers=min(len(rides), int(rate * FINAL_WITHIN_SECONDS) + 1)) as pool:
+        started = time.perf_counter()
+        side = threading.Thread(target=during, args=(started,)) if during else None
+        if side:
+            side.start()
+        futures = []
+        for index, ride in enumerate(rides):
+            delay = started + index / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            futures.append(pool.submit(rider, instance, ride, wait_seconds))
+        results = [future.result() for future in futures]
+        elapsed = time.perf_counter() - started
+        if side:
+            side.join()
+    return summarize(results, rate, elapsed)
+
+
+def backlog_phase(stack: Stack, instance: Instance, rides: list[dict], rate: float, seconds: float, wait_seconds: int) -> dict:
+    """Riders at ``rate`` while the function is frozen ``seconds``: every poll meanwhile is held its whole wait."""
+    group = os.getpgid(stack.pids["function"])
+    if group == os.getpgid(0):
+        raise RuntimeError("the function runs in this process's group: freezing it would freeze the benchmark")
+
+    def freeze(started_at: float) -> None:
+        os.killpg(group, signal.SIGSTOP)
+        try:
+            time.sleep(max(0.0, started_at + seconds - time.perf_counter()))
+        finally:
+            os.killpg(group, signal.SIGCONT)
+
+    log.info("backlog: function frozen %g s, %d riders at %g/s", seconds, len(rides), rate)
+    instance.most_in_flight, instance.slot_waits = 0, []
+    result = ride_at_rate(instance, rides, rate, wait_seconds, during=freeze)
+    result["most_requests_in_flight"] = instance.most_in_flight
+    result["requests_waiting_for_a_slot"] = sum(1 for w in instance.slot_waits if w > 0.001)
+    return result
+
+
+def summarize(results: list[dict], rate: float, elapsed: float) -> dict:
+    answered = [r for r in results if r["final_seconds"] is not None and r.get("status") == "done"]
+    posts = np.array([r["post_seconds"] for r in results if r["post_seconds"] is not None] or [np.nan])
+    finals = np.array([r["final_seconds"] for r in answered] or [np.nan])
+    statuses = dict(Counter(str(r["post_status"]) for r in results))
+    return {
+        "riders": len(results),
+        "arrival_rides_per_second": rate,
+        "answered": len(answered),
+        "lost": len(results) - len(answered),
+        "post_statuses": statuses,
+        # Answered riders over the time from the first arrival to the last final.
+        "sustained_rides_per_second": round(len(answered) / elapsed, 1),
+        "post_ms_p50": round(float(np.nanpercentile(posts, 50)) * 1000, 1),
+        "post_ms_p99": round(float(np.nanpercentile(posts, 99)) * 1000, 1),
+        "final_ms_p50": round(float(np.nanpercentile(finals, 50)) * 1000, 1),
+        "final_ms_p95": round(float(np.nanpercentile(finals, 95)) * 1000, 1),
+        "polls_per_rider": round(sum(r["polls"] for r in results) / max(len(results), 1), 2),
+        "requests_retried": sum(len(r["retried"]) for r in results),
+        "why_retried": dict(Counter(reason for r in results for reason in r["retried"]).most_common(5)),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=DEFAULT_MAX_RIDES_PER_SECOND, help="riders arriving per second")
+    parser.add_argument("--seconds", type=float, default=10, help="the steady phase's length")
+    parser.add_argument("--backlog-seconds", type=float, default=10, help="the function frozen this long; 0: no backlog phase")
+    parser.add_argument(
+        "--before", action="store_true", help="the backlog phase again with the serving model before (16 threads, concurrency 80)"
+    )
     args = parser.parse_args()
-    rides = [ride for ride, _ in real_rides(args.requests, seed=4)]
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    serving, deployment = deployed(), Deployment()
+    wait_seconds = int(deployment.backlog_hold_seconds)
+    # In a backlog Cloud Run keeps each instance at 60 % of its concurrency: the riders whose polls that holds.
+    backlog_rate = deployment.backend_concurrency * deployment.concurrency_utilization / wait_seconds
+    steady_count = round(args.rate * args.seconds)
+    backlog_count = round(backlog_rate * args.backlog_seconds)
+    rides = [ride for ride, _ in real_rides(WARM_UP + steady_count + 2 * backlog_count, seed=4)]
 
     with tempfile.TemporaryDirectory(prefix="backend-bench-") as tmp:
         stack = Stack(Path(tmp))
         try:
             stack.start_emulators()
             stack.ensure_topology()
-            stack.start_backends(1)
-            url = stack.backend_urls[0] + "/predict"
+            redis_url = stack.start_redis()
+            stack.apply_env()
+            from training.settings import Settings
+            from training.train import TrainConfig, train
 
-            def post(session: requests.Session, ride: dict) -> tuple[int, float]:
-                started = time.perf_counter()
-                status = session.post(url, json=ride, timeout=30).status_code
-                return status, (time.perf_counter() - started) * 1000
-
-            run_clients(post, rides[:200], args.concurrency)  # warm-up, not counted
-            started = time.perf_counter()
-            results = run_clients(post, rides, args.concurrency)
-            elapsed = time.perf_counter() - started
+            model = train(
+                TrainConfig(trials=1, sample=5_000, register=False),  # any model: the backend is measured
+                Settings(f"sqlite:///{tmp}/mlflow.db", "backend-bench", ARTIFACT_ROOT, "backend-bench", str(REPO / "data")),
+            )
+            stack.start_function(model.run_id, "1")
+            stack.start_backends(1, redis_url)  # from its image's environment: its deployed threads
+            instance = Instance(stack.backend_urls[0], deployment.backend_concurrency)
+            ride_at_rate(instance, rides[:WARM_UP], 50, wait_seconds)  # warm-up, not counted
+            log.info("steady: %d riders at %g/s", steady_count, args.rate)
+            instance.most_in_flight, instance.slot_waits = 0, []
+            cpu_before = cpu_seconds(stack.pids["backend-0"])
+            steady = ride_at_rate(instance, rides[WARM_UP : WARM_UP + steady_count], args.rate, wait_seconds)
+            # CPU is CPU on a busy machine too: what one instance's vCPU serves at Cloud Run's 60 % target.
+            cpu_ms = (cpu_seconds(stack.pids["backend-0"]) - cpu_before) * 1000 / max(steady["answered"], 1)
+            steady["backend_cpu_ms_per_ride"] = round(cpu_ms, 2)
+            steady["rides_per_second_one_vcpu_at_60_percent"] = round(600 / cpu_ms, 1)
+            steady["load_average_1min"] = os.getloadavg()[0]  # the machine's, shared with other work
+            steady["most_requests_in_flight"] = instance.most_in_flight
+            steady["requests_waiting_for_a_slot"] = sum(1 for w in instance.slot_waits if w > 0.001)
+            backlog = before = None
+            if args.backlog_seconds > 0:
+                backlog_rides = rides[WARM_UP + steady_count : WARM_UP + steady_count + backlog_count]
+                backlog = backlog_phase(stack, instance, backlog_rides, backlog_rate, args.backlog_seconds, wait_seconds)
+            if args.before and args.backlog_seconds > 0:
+                # The serving model before: 16 threads behind Cloud Run's default concurrency of 80.
+                stack.stop("backend-0")
+                stack.start_backends(1, redis_url, settings={"GUNICORN_CMD_ARGS": BEFORE_GUNICORN_ARGS})
+                instance = Instance(stack.backend_urls[0], BEFORE_CONCURRENCY)
+                ride_at_rate(instance, rides[:WARM_UP], 50, wait_seconds)  # warm-up, not counted
+                rate = BEFORE_CONCURRENCY * deployment.concurrency_utilization / wait_seconds
+                before = backlog_phase(
+                    stack, instance, rides[-round(rate * args.backlog_seconds) :], rate, args.backlog_seconds, wait_seconds
+                )
+                before["serving"] = {"gunicorn": BEFORE_GUNICORN_ARGS, "cloud_run_concurrency": BEFORE_CONCURRENCY}
         finally:
             stack.stop_all()
 
-    latencies = np.array([ms for _, ms in results])
-    statuses = {str(code): sum(1 for c, _ in results if c == code) for code in sorted({c for c, _ in results})}
+    targets = {
+        "sustained_rides_per_second": f">= {args.rate:g} (the claimed rate, riders answered per second)",
+        "lost": "0",
+        "backlog_post_ms_p99": "<= 1000 (a POST is answered at once while the held polls take their threads)",
+    }
+    met = steady["sustained_rides_per_second"] >= 0.95 * args.rate and steady["lost"] == 0
+    if backlog is not None:
+        met = met and backlog["lost"] == 0 and backlog["post_ms_p99"] <= 1000
     print(
         json.dumps(
             {
-                "requests": args.requests,
-                "concurrency": args.concurrency,
-                "statuses": statuses,
-                "requests_per_second": round(len(results) / elapsed, 1),
-                "latency_ms_p50": round(float(np.percentile(latencies, 50)), 1),
-                "latency_ms_p99": round(float(np.percentile(latencies, 99)), 1),
+                "serving": {key: serving[key] for key in ("backend_worker_class", "backend_workers", "backend_threads")}
+                | {"cloud_run_concurrency": serving["backend_concurrency"], "wait_seconds": wait_seconds},
+                "steady": steady,
+                "backlog": backlog,
+                "backlog_with_the_serving_model_before": before,
+                "targets": targets,
+                # The sustained rate within 5 % of the arrival rate: an open-loop run's last riders'
+                # finals end the clock, so a run that keeps up measures just under its arrival rate.
+                "met": met,
             },
             indent=2,
         )

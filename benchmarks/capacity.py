@@ -13,12 +13,15 @@
 2. The fixes made, each before and after on the same Redis in the same run, alternating rounds:
    the long poll's kept connection, and a ride's updates as one compare-and-set script each.
 3. Modelled (``capacity_model``, pure arithmetic, tested in tests/test_capacity.py): at each rate,
-   the function and backend instances at the configured CPU (at a few ms of CPU per ride, CPU binds
-   long before the function's request concurrency does), Redis operations/s, its thread's load and
-   memory held, Pub/Sub volume, log volume, and their price per month and per million rides, from
-   ``PRICES``: each price with the public page it was read from and the date. Prices that could not
-   be read are None, and the totals say which are missing rather than guess them. The first limit
-   each rate meets (``limits``), and the fixed monthly cost of an idle deployment.
+   the function's instances per revision (production and the shadow each scale to their own maximum),
+   the backend's instances for its CPU and for the long polls it holds at once (Cloud Run's request
+   concurrency, parsed from infra/), Redis operations/s, its thread's load and the memory held against
+   the deployed Memorystore size and its alert (parsed from infra/), Pub/Sub volume (the Cloud Storage
+   subscription apart), log volume (Cloud Run's request log entries included), the files added to
+   Cloud Storage, and their price per month and per million rides, from ``PRICES``: each price with
+   the public page it was read from and the date. Prices that could not be read are None, and the
+   totals say which are missing rather than guess them. The first limit each rate meets (``limits``),
+   whether the defaults hold DEFAULT_MAX_RIDES_PER_SECOND, and the monthly cost of an idle deployment.
 4. A burst (``burst``): the step from 10 to 1,000 rides/s on the function and the backend, under the
    two bounds Cloud Run's autoscaling page allows, from the starts measured in 1.
 5. Training at scale: fit time and peak memory on one to five real months, extrapolated.
@@ -38,17 +41,24 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
+
+from backend.settings import DEFAULT_RESULT_TTL_SECONDS
 
 log = logging.getLogger("capacity")
 REPO = Path(__file__).resolve().parent.parent
-RATES = (10, 100, 1_000, 10_000)
+# The rate the default deployment claims to hold, sustained: stated here once. The model checks every
+# default against it (tests/test_capacity.py), benchmarks/backend_bench.py drives it, docs/capacity.md quotes it.
+DEFAULT_MAX_RIDES_PER_SECOND = 100
+RATES = (10, DEFAULT_MAX_RIDES_PER_SECOND, 1_000, 10_000)
 SECONDS_PER_MONTH = 30 * 24 * 3600  # the 30-day month of the Pub/Sub pricing page's own example
+HOURS_PER_MONTH = SECONDS_PER_MONTH / 3600
 GIB, TIB = 2**30, 2**40
 
 # USD, as listed on the public pricing pages (Tier 1 regions such as us-central1, europe-west1), read on
 # the date given from the stored copy of each page. "free": the monthly free allotment the page states.
+# "via": where the page's figure was read when the official page itself had no readable stored copy.
 PRICES = {
     "run_request_vcpu_second": {
         "usd": 0.000024,
@@ -63,7 +73,8 @@ PRICES = {
         # The official page's copy read was cut off before its memory price; this is the figure a
         # third-party guide quotes from it.
         "what": "Cloud Run, CPU only during requests: per GiB-second of memory",
-        "source": "https://cloudchipr.com/blog/cloud-run-pricing (quoting https://cloud.google.com/run/pricing)",
+        "source": "https://cloud.google.com/run/pricing",
+        "via": "https://cloudchipr.com/blog/cloud-run-pricing",
         "read": "2026-12-03",
     },
     "run_requests_million": {
@@ -94,6 +105,22 @@ PRICES = {
         "source": "https://cloud.google.com/pubsub/pricing",
         "read": "2026-12-03",
     },
+    "pubsub_storage_subscription_tib": {
+        "usd": 50.0,
+        "free": 0,  # "The first 10 GiB of Cloud Storage subscription throughput is not free."
+        "what": "Pub/Sub Cloud Storage subscriptions (the completed rides' export), per TiB delivered; no free tier",
+        "source": "https://cloud.google.com/pubsub/pricing",
+        "via": "https://raw.githubusercontent.com/api-evangelist/google/refs/heads/main/plans/google-plans-pricing.yml (a transcription of the page, 2026-09-20)",
+        "read": "2026-12-07",
+    },
+    "storage_standard_gib_month": {
+        "usd": 0.020,  # the page's $0.000027397 per GiB-hour x 730 hours
+        "free": 0,
+        "what": "Cloud Storage Standard, regional (us-central1), per GiB-month: the completed rides' and the prediction lines' files",
+        "source": "https://cloud.google.com/storage/pricing",
+        "via": "https://raw.githubusercontent.com/api-evangelist/gcp-cloud-storage/refs/heads/main/plans/gcp-cloud-storage-plans-pricing.yml (a transcription of the page, 2026-09-20)",
+        "read": "2026-12-07",
+    },
     "logging_gib": {
         "usd": 0.50,
         "free": 50,
@@ -102,50 +129,104 @@ PRICES = {
         "read": "2026-12-03",
     },
     "memorystore_standard_gb_hour": {
-        "usd": None,
+        "usd": 0.064,
         "free": 0,
-        "what": "Memorystore for Redis, Standard tier, per GB-hour (no copy of the pricing page could be read)",
+        # The issue's figure (issue 32), from public sources; no stored copy of the official page or a
+        # transcription of it could be found to confirm it (searched 2026-12-07). M1 is 1-4 GB: larger
+        # sizes are in other capacity tiers, whose price per GB was not read, so above 4 GB this is unconfirmed.
+        "what": "Memorystore for Redis, Standard tier M1 (1-4 GB), us-central1, per GB-hour provisioned (not confirmed on the official page)",
         "source": "https://cloud.google.com/memorystore/docs/redis/pricing",
-        "read": "2026-12-03",
+        "read": "2026-12-07",
     },
     "cloud_sql_db_g1_small_hour": {
-        "usd": None,
+        "usd": 0.035,
         "free": 0,
-        "what": "Cloud SQL for PostgreSQL db-g1-small (MLflow's store), per hour (no copy of the pricing page could be read)",
+        # The issue's figure (issue 32); the stored copies of the official page searched on 2026-12-07
+        # did not show the shared-core rows, so it is not confirmed. Storage and backups are extra.
+        "what": "Cloud SQL for PostgreSQL db-g1-small (MLflow's store), per hour (not confirmed on the official page)",
         "source": "https://cloud.google.com/sql/pricing",
-        "read": "2026-12-03",
+        "read": "2026-12-07",
     },
 }
 # Pub/Sub bills at least this many bytes per publish, push or pull request (the pricing page).
 PUBSUB_MIN_REQUEST_BYTES = 1000
 # Memorystore for Redis: the largest primary (the tiers page, https://cloud.google.com/memorystore/docs/redis/redis-tiers).
 MEMORYSTORE_MAX_PRIMARY_GB = 300
+# Cloud Run writes one request log entry (run.googleapis.com/requests) for every request it serves, into the
+# _Default bucket, billed as ingestion. Its size is an assumption of this model, not measured (no Cloud Run
+# here): an entry carries the httpRequest fields, the resource's labels, trace and timestamps, about 1 KB.
+REQUEST_LOG_ENTRY_BYTES = 1000
+# The requests a ride makes: the backend's POST, a long poll (one, when the final comes within its wait)
+# and the outcome's POST; the function's push, once per scorer.
+BACKEND_REQUESTS_PER_RIDE = 3
+INFRA, BACKEND_DOCKERFILE = REPO / "infra", REPO / "backend" / "Dockerfile"
+
+
+@lru_cache(maxsize=1)
+def deployed() -> dict:
+    """What infra/ and backend/Dockerfile set, parsed (python-hcl2; the Dockerfile's ENV): the Memorystore
+    size's default, the memory alert's threshold, the backend's request concurrency and its threads."""
+    import hcl2
+    from dockerfile_parse import DockerfileParser
+
+    from devstack.access.grants import clean_hcl, load_resources
+
+    with open(INFRA / "variables.tf") as f:
+        variables = {name: body for block in clean_hcl(hcl2.load(f))["variable"] for name, body in block.items()}
+    resources = load_resources(INFRA)
+    alert = resources["google_monitoring_alert_policy"]["result_store_memory"]["conditions"][0]["condition_threshold"][0]
+    backend = resources["google_cloud_run_v2_service"]["backend"]["template"][0]
+    args = DockerfileParser(path=str(BACKEND_DOCKERFILE)).envs.get("GUNICORN_CMD_ARGS", "").split()
+    gunicorn = dict(zip(args[::2], args[1::2], strict=False))
+    return {
+        "memorystore_gb": float(variables["memorystore_size_gb"]["default"]),
+        "memory_alert_ratio": float(alert["threshold_value"]),
+        "backend_concurrency": int(backend["max_instance_request_concurrency"]),
+        "backend_threads": int(gunicorn.get("--threads", 1)),
+        "backend_worker_class": gunicorn.get("--worker-class", "sync"),
+        "backend_workers": int(DockerfileParser(path=str(BACKEND_DOCKERFILE)).envs.get("WEB_CONCURRENCY", 1)),
+    }
 
 
 @dataclass(frozen=True)
 class Deployment:
-    """What infra/ deploys (tests/test_capacity.py ties these to infra/main.tf)."""
+    """What infra/ deploys (tests/test_capacity.py ties these to infra/main.tf; the result store's size,
+    its alert and the backend's concurrency are parsed from infra/ itself)."""
 
     function_cpu: float = 1.0
     function_memory_gib: float = 1.0
     function_concurrency: int = 16
     function_min_instances: int = 0
+    # Per revision: production's and the shadow's (a revision of the same service) each scale to it.
     function_max_instances: int = 20
     backend_cpu: float = 1.0
     backend_memory_gib: float = 0.5
     backend_min_instances: int = 1
     backend_max_instances: int = 10
+    backend_concurrency: int = field(default_factory=lambda: deployed()["backend_concurrency"])
     controller_cpu: float = 1.0
     controller_memory_gib: float = 1.0
     # How busy an instance's CPU may run before another is needed. An assumption of this model, not a
     # platform figure: it leaves room for bursts and for the per-instance threads (pulls, resends).
     cpu_utilization: float = 0.6
+    # Cloud Run's default concurrency target: it adds instances to keep each at 60 % of its maximum
+    # concurrent requests (https://docs.cloud.google.com/run/docs/configuring/scaling-controls, read 2026-12-07).
+    concurrency_utilization: float = 0.6
+    # A rider's long poll (GET /rides/<id>?wait=N) is held until the final or MAX_WAIT_SECONDS. In a
+    # backlog every rider's poll is held its whole wait; when finals come in time, about a second (an
+    # assumption: the local stack's p99 from POST to final is 0.2 s, the cloud adds hops).
+    backlog_hold_seconds: float = 10.0
+    steady_hold_seconds: float = 1.0
+    memorystore_gb: float = field(default_factory=lambda: deployed()["memorystore_gb"])
+    memory_alert_ratio: float = field(default_factory=lambda: deployed()["memory_alert_ratio"])
     # A challenger in shadow scores every ride too (the push topic's second subscription).
     shadow: bool = True
     # The function's prediction lines also in the _Default log bucket (infra/: prediction_logs_in_default_bucket).
     prediction_logs_in_default_bucket: bool = False
     # Deliveries per topic: one per subscription (infra/main.tf; the test counts them).
     deliveries: dict[str, int] = field(default_factory=lambda: {"push": 2, "pull": 2, "shadow": 2, "outcomes": 2})
+    # Of those, the Cloud Storage subscriptions (priced apart, with no free tier).
+    storage_deliveries: dict[str, int] = field(default_factory=lambda: {"outcomes": 1})
 
 
 @dataclass(frozen=True)
@@ -168,6 +249,17 @@ class PerRide:
     redis_commands_by_name: dict[str, float] = field(default_factory=dict)  # where the commands per ride go
     # The shadow challenger's CPU per ride, for comparison: the model counts ``function_cpu_ms`` per scorer.
     challenger_cpu_ms: float | None = None
+
+
+# The per-ride figures of the last full measurement (docs/capacity.md: 1,000 real rides, 2026-12-03), with
+# the record's TTL as the backend now sets it: what the defaults are checked against without measuring
+# again (``python benchmarks/capacity.py`` measures afresh and prints its own).
+MEASURED_PER_RIDE = PerRide(
+    function_cpu_ms=4.16, challenger_cpu_ms=4.17, backend_request_cpu_ms=7.42, listener_cpu_ms=1.92, redis_cpu_ms=0.90,
+    redis_commands=49, redis_network_bytes=12_300, redis_memory_bytes=1_700, record_ttl_seconds=DEFAULT_RESULT_TTL_SECONDS,
+    topic_bytes={"push": 200, "pull": 363, "outcomes": 568}, topic_messages={"push": 1.0, "pull": 1.0, "outcomes": 1.0},
+    log_bytes={"predictions": 453, "function": 0, "backend-0": 392},
+)  # fmt: skip
 
 
 def _cost(name: str, quantity: float) -> float | None:
@@ -196,45 +288,84 @@ def pubsub_billable_bytes(message_bytes: float, deliveries: int, batched_pull: b
     return publish + deliveries * delivery
 
 
-def capacity_model(per_ride: PerRide, rate: float, deployment: Deployment = Deployment()) -> dict:
+def redis_memory_gb(per_ride: PerRide, rate: float, seconds: float = 86_400) -> float:
+    """GB the result store holds after ``seconds`` at ``rate``: each ride's record until its TTL."""
+    return rate * min(per_ride.record_ttl_seconds, seconds) * per_ride.redis_memory_bytes / 1e9
+
+
+def memory_alert_rate(per_ride: PerRide, deployment: Deployment) -> float:
+    """The sustained rides/s at which the deployed result store reaches its memory alert."""
+    return (
+        deployment.memorystore_gb
+        * deployment.memory_alert_ratio
+        * 1e9
+        / (per_ride.record_ttl_seconds * per_ride.redis_memory_bytes)
+    )
+
+
+def backend_instances(per_ride: PerRide, rate: float, deployment: Deployment, hold_seconds: float) -> dict:
+    """The backend instances ``rate`` needs: for its CPU, and for its requests held at once (each
+    rider's long poll held ``hold_seconds``), at Cloud Run's targets for each; the larger binds."""
+    busy = rate * (per_ride.backend_request_cpu_ms + per_ride.listener_cpu_ms) / 1000
+    held = rate * hold_seconds
+    for_cpu = math.ceil(round(busy / (deployment.backend_cpu * deployment.cpu_utilization), 9))
+    for_requests = math.ceil(round(held / (deployment.backend_concurrency * deployment.concurrency_utilization), 9))
+    return {
+        "requests_held": round(held),
+        "for_cpu": for_cpu,
+        "for_requests": for_requests,
+        "instances": max(deployment.backend_min_instances, for_cpu, for_requests),
+    }
+
+
+def capacity_model(per_ride: PerRide, rate: float, deployment: Deployment | None = None) -> dict:
     """The deployment at ``rate`` rides/s, sustained for a month: instances, Redis, Pub/Sub, logs, cost."""
+    deployment = deployment or Deployment()
     month_rides = rate * SECONDS_PER_MONTH
     scorers = 2 if deployment.shadow else 1
-    function_busy = rate * per_ride.function_cpu_ms / 1000 * scorers  # vCPU-seconds per second
-    function_instances = math.ceil(function_busy / (deployment.function_cpu * deployment.cpu_utilization))
-    backend_busy = rate * (per_ride.backend_request_cpu_ms + per_ride.listener_cpu_ms) / 1000
-    backend_instances = max(
-        deployment.backend_min_instances, math.ceil(backend_busy / (deployment.backend_cpu * deployment.cpu_utilization))
+    # Production and the shadow are revisions of one service; each scales on its own to its maximum.
+    per_revision = math.ceil(
+        round(rate * per_ride.function_cpu_ms / 1000 / (deployment.function_cpu * deployment.cpu_utilization), 9)
     )
+    function_instances = per_revision * scorers
+    steady = backend_instances(per_ride, rate, deployment, deployment.steady_hold_seconds)
+    backlog = backend_instances(per_ride, rate, deployment, deployment.backlog_hold_seconds)
     redis_ops = rate * per_ride.redis_commands
     redis_busy = rate * per_ride.redis_cpu_ms / 1000  # of Redis's one command thread
-    redis_gb = rate * per_ride.record_ttl_seconds * per_ride.redis_memory_bytes / 1e9
+    redis_gb = redis_memory_gb(per_ride, rate)
+    memorystore_gb = max(deployment.memorystore_gb, math.ceil(redis_gb / deployment.memory_alert_ratio))
 
     topics = dict(per_ride.topic_bytes)
     if deployment.shadow:
         topics["shadow"] = per_ride.topic_bytes["pull"]  # the shadow's answers: the same message as a final
-    pubsub_bytes = {
-        topic: rate
-        * per_ride.topic_messages.get(topic, 1.0)
-        * pubsub_billable_bytes(size, deployment.deliveries[topic], batched_pull=topic != "push")
-        for topic, size in topics.items()
-    }
-    pubsub_tib_month = sum(pubsub_bytes.values()) * SECONDS_PER_MONTH / TIB
+    basic_bytes, storage_subscription_bytes = {}, 0.0
+    for topic, size in topics.items():
+        messages = rate * per_ride.topic_messages.get(topic, 1.0)
+        to_storage = deployment.storage_deliveries.get(topic, 0)
+        deliveries = deployment.deliveries[topic] - to_storage
+        basic_bytes[topic] = messages * pubsub_billable_bytes(size, deliveries, batched_pull=topic != "push")
+        storage_subscription_bytes += messages * to_storage * size
+    pubsub_tib_month = sum(basic_bytes.values()) * SECONDS_PER_MONTH / TIB
+    storage_subscription_tib_month = storage_subscription_bytes * SECONDS_PER_MONTH / TIB
     # Each scorer (production, and the challenger in shadow) logs its own lines. What reaches the
     # _Default bucket is billed as ingestion; the prediction lines go to their bucket (the Log Router
-    # is free) unless the deployment keeps them in _Default too.
+    # is free) unless the deployment keeps them in _Default too. Cloud Run adds its request log entries.
     ingested = {
         name: size * (scorers if name in ("function", "predictions") else 1)
         for name, size in per_ride.log_bytes.items()
         if name != "predictions" or deployment.prediction_logs_in_default_bucket
     }
-    logging_gib_month = rate * sum(ingested.values()) * SECONDS_PER_MONTH / GIB
+    request_log_bytes = (BACKEND_REQUESTS_PER_RIDE + scorers) * REQUEST_LOG_ENTRY_BYTES
+    logging_gib_month = rate * (sum(ingested.values()) + request_log_bytes) * SECONDS_PER_MONTH / GIB
     prediction_log_gib_month = rate * per_ride.log_bytes.get("predictions", 0) * scorers * SECONDS_PER_MONTH / GIB
+    # Files added to Cloud Storage each month: the completed rides (the Cloud Storage subscription) and
+    # the prediction lines (the sink's bucket); each month's files cost this for every month they are kept.
+    storage_gib_month = storage_subscription_tib_month * TIB / GIB + prediction_log_gib_month
 
     # The function bills request time; at a steady stream its instances are busy all the time, so the
     # billed instance-seconds are the instances' seconds.
     function_seconds = function_instances * SECONDS_PER_MONTH
-    backend_seconds = backend_instances * SECONDS_PER_MONTH
+    backend_seconds = steady["instances"] * SECONDS_PER_MONTH
     costs = {
         "function_cpu": _cost("run_request_vcpu_second", function_seconds * deployment.function_cpu),
         "function_memory": _cost("run_request_gib_second", function_seconds * deployment.function_memory_gib),
@@ -242,22 +373,40 @@ def capacity_model(per_ride: PerRide, rate: float, deployment: Deployment = Depl
         "backend_cpu": _cost("run_instance_vcpu_second", backend_seconds * deployment.backend_cpu),
         "backend_memory": _cost("run_instance_gib_second", backend_seconds * deployment.backend_memory_gib),
         "pubsub": _cost("pubsub_tib", pubsub_tib_month),
+        "pubsub_storage_subscription": _cost("pubsub_storage_subscription_tib", storage_subscription_tib_month),
         "logging": _cost("logging_gib", logging_gib_month),
-        "memorystore": _cost("memorystore_standard_gb_hour", math.ceil(max(redis_gb, 1)) * SECONDS_PER_MONTH / 3600),
+        "storage_month_of_files": _cost("storage_standard_gib_month", storage_gib_month),
+        "memorystore": _cost("memorystore_standard_gb_hour", memorystore_gb * HOURS_PER_MONTH),
     }
     summary = _priced(costs)
-    found = limits(function_instances, backend_instances, redis_ops, redis_busy, redis_gb, per_ride, deployment)
+    found = limits(
+        {
+            "per_revision": per_revision,
+            "backend": backlog,
+            "redis_ops": redis_ops,
+            "redis_busy": redis_busy,
+            "redis_gb": redis_gb,
+        },
+        per_ride,
+        deployment,
+    )
     return {
         "rides_per_second": rate,
         "rides_per_month": round(month_rides),
+        "function_instances_per_revision": per_revision,
         "function_instances": function_instances,
-        "backend_instances": backend_instances,
+        "backend_instances": steady["instances"],
+        "backend_in_a_backlog": backlog,
         "redis_ops_per_second": round(redis_ops),
         "redis_thread_busy": round(redis_busy, 2),
         "redis_memory_gb": round(redis_gb, 2),
+        "redis_memory_share_of_deployed": round(redis_gb / deployment.memorystore_gb, 2),
+        "memorystore_gb_billed": memorystore_gb,
         "pubsub_tib_per_month": round(pubsub_tib_month, 3),
+        "pubsub_storage_subscription_tib_per_month": round(storage_subscription_tib_month, 3),
         "logging_gib_per_month": round(logging_gib_month, 1),
         "prediction_log_gib_per_month": round(prediction_log_gib_month, 1),
+        "storage_gib_added_per_month": round(storage_gib_month, 1),
         **summary,
         "priced_usd_per_million_rides": round(summary["priced_total_usd_per_month"] / (month_rides / 1e6), 2),
         "limits": found,
@@ -265,39 +414,39 @@ def capacity_model(per_ride: PerRide, rate: float, deployment: Deployment = Depl
     }
 
 
-def limits(
-    function_instances: int,
-    backend_instances: int,
-    redis_ops: float,
-    redis_busy: float,
-    redis_gb: float,
-    per_ride: PerRide,
-    deployment: Deployment,
-) -> list[dict]:
+def limits(load: dict, per_ride: PerRide, deployment: Deployment) -> list[dict]:
     """Each limit modelled, as the share of it this rate uses, the nearest to breaking first; a share
-    above 1 is broken, and says what to do."""
+    above 1 is broken, and says what to do. ``load``: the function's instances per revision, the
+    backend's in a backlog, Redis's commands/s, its thread's load and the GB it holds."""
+    backend = load["backend"]
+    binding = "requests held" if backend["for_requests"] >= backend["for_cpu"] else "CPU"
+    alert_gb = deployment.memorystore_gb * deployment.memory_alert_ratio
     shares = [
         (
-            function_instances / deployment.function_max_instances,
-            f"function instances: {function_instances} of max_instance_count {deployment.function_max_instances}",
+            load["per_revision"] / deployment.function_max_instances,
+            f"function instances: {load['per_revision']} per revision (production; the shadow as many) of "
+            f"max_instance_count {deployment.function_max_instances}",
             "raise max_instance_count (and the project's Cloud Run quota), or score rides in batches",
         ),
         (
-            backend_instances / deployment.backend_max_instances,
-            f"backend instances: {backend_instances} of max_instance_count {deployment.backend_max_instances}",
-            "raise max_instance_count; fewer Redis round trips per ride cut the request path's CPU",
+            backend["instances"] / deployment.backend_max_instances,
+            f"backend instances in a backlog: {backend['instances']} of max_instance_count "
+            f"{deployment.backend_max_instances} ({binding}: {backend['requests_held']:,} long polls held "
+            f"{deployment.backlog_hold_seconds:g} s at concurrency {deployment.backend_concurrency}; CPU {backend['for_cpu']})",
+            "raise max_instance_count, or threads with max_instance_request_concurrency together",
         ),
         (
-            redis_busy / deployment.cpu_utilization,
-            f"redis: {redis_ops:,.0f} commands/s keep its one command thread {redis_busy:.0%} busy "
+            load["redis_busy"] / deployment.cpu_utilization,
+            f"redis: {load['redis_ops']:,.0f} commands/s keep its one command thread {load['redis_busy']:.0%} busy "
             f"(of {deployment.cpu_utilization:.0%})",
             "Memorystore for Redis Cluster, sharded by ride_id; or fewer round trips per ride",
         ),
         (
-            redis_gb / MEMORYSTORE_MAX_PRIMARY_GB,
-            f"redis memory: {redis_gb:,.0f} GB held ({per_ride.record_ttl_seconds / 3600:g} h TTL) of the "
-            f"{MEMORYSTORE_MAX_PRIMARY_GB} GB largest primary",
-            "shorten RESULT_TTL_SECONDS (a ride needs its record for the ride, not a day), or shard",
+            load["redis_gb"] / alert_gb,
+            f"redis memory: {load['redis_gb']:,.2f} GB held ({per_ride.record_ttl_seconds / 3600:g} h TTL) of the "
+            f"{alert_gb:g} GB at which the alert fires ({deployment.memory_alert_ratio:.0%} of memorystore_size_gb "
+            f"{deployment.memorystore_gb:g})",
+            f"raise memorystore_size_gb (largest primary: {MEMORYSTORE_MAX_PRIMARY_GB} GB), or shard",
         ),
     ]
     return [
@@ -306,9 +455,10 @@ def limits(
     ]
 
 
-def idle_cost(deployment: Deployment = Deployment()) -> dict:
+def idle_cost(deployment: Deployment | None = None) -> dict:
     """A month with no rides: what stays on (the backend's minimum instance, the rollout controller, the
-    smallest Memorystore instance, MLflow's Cloud SQL). The function and MLflow's server scale to zero."""
+    deployed Memorystore instance, MLflow's Cloud SQL). The function and MLflow's server scale to zero."""
+    deployment = deployment or Deployment()
     seconds = SECONDS_PER_MONTH
     costs = {
         "backend_min_instance_cpu": _cost(
@@ -319,10 +469,30 @@ def idle_cost(deployment: Deployment = Deployment()) -> dict:
         ),
         "controller_cpu": _cost("run_instance_vcpu_second", seconds * deployment.controller_cpu),
         "controller_memory": _cost("run_instance_gib_second", seconds * deployment.controller_memory_gib),
-        "memorystore_1_gb": _cost("memorystore_standard_gb_hour", seconds / 3600),
-        "cloud_sql": _cost("cloud_sql_db_g1_small_hour", seconds / 3600),
+        "memorystore": _cost("memorystore_standard_gb_hour", deployment.memorystore_gb * HOURS_PER_MONTH),
+        "cloud_sql": _cost("cloud_sql_db_g1_small_hour", HOURS_PER_MONTH),
     }
     return _priced(costs)
+
+
+def defaults_at_the_claimed_rate(per_ride: PerRide, deployment: Deployment | None = None) -> dict:
+    """Whether the defaults hold DEFAULT_MAX_RIDES_PER_SECOND: the result store after a day of it, the
+    rate at which its alert fires, and the backend's instances in a backlog, each beside its bound."""
+    deployment = deployment or Deployment()
+    rate = DEFAULT_MAX_RIDES_PER_SECOND
+    held = redis_memory_gb(per_ride, rate)
+    backlog = backend_instances(per_ride, rate, deployment, deployment.backlog_hold_seconds)
+    return {
+        "rides_per_second": rate,
+        "redis_gb_after_a_day": round(held, 2),
+        "redis_gb_at_the_alert": round(deployment.memorystore_gb * deployment.memory_alert_ratio, 2),
+        "memorystore_gb": deployment.memorystore_gb,
+        "memory_alert_fires_at_rides_per_second": round(memory_alert_rate(per_ride, deployment), 1),
+        "backend_instances_in_a_backlog": backlog["instances"],
+        "backend_max_instances": deployment.backend_max_instances,
+        "holds": held <= deployment.memorystore_gb * deployment.memory_alert_ratio
+        and backlog["instances"] <= deployment.backend_max_instances,
+    }
 
 
 # --- a burst: the step from 10 to 1,000 rides/s -------------------------------------------------------
@@ -452,11 +622,12 @@ def simulate_step(
 
 
 def burst(
-    per_ride: PerRide, starts: Starts, resend_after: float, final_bound: float, deployment: Deployment = Deployment()
+    per_ride: PerRide, starts: Starts, resend_after: float, final_bound: float, deployment: Deployment | None = None
 ) -> dict:
     """The step from BURST_FROM to BURST_TO rides/s, on the production function (riders wait for its
     final; the shadow's service scales the same way, and nobody waits for it) and on the backend
     (riders wait for its coarse estimate), each under both bounds of the autoscaler."""
+    deployment = deployment or Deployment()
     function = ScaledService(
         "function",
         per_ride.function_cpu_ms,
@@ -867,6 +1038,9 @@ def main() -> None:
     parser.add_argument("--rides", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--per-ride", type=Path, help="an earlier run's JSON: model its per_ride and starts without measuring")
+    parser.add_argument(
+        "--model-only", action="store_true", help="model MEASURED_PER_RIDE (the last full run's figures) without measuring"
+    )
     parser.add_argument("--skip-training", action="store_true", help="leave out the training-at-scale runs (minutes)")
     parser.add_argument("--fit-months", help=argparse.SUPPRESS)  # the child of training_scale()
     args = parser.parse_args()
@@ -877,7 +1051,10 @@ def main() -> None:
         return
     from backend.settings import BackendSettings
 
-    if args.per_ride:
+    if args.model_only:
+        # The starts measured with MEASURED_PER_RIDE (docs/capacity.md).
+        per_ride, fixes, starts = MEASURED_PER_RIDE, None, Starts(function_seconds=3.3, backend_seconds=3.6)
+    elif args.per_ride:
         earlier = json.loads(args.per_ride.read_text())
         per_ride, fixes, starts = PerRide(**earlier["per_ride"]), None, Starts(**earlier["burst"]["starts"])
     else:
@@ -893,7 +1070,9 @@ def main() -> None:
                 # each before and after in this run.
                 "fixes": fixes,
                 "deployment": asdict(deployment),
+                "deployed": deployed(),
                 "model": [capacity_model(per_ride, rate, deployment) for rate in RATES],
+                "defaults_at_the_claimed_rate": defaults_at_the_claimed_rate(per_ride, deployment),
                 "idle": idle_cost(deployment),
                 "burst": burst(
                     per_ride, starts, backend_settings.resend_after_seconds, backend_settings.final_bound_seconds, deployment

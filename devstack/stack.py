@@ -705,11 +705,7 @@ class Stack:
                 BACKEND.bin("gunicorn"),
                 "--bind",
                 f"{HOST}:{port}",
-                "--threads",
-                "32",
-                "--timeout",
-                "60",
-                "backend.app:create_app()",
+                "backend.app:create_app()",  # threads and timeout: the image's GUNICORN_CMD_ARGS
             ]
             cwd = stage(BACKEND, self.dir / "images" / "backend")
             service = Service(

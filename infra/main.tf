@@ -549,6 +549,9 @@ resource "google_cloud_run_v2_service" "backend" {
 
   template {
     service_account = google_service_account.backend.email
+    # As many requests as one instance has threads (backend/Dockerfile), so Cloud Run never sends a
+    # long poll to an instance with no thread free for it (tests/test_capacity.py ties the two).
+    max_instance_request_concurrency = 200
     scaling {
       min_instance_count = 1
       max_instance_count = local.shared_store ? 10 : 1

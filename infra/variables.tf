@@ -47,10 +47,13 @@ variable "redis_url" {
 }
 
 # The default keeps every ride: pending rides and finished results live in a shared, replicated store.
+# 4 GB holds the default maximum rate (benchmarks/capacity.py: DEFAULT_MAX_RIDES_PER_SECOND) for as long as
+# it lasts: each ride's record (about 1.7 KB) lives RESULT_TTL_SECONDS (4 h), 2.4 GB at 100 rides/s, below
+# the memory alert (infra/capacity.tf). tests/test_capacity.py fails if it would not hold.
 variable "memorystore_size_gb" {
   description = "Create a Memorystore Redis (STANDARD_HA, RDB snapshots, noeviction) of this size for the backend replicas; 0: none (then redis_url, or allow_in_memory_results)"
   type        = number
-  default     = 1
+  default     = 4
   validation {
     condition     = var.memorystore_size_gb >= 0
     error_message = "memorystore_size_gb is a size in GB, or 0 for none."

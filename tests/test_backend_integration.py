@@ -317,6 +317,7 @@ def test_the_dockerfile_command_serves_the_app(emulators, streams, tmp_path):
         "BACKEND_PUSH_STREAM": streams["push"],
         "BACKEND_PULL_SUBSCRIPTION": streams["pull"] + "-sub",
         "WEB_CONCURRENCY": parser.envs["WEB_CONCURRENCY"],
+        "GUNICORN_CMD_ARGS": parser.envs["GUNICORN_CMD_ARGS"],  # the image's serving model: its worker class and threads
     }
     server = Service(
         "backend-gunicorn",
