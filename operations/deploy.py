@@ -141,13 +141,22 @@ def function_target(outputs: dict[str, Any]) -> CloudRunFunctionTarget:
     )
 
 
+def id_token(audience: str) -> str:
+    """A Google ID token for a Cloud Run service behind IAM. A user's token from gcloud carries gcloud's own
+    audience, which Cloud Run accepts from a user; a service account's (CI) must name the service."""
+    account = subprocess.run(["gcloud", "config", "get-value", "account"], capture_output=True, text=True, check=False)
+    command = ["gcloud", "auth", "print-identity-token"]
+    if account.stdout.strip().endswith(".gserviceaccount.com"):
+        command.append(f"--audiences={audience}")
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def use_registry(outputs: dict[str, Any]) -> None:
     """This process's MLflow client, pointed at the deployed server (with an ID token when it is Cloud Run's)."""
     url = outputs["mlflow_url"]
     os.environ["MLFLOW_TRACKING_URI"] = url
     if url.startswith("https://"):
-        token = subprocess.run(["gcloud", "auth", "print-identity-token"], capture_output=True, text=True, check=True)
-        os.environ["MLFLOW_TRACKING_TOKEN"] = token.stdout.strip()
+        os.environ["MLFLOW_TRACKING_TOKEN"] = id_token(url)
 
 
 def redeploy(alias: str = PRODUCTION, dry_run: bool = False, target: CloudRunFunctionTarget | None = None) -> int:

@@ -201,27 +201,20 @@ class Context:
         return self._account
 
     def id_token(self, audience: str) -> str:
-        """A Google ID token for a Cloud Run service behind IAM (the MLflow server, the controller).
-        A user's token from gcloud has gcloud's audience, which Cloud Run accepts for a user; a service
-        account's (CI) must name the service (--audiences)."""
+        """operations.deploy's ID token for a Cloud Run service behind IAM, fetched again before its hour is up."""
+        from operations.deploy import id_token
+
         cached = self._tokens.get(audience)
         if cached and time.time() - cached[0] < TOKEN_SECONDS:
             return cached[1]
-        command = ["gcloud", "auth", "print-identity-token"]
-        if self.account().endswith(".gserviceaccount.com"):
-            command.append(f"--audiences={audience}")
-        token = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
-        self._tokens[audience] = (time.time(), token)
-        return token
+        self._tokens[audience] = (time.time(), id_token(audience))
+        return self._tokens[audience][1]
 
     def use_registry(self) -> None:
         """The MLflow client of this process, pointed at the deployed server with an ID token (Cloud Run IAM)."""
-        import os
+        from operations.deploy import use_registry
 
-        url = self.value("{system.mlflow_url}")
-        os.environ["MLFLOW_TRACKING_URI"] = url
-        if url.startswith("https://"):
-            os.environ["MLFLOW_TRACKING_TOKEN"] = self.id_token(url)
+        use_registry(self.outputs["system"])
 
     def get_json(self, url: str, audience: str | None = None, timeout: float = 30) -> dict[str, Any]:
         import requests

@@ -60,6 +60,9 @@ def cloud(tmp_path, monkeypatch, local_model):
         "MODEL_BUCKET": "ridestream-models",
         "FUNCTION_SERVICE_ACCOUNT": RUNTIME_ACCOUNT,
         "FUNCTION_TRIGGER_SERVICE_ACCOUNT": TRIGGER_ACCOUNT,
+        # The quick deploy takes its topics from here; the redeploys, from Terraform's outputs: the same names.
+        "BACKEND_PUSH_STREAM": PUSH_TOPIC,
+        "BACKEND_PULL_STREAM": PULL_TOPIC,
     }
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
@@ -89,7 +92,7 @@ def test_deploy_redeploy_and_rollback_send_the_requests_we_mean(cloud):
         "MODEL_VERSION": first.version,
     }
     trigger = body["eventTrigger"]
-    assert trigger["pubsubTopic"] == f"projects/{PROJECT}/topics/backend-push-stream"
+    assert trigger["pubsubTopic"] == f"projects/{PROJECT}/topics/{PUSH_TOPIC}"
     assert trigger["retryPolicy"] == "RETRY_POLICY_RETRY"
     assert trigger["serviceAccountEmail"] == TRIGGER_ACCOUNT  # not the Compute Engine default account
 
