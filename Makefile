@@ -14,7 +14,8 @@ GOOGLE_PROVIDER_BINDINGS := 16.12.1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup browser screenshot test test-fast lint demo down redeploy rollback status watch train promote resolve flow monitor bench bench-capacity bench-candidates coarse-model provider-schema lock clean
+.PHONY: setup browser screenshot test test-fast lint demo down redeploy rollback status watch train promote resolve flow monitor bench bench-capacity bench-candidates coarse-model provider-schema lock clean \
+	gcp-up gcp-down gcp-status gcp-rollback gcp-proxy
 
 # The venv is refreshed whenever the lock file, the project's metadata or this file changes. uv is installed
 # into the venv itself, so a machine without uv gets the same, fast install path. The project is
@@ -130,6 +131,21 @@ coarse-model: setup
 provider-schema: setup  ## regenerate infra/google-provider-schema.json (after adding a resource type to infra/)
 	tmp=$$(mktemp -d) && $(PY) -m pip download --quiet --no-deps -d $$tmp cdktf-cdktf-provider-google==$(GOOGLE_PROVIDER_BINDINGS) \
 		&& $(PY) infra/provider_schema.py $$tmp/*.whl; status=$$?; rm -rf $$tmp; exit $$status
+
+# Your own Google Cloud project (docs/deploy-gcp.md): make gcp-up PROJECT=my-project [REGION=... ENV=...] [DRY_RUN=1].
+REGION ?= europe-west1
+ENV ?= prod
+GCP := $(PY) -m operations.gcp --project=$(PROJECT) --region=$(REGION) --env=$(ENV) $(if $(DRY_RUN),--dry-run)
+gcp-up: setup  ## from an empty project to a ride answered: bootstrap, images (Cloud Build), the system, the first model
+	$(GCP) up
+gcp-down: setup  ## everything gcp-up made, the state bucket last (asks first)
+	$(GCP) down
+gcp-status: setup  ## registry vs deployed vs answering riders, and live quality (exit 1 on a mismatch)
+	$(GCP) status
+gcp-rollback: setup  ## production <- previous in the registry; the controller rolls the function back
+	$(GCP) rollback
+gcp-proxy: setup  ## the MLflow UI on localhost:5000 through gcloud run services proxy (your identity, Cloud Run IAM)
+	$(GCP) proxy
 
 lock:
 	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock

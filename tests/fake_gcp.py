@@ -261,3 +261,28 @@ class FakeGoogleCloud:
         self.functions[function["name"]] = self.last_changed = function
         location = function["name"].rsplit("/functions/", 1)[0]
         return 200, self._operation(f"{location}/operations/op-{len(self.requests)}", function)
+
+
+def applied_root(path: Path, outputs: dict) -> Path:
+    """A Terraform root as an applied system leaves it, for what reads its outputs: a state holding ``outputs``.
+
+    The real `terraform output -json` (and `terraform init`, which needs no provider for it) reads it offline."""
+
+    def cty(value: object) -> object:
+        if isinstance(value, dict):
+            return ["object", {k: cty(v) for k, v in value.items()}]
+        if isinstance(value, list):
+            return ["tuple", [cty(v) for v in value]]
+        return "string"
+
+    path.mkdir(parents=True, exist_ok=True)
+    state = {
+        "version": 4,
+        "terraform_version": "1.11.4",
+        "serial": 1,
+        "lineage": "recorded",
+        "outputs": {name: {"value": value, "type": cty(value)} for name, value in outputs.items()},
+        "resources": [],
+    }
+    (path / "terraform.tfstate").write_text(json.dumps(state))
+    return path

@@ -14,9 +14,9 @@ from dataclasses import replace
 
 import pytest
 from conftest import REPO
-from fake_gcp import FakeGoogleCloud
+from fake_gcp import FakeGoogleCloud, applied_root
 
-from operations import deploy
+from operations import deploy, gcp
 from training import registry
 from training.train import TrainConfig, train
 
@@ -27,6 +27,20 @@ RUNTIME_ACCOUNT = f"fn-predict@{PROJECT}.iam.gserviceaccount.com"
 TRIGGER_ACCOUNT = f"fn-trigger@{PROJECT}.iam.gserviceaccount.com"
 FUNCTION_PATH = f"/v2/projects/{PROJECT}/locations/{REGION}/functions"
 FIRST_IMAGE = "europe-west1-docker.pkg.dev/p/gcf-artifacts/fn:version_1"  # what the fake's first deploy built
+# Terraform's names (infra/outputs.tf): none of them is a local default of operations/.
+PULL_TOPIC, PUSH_TOPIC = "ridestream-prod-backend-pull-stream", "ridestream-prod-backend-push-stream"
+
+
+def system_outputs(tracking_uri: str, function_service: str = FUNCTION) -> dict:
+    return {
+        "project_id": PROJECT,
+        "region": REGION,
+        "function_service": function_service,
+        "topics": {"push": PUSH_TOPIC, "pull": PULL_TOPIC, "deadletter": "ridestream-prod-backend-deadletter-stream"},
+        "mlflow_url": tracking_uri,
+        "rollout_url": "https://ridestream-prod-rollout-xyz.a.run.app",
+        "mlflow_service": "ridestream-prod-mlflow",
+    }
 
 
 @pytest.fixture
@@ -46,15 +60,19 @@ def cloud(tmp_path, monkeypatch, local_model):
         "MODEL_BUCKET": "ridestream-models",
         "FUNCTION_SERVICE_ACCOUNT": RUNTIME_ACCOUNT,
         "FUNCTION_TRIGGER_SERVICE_ACCOUNT": TRIGGER_ACCOUNT,
+        # The quick deploy takes its topics from here; the redeploys, from Terraform's outputs: the same names.
+        "BACKEND_PUSH_STREAM": PUSH_TOPIC,
+        "BACKEND_PULL_STREAM": PULL_TOPIC,
     }
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    yield fake, settings, str(first), second
+    infra = applied_root(tmp_path / "infra", system_outputs(settings.tracking_uri))
+    yield fake, settings, str(first), second, infra
     fake.stop()
 
 
 def test_deploy_redeploy_and_rollback_send_the_requests_we_mean(cloud):
-    fake, settings, first_version, second = cloud
+    fake, settings, first_version, second, infra = cloud
     registry.promote(first_version, settings)
     first = registry.resolve(registry.PRODUCTION, settings)
 
@@ -74,7 +92,7 @@ def test_deploy_redeploy_and_rollback_send_the_requests_we_mean(cloud):
         "MODEL_VERSION": first.version,
     }
     trigger = body["eventTrigger"]
-    assert trigger["pubsubTopic"] == f"projects/{PROJECT}/topics/backend-push-stream"
+    assert trigger["pubsubTopic"] == f"projects/{PROJECT}/topics/{PUSH_TOPIC}"
     assert trigger["retryPolicy"] == "RETRY_POLICY_RETRY"
     assert trigger["serviceAccountEmail"] == TRIGGER_ACCOUNT  # not the Compute Engine default account
 
@@ -94,7 +112,7 @@ def test_deploy_redeploy_and_rollback_send_the_requests_we_mean(cloud):
     registry.promote(second.version, settings)
     before, uploads_by_the_deploy = len(fake.requests), _uploads(fake)
     assert uploads_by_the_deploy == 2  # the deploy's: an upload URL, then the source
-    assert deploy.main(["redeploy"]) == 0
+    assert deploy.main(["redeploy", f"--infra={infra}"]) == 0
     calls = fake.requests[before:]
     assert {(r.method, _api(r.path)) for r in calls} == {("GET", "services"), ("GET", "revisions"), ("PUT", "services")}
     new_revision, traffic = [r.json() for r in calls if r.method == "PUT"]
@@ -108,7 +126,7 @@ def test_deploy_redeploy_and_rollback_send_the_requests_we_mean(cloud):
 
     # Roll back: the registry moves production back; the revision that served it gets the traffic again.
     before, revisions = len(fake.requests), len(fake.revisions)
-    assert deploy.main(["rollback"]) == 0
+    assert deploy.main(["rollback", f"--infra={infra}"]) == 0
     assert registry.current_version(registry.PRODUCTION, settings) == first_version
     [move] = [r.json() for r in fake.requests[before:] if r.method == "PUT"]
     assert move["spec"]["traffic"] == [{"revisionName": f"{FUNCTION}-00001-abc", "percent": 100}]
@@ -164,8 +182,67 @@ def _env(template: dict) -> dict[str, str]:
     return {e["name"]: e.get("value", "") for e in template["spec"]["containers"][0]["env"]}
 
 
+def test_the_break_glass_redeploy_takes_every_name_from_terraforms_outputs(cloud, monkeypatch, tmp_path):
+    """Issue 32's outage: with only GCP_PROJECT, GCP_REGION and FUNCTION_NAME exported, the new revision got
+    BACKEND_PULL_STREAM=backend-pull-stream, a topic that does not exist; pre-flight passed, exit 0. The names
+    now come from the applied system's outputs, whatever the shell holds."""
+    fake, settings, _, second, _ = cloud
+    service = "ridestream-prod-predict"  # the function's Cloud Run service as Terraform names it
+    serving = {"RUN_ID": "run-0", "MODEL_VERSION": "0", "BACKEND_PULL_STREAM": PULL_TOPIC, "PROJECT_ID": PROJECT}
+    fake.add_run_service(PROJECT, service, serving)
+    infra = applied_root(tmp_path / "infra-named", system_outputs(settings.tracking_uri, service))
+    for name, value in {"FUNCTION_NAME": "predict-duration", "GCP_REGION": REGION, "GCP_PROJECT": PROJECT}.items():
+        monkeypatch.setenv(name, value)  # the three the old runbook exported, and a stale function name among them
+    monkeypatch.delenv("BACKEND_PULL_STREAM", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # a stale shell's server: the outputs' one is used
+    registry.promote(second.version, settings)
+
+    before = len(fake.requests)
+    assert deploy.main(["redeploy", f"--infra={infra}"]) == 0
+    calls = fake.requests[before:]
+    assert {r.path.split("/")[-1] for r in calls if r.method == "PUT"} == {service}  # never predict-duration
+    new_revision = next(r.json() for r in calls if r.method == "PUT")
+    env = _env(new_revision["spec"]["template"])
+    assert env["BACKEND_PULL_STREAM"] == PULL_TOPIC and env["DEPLOYMENT_NAME"] == service
+    assert env["MODEL_VERSION"] == second.version and env["PROJECT_ID"] == PROJECT  # the rest of the revision kept
+
+    # A root never applied (no outputs) is refused, naming what to do: nothing is sent.
+    before = len(fake.requests)
+    with pytest.raises(SystemExit, match="apply it first"):
+        deploy.main(["redeploy", f"--infra={applied_root(tmp_path / 'empty', {})}"])
+    assert len(fake.requests) == before
+
+
+def test_the_google_cloud_rollback_moves_the_registry_and_the_traffic_only(cloud, monkeypatch, capsys, tmp_path):
+    """`make gcp-rollback` (operations.gcp rollback --break-glass: without the controller): the registry's production
+    goes back, and the function's service moves its riders to the revision that served that version."""
+    fake, settings, first_version, second, _ = cloud
+    registry.promote(first_version, settings)
+    first = registry.resolve(registry.PRODUCTION, settings)
+    service = "ridestream-prod-predict"
+    fake.add_run_service(
+        PROJECT, service, {"RUN_ID": first.run_id, "MODEL_VERSION": first.version, "BACKEND_PULL_STREAM": PULL_TOPIC}
+    )
+    registry.promote(second.version, settings)
+    outputs = system_outputs(settings.tracking_uri, service)
+    named = applied_root(tmp_path / "infra-rollback", outputs)
+    monkeypatch.setitem(gcp.ROOTS, "system", str(named))
+    assert deploy.main(["redeploy", f"--infra={named}"]) == 0  # v2 serves riders
+    revisions = len(fake.revisions)
+
+    before = len(fake.requests)
+    assert gcp.main(["rollback", f"--project={PROJECT}", f"--region={REGION}", "--break-glass"]) == 0
+    assert registry.current_version(registry.PRODUCTION, settings) == first_version
+    calls = fake.requests[before:]
+    assert {(r.method, _api(r.path)) for r in calls} == {("GET", "services"), ("GET", "revisions"), ("PUT", "services")}
+    [move] = [r.json() for r in calls if r.method == "PUT"]
+    assert move["spec"]["traffic"] == [{"revisionName": f"{service}-00001-abc", "percent": 100}]
+    assert len(fake.revisions) == revisions  # a traffic move back to v1's revision, no new one
+    assert f"production is v{first_version} again" in capsys.readouterr().out
+
+
 def test_a_flag_gcloud_does_not_accept_fails_in_gcloud(cloud, monkeypatch, capfd):
-    fake, settings, first_version, _ = cloud
+    fake, settings, first_version, *_ = cloud
     registry.promote(first_version, settings)
     monkeypatch.setenv("BACKEND_PUSH_STREAM", "1-not-a-topic")  # topics must start with a letter
     assert deploy.main(["deploy"]) != 0

@@ -11,6 +11,13 @@ from training import registry
 from training.registry import promote, resolve
 from training.train import TrainConfig, train
 
+# What `terraform output -json` of an applied infra/ names (operations.deploy reads nothing else for a redeploy).
+OUTPUTS = {
+    "project_id": "ridestream-prod",
+    "region": "europe-west1",
+    "function_service": "predict-duration",
+    "topics": {"pull": "backend-pull-stream"},
+}
 DEPLOY_ENV = {
     "GCP_PROJECT": "ridestream-prod",
     "MODEL_BUCKET": "ridestream-models",
@@ -51,7 +58,7 @@ def test_deploy_and_redeploy_commands_use_the_production_run_and_no_keys(local_m
     assert "--build-service-account=fn-build@ridestream-prod.iam.gserviceaccount.com" in deploy.deploy_commands()[0]
 
     # A redeploy changes only which model serves: a revision of the running image, then its traffic.
-    target = deploy.function_target()
+    target = deploy.function_target(OUTPUTS)
     model = deploy.Deployment(production.version, production.run_id, production.artifact_uri)
     revision = target.new_revision_command(model, "p-v1-1")
     assert revision[:5] == ["gcloud", "run", "services", "update", "predict-duration"] and "--no-traffic" in revision
@@ -77,6 +84,7 @@ def test_rollback_moves_production_back_and_redeploys_that_run(local_model, monk
     assert registry.current_version(registry.PREVIOUS, settings) == str(first_version)
 
     # A dry run shows the redeploy to the previous run and changes no alias.
+    monkeypatch.setattr(deploy, "terraform_outputs", lambda _infra: OUTPUTS | {"mlflow_url": settings.tracking_uri})
     assert deploy.main(["rollback", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert f"RUN_ID={logged.run_id}," in printed
@@ -92,7 +100,8 @@ def test_rollback_moves_production_back_and_redeploys_that_run(local_model, monk
             return self.current
 
     service = Service()
-    monkeypatch.setattr(deploy, "function_target", lambda: service)
+    monkeypatch.setattr(deploy, "terraform_outputs", lambda _infra: OUTPUTS | {"mlflow_url": settings.tracking_uri})
+    monkeypatch.setattr(deploy, "function_target", lambda _outputs: service)
     assert deploy.main(["rollback"]) == 0  # after the pre-flight, run for real on the logged model
     assert service.current.run_id == logged.run_id and f"serves v{first_version}" in capsys.readouterr().out
     assert registry.current_version(registry.PRODUCTION, settings) == str(first_version)
@@ -101,6 +110,9 @@ def test_rollback_moves_production_back_and_redeploys_that_run(local_model, monk
 
 def test_rollback_without_a_previous_version_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(
+        deploy, "terraform_outputs", lambda _infra: OUTPUTS | {"mlflow_url": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    )
     with pytest.raises(LookupError, match="no alias 'previous'"):
         registry.rollback()
     assert deploy.main(["rollback"]) == 2
