@@ -62,7 +62,15 @@ def test_every_terraform_file_parses():
 def test_the_system_is_all_there(resources):
     assert set(resources["google_pubsub_topic"]) == {"push", "pull", "deadletter", "shadow", "outcomes"}
     assert {"models", "prediction_logs", "outcomes"} <= set(resources["google_storage_bucket"])
-    assert set(resources["google_service_account"]) == {"function", "backend", "pusher", "mlflow", "training", "rollout", "scheduler"}
+    assert set(resources["google_service_account"]) == {
+        "function",
+        "backend",
+        "pusher",
+        "mlflow",
+        "training",
+        "rollout",
+        "scheduler",
+    }
     assert "google_cloudfunctions2_function" not in resources  # a Cloud Run function now: see below
     function = resources["google_cloud_run_v2_service"]["predict"]
     assert "google_service_account.function.email" in function["template"][0]["service_account"]
@@ -328,7 +336,6 @@ def test_both_roots_keep_their_state_in_cloud_storage_given_at_init():
 
 
 def test_the_prediction_log_sink_matches_the_functions_cloud_run_log_entries(resources):
-    import json
 
     text = (INFRA / "main.tf").read_text()
     assert resources["google_logging_project_sink"]["predictions"]["filter"] == "${local.prediction_log_filter}"
@@ -871,7 +878,9 @@ def test_every_name_env_enters_keeps_within_its_limit_at_the_longest_env(resourc
         """The names a resource makes: one per for_each key (a job's key becomes its name's suffix)."""
         keys = list(body["for_each"]) if isinstance(body.get("for_each"), dict) else ["mlflow-webhook-key"]
         named = body[argument].replace("${local.prefix}", f"ridestream-{env}")
-        return [named.replace('${replace(each.key, "_", "-")}', key.replace("_", "-")).replace("${each.key}", key) for key in keys]
+        return [
+            named.replace('${replace(each.key, "_", "-")}', key.replace("_", "-")).replace("${each.key}", key) for key in keys
+        ]
 
     limits = {
         "google_service_account": ("account_id", 6, 30),
