@@ -402,13 +402,6 @@ resource "google_storage_bucket_iam_member" "build_reads_function_source" {
   member = "serviceAccount:${var.build_service_account}"
 }
 
-locals {
-  # The function's language runtime (operations/deploy.py RUNTIME), as Cloud Run's base image for it.
-  runtime             = "python311"
-  function_base_image = "${var.region}-docker.pkg.dev/serverless-runtimes/google-22-full/runtimes/${local.runtime}"
-  # Where the build puts the image: the system's own repository (bootstrap), which the build account may write.
-  function_image = "${var.region}-docker.pkg.dev/${var.project_id}/${local.prefix}/predict-duration"
-}
 
 resource "google_cloud_run_v2_service" "predict" {
   name     = "${local.prefix}-predict-duration"
@@ -418,12 +411,13 @@ resource "google_cloud_run_v2_service" "predict" {
   deletion_protection = var.deletion_protection
   depends_on          = [google_storage_bucket_iam_member.build_reads_function_source]
 
+  # What makes this a Cloud Run function in the console and for `gcloud run deploy --function`: the entry point
+  # Pub/Sub push reaches (serving_function/main.py) and its source. It starts no build (the provider sends it as
+  # the service's record: hashicorp/terraform-provider-google#22263): the image is var.function_image, built
+  # by `make gcp-up` from the same folder with the same buildpacks (operations/cloudbuild-function.yaml).
   build_config {
-    # The entry point Pub/Sub push reaches (serving_function/main.py).
     function_target = "predict_duration_cloudevent"
     source_location = "gs://${google_storage_bucket.function_source.name}/${google_storage_bucket_object.function_source.name}"
-    base_image      = local.function_base_image
-    image_uri       = local.function_image
     service_account = "projects/${var.project_id}/serviceAccounts/${var.build_service_account}"
   }
 
@@ -435,8 +429,7 @@ resource "google_cloud_run_v2_service" "predict" {
       max_instance_count = 20
     }
     containers {
-      image          = local.function_image
-      base_image_uri = local.function_base_image
+      image = var.function_image
       resources {
         limits = {
           cpu    = "1"
@@ -819,6 +812,11 @@ resource "google_cloud_run_v2_service" "mlflow" {
     google_secret_manager_secret_version.app["mlflow-webhook-key"],
     google_secret_manager_secret_iam_member.mlflow_reads_db_password,
     google_secret_manager_secret_iam_member.mlflow_reads_webhook_key,
+    # mlflow server opens its store at start: its database, its user and the right to connect first, or the
+    # first revision exits and the apply fails.
+    google_sql_database.mlflow,
+    google_sql_user.mlflow,
+    google_project_iam_member.mlflow_connects_to_its_database,
   ]
 
   template {

@@ -31,6 +31,11 @@ variable "backend_image" {
   type        = string
 }
 
+variable "function_image" {
+  description = "The function's image (serving_function/ built with Google's buildpacks: operations/cloudbuild-function.yaml); only the first revision's: the rollout controller makes the others"
+  type        = string
+}
+
 variable "build_service_account" {
   description = "What the function's source build runs as: infra/bootstrap's build_service_account output (an email)"
   type        = string

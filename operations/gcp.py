@@ -32,13 +32,18 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP, SYSTEM = "infra/bootstrap", "infra"  # Terraform's two roots (docs/deploy-gcp-infra.md)
 ROOTS = {"bootstrap": BOOTSTRAP, "system": SYSTEM}
-# The images Cloud Build makes (operations/cloudbuild.yaml), as root 2's variables name them.
+# The images Cloud Build makes, as root 2's variables name them: from a Dockerfile (operations/cloudbuild.yaml),
+# or the function from its source folder with Google's buildpacks (operations/cloudbuild-function.yaml), as
+# Cloud Run functions builds one: Terraform's build_config starts no build, so the image must exist before it.
 IMAGES = {
     "backend": "backend/Dockerfile",
     "mlflow": "tracking_server/Dockerfile",
     "rollout": "rollout/Dockerfile",
     "flows": "flows/Dockerfile",
+    "function": "serving_function",
 }
+# Where training looks for its months (infra/flows.tf: trip_data), filled from data/ on a first `up`.
+TRIP_DATA = "{system.model_bucket}/trip-data/"
 # What `up` enables itself before Terraform can: the APIs Terraform's own calls and the billing check go through
 # (root 1 enables every other one, and keeps these enabled too).
 FIRST_APIS = ("serviceusage.googleapis.com", "cloudresourcemanager.googleapis.com", "cloudbilling.googleapis.com")
@@ -351,19 +356,27 @@ def bootstrap(ctx: Context) -> None:
 
 def images(ctx: Context, tag: str) -> None:
     ctx.begin("images", f"built by Cloud Build at tag {tag} (no local Docker), each skipped if already there")
-    for name, dockerfile in IMAGES.items():
+    for name, source in IMAGES.items():
         ref = image_ref(name, tag)
         if ctx.check(["gcloud", "artifacts", "docker", "images", "describe", ref, "--format=value(image_summary.digest)"]):
             ctx.say(f"{ctx.value(ref)} is there already")
             continue
+        config, substitutions = (
+            ("operations/cloudbuild.yaml", f"_DOCKERFILE={source},_IMAGE={ref}")
+            if source.endswith("Dockerfile")
+            else ("operations/cloudbuild-function.yaml", f"_SOURCE={source},_IMAGE={ref}")
+        )
         ctx.run(
             [
                 "gcloud",
                 "builds",
                 "submit",
-                "--config=operations/cloudbuild.yaml",
-                f"--substitutions=_DOCKERFILE={dockerfile},_IMAGE={ref}",
+                f"--config={config}",
+                f"--substitutions={substitutions}",
                 "--service-account=projects/" + ctx.project + "/serviceAccounts/{bootstrap.build_service_account}",
+                # The upload goes where the build account may read it (root 1), not to Cloud Build's default
+                # bucket, which a user-specified build account cannot read.
+                "--gcs-source-staging-dir=gs://{bootstrap.build_source_bucket}/source",
                 *ctx.where(),
                 ".",
             ],
@@ -400,6 +413,11 @@ def first_model(ctx: Context) -> None:
         lambda _url: _registry_production(ctx),
     )
     if production is None:
+        # Training lists its months under trip_data: on a new project there are none, so the real TLC months
+        # committed in data/ go there first (2021-01 to 2021-03: the three consecutive months it needs).
+        if not ctx.check(["gcloud", "storage", "ls", TRIP_DATA]):
+            months = sorted(str(p.relative_to(REPO)) for p in (REPO / "data").glob("green_tripdata_*.parquet"))
+            ctx.run(["gcloud", "storage", "cp", *months, TRIP_DATA], "the TLC months in data/, for training to read")
         ctx.run(["gcloud", "run", "jobs", "execute", "{system.jobs.training}", *ctx.where(), "--wait"], "training, as scheduled")
     else:
         ctx.say(f"the registry's production is v{production} already: no training")
@@ -659,8 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not re.fullmatch(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", args.project):
         parser.error(f"--project {args.project!r} is not a project id (6-30 lower-case letters, digits, hyphens)")
-    if not re.fullmatch(r"[a-z][a-z0-9]{0,9}", args.env):
-        parser.error(f"--env {args.env!r}: up to 10 lower-case letters and digits (it is part of every resource name)")
+    if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", args.env):  # infra's own validation, checked before anything is made
+        parser.error(f"--env {args.env!r}: up to 8 lower-case letters and digits (it is part of every resource name)")
     ctx = Context(args.project, args.region, args.env, args.dry_run, args.yes)
     actions: dict[str, Callable[[], int]] = {
         "up": lambda: up(ctx),

@@ -118,8 +118,9 @@ def violations(plan: list[Action], roots: dict[str, Root]) -> list[str]:
         if argv[:3] == ["gcloud", "builds", "submit"]:
             [substitutions] = [a for a in argv if a.startswith("--substitutions=")]
             values = dict(pair.split("=", 1) for pair in substitutions.removeprefix("--substitutions=").split(","))
-            if not (REPO / values["_DOCKERFILE"]).is_file():
-                found.append(f"{where}: no {values['_DOCKERFILE']}")
+            source = values.get("_DOCKERFILE") or values.get("_SOURCE", "")  # a Dockerfile, or a function's folder
+            if not (REPO / source).is_file() and not (REPO / source / "main.py").is_file():
+                found.append(f"{where}: no {source}")
             images.add(values["_IMAGE"])
         if argv[:3] == ["gcloud", "run", "jobs"] and argv[3] == "execute":
             job = gcp.PLACEHOLDER.fullmatch(argv[4])
@@ -200,8 +201,9 @@ def test_up_applies_each_root_once_without_target_and_builds_every_image(up_plan
     assert not any(arg.startswith("-target") for argv in applies for arg in argv)
     built = [a for a in up_plan if a.argv[:3] == ("gcloud", "builds", "submit")]
     assert [a for argv in (b.argv for b in built) for a in argv if a.startswith("--substitutions=")] == [
-        f"--substitutions=_DOCKERFILE={dockerfile},_IMAGE={{bootstrap.artifact_registry}}/{name}:{gcp.image_tag()}"
-        for name, dockerfile in gcp.IMAGES.items()
+        f"--substitutions={'_DOCKERFILE' if source.endswith('Dockerfile') else '_SOURCE'}={source},"
+        f"_IMAGE={{bootstrap.artifact_registry}}/{name}:{gcp.image_tag()}"
+        for name, source in gcp.IMAGES.items()
     ]
     # Every build runs as the dedicated build account, never the Compute Engine default.
     assert all(

@@ -263,6 +263,7 @@ API_OF = {
     "google_pubsub_topic": {"pubsub"},
     "google_pubsub_subscription": {"pubsub"},
     "google_storage_bucket": {"storage"},
+    "google_storage_bucket_iam_member": {"storage"},
     "google_logging_project_sink": {"logging"},
     "google_logging_metric": {"logging"},
     "google_monitoring_alert_policy": {"monitoring"},
@@ -319,13 +320,17 @@ def test_bootstrap_makes_the_image_repository_and_a_build_account_with_exactly_i
         for body in named.values()
         if "google_service_account.build.email" in body["member"]
     }
+    # Its log, its pushes, and reading the sources `up` uploads for it (never Cloud Build's default bucket).
     assert roles == {
         ("google_project_iam_member", "roles/logging.logWriter"),
         ("google_artifact_registry_repository_iam_member", "roles/artifactregistry.writer"),
+        ("google_storage_bucket_iam_member", "roles/storage.objectViewer"),
     }
+    [reads] = [b for b in bootstrap["google_storage_bucket_iam_member"].values() if "build.email" in b["member"]]
+    assert reads["bucket"] == "${google_storage_bucket.build_source.name}"
     with open(BOOTSTRAP / "outputs.tf") as f:
         outputs = {name for block in _clean(hcl2.load(f))["output"] for name in block}
-    assert outputs == {"artifact_registry", "build_service_account", "apis"}
+    assert outputs == {"artifact_registry", "build_service_account", "build_source_bucket", "apis"}
 
 
 def test_both_roots_keep_their_state_in_cloud_storage_given_at_init():
@@ -502,11 +507,15 @@ def test_neither_a_changed_code_zip_nor_a_second_apply_changes_which_model_rider
     # The check itself: without build_config ignored, the new zip would be planned (a rebuild: a new revision).
     unguarded = {**function, "lifecycle": [{"ignore_changes": sorted(IGNORED_BY_TERRAFORM - {"build_config"})}]}
     assert _planned_changes(unguarded, new_zip, set(), locals_) == {"build_config"}
-    # No other resource sets the service's traffic or revisions.
+    # Terraform sets no traffic split on the function, and no other resource manages the same service by name or
+    # moves its traffic (a second google_cloud_run_* service named like it would take its revisions over).
+    assert "traffic" not in function
     for kind, named in resources.items():
         for name, body in named.items():
-            if (kind, name) != ("google_cloud_run_v2_service", "predict"):
-                assert "traffic" not in body or kind != "google_cloud_run_v2_service" or name != "predict"
+            if (kind, name) == ("google_cloud_run_v2_service", "predict") or not kind.startswith("google_cloud_run"):
+                continue
+            assert not (kind.endswith("_service") and body.get("name") == function["name"]), (kind, name)
+            assert "google_cloud_run_v2_service.predict" not in str(body.get("traffic", "")), (kind, name)
     # Created serving no model: the controller gives each revision its model (serving_function refuses rides
     # for redelivery until then); no variable chooses one.
     [env] = [d["env"] for d in function["template"][0]["containers"][0]["dynamic"] if "env" in d]
@@ -530,7 +539,15 @@ def test_the_function_is_a_cloud_run_function_pushed_to_with_an_oidc_token(resou
         "gs://${google_storage_bucket.function_source.name}/${google_storage_bucket_object.function_source.name}"
     )
     assert build["service_account"] == "projects/${var.project_id}/serviceAccounts/${var.build_service_account}"
-    assert "python311" in _locals()["runtime"] and build["base_image"] == "${local.function_base_image}"
+    # build_config starts no build: the service runs an image `up` built before the apply, from the same folder
+    # with the same target (operations/cloudbuild-function.yaml), given as a variable without a default.
+    [container] = function["template"][0]["containers"]
+    assert container["image"] == "${var.function_image}" and "default" not in _variables()["function_image"]
+    pack = (REPO / "operations/cloudbuild-function.yaml").read_text()
+    assert f"GOOGLE_FUNCTION_TARGET={build['function_target']}" in pack
+    from operations.deploy import PYTHON_VERSION
+
+    assert f"GOOGLE_PYTHON_VERSION={PYTHON_VERSION}.x" in pack  # the runtime operations/deploy.py names
     assert function["ingress"] == "INGRESS_TRAFFIC_INTERNAL_ONLY"  # Pub/Sub push is internal traffic
     push = resources["google_pubsub_subscription"]["function_push"]["push_config"][0]
     assert push["push_endpoint"] == "${google_cloud_run_v2_service.predict.uri}"

@@ -190,14 +190,15 @@ def test_the_rollout_image_installs_every_package_its_code_imports():
 
 
 def test_one_python_version_for_training_the_function_and_the_backend():
-    from operations.deploy import PYTHON_VERSION, RUNTIME
+    from operations.deploy import PYTHON_VERSION
 
     version = PYTHON_VERSION
     assert re.search(rf'^python: "{re.escape(version)}"$', (REPO / "python_env.yaml").read_text(), re.M)
     assert f"- python={version}\n" in (REPO / "conda.yaml").read_text()
-    for dockerfile in ("backend/Dockerfile", "tracking_server/Dockerfile", "rollout/Dockerfile"):
+    for dockerfile in ("backend/Dockerfile", "tracking_server/Dockerfile", "rollout/Dockerfile", "flows/Dockerfile"):
         assert f"FROM python:{version}-slim\n" in (REPO / dockerfile).read_text(), dockerfile
-    assert re.search(rf'^  runtime\s+= "{RUNTIME}"$', (REPO / "infra/main.tf").read_text(), re.M)
+    # The function's image on Google Cloud: Google's buildpacks on the same Python.
+    assert f"--env=GOOGLE_PYTHON_VERSION={version}.x\n" in (REPO / "operations/cloudbuild-function.yaml").read_text()
     assert f'requires-python = ">={version}"' in (REPO / "pyproject.toml").read_text()
 
 

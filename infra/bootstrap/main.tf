@@ -53,3 +53,32 @@ resource "google_artifact_registry_repository_iam_member" "build_pushes_images" 
   member     = "serviceAccount:${google_service_account.build.email}"
   depends_on = [google_project_service.apis["artifactregistry"]]
 }
+
+# Where `make gcp-up` uploads each build's source (gcloud builds submit --gcs-source-staging-dir): a user-specified
+# build account cannot read Cloud Build's default <project>_cloudbuild bucket, so its builds would fail fetching
+# their source. Sources are a copy of a git tree: kept a week, never versioned.
+resource "google_storage_bucket" "build_source" {
+  #checkov:skip=CKV_GCP_62:object access is recorded by Cloud Audit Logs (Data Access); legacy usage-log buckets add nothing
+  #checkov:skip=CKV_GCP_78:build sources are copies of a git tree: old versions would only cost storage
+  name                        = "${var.project_id}-${local.prefix}-build-source"
+  location                    = var.region
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  force_destroy               = true
+  depends_on                  = [google_project_service.apis["storage"]]
+  lifecycle_rule {
+    condition {
+      age = 7
+    }
+    action {
+      type = "Delete"
+    }
+  }
+}
+
+resource "google_storage_bucket_iam_member" "build_reads_its_sources" {
+  bucket     = google_storage_bucket.build_source.name
+  role       = "roles/storage.objectViewer"
+  member     = "serviceAccount:${google_service_account.build.email}"
+  depends_on = [google_project_service.apis["storage"]]
+}

@@ -12,3 +12,8 @@ output "apis" {
   description = "The APIs enabled, which the system root relies on"
   value       = sort([for api in google_project_service.apis : api.service])
 }
+
+output "build_source_bucket" {
+  description = "Where each build's source is uploaded (gcloud builds submit --gcs-source-staging-dir), readable by the build account"
+  value       = google_storage_bucket.build_source.name
+}
