@@ -33,7 +33,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 # The longest test files, longest first (a clean clone's run on three workers, 2026-12-07). Workers take whole
 # files in collection order (--dist loadfile): started first, these end with the rest instead of after them.
-LONGEST_FILES = ("test_rollout_faults.py", "test_faults.py", "test_e2e.py", "test_training.py", "test_rider_browser.py")
+LONGEST_FILES = (
+    "test_rollout_faults.py",
+    "test_flows.py",
+    "test_e2e.py",
+    "test_faults.py",
+    "test_training_cli.py",
+    "test_training.py",
+    "test_gcloud.py",
+    "test_rider_browser.py",
+)
 
 
 def _longest_first(item: pytest.Item) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import uuid
 import zipfile
 from dataclasses import replace
 
@@ -43,15 +44,22 @@ def system_outputs(tracking_uri: str, function_service: str = FUNCTION) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def retrained(local_model):
+    """A second real model, trained once for the module: each test registers it anew in a registry of its own."""
+    _, shared = local_model
+    return train(TrainConfig(trials=1, sample=5_000), replace(shared, model_name="ride-duration-gcloud-trained"))
+
+
 @pytest.fixture
-def cloud(tmp_path, monkeypatch, local_model):
+def cloud(tmp_path, monkeypatch, local_model, retrained):
     """The recording API, gcloud pointed at it, and a registry of two versions of our own."""
     assert shutil.which("gcloud"), "the Google Cloud CLI (gcloud) must be installed for these tests"
     fake = FakeGoogleCloud().start()
     logged, shared = local_model
-    settings = replace(shared, model_name="ride-duration-gcloud")
+    settings = replace(shared, model_name=f"ride-duration-gcloud-{uuid.uuid4().hex[:8]}")
     first = registry.register(logged.model_uri, logged.run_id, settings).version
-    second = train(TrainConfig(trials=1, sample=5_000), settings)
+    second = replace(retrained, version=str(registry.register(retrained.model_uri, retrained.run_id, settings).version))
     environment = fake.environment(tmp_path / "gcloud-config", PROJECT) | {
         "MLFLOW_TRACKING_URI": settings.tracking_uri,
         "REGISTERED_MODEL_NAME": settings.model_name,
