@@ -1,23 +1,27 @@
-"""Real riders against one backend at its deployed threads: POST /predict, then GET /rides/<id>?wait=N
-until the final, at the rate the default deployment claims (benchmarks/capacity.py:
-DEFAULT_MAX_RIDES_PER_SECOND).
+"""Real riders against the backend at its deployed threads: POST /predict, then GET /rides/<id>?wait=N until
+the final, at the rate the default deployment claims (benchmarks/capacity.py: DEFAULT_MAX_RIDES_PER_SECOND),
+on as many instances as the capacity model says that rate needs.
 
-    python benchmarks/backend_bench.py [--seconds 30] [--rate 100] [--backlog-seconds 10] [--before]
+    python benchmarks/backend_bench.py [--seconds 30] [--rate 100] [--instances N] [--backlog-seconds 10] [--before]
 
-The stack is the deployed one in miniature: the Pub/Sub emulator, a Redis of its own as the result store,
-the function serving a freshly trained model, and one backend started from its image's environment
-(backend/Dockerfile: gunicorn gthread and its threads, as on Cloud Run). Riders arrive open-loop, each in
-a thread of its own, as the page does: POST, then long polls of at most MAX_WAIT_SECONDS until the final.
-The client never has more requests in flight to the instance than Cloud Run's
-max_instance_request_concurrency (infra/main.tf) would send it; a request waits for a slot as it would
-in Cloud Run's queue.
+The stack is the deployed one in miniature: the Pub/Sub emulator, a Redis of its own as the shared result
+store, the function serving a freshly trained model, and the backend's instances started from its image's
+environment (backend/Dockerfile: gunicorn gthread and its threads, as on Cloud Run), sharing the store and the
+results subscription as Cloud Run's instances do. Riders arrive open-loop, as the page behaves: POST, then long
+polls of at most MAX_WAIT_SECONDS until the final; Cloud Run's load balancer is played by sending each rider
+to the instance with the fewest requests in flight. The client never has more requests in flight to an
+instance than Cloud Run's max_instance_request_concurrency (infra/main.tf) would send it; a request waits
+for a slot as it would in Cloud Run's queue. The riders are asyncio tasks on one connection pool (aiohttp),
+so the load generator's own CPU stays small beside what it measures, on a machine it shares.
 
 1. steady: the claimed rate for ``--seconds``; the sustained rate is the riders answered per second.
+   ``--instances`` defaults to the capacity model's steady-state backend instances at ``--rate`` (by CPU at
+   Cloud Run's 60 % target, from its measured per-ride figures): the deployment the rate is claimed for.
 2. backlog: the function frozen (SIGSTOP) for ``--backlog-seconds``, so every rider's poll is held its
    whole wait, while riders keep arriving at the rate Cloud Run sends one instance in a backlog (its 60 %
-   concurrency target over the wait). The POSTs must still be answered at once: a serving model with
-   fewer threads than concurrency (the 16 the image had) queues them behind the held polls: ``--before``
-   runs this phase again with that serving model, behind Cloud Run's default concurrency of 80.
+   concurrency target over the wait), on one instance. The POSTs must still be answered at once: a serving
+   model with fewer threads than concurrency (the 16 the image had) queues them behind the held polls:
+   ``--before`` runs this phase again with that serving model, behind Cloud Run's default concurrency of 80.
 
 One JSON document on stdout, each figure beside its target; logs on stderr.
 """
@@ -25,21 +29,20 @@ One JSON document on stdout, each figure beside its target; logs on stderr.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import aiohttp
 import numpy as np
-import requests
 
 from devstack.stack import ARTIFACT_ROOT, Stack
 from devstack.traffic import real_rides
@@ -47,13 +50,20 @@ from devstack.usage import cpu_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from capacity import DEFAULT_MAX_RIDES_PER_SECOND, Deployment, deployed  # noqa: E402
+from capacity import (  # noqa: E402
+    DEFAULT_MAX_RIDES_PER_SECOND,
+    MEASURED_PER_RIDE,
+    Deployment,
+    backend_instances,
+    deployed,
+)
 
 log = logging.getLogger("backend_bench")
 FINAL_WITHIN_SECONDS = 60  # a rider gives up after this (the backend's own bound is 150 s)
 WARM_UP = 100  # riders before the measured ones, not counted
 # The serving model the image had: 1 worker x 16 threads, and Cloud Run's default concurrency (80 per vCPU).
 BEFORE_GUNICORN_ARGS, BEFORE_CONCURRENCY = "--worker-class gthread --threads 16 --timeout 60", 80
+RETRIED_STATUSES = (502, 503, 504)
 
 
 class Instance:
@@ -62,97 +72,127 @@ class Instance:
 
     def __init__(self, url: str, concurrency: int):
         self.url = url
-        self._slots = threading.BoundedSemaphore(concurrency)
-        self._lock = threading.Lock()
+        self.concurrency = concurrency
         self.in_flight = self.most_in_flight = 0
         self.slot_waits: list[float] = []
-        self._local = threading.local()
+        self._slots: asyncio.Semaphore | None = None  # made in the event loop that uses it
 
-    def request(self, method: str, path: str, **kwargs) -> requests.Response:
-        """The instance's response, once a slot was free."""
-        if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
+    def reset(self) -> None:
+        self.in_flight = self.most_in_flight = 0
+        self.slot_waits = []
+        self._slots = None
+
+    async def request(self, session: aiohttp.ClientSession, method: str, path: str, **kwargs) -> tuple[int, dict, float]:
+        """(status, JSON body, Retry-After seconds) once a slot was free."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
         started = time.perf_counter()
-        with self._slots:
-            waited = time.perf_counter() - started
-            with self._lock:
-                self.in_flight += 1
-                self.most_in_flight = max(self.most_in_flight, self.in_flight)
-                self.slot_waits.append(waited)
+        async with self._slots:
+            self.slot_waits.append(time.perf_counter() - started)
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
             try:
-                return self._local.session.request(method, self.url + path, timeout=30, **kwargs)
+                async with session.request(method, self.url + path, **kwargs) as response:
+                    body = await response.json(content_type=None)
+                    return response.status, body, float(response.headers.get("Retry-After") or 0)
             finally:
-                with self._lock:
-                    self.in_flight -= 1
+                self.in_flight -= 1
 
 
-def call(instance: Instance, seen: dict, deadline: float, method: str, path: str, **kwargs) -> requests.Response | None:
+class Balancer:
+    """Cloud Run's load balancer as the riders meet it: each request to the instance with the fewest in flight."""
+
+    def __init__(self, instances: list[Instance]):
+        self.instances = instances
+
+    def pick(self) -> Instance:
+        return min(self.instances, key=lambda instance: instance.in_flight)
+
+    def reset(self) -> None:
+        for instance in self.instances:
+            instance.reset()
+
+    def figures(self) -> dict:
+        return {
+            "most_requests_in_flight": [instance.most_in_flight for instance in self.instances],
+            "requests_waiting_for_a_slot": sum(1 for i in self.instances for w in i.slot_waits if w > 0.001),
+        }
+
+
+async def call(
+    balancer: Balancer, session: aiohttp.ClientSession, seen: dict, deadline: float, method: str, path: str, **kwargs
+) -> tuple[int, dict] | None:
     """One request as the rider page makes it (backend/static/rider.js): a 502/503/504 or no answer is
     retried, the same request (ride_id included), after 0.5 s doubling to 8 s and at least the
     Retry-After asked for, until ``deadline``; None when it never got an answer."""
     backoff = 0.5
     while True:
         try:
-            response = instance.request(method, path, **kwargs)
-            if response.status_code not in (502, 503, 504):
-                return response
-            seen["retried"].append(f"{response.status_code} {response.json().get('error', '')}"[:120])
-            delay = max(backoff, float(response.headers.get("Retry-After") or 0))
-        except (requests.RequestException, ValueError) as exc:
-            seen["retried"].append(f"{type(exc).__name__}"[:120])
+            status, body, retry_after = await balancer.pick().request(session, method, path, **kwargs)
+            if status not in RETRIED_STATUSES:
+                return status, body
+            seen["retried"].append(f"{status} {body.get('error', '') if isinstance(body, dict) else ''}"[:120])
+            delay = max(backoff, retry_after)
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            seen["retried"].append(type(exc).__name__[:120])
             delay = backoff
         if time.perf_counter() + delay > deadline:
             return None
-        time.sleep(delay)
+        await asyncio.sleep(delay)
         backoff = min(backoff * 2, 8.0)
 
 
-def rider(instance: Instance, ride: dict, wait_seconds: int) -> dict:
+async def rider(balancer: Balancer, session: aiohttp.ClientSession, ride: dict, wait_seconds: int) -> dict:
     """POST the ride, then long-poll it until its final: what the rider saw."""
     started = time.perf_counter()
     deadline = started + FINAL_WITHIN_SECONDS
     seen = {"post_status": None, "post_seconds": None, "polls": 0, "final_seconds": None, "retried": []}
     ride = {**ride, "ride_id": uuid.uuid4().hex}  # the page picks the ride_id, so a retried POST books it once
-    response = call(instance, seen, deadline, "POST", "/predict", json=ride)
+    answer = await call(balancer, session, seen, deadline, "POST", "/predict", json=ride)
     seen["post_seconds"] = time.perf_counter() - started
-    seen["post_status"] = None if response is None else response.status_code
-    if response is None or response.status_code != 202:
+    seen["post_status"] = None if answer is None else answer[0]
+    if answer is None or answer[0] != 202:
         return seen
     while time.perf_counter() < deadline:
-        response = call(instance, seen, deadline, "GET", f"/rides/{ride['ride_id']}", params={"wait": wait_seconds})
+        answer = await call(balancer, session, seen, deadline, "GET", f"/rides/{ride['ride_id']}", params={"wait": wait_seconds})
         seen["polls"] += 1
-        if response is None:
+        if answer is None:
             break
-        body = response.json()
-        if response.status_code == 200 and body.get("status") in ("done", "failed"):
+        status, body = answer
+        if status == 200 and body.get("status") in ("done", "failed"):
             seen["final_seconds"], seen["status"] = time.perf_counter() - started, body["status"]
             break
     return seen
 
 
-def ride_at_rate(instance: Instance, rides: list[dict], rate: float, wait_seconds: int, during=None) -> dict:
-    """Riders arriving ``rate`` a second (open loop), each in its own thread; ``during(started_at)`` runs
-    beside them. The riders' figures, and the rate at which they were answered."""
-    results: list[dict] = []
-    with ThreadPoolExecutor(max_workers=min(len(rides), int(rate * FINAL_WITHIN_SECONDS) + 1)) as pool:
+async def _ride_at_rate(balancer: Balancer, rides: list[dict], rate: float, wait_seconds: int, during=None) -> dict:
+    # No pool limit of the client's own: the instances' slots are the limit, as Cloud Run's are.
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
         started = time.perf_counter()
-        side = threading.Thread(target=during, args=(started,)) if during else None
-        if side:
-            side.start()
-        futures = []
+        side = asyncio.create_task(asyncio.to_thread(during, started)) if during else None
+        tasks = []
         for index, ride in enumerate(rides):
             delay = started + index / rate - time.perf_counter()
             if delay > 0:
-                time.sleep(delay)
-            futures.append(pool.submit(rider, instance, ride, wait_seconds))
-        results = [future.result() for future in futures]
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(rider(balancer, session, ride, wait_seconds)))
+        results = await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
         if side:
-            side.join()
-    return summarize(results, rate, elapsed)
+            await side
+    return summarize(list(results), rate, elapsed)
 
 
-def backlog_phase(stack: Stack, instance: Instance, rides: list[dict], rate: float, seconds: float, wait_seconds: int) -> dict:
+def ride_at_rate(balancer: Balancer, rides: list[dict], rate: float, wait_seconds: int, during=None) -> dict:
+    """Riders arriving ``rate`` a second (open loop), each a task of its own; ``during(started_at)`` runs in a
+    thread beside them. The riders' figures, and the rate at which they were answered."""
+    balancer.reset()
+    result = asyncio.run(_ride_at_rate(balancer, rides, rate, wait_seconds, during))
+    return {**result, **balancer.figures()}
+
+
+def backlog_phase(stack: Stack, balancer: Balancer, rides: list[dict], rate: float, seconds: float, wait_seconds: int) -> dict:
     """Riders at ``rate`` while the function is frozen ``seconds``: every poll meanwhile is held its whole wait."""
     group = os.getpgid(stack.pids["function"])
     if group == os.getpgid(0):
@@ -166,11 +206,7 @@ def backlog_phase(stack: Stack, instance: Instance, rides: list[dict], rate: flo
             os.killpg(group, signal.SIGCONT)
 
     log.info("backlog: function frozen %g s, %d riders at %g/s", seconds, len(rides), rate)
-    instance.most_in_flight, instance.slot_waits = 0, []
-    result = ride_at_rate(instance, rides, rate, wait_seconds, during=freeze)
-    result["most_requests_in_flight"] = instance.most_in_flight
-    result["requests_waiting_for_a_slot"] = sum(1 for w in instance.slot_waits if w > 0.001)
-    return result
+    return ride_at_rate(balancer, rides, rate, wait_seconds, during=freeze)
 
 
 def summarize(results: list[dict], rate: float, elapsed: float) -> dict:
@@ -202,6 +238,9 @@ def main() -> None:
     # 30 s: the clock runs from the first arrival to the last final, so the last riders' finals (about 1 s) are a
     # few percent of the run; over 10 s they alone held the figure 7 % under a rate the backend kept up with.
     parser.add_argument("--seconds", type=float, default=30, help="the steady phase's length")
+    parser.add_argument(
+        "--instances", type=int, default=0, help="backend instances in the steady phase (default: the capacity model's at --rate)"
+    )
     parser.add_argument("--backlog-seconds", type=float, default=10, help="the function frozen this long; 0: no backlog phase")
     parser.add_argument(
         "--before", action="store_true", help="the backlog phase again with the serving model before (16 threads, concurrency 80)"
@@ -211,6 +250,8 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     serving, deployment = deployed(), Deployment()
     wait_seconds = int(deployment.backlog_hold_seconds)
+    modelled = backend_instances(MEASURED_PER_RIDE, args.rate, deployment, deployment.steady_hold_seconds)
+    instances = args.instances or modelled["instances"]
     # In a backlog Cloud Run keeps each instance at 60 % of its concurrency: the riders whose polls that holds.
     backlog_rate = deployment.backend_concurrency * deployment.concurrency_utilization / wait_seconds
     steady_count = round(args.rate * args.seconds)
@@ -232,33 +273,36 @@ def main() -> None:
                 Settings(f"sqlite:///{tmp}/mlflow.db", "backend-bench", ARTIFACT_ROOT, "backend-bench", str(REPO / "data")),
             )
             stack.start_function(model.run_id, "1")
-            stack.start_backends(1, redis_url)  # from its image's environment: its deployed threads
-            instance = Instance(stack.backend_urls[0], deployment.backend_concurrency)
-            ride_at_rate(instance, rides[:WARM_UP], 50, wait_seconds)  # warm-up, not counted
-            log.info("steady: %d riders at %g/s", steady_count, args.rate)
-            instance.most_in_flight, instance.slot_waits = 0, []
-            cpu_before = cpu_seconds(stack.pids["backend-0"])
-            steady = ride_at_rate(instance, rides[WARM_UP : WARM_UP + steady_count], args.rate, wait_seconds)
+            stack.start_backends(instances, redis_url)  # from its image's environment: its deployed threads
+            names = [f"backend-{index}" for index in range(instances)]
+            balancer = Balancer([Instance(url, deployment.backend_concurrency) for url in stack.backend_urls])
+            ride_at_rate(balancer, rides[:WARM_UP], 50, wait_seconds)  # warm-up, not counted
+            log.info("steady: %d riders at %g/s on %d instances", steady_count, args.rate, instances)
+            cpu_before = sum(cpu_seconds(stack.pids[name]) for name in names)
+            steady = ride_at_rate(balancer, rides[WARM_UP : WARM_UP + steady_count], args.rate, wait_seconds)
             # CPU is CPU on a busy machine too: what one instance's vCPU serves at Cloud Run's 60 % target.
-            cpu_ms = (cpu_seconds(stack.pids["backend-0"]) - cpu_before) * 1000 / max(steady["answered"], 1)
+            cpu_ms = (sum(cpu_seconds(stack.pids[name]) for name in names) - cpu_before) * 1000 / max(steady["answered"], 1)
+            steady["instances"] = instances
             steady["backend_cpu_ms_per_ride"] = round(cpu_ms, 2)
             steady["rides_per_second_one_vcpu_at_60_percent"] = round(600 / cpu_ms, 1)
             steady["load_average_1min"] = os.getloadavg()[0]  # the machine's, shared with other work
-            steady["most_requests_in_flight"] = instance.most_in_flight
-            steady["requests_waiting_for_a_slot"] = sum(1 for w in instance.slot_waits if w > 0.001)
             backlog = before = None
             if args.backlog_seconds > 0:
+                # One instance in a backlog: Cloud Run sends each its 60 % of concurrency, however many there are.
+                for name in names[1:]:
+                    stack.stop(name)
+                one = Balancer(balancer.instances[:1])
                 backlog_rides = rides[WARM_UP + steady_count : WARM_UP + steady_count + backlog_count]
-                backlog = backlog_phase(stack, instance, backlog_rides, backlog_rate, args.backlog_seconds, wait_seconds)
+                backlog = backlog_phase(stack, one, backlog_rides, backlog_rate, args.backlog_seconds, wait_seconds)
             if args.before and args.backlog_seconds > 0:
                 # The serving model before: 16 threads behind Cloud Run's default concurrency of 80.
                 stack.stop("backend-0")
                 stack.start_backends(1, redis_url, settings={"GUNICORN_CMD_ARGS": BEFORE_GUNICORN_ARGS})
-                instance = Instance(stack.backend_urls[0], BEFORE_CONCURRENCY)
-                ride_at_rate(instance, rides[:WARM_UP], 50, wait_seconds)  # warm-up, not counted
+                old = Balancer([Instance(stack.backend_urls[0], BEFORE_CONCURRENCY)])
+                ride_at_rate(old, rides[:WARM_UP], 50, wait_seconds)  # warm-up, not counted
                 rate = BEFORE_CONCURRENCY * deployment.concurrency_utilization / wait_seconds
                 before = backlog_phase(
-                    stack, instance, rides[-round(rate * args.backlog_seconds) :], rate, args.backlog_seconds, wait_seconds
+                    stack, old, rides[-round(rate * args.backlog_seconds) :], rate, args.backlog_seconds, wait_seconds
                 )
                 before["serving"] = {"gunicorn": BEFORE_GUNICORN_ARGS, "cloud_run_concurrency": BEFORE_CONCURRENCY}
         finally:
@@ -277,6 +321,8 @@ def main() -> None:
             {
                 "serving": {key: serving[key] for key in ("backend_worker_class", "backend_workers", "backend_threads")}
                 | {"cloud_run_concurrency": serving["backend_concurrency"], "wait_seconds": wait_seconds},
+                # The instances the capacity model gives the rate (steady state, by CPU and by requests held).
+                "modelled_instances_at_the_rate": modelled,
                 "steady": steady,
                 "backlog": backlog,
                 "backlog_with_the_serving_model_before": before,
