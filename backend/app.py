@@ -4,13 +4,16 @@
 
 Routes:
   POST /predict[?wait=N]   validate, record the ride (the outbox), publish it to BACKEND_PUSH_STREAM and
-                           answer {ride_id, duration_coarse, status: pending} (202); with wait, up to N s
-                           for the final (200 when done). A ride whose publish failed stays recorded and
-                           is published by the outbox's sender: still 202.
+                           answer {ride_id, duration_coarse, status: pending, outcome_token} (202); with wait,
+                           up to N s for the final (200 when done). A ride whose publish failed stays recorded
+                           and is published by the outbox's sender: still 202. The same ride again (a retry)
+                           gets the same answer, its outcome_token included.
   GET  /rides/<ride_id>[?wait=N]   coarse + final, or pending; with wait, up to N s for the final
-  POST /rides/<ride_id>/outcome   the actual duration, when the ride ends: {"dropoff_datetime": ...} or
-                           {"duration_minutes": ...}; kept once (the same again: 200, another: 409), counted
-                           in live quality, and the completed ride published to BACKEND_OUTCOME_STREAM
+  POST /rides/<ride_id>/outcome   the actual duration, when the ride ends: {"outcome_token": ..., and
+                           "dropoff_datetime": ... or "duration_minutes": ...}; without the ride's token (or
+                           with another) 403; before requested_at + OUTCOME_EARLIEST_SECONDS 425 (Retry-After);
+                           kept once (the same again: 200, another: 409), counted in live quality, and the
+                           completed ride published to BACKEND_OUTCOME_STREAM (docs/outcomes.md)
   GET  /                    the rider page (backend/page.py), and its /zones
   GET  /healthz            the process is up
   GET  /readyz             the stream (both topics) is reachable and the result listener runs (503 if not);
@@ -23,11 +26,15 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import datetime as dt
+import hmac
 import json
 import logging
+import math
+import secrets
 import sys
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import Flask, g, jsonify, request
@@ -85,6 +92,29 @@ def _error(status: int, message: str, **details: Any):
     return jsonify({"error": message, **details}), status
 
 
+# What a ride's record holds that its rider is never shown: the shadow deployment's answers (a candidate
+# riders must not see), the outcome token (only POST /predict hands it out, to whoever asked the ride),
+# and the ride as asked with its fingerprint (with them and a ride_id, a repeat of the POST would hand
+# the token out: a ride_id alone, from a shared ride link or a log line, is not enough).
+HIDDEN_FROM_RIDERS = ("shadow", "outcome_token", "ride", "fingerprint")
+
+
+def rider_view(record: Mapping[str, Any], with_token: bool = False) -> dict[str, Any]:
+    """The ride as its rider may see it; ``with_token``: POST /predict's answer, which carries the token."""
+    view = {key: value for key, value in record.items() if key not in HIDDEN_FROM_RIDERS}
+    if with_token and record.get("outcome_token"):
+        view["outcome_token"] = record["outcome_token"]
+    return view
+
+
+def token_matches(record: Mapping[str, Any], given: Any) -> bool:
+    """The outcome carries the ride's token (compared in constant time); False for a ride without one."""
+    expected = record.get("outcome_token")
+    if not isinstance(expected, str) or not expected or not isinstance(given, str):
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
 def _stop_background(*loops: Any) -> None:
     for loop in loops:
         stop = getattr(loop, "stop", None)
@@ -111,10 +141,10 @@ def _run_checks(checks: dict[str, Any], seconds: float) -> dict[str, Any]:
     return {name: future.result() if future.done() else f"no answer within {seconds:g} s" for name, future in futures.items()}
 
 
-def _shared_figures(read: Any) -> dict[str, Any] | None:
+def _shared_figures(read: Any, now: float) -> dict[str, Any] | None:
     """Figures every replica sees alike (the shared store's: ``read(now)``); None while the store is down."""
     try:
-        return read(time.time())
+        return read(now)
     except StoreUnavailable:
         return None
 
@@ -136,8 +166,10 @@ def create_app(
     listener: Any = None,
     outcome_publisher: Any = None,
     shadow_listener: Any = None,
+    clock: Callable[[], float] = time.time,
 ) -> Flask:
-    """Wire the app; tests inject a fake publisher/store, production builds the real ones from the environment."""
+    """Wire the app; tests inject a fake publisher/store (and a clock: when rides are asked and their
+    outcomes come), production builds the real ones from the environment."""
     _configure_logging()
     settings = settings or BackendSettings.from_env()
     store = store or make_store(
@@ -217,7 +249,7 @@ def create_app(
         # has to retry (503) retries with it and cannot create the ride twice.
         ride_id = g.ride_id = ride.ride_id or uuid.uuid4().hex
         ride = ride.model_copy(update={"ride_id": ride_id})
-        now = time.time()
+        now = clock()
         record = {
             "ride_id": ride_id,
             "duration_coarse": round(coarse.predict_ride(ride), 2),
@@ -225,6 +257,9 @@ def create_app(
             "ride": ride.model_dump(mode="json", exclude={"ride_id"}),
             "fingerprint": ride.fingerprint(),
             "requested_at": now,
+            # The ride's secret: its outcome is taken only with it, so no one but whoever asked the ride can
+            # report how long it took. Kept as it is (not a hash): a retry of the same ride is answered with it.
+            "outcome_token": secrets.token_urlsafe(32),
         }
         message = ride.model_dump_json().encode()
         # Recorded before it is published (the outbox): whatever the publish does, the ride is
@@ -252,7 +287,7 @@ def create_app(
         if wait_seconds > 0 and record.get("status") == "pending":
             record = store.wait(ride_id, wait_seconds) or record
         status = 200 if record.get("status") == "done" else 202
-        return jsonify(record), status, {"Location": f"/rides/{ride_id}"}
+        return jsonify(rider_view(record, with_token=True)), status, {"Location": f"/rides/{ride_id}"}
 
     @app.errorhandler(StoreUnavailable)
     def store_unavailable(exc: StoreUnavailable):
@@ -269,24 +304,45 @@ def create_app(
             return _error(404, "unknown ride_id (or its result expired)", ride_id=ride_id)
         if wait_seconds > 0 and record.get("status") == "pending":
             record = store.wait(ride_id, wait_seconds) or record
-        return jsonify(record)
+        return jsonify(rider_view(record))
 
     @app.post("/rides/<ride_id>/outcome")
     def ride_outcome(ride_id: str):
-        """The app reports how long the ride really took: kept once on the ride, counted in live quality,
-        and the completed ride published to the outcomes topic. The same outcome again is a repeat (200)."""
+        """The app reports how long the ride really took, with the ride's outcome token, once the ride can
+        have ended: kept once on the ride, counted in live quality, and the completed ride published to the
+        outcomes topic. The same outcome again is a repeat (200). An outcome refused (no token, too early,
+        invalid) is kept nowhere and counted nowhere."""
         g.ride_id = ride_id
         payload = request.get_json(silent=True)
         if payload is None:
             return _error(400, "body must be a JSON object (Content-Type: application/json)", ride_id=ride_id)
+        if not isinstance(payload, Mapping):
+            return _error(400, "invalid outcome", ride_id=ride_id, fields={"outcome": "must be a JSON object"})
         record = store.get(ride_id)
         if record is None:
             return _error(404, "unknown ride_id (or its record expired)", ride_id=ride_id)
+        outcome = dict(payload)
+        if not token_matches(record, outcome.pop("outcome_token", None)):
+            log.warning("outcome refused: no or wrong outcome token", extra={"ride_id": ride_id})
+            return _error(403, "an outcome needs the ride's outcome_token (POST /predict's answer)", ride_id=ride_id)
+        now = clock()
+        not_before = float(record["requested_at"]) + settings.outcome_earliest_seconds
+        if now < not_before:
+            wait = math.ceil(not_before - now)
+            body, status = _error(
+                425,
+                f"too early: the ride cannot have ended yet; send its outcome from "
+                f"{dt.datetime.fromtimestamp(not_before, dt.UTC):%Y-%m-%dT%H:%M:%SZ} on, in {wait} s",
+                ride_id=ride_id,
+                not_before=not_before,
+                retry_after_seconds=wait,
+            )
+            return body, status, {"Retry-After": str(wait)}
         try:
-            actual = actual_minutes(payload, Ride.model_validate(record["ride"]).datetime)
+            actual = actual_minutes(outcome, Ride.model_validate(record["ride"]).datetime)
         except InvalidOutcome as exc:
             return _error(400, "invalid outcome", ride_id=ride_id, fields=exc.fields)
-        status, record = store.record_outcome(ride_id, actual, time.time())
+        status, record = store.record_outcome(ride_id, actual, now)
         if status is OutcomeStatus.UNKNOWN:  # expired between the two reads
             return _error(404, "unknown ride_id (or its record expired)", ride_id=ride_id)
         if status is OutcomeStatus.CONFLICT:
@@ -302,7 +358,7 @@ def create_app(
             store.outcome_published(ride_id)
             record["outcome_published"] = True
         log.info("outcome recorded", extra={"ride_id": ride_id, "actual_minutes": actual, "repeat": status is OutcomeStatus.SAME})
-        return jsonify({**record, "outcome": status.value}), 200
+        return jsonify({**rider_view(record), "outcome": status.value}), 200
 
     @app.get("/healthz")
     def healthz():
@@ -316,8 +372,8 @@ def create_app(
                 "push_stream": lambda: stream_problem(publisher.check, seconds),
                 "pull_stream": lambda: stream_problem(listener.check, seconds),
                 "result_store": lambda: stream_problem(lambda timeout: store.ping(), seconds),
-                "stream": lambda: _shared_figures(store.stats),
-                "quality": lambda: _shared_figures(lambda now: store.quality(now, settings.quality_window_seconds)),
+                "stream": lambda: _shared_figures(store.stats, time.time()),  # the store's own clock: when finals landed
+                "quality": lambda: _shared_figures(lambda now: store.quality(now, settings.quality_window_seconds), clock()),
             },
             seconds,
         )

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ride_contract.ride import MIN_DURATION_MINUTES
+
 DEFAULT_COARSE_MODEL = Path(__file__).resolve().parent / "coarse_model.json"
 DEFAULT_ZONE_GUIDE = Path(__file__).resolve().parent / "zone_guide.json"
 # How long a ride's record lives in the result store. After its final the record is still needed for
@@ -29,6 +31,19 @@ def allowed_origins(text: str) -> tuple[str, ...]:
     if bad:
         raise ValueError(f"CORS_ALLOWED_ORIGINS: {', '.join(bad)} is not an origin like https://app.example.com")
     return origins
+
+
+def _not_negative(name: str, text: str) -> float:
+    """A number of seconds, 0 or more; empty: the default (the contract's shortest ride)."""
+    if not text.strip():
+        return MIN_DURATION_MINUTES * 60
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"{name}: {text!r} is not a number of seconds") from None
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"{name}: {text!r} must be 0 or more seconds")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,10 @@ class BackendSettings:
     zone_guide_path: Path  # the rider page's zones and typical distances (ride_contract.zones)
     # Origins whose pages may call the API from a browser (CORS); empty: only the backend's own page.
     cors_allowed_origins: tuple[str, ...]
+    # An outcome is refused (425) before the ride's POST plus this long: no ride of the contract ends sooner
+    # (its shortest is MIN_DURATION_MINUTES), so an earlier outcome cannot be a real one. Tests and the demo
+    # set it lower with their time compression (docs/outcomes.md).
+    outcome_earliest_seconds: float = MIN_DURATION_MINUTES * 60
 
     @property
     def final_bound_seconds(self) -> float:
@@ -95,4 +114,5 @@ class BackendSettings:
             quality_window_seconds=float(env("QUALITY_WINDOW_MINUTES", "60")) * 60,
             zone_guide_path=Path(env("ZONE_GUIDE_PATH") or DEFAULT_ZONE_GUIDE),
             cors_allowed_origins=allowed_origins(env("CORS_ALLOWED_ORIGINS", "")),
+            outcome_earliest_seconds=_not_negative("OUTCOME_EARLIEST_SECONDS", env("OUTCOME_EARLIEST_SECONDS", "")),
         )

@@ -843,7 +843,7 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict, Starts]:
     from backend.settings import BackendSettings
     from devstack.pubsub import ensure_subscription, subscriber_client
     from devstack.stack import ARTIFACT_ROOT, PROJECT, TOPICS, Stack
-    from devstack.traffic import real_rides, stream, summarize
+    from devstack.traffic import OutcomeReporter, real_rides, stream, summarize
     from devstack.usage import cpu_seconds
     from training.settings import Settings
     from training.train import TrainConfig, train
@@ -901,8 +901,11 @@ def measure(rides: int, concurrency: int) -> tuple[PerRide, dict, Starts]:
             idle_cpu = redis_idle_cpu(store)
             before = reading()
             started = time.perf_counter()
-            outcomes = stream(stack.backend_urls, traffic[100:], concurrency, report_outcomes=True)
+            # Outcomes go back as the rides end (devstack.traffic), after the rate is measured; their cost is counted.
+            reporter = OutcomeReporter()
+            outcomes = stream(stack.backend_urls, traffic[100:], concurrency, report_outcomes=reporter)
             summary = summarize(outcomes, time.perf_counter() - started)
+            reporter.close()
             time.sleep(1)  # the last outcomes' publishes
             after = reading()
             streamed_seconds = time.perf_counter() - started

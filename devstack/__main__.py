@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -24,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from devstack.processes import ServiceError
-from devstack.stack import DEFAULT_STACK_DIR, OUTCOMES_URI, Stack
+from devstack.stack import DEFAULT_STACK_DIR, OUTCOME_TIME_COMPRESSION, OUTCOMES_URI, Stack
 
 # The UIs' usual addresses when free (bookmarks keep working); other free ports when not.
 MLFLOW_PORT, PREFECT_PORT = 5000, 4200
@@ -62,13 +63,19 @@ def _show(outcomes, summary: dict, title: str, rows: int = 12) -> None:
     console.print_json(json.dumps(summary))
 
 
-def _live_quality(stack: Stack, pairs: list[tuple[str, str]]) -> None:
+# The sink files completed rides every 5 s (Stack.start_outcome_sink): a window's rides are all filed 6 s after it ends.
+DEMO_WINDOW_SETTLE_MINUTES = 0.1
+
+
+def _live_quality(stack: Stack, pairs: list[tuple[str, str]], reporter) -> None:
     """The backends' live figures (shared by the replicas), then the flows on what the outcomes topic filed:
     live quality per version, and each (champion, challenger) pair on the rides both answered."""
     from devstack.watch import quality_table
     from flows.challenger_flow import challenger_flow
     from flows.live_quality_flow import live_quality_flow
 
+    with console.status("the last rides of the demo end (their outcomes come back as they do)"):
+        reporter.close()
     readiness = requests.get(f"{stack.backend_urls[0]}/readyz", timeout=10).json()
     console.print(quality_table(readiness.get("live_quality")))
     completed = (readiness["live_quality"]["models"].get("coarse") or {}).get("rides", 0)  # every completed ride has one
@@ -81,7 +88,8 @@ def _live_quality(stack: Stack, pairs: list[tuple[str, str]]) -> None:
     summary = live_quality_flow(OUTCOMES_URI, hours=1)
     console.print(
         f"{filed} completed rides filed under {OUTCOMES_URI}; the live-quality flow read {summary['completed_rides']} and "
-        f"logged {summary['points_logged']} window points into the versions' runs (live_rmse beside test_rmse); "
+        f"logged {summary['points_logged']} points of the windows closed so far into the versions' runs (live_rmse beside "
+        f"test_rmse; {summary['windows_still_open']} window(s) still open, logged by a later run); "
         f"production v{summary['production']}: {summary['degraded'] or 'within its bounds'}"
     )
     verdicts = {}
@@ -102,7 +110,7 @@ def _run_metrics(stack: Stack, run_id: str) -> dict[str, float]:
 def demo(args: argparse.Namespace) -> int:
     # Here, not at the top: pandas and MLflow take seconds to import, and `status` must answer in a few.
     from devstack.rollouts import production_version, promote_under_traffic, version_tags
-    from devstack.traffic import real_rides, stream, summarize
+    from devstack.traffic import OutcomeReporter, real_rides, stream, summarize
 
     stack = Stack(args.stack_dir)
     if stack.state_path.exists():
@@ -120,6 +128,12 @@ def demo(args: argparse.Namespace) -> int:
             with console.status("starting the Prefect server (about 30 s)"):
                 stack.start_prefect(preferred_port=PREFECT_PORT)
         stack.apply_env()  # this process is a client of the stack too (the registry, the comparison flow)
+        # Rides end OUTCOME_TIME_COMPRESSION times sooner here than in the city: so do the live-quality windows
+        # (an hour of rides in 30 s), each logged once it has closed and its rides are filed.
+        os.environ["LIVE_WINDOW_MINUTES"] = f"{60 / OUTCOME_TIME_COMPRESSION:g}"
+        os.environ["LIVE_WINDOW_SETTLE_MINUTES"] = f"{DEMO_WINDOW_SETTLE_MINUTES:g}"
+        # Each ride's real duration goes back when the ride ends (time-compressed), while the demo goes on.
+        reporter = OutcomeReporter(OUTCOME_TIME_COMPRESSION)
         redis_url = _start_redis(stack)
         replicas = 2 if redis_url else 1
         with console.status(f"starting {replicas} backend replica(s) and the rollout service"):
@@ -139,8 +153,12 @@ def demo(args: argparse.Namespace) -> int:
         console.rule(f"2. {args.rides} real March 2021 rides through POST /predict")
         rides = real_rides(args.rides)
         started = time.perf_counter()
-        outcomes = stream(stack.backend_urls, rides, report_outcomes=True)  # each ride's real duration goes back
+        outcomes = stream(stack.backend_urls, rides, report_outcomes=reporter)
         _show(outcomes, summarize(outcomes, time.perf_counter() - started), "coarse now, final through the stream (minutes)")
+        console.print(
+            f"each ride's real duration goes back (with its outcome token) when the ride ends: its POST plus its TLC "
+            f"duration, {OUTCOME_TIME_COMPRESSION}x sooner here (a 12-minute ride's {12 * 60 / OUTCOME_TIME_COMPRESSION:g} s after)"
+        )
 
         console.rule("3. v2, trained on more months, promoted as the UI does: pre-flight, shadow, switch, bake")
         second = stack.run_training("--train-month", "2021-01", "2022-01", "2022-02", "--trials", "1")
@@ -150,7 +168,7 @@ def demo(args: argparse.Namespace) -> int:
             f"validation (Feb 2021) RMSE {second['metrics']['val_rmse']:.3f} against {v1_metrics['val_rmse']:.3f}, "
             f"test (Mar 2021) RMSE {second['metrics']['test_rmse']:.3f} against {v1_metrics['test_rmse']:.3f}"
         )
-        outcomes, better = promote_under_traffic(stack, second["version"], report_outcomes=True)
+        outcomes, better = promote_under_traffic(stack, second["version"], report_outcomes=reporter)
         _show(outcomes[-20:], better, f"alias production -> v{second['version']} (REST, as the UI), riders kept coming", rows=5)
 
         console.rule("4. A broken version (trained on shuffled durations) promoted the same way: the guard blocks it")
@@ -159,7 +177,7 @@ def demo(args: argparse.Namespace) -> int:
             f"v{broken['version']}: the durations of its training rides were shuffled among them; it loads and "
             f"passes pre-flight (test RMSE {broken['metrics']['test_rmse']:.3f})"
         )
-        outcomes, blocked = promote_under_traffic(stack, broken["version"], report_outcomes=True)
+        outcomes, blocked = promote_under_traffic(stack, broken["version"], report_outcomes=reporter)
         blocked["alias_back_on"] = production_version(stack)
         tags = version_tags(stack, broken["version"])
         blocked["version_page_tags"] = {
@@ -182,7 +200,7 @@ def demo(args: argparse.Namespace) -> int:
         console.print_json(json.dumps(figures))
 
         console.rule("6. Live quality: every model judged on the rides whose real duration came back")
-        _live_quality(stack, [(first["version"], second["version"]), (second["version"], broken["version"])])
+        _live_quality(stack, [(first["version"], second["version"]), (second["version"], broken["version"])], reporter)
 
         console.rule("the stack is up")
         console.print(

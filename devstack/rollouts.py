@@ -20,7 +20,7 @@ import requests
 
 from devstack.processes import pid_alive
 from devstack.stack import DEMO_ANALYSIS, Stack
-from devstack.traffic import real_rides, stream, summarize
+from devstack.traffic import OutcomeReporter, real_rides, stream, summarize
 
 # The controller's resync in these scenarios: a missed webhook must be corrected within it plus a deploy.
 RESYNC_SECONDS = 5
@@ -43,23 +43,27 @@ def promote_as_the_ui_does(stack: Stack, version: str, alias: str = "production"
 
 
 def promote_under_traffic(
-    stack: Stack, version: str, during=None, rate_waves: int = 8, report_outcomes: bool = False
+    stack: Stack, version: str, during=None, rate_waves: int = 8, report_outcomes: bool | OutcomeReporter = False
 ) -> tuple[list, dict[str, Any]]:
     """Promote ``version`` while riders keep coming, until the controller has ended the rollout.
 
     ``during(promoted_at)``: a fault to inject once the alias has moved (a killed controller, ...).
     Says when riders first got the version, whether any ride was lost, which versions answered
-    riders, and the controller's record of the rollout, its phases and their figures."""
+    riders, and the controller's record of the rollout, its phases and their figures. ``report_outcomes``:
+    each ride's outcome goes back when it ends, on the reporter given (the caller drains it) or, with True,
+    on one of its own, drained before returning."""
     if production_version(stack) == str(version):  # there would be nothing to roll out, and nothing to wait for
         raise RuntimeError(f"v{version} is production already: the scenario before did not end as it should")
     outcomes: list = []
     stop = threading.Event()
+    # One reporter for every wave: a wave does not wait for its rides to end before the next one comes.
+    reporter = OutcomeReporter() if report_outcomes is True else report_outcomes
 
     def riders() -> None:
         seed = 100
         while not stop.is_set():  # small waves of real rides, back to back, until told to stop
             rides = real_rides(rate_waves, seed=seed)
-            outcomes.extend(stream(stack.backend_urls, rides, concurrency=4, report_outcomes=report_outcomes))
+            outcomes.extend(stream(stack.backend_urls, rides, concurrency=4, report_outcomes=reporter))
             seed += 1
 
     traffic = threading.Thread(target=riders)
@@ -76,6 +80,8 @@ def promote_under_traffic(
     finally:
         stop.set()
         traffic.join()
+        if report_outcomes is True:
+            reporter.close()
     answered_by_it = [o.answered_at for o in outcomes if o.model_version == str(version) and o.answered_at]
     summary = summarize(outcomes)
     record = entry["ended"]

@@ -74,6 +74,11 @@ DEMO_ANALYSIS = {
     "ROLLOUT_BAKE_MIN_RIDES": "60",
     "ROLLOUT_ANSWER_GRACE_SECONDS": "3",
 }
+# The local stack's time for rides' ends: the demo's and the tests' riders (devstack.traffic) report a ride's
+# outcome when it would really end, this many times sooner (a 12-minute ride's 6 s after its POST), and the
+# backends take an outcome from the contract's shortest ride (60 s), compressed alike, on (docs/outcomes.md).
+OUTCOME_TIME_COMPRESSION = 120
+LOCAL_BACKEND_SETTINGS = {"OUTCOME_EARLIEST_SECONDS": str(60 / OUTCOME_TIME_COMPRESSION)}
 # The identities the deployables run as (infra/'s service accounts), with the access recorder: production and
 # the challenger are revisions of the one function; the outcome sink stands in for Pub/Sub's service agent.
 IDENTITIES = ("function", "backend", "rollout", "mlflow", "training", "pubsub_agent")
@@ -699,6 +704,7 @@ class Stack:
                 **self.env_as("backend"),
                 "REDIS_URL": redis_url,
                 "REDIS_PREFIX": self.redis_prefix,
+                **LOCAL_BACKEND_SETTINGS,
                 **(settings or {}),
             }
             argv = [

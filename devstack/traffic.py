@@ -1,7 +1,10 @@
-"""Real rides through the backend: POST, wait for the accurate duration, measure."""
+"""Real rides through the backend: POST, wait for the accurate duration, measure; and, as the rider app
+does, report each ride's actual duration when the ride ends (time-compressed: OutcomeReporter)."""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -14,6 +17,7 @@ import numpy as np
 import requests
 
 from data import load_trips
+from devstack.stack import OUTCOME_TIME_COMPRESSION
 from ride_contract.ride import MAX_TRIP_DISTANCE_MILES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +39,10 @@ class RideOutcome:
     latency_seconds: float | None = None  # POST sent -> final duration seen
     answered_at: float | None = None  # time.time() when the final duration was seen
     error: str | None = None
+    outcome_token: str | None = None  # POST /predict's: the outcome is taken only with it
+    outcome_scheduled: bool = False  # it goes back when the ride ends (OutcomeReporter)
     outcome_reported: bool = False  # the ride's actual duration went back (POST /rides/<id>/outcome)
+    outcome_error: str | None = None  # why it did not
 
 
 def real_rides(count: int, month: str = "2021-03", seed: int = 0) -> list[tuple[dict, float]]:
@@ -74,22 +81,125 @@ def run_clients(client: Callable[[requests.Session, Item], Outcome], items: Iter
         return list(pool.map(one, items))
 
 
+class OutcomeReporter:
+    """Reports each ride's actual duration when the ride would really end, as the rider app does: its POST
+    (the pickup, now) plus its actual TLC duration, time-compressed ``compression`` times (a 12-minute ride
+    ends 12 * 60 / compression seconds after its POST), with the ride's outcome token. Never before its
+    final was seen, nor before the backend takes it: an answer "too early" (425) is sent again at the time
+    it names. From threads of its own, so riders keep coming while earlier rides are under way.
+
+    ``drain()`` waits until every scheduled outcome went back (or failed); ``close()`` drains and stops."""
+
+    def __init__(self, compression: float = OUTCOME_TIME_COMPRESSION, workers: int = 4, give_up_seconds: float = 60):
+        if compression <= 0:
+            raise ValueError(f"compression must be above 0, got {compression}")
+        self.compression = compression
+        self._give_up_seconds = give_up_seconds  # past its end, a ride's outcome that still does not go back
+        self._due: list[tuple[float, int, RideOutcome, str, float]] = []  # (when, order, ride, backend, give up at)
+        self._order = itertools.count()
+        self._changed = threading.Condition()
+        self._unfinished = 0
+        self._stopping = False
+        self._workers = [threading.Thread(target=self._work, name=f"outcomes-{i}", daemon=True) for i in range(workers)]
+        for worker in self._workers:
+            worker.start()
+
+    def ends_at(self, actual_minutes: float, posted_at: float) -> float:
+        """When (time.monotonic()) a ride POSTed at ``posted_at`` ends, in the compressed time."""
+        return posted_at + actual_minutes * 60 / self.compression
+
+    def schedule(self, outcome: RideOutcome, url: str, posted_at: float) -> None:
+        """Report ``outcome`` (its final seen now; POSTed at time.monotonic() ``posted_at``) to ``url`` when it ends."""
+        due = max(self.ends_at(outcome.actual, posted_at), time.monotonic())
+        outcome.outcome_scheduled = True
+        with self._changed:
+            self._unfinished += 1
+            heapq.heappush(self._due, (due, next(self._order), outcome, url, due + self._give_up_seconds))
+            self._changed.notify()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every scheduled outcome went back or failed; False if ``timeout`` ran out first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._unfinished == 0, timeout)
+
+    def close(self) -> None:
+        self.drain()
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        for worker in self._workers:
+            worker.join()
+
+    def __enter__(self) -> OutcomeReporter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _next(self) -> tuple[RideOutcome, str, float] | None:
+        """The next outcome due, once it is (None: stopping)."""
+        with self._changed:
+            while True:
+                if self._stopping:
+                    return None
+                if self._due and self._due[0][0] <= time.monotonic():
+                    _, _, outcome, url, give_up_at = heapq.heappop(self._due)
+                    return outcome, url, give_up_at
+                self._changed.wait(timeout=self._due[0][0] - time.monotonic() if self._due else None)
+
+    def _work(self) -> None:
+        session = requests.Session()
+        while (job := self._next()) is not None:
+            outcome, url, give_up_at = job
+            again_at = self._send(session, outcome, url, give_up_at)
+            with self._changed:
+                if again_at is None:
+                    self._unfinished -= 1
+                    self._changed.notify_all()
+                else:
+                    heapq.heappush(self._due, (again_at, next(self._order), outcome, url, give_up_at))
+                    self._changed.notify()
+
+    @staticmethod
+    def _send(session: requests.Session, outcome: RideOutcome, url: str, give_up_at: float) -> float | None:
+        """POST the outcome; when to send it again (too early, or the backend unavailable), or None: done."""
+        body = {"duration_minutes": round(outcome.actual, 2), "outcome_token": outcome.outcome_token}
+        try:
+            response = session.post(f"{url}/rides/{outcome.ride_id}/outcome", json=body, timeout=10)
+            status, answer = response.status_code, response.json()
+        except (requests.RequestException, ValueError) as exc:
+            status, answer = 503, {"error": f"{type(exc).__name__}: {exc}"}
+        now = time.monotonic()
+        if status == 425:  # the backend says when it takes it: then (its clock; the same machine's here)
+            return now + max(0.01, float(answer.get("not_before", 0)) - time.time())
+        if status == 503 and now < give_up_at:  # the store or the outcomes stream is down: the app retries
+            return now + 0.5
+        outcome.outcome_reported = status == 200
+        if status != 200:
+            outcome.outcome_error = f"outcome: HTTP {status}: {answer.get('error')}"
+        return None
+
+
 def stream(
     backend_urls: list[str],
     rides: list[tuple[dict, float]],
     concurrency: int = 16,
     wait_seconds: float = 10,
     final_timeout: float = 30,
-    report_outcomes: bool = False,
+    report_outcomes: bool | OutcomeReporter = False,
 ) -> list[RideOutcome]:
-    """POST every ride (round-robin over replicas, retrying 503s) and collect its final duration; with
-    ``report_outcomes``, then report the ride's real TLC duration as the rider app does when the ride ends."""
+    """POST every ride (round-robin over replicas, retrying 503s) and collect its final duration. With
+    ``report_outcomes``, each ride's real TLC duration goes back when the ride ends (OutcomeReporter): True
+    reports them at the local stack's time compression and returns once all went back; a reporter given
+    schedules them on it and returns at once (its owner drains it: riders keep coming meanwhile)."""
+    reporter = OutcomeReporter() if report_outcomes is True else report_outcomes or None
 
     def one(session: requests.Session, job: tuple[int, dict, float]) -> RideOutcome:
         index, ride, actual = job
         outcome = RideOutcome(ride, actual)
         url = backend_urls[index % len(backend_urls)]
         started = time.perf_counter()
+        posted_at = time.monotonic()  # the pickup: the ride's end is counted from here
         deadline = started + final_timeout
         try:
             response = session.post(f"{url}/predict", params={"wait": wait_seconds}, json=ride, timeout=wait_seconds + 10)
@@ -102,6 +212,7 @@ def stream(
                 outcome.error = f"HTTP {response.status_code}: {body.get('error')}"
                 return outcome
             outcome.ride_id, outcome.duration_coarse = body["ride_id"], body["duration_coarse"]
+            outcome.outcome_token = body.get("outcome_token")
             # Not final yet: ask another replica, as a client polling GET would.
             other = backend_urls[(index + 1) % len(backend_urls)]
             while body.get("status") != "done" and time.perf_counter() < deadline:
@@ -114,24 +225,18 @@ def stream(
                 outcome.duration_low, outcome.duration_high = body.get("duration_low"), body.get("duration_high")
                 outcome.model_version = body.get("model_version")
                 outcome.model_run_id = body.get("model_run_id")
-                if report_outcomes:
-                    outcome.outcome_reported = _report_outcome(session, other, outcome.ride_id, actual, deadline)
+                if reporter is not None:  # to another replica than the POST's, as a phone's next request may be
+                    reporter.schedule(outcome, other, posted_at)
             else:
                 outcome.error = f"no final duration within {final_timeout:g} s"
         except (requests.RequestException, ValueError, KeyError) as exc:
             outcome.error = f"{type(exc).__name__}: {exc}"
         return outcome
 
-    return run_clients(one, [(i, ride, actual) for i, (ride, actual) in enumerate(rides)], concurrency)
-
-
-def _report_outcome(session: requests.Session, url: str, ride_id: str, actual: float, deadline: float) -> bool:
-    """POST the actual minutes, retrying 503s (the store or the outcomes stream is down) until ``deadline``."""
-    while True:
-        response = session.post(f"{url}/rides/{ride_id}/outcome", json={"duration_minutes": round(actual, 2)}, timeout=10)
-        if response.status_code != 503 or time.perf_counter() >= deadline:
-            return response.status_code == 200
-        time.sleep(0.5)
+    outcomes = run_clients(one, [(i, ride, actual) for i, (ride, actual) in enumerate(rides)], concurrency)
+    if report_outcomes is True:
+        reporter.close()
+    return outcomes
 
 
 def summarize(outcomes: list[RideOutcome], elapsed_seconds: float | None = None) -> dict:
@@ -153,9 +258,12 @@ def summarize(outcomes: list[RideOutcome], elapsed_seconds: float | None = None)
             summary["within_range"] = round(sum(o.duration_low <= o.actual <= o.duration_high for o in ranged) / len(ranged), 3)
     if any(o.outcome_reported for o in outcomes):
         summary["outcomes_reported"] = sum(o.outcome_reported for o in outcomes)
+    under_way = sum(1 for o in outcomes if o.outcome_scheduled and not o.outcome_reported and not o.outcome_error)
+    if under_way:
+        summary["rides_under_way"] = under_way  # their outcomes go back when they end
     if elapsed_seconds:
         summary["rides_per_second"] = round(len(answered) / elapsed_seconds, 1)
-    errors = sorted({o.error for o in outcomes if o.error})
+    errors = sorted({error for o in outcomes for error in (o.error, o.outcome_error) if error})
     if errors:
         summary["errors"] = errors[:5]
     return summary

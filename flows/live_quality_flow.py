@@ -8,7 +8,10 @@ Cloud, devstack.outcome_sink locally), computes each answering model's count, bi
 RMSE per window (ride_contract.quality, as the backends' live figures), and logs them as
 ``live_rmse``, ``live_mae``, ``live_bias`` and ``live_rides`` (and, for answers with a range,
 ``live_interval_coverage`` and ``live_interval_mean_width``) into each version's training run,
-one point per window (its step and timestamp): the MLflow UI charts a version's live RMSE beside
+one point per CLOSED window (its step and timestamp), logged once: a window is closed once it has
+ended and the rides completed in it have had time to be filed (LIVE_WINDOW_SETTLE_MINUTES), so a
+point is never logged on part of its rides and left so. Each ride counts once (its first outcome:
+Pub/Sub delivers at least once, and a backend may publish a retried outcome twice). The MLflow UI charts a version's live RMSE beside
 its test RMSE, and its range's live coverage beside its test coverage. Production is degraded when
 its live RMSE over a window of enough rides is above its test RMSE by more than the settings allow:
 then the flow fails, loudly, with an artifact.
@@ -49,9 +52,10 @@ class QualityDegraded(RuntimeError):
 
 @task(name="read-completed-rides", retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def read_completed_rides(outcomes_uri: str, since: float) -> tuple[list[CompletedRide], int]:
-    """The completed rides whose outcome came after ``since``, and how many lines could not be read
-    (said, counted, and left where they are)."""
-    rides, unreadable = [], 0
+    """The completed rides whose outcome came after ``since``, each ride once (its first outcome: a repeat of
+    a ride_id is ignored), and how many lines could not be read (said, counted, and left where they are)."""
+    rides: dict[str, CompletedRide] = {}
+    unreadable = 0
     # An object is written after the rides in it were completed: one written before ``since`` holds none after it.
     for line in _read_text(outcomes_uri, written_since=since):
         if not line.strip():
@@ -61,9 +65,15 @@ def read_completed_rides(outcomes_uri: str, since: float) -> tuple[list[Complete
         except ValidationError:
             unreadable += 1
             continue
-        if ride.outcome_at >= since:
-            rides.append(ride)
-    return rides, unreadable
+        if ride.outcome_at >= since and (ride.ride_id not in rides or ride.outcome_at < rides[ride.ride_id].outcome_at):
+            rides[ride.ride_id] = ride
+    return list(rides.values()), unreadable
+
+
+def closed_windows(windows: dict[int, dict], window_seconds: float, settle_seconds: float, now: float) -> dict[int, dict]:
+    """The windows that have ended at least ``settle_seconds`` before ``now`` (their rides are all filed):
+    the only ones whose points may be logged, since a point is logged once and never corrected."""
+    return {index: models for index, models in windows.items() if (index + 1) * window_seconds + settle_seconds <= now}
 
 
 def windowed(rides: list[CompletedRide], window_seconds: float) -> dict[int, dict]:
@@ -89,7 +99,8 @@ def _runs_of(rides: list[CompletedRide]) -> dict[str, str]:
 @task(name="log-live-quality", retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def log_live_quality(windows: dict[int, dict], runs: dict[str, str], window_seconds: float, settings: Settings) -> int:
     """Each version's figures per window into its training run (step: the window's index; timestamp: its end).
-    A window already logged for a run is not logged again, so the flow can run as often as wanted."""
+    A window already logged for a run is not logged again, so the flow can run as often as wanted: pass
+    only closed windows (``closed_windows``)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
@@ -143,9 +154,11 @@ def live_quality_flow(outcomes: str | None = None, hours: float = 24.0) -> dict:
     if not outcomes_uri:
         raise ValueError("no completed rides to read: pass --outcomes or set OUTCOMES_URI (infra output `outcomes`)")
     window_seconds = monitoring.live_window_minutes * 60
-    rides, unreadable = read_completed_rides(outcomes_uri, time.time() - hours * 3600)
+    now = _now()
+    rides, unreadable = read_completed_rides(outcomes_uri, now - hours * 3600)
     windows = windowed(rides, window_seconds)
-    logged = log_live_quality(windows, _runs_of(rides), window_seconds, settings)
+    closed = closed_windows(windows, window_seconds, monitoring.live_window_settle_minutes * 60, now)
+    logged = log_live_quality(closed, _runs_of(rides), window_seconds, settings)
     production = registry.current_version(registry.PRODUCTION, settings)
     test_rmse = None
     if production is not None:
@@ -157,12 +170,13 @@ def live_quality_flow(outcomes: str | None = None, hours: float = 24.0) -> dict:
     problem = degradation(windows, production, test_rmse, monitoring)
     latest = windows[max(windows)] if windows else {}
     # The last window that has ended: the latest one is still filling (the hourly run starts 5 minutes in).
-    complete = int(time.time() // window_seconds) - 1
+    complete = int(now // window_seconds) - 1
     summary = {
         "completed_rides": len(rides),
         "unreadable_lines": unreadable,
         "windows": len(windows),
         "points_logged": logged,
+        "windows_still_open": len(windows) - len(closed),  # logged by a later run, once they are closed
         "production": production,
         "production_test_rmse": test_rmse,
         "latest_window": latest,
@@ -178,6 +192,11 @@ def live_quality_flow(outcomes: str | None = None, hours: float = 24.0) -> dict:
         logger.error("%s: %s", DEGRADED, problem)
         raise QualityDegraded(problem, summary)
     return summary
+
+
+def _now() -> float:
+    """The flow's clock (tests set it: which windows are closed depends on it)."""
+    return time.time()
 
 
 def _publish(summary: dict) -> None:

@@ -15,6 +15,9 @@ class MonitoringSettings:
     # sink locally). Empty: no hourly live-quality run is scheduled.
     outcomes_uri: str = ""
     live_window_minutes: float = 60.0  # one point of live quality per window
+    # A window's point is logged once the window has ended this long ago: its completed rides are filed by
+    # then (the Cloud Storage subscription writes an object at least every max_duration, 300 s in infra/).
+    live_window_settle_minutes: float = 5.0
     # Production is degraded when, over a window of at least alert_min_rides completed rides, its live
     # RMSE is above its test RMSE by more than alert_rmse_increase (0.2: 20 %).
     alert_min_rides: int = 200
@@ -27,6 +30,7 @@ class MonitoringSettings:
             prediction_logs=env("PREDICTION_LOGS", "").strip(),
             outcomes_uri=env("OUTCOMES_URI", "").strip(),
             live_window_minutes=float(env("LIVE_WINDOW_MINUTES", "60")),
+            live_window_settle_minutes=float(env("LIVE_WINDOW_SETTLE_MINUTES", "5")),
             alert_min_rides=int(env("ALERT_MIN_RIDES", "200")),
             alert_rmse_increase=float(env("ALERT_RMSE_INCREASE", "0.2")),
         )

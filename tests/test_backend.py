@@ -586,3 +586,127 @@ def test_thread_cpu_is_counted_for_the_selected_threads_only():
     tick = 1 / os.sysconf("SC_CLK_TCK")
     assert 0.3 - tick <= counted < 0.6  # its own 0.3 s, not the other thread's
     assert both >= 0.9 - 2 * tick
+
+
+class Clock:
+    """The backend's clock, set by the test (when rides are asked and their outcomes come)."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def outcomes():
+    """A backend on a test clock; (client, its outcomes publisher, store, clock)."""
+    store, outcome_publisher, clock = InMemoryResultStore(), RecordingPublisher(), Clock()
+    app = create_app(
+        settings(),
+        publisher=RecordingPublisher(),
+        store=store,
+        listener=IdleListener(),
+        outcome_publisher=outcome_publisher,
+        clock=clock,
+    )
+    return app.test_client(), outcome_publisher, store, clock
+
+
+def _booked(client, store, ride_id: str = "ride-1", final: float = 14.0) -> str:
+    """A ride asked and answered (final v2, and the shadow v3's answer); its outcome token."""
+    body = client.post("/predict", json={**RIDE, "ride_id": ride_id}).get_json()
+    store.complete(ride_id, answer(ride_id, final, model_version="2"))
+    assert store.add_shadow(ride_id, answer(ride_id, 11.0, model_version="3")) == Completion.STORED
+    return body["outcome_token"]
+
+
+def _counted_nowhere(client, store, outcome_publisher, ride_id: str) -> None:
+    assert "actual_minutes" not in store.get(ride_id)  # not kept on the ride
+    assert outcome_publisher.sent == []  # not published: no flow, no controller sees it
+    assert client.get("/readyz").get_json()["live_quality"]["models"] == {}  # not in live quality
+
+
+def test_an_outcome_without_the_rides_token_or_with_another_is_refused_and_counted_nowhere(outcomes):
+    client, outcome_publisher, store, clock = outcomes
+    token = _booked(client, store)
+    other_token = _booked(client, store, "ride-2")
+    assert len(token) >= 40 and token != other_token
+    clock.now += 600  # the ride can have ended: only the token decides below
+    url = "/rides/ride-1/outcome"
+    forged = {
+        "no token": {"duration_minutes": 14.0},
+        "an empty one": {"duration_minutes": 14.0, "outcome_token": ""},
+        "a wrong one": {"duration_minutes": 14.0, "outcome_token": token[:-1] + ("A" if token[-1] != "A" else "B")},
+        "another ride's": {"duration_minutes": 14.0, "outcome_token": other_token},
+        "not a string": {"duration_minutes": 14.0, "outcome_token": 12345},
+    }
+    for case, body in forged.items():
+        response = client.post(url, json=body)
+        assert response.status_code == 403, (case, response.get_json())
+        assert "outcome_token" in response.get_json()["error"] and response.get_json()["ride_id"] == "ride-1"
+    _counted_nowhere(client, store, outcome_publisher, "ride-1")
+    accepted = client.post(url, json={"duration_minutes": 14.0, "outcome_token": token})
+    assert accepted.status_code == 200 and accepted.get_json()["outcome"] == "recorded"
+    assert [sent["ride_id"] for sent, _ in outcome_publisher.sent] == ["ride-1"]
+
+
+def test_an_outcome_before_the_ride_can_have_ended_is_refused_saying_when_it_may_come(outcomes):
+    client, outcome_publisher, store, clock = outcomes
+    asked_at = clock.now
+    token = _booked(client, store)
+    clock.now = asked_at + 59.5  # half a second before the contract's shortest ride can have ended
+    early = client.post("/rides/ride-1/outcome", json={"duration_minutes": 14.0, "outcome_token": token})
+    assert early.status_code == 425, early.get_json()
+    body = early.get_json()
+    assert body["not_before"] == asked_at + 60 and body["retry_after_seconds"] == 1 and early.headers["Retry-After"] == "1"
+    assert "too early" in body["error"] and "in 1 s" in body["error"]
+    _counted_nowhere(client, store, outcome_publisher, "ride-1")
+    clock.now = asked_at + 60
+    on_time = client.post("/rides/ride-1/outcome", json={"duration_minutes": 14.0, "outcome_token": token})
+    assert on_time.status_code == 200 and on_time.get_json()["outcome"] == "recorded"
+
+
+def test_the_earliest_outcome_is_a_setting_and_a_bad_one_is_refused_by_name(monkeypatch):
+    monkeypatch.delenv("OUTCOME_EARLIEST_SECONDS", raising=False)
+    assert BackendSettings.from_env().outcome_earliest_seconds == 60  # the contract's shortest ride
+    monkeypatch.setenv("OUTCOME_EARLIEST_SECONDS", "0.5")
+    assert BackendSettings.from_env().outcome_earliest_seconds == 0.5
+    for bad in ("-1", "soon", "inf"):
+        monkeypatch.setenv("OUTCOME_EARLIEST_SECONDS", bad)
+        with pytest.raises(ValueError, match="OUTCOME_EARLIEST_SECONDS"):
+            BackendSettings.from_env()
+
+
+def test_riders_never_see_the_shadows_answer_and_only_the_post_hands_out_the_token(outcomes):
+    client, _, store, clock = outcomes
+    token = _booked(client, store)
+    assert "3" in store.get("ride-1")["shadow"] and store.get("ride-1")["outcome_token"] == token  # kept for live quality
+    answers = {
+        "GET": client.get("/rides/ride-1"),
+        "GET with wait": client.get("/rides/ride-1?wait=1"),
+        "POST again (a retry)": client.post("/predict", json={**RIDE, "ride_id": "ride-1"}),
+    }
+    clock.now += 600
+    answers["the outcome's"] = client.post("/rides/ride-1/outcome", json={"duration_minutes": 12.0, "outcome_token": token})
+    for case, response in answers.items():
+        body = response.get_json()
+        assert response.status_code == 200 and body["duration_final"] == 14.0, (case, body)
+        assert "shadow" not in body and "11.0" not in json.dumps(body), (case, body)  # nothing of the shadow's answer
+        assert ("outcome_token" in body) == case.startswith("POST"), (case, body)
+    # A client that lost the POST's answer asks the same ride again and gets the same token.
+    assert answers["POST again (a retry)"].get_json()["outcome_token"] == token
+    # Another ride under the id (the ride as asked is not shown, so a ride_id alone cannot get the token).
+    assert "ride" not in answers["GET"].get_json() and "fingerprint" not in answers["GET"].get_json()
+    assert client.post("/predict", json={**RIDE, "ride_id": "ride-1", "trip_distance": 3}).status_code == 409
+
+
+def test_an_outcome_sent_again_is_counted_once(outcomes):
+    client, outcome_publisher, store, clock = outcomes
+    token = _booked(client, store)
+    clock.now += 600
+    for _ in range(3):
+        response = client.post("/rides/ride-1/outcome", json={"duration_minutes": 12.0, "outcome_token": token})
+        assert response.status_code == 200
+    assert response.get_json()["outcome"] == "same" and len(outcome_publisher.sent) == 1
+    assert client.get("/readyz").get_json()["live_quality"]["models"]["final v2"]["rides"] == 1

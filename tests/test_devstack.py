@@ -94,3 +94,65 @@ def test_the_rollout_service_is_stopped_before_the_functions_it_would_start_agai
     stopped = Stack.load(stack.dir).stop_all()
     assert [line.split()[0] for line in stopped] == ["rollout", "function"]
     assert not any(pid_alive(pid) for pid in pids.values())
+
+
+def test_the_riders_report_each_outcome_with_its_token_when_the_ride_ends_never_before_its_final():
+    """devstack.traffic against the real backend app (in this process, results in memory, the function
+    answering at once, or after a second for one ride): each ride's outcome goes back when the ride would
+    end, time-compressed, with its token; not before its final, nor before the backend takes it."""
+    import json
+    import threading
+
+    from conftest import IdleListener
+    from test_backend import RecordingPublisher, settings
+    from werkzeug.serving import make_server
+
+    from backend.app import create_app
+    from backend.results import InMemoryResultStore
+    from devstack.traffic import OutcomeReporter, stream
+    from ride_contract.ride import Ride
+
+    store = InMemoryResultStore()
+    late = "2021-03-04 19:00:00"  # this ride's final comes a second after its POST
+
+    class AnsweringFunction(RecordingPublisher):
+        def publish(self, data: bytes, **attributes: str) -> None:
+            ride = json.loads(data)
+            result = {"ride_id": ride["ride_id"], "duration_final": 10.0, "model_version": "1", "model_run_id": "r"}
+            result["ride_fingerprint"] = Ride.model_validate(ride).fingerprint()
+            delay = 1.0 if ride["datetime"].replace("T", " ") == late else 0.0
+            threading.Timer(delay, store.complete, (ride["ride_id"], result)).start()
+
+    # Outcomes half a second after the POST: the time compression of a test (the rule is 60 s in production).
+    app = create_app(
+        settings(outcome_earliest_seconds=0.5),
+        publisher=AnsweringFunction(),
+        store=store,
+        listener=IdleListener(),
+        outcome_publisher=RecordingPublisher(),
+    )
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = {"PULocationID": 196, "DOLocationID": 28, "trip_distance": 2.5}
+    rides = [
+        ({**base, "datetime": "2021-03-04 18:00:00"}, 30.0),  # ends 3 s after its POST
+        ({**base, "datetime": "2021-03-04 18:10:00"}, 12.0),  # 1.2 s
+        ({**base, "datetime": "2021-03-04 18:20:00"}, 1.0),  # 0.1 s: before the backend takes an outcome (425, then again)
+        ({**base, "datetime": late}, 1.5),  # 0.15 s, but its final comes after 1 s
+    ]
+    try:
+        reporter = OutcomeReporter(compression=600)
+        outcomes = stream(
+            [f"http://127.0.0.1:{server.server_port}"], rides, concurrency=4, wait_seconds=2, report_outcomes=reporter
+        )
+        assert reporter.drain(timeout=60)
+        reporter.close()
+    finally:
+        server.shutdown()
+    assert all(o.outcome_reported and o.outcome_error is None for o in outcomes), outcomes
+    records = [store.get(o.ride_id) for o in outcomes]
+    for outcome, record in zip(outcomes, records, strict=True):
+        taken = record["outcome_at"] - record["requested_at"]
+        assert record["actual_minutes"] == outcome.actual
+        assert taken >= max(0.5, outcome.actual * 60 / 600 - 0.05), (outcome.actual, taken)  # not before the ride ends
+        assert record["outcome_at"] >= outcome.answered_at  # nor before its final was seen

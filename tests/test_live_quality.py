@@ -32,6 +32,7 @@ def production(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.setenv("MODEL_NAME", "ride-duration")
     monkeypatch.setenv("LIVE_WINDOW_MINUTES", "60")
+    monkeypatch.setenv("LIVE_WINDOW_SETTLE_MINUTES", "5")
     client = MlflowClient(tracking_uri)
     experiment = client.create_experiment("ride-duration", artifact_location=str(tmp_path / "artifacts"))
     run = client.create_run(experiment)
@@ -84,28 +85,48 @@ def _filed(emulators, rides: list[CompletedRide]) -> str:
     return f"gs://{emulators.bucket}/{prefix}"
 
 
-def test_completed_rides_reach_the_flow_which_logs_each_window_once_beside_the_test_rmse(emulators, production, prefect_harness):
-    from flows.live_quality_flow import live_quality_flow
+def test_completed_rides_reach_the_flow_which_logs_each_closed_window_once_beside_the_test_rmse(
+    emulators, production, prefect_harness, monkeypatch
+):
+    """A window's point is logged once the window has closed (ended, and its rides filed): never on part of
+    its rides. Each ride counts once, however often its completed ride was filed."""
+    import flows.live_quality_flow as live
 
     client, run_id = production
+    hour = (time.time() // 3600) * 3600
+    now = hour + 1800  # the flow's clock: the last hour is closed, this one is still open
+    monkeypatch.setattr(live, "_now", lambda: now)
     errors = np.random.default_rng(3).normal(0, 4, 50).round(2)
-    at = (time.time() // 3600) * 3600 + 1  # early in this hour's window
-    rides = _completed(50, errors, run_id, at)
-    uri = _filed(emulators, rides)
-    summary = live_quality_flow(uri, hours=2)
-    expected_rmse = round(float(np.sqrt(np.mean(np.array([r.duration_final - r.actual_minutes for r in rides]) ** 2))), 3)
-    assert summary["completed_rides"] == 50 and summary["degraded"] is None, summary
-    assert summary["latest_window"]["final v1"] == pytest.approx(
-        {"rides": 50, "rmse": expected_rmse, "mae": float(np.mean(np.abs([r.duration_final - r.actual_minutes for r in rides]))),
-         "bias": float(np.mean([r.duration_final - r.actual_minutes for r in rides]))},
+    closed = _completed(50, errors, run_id, hour - 1800)
+    still_open = [
+        ride.model_copy(update={"ride_id": f"open-{ride.ride_id}"})
+        for ride in _completed(20, np.full(20, 9.0), run_id, hour + 60)
+    ]
+    # The first ride filed again (Pub/Sub delivers at least once), and a later, different outcome for it: not counted.
+    repeats = [closed[0], closed[0].model_copy(update={"actual_minutes": 59.0, "outcome_at": hour - 1700})]
+    uri = _filed(emulators, closed + still_open + repeats)
+    summary = live.live_quality_flow(uri, hours=2)
+    expected_rmse = round(float(np.sqrt(np.mean(np.array([r.duration_final - r.actual_minutes for r in closed]) ** 2))), 3)
+    assert summary["completed_rides"] == 70 and summary["degraded"] is None, summary
+    assert (summary["windows"], summary["points_logged"], summary["windows_still_open"]) == (2, 1, 1), summary
+    assert summary["complete_window"]["final v1"] == pytest.approx(
+        {"rides": 50, "rmse": expected_rmse, "mae": float(np.mean(np.abs([r.duration_final - r.actual_minutes for r in closed]))),
+         "bias": float(np.mean([r.duration_final - r.actual_minutes for r in closed]))},
         abs=0.001,
     )  # fmt: skip
-    assert summary["latest_window"]["coarse"]["bias"] == pytest.approx(3.0)
+    assert summary["complete_window"]["coarse"]["bias"] == pytest.approx(3.0)
+    assert summary["latest_window"]["final v1"]["rides"] == 20  # shown as it stands, not logged
     [point] = client.get_metric_history(run_id, "live_rmse")  # in the version's own run, beside test_rmse
-    assert point.value == pytest.approx(expected_rmse) and point.step == int(at // 3600)
-    assert point.timestamp == int((at // 3600 + 1) * 3600 * 1000)
-    assert live_quality_flow(uri, hours=2)["points_logged"] == 0  # run again: the window is not logged twice
-    assert len(client.get_metric_history(run_id, "live_rmse")) == 1
+    assert point.value == pytest.approx(expected_rmse) and point.step == int(hour // 3600) - 1
+    assert point.timestamp == int(hour * 1000)  # the window's end
+    assert live.live_quality_flow(uri, hours=2)["points_logged"] == 0  # run again: the closed window is not logged twice
+    # The open hour ends; its point is logged by the first run once its rides are all filed, and not before.
+    now = hour + 3600 + 60
+    assert live.live_quality_flow(uri, hours=2)["points_logged"] == 0  # ended, but rides may still be filed
+    now = hour + 3600 + 5 * 60
+    assert live.live_quality_flow(uri, hours=2)["points_logged"] == 1
+    history = sorted(client.get_metric_history(run_id, "live_rmse"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(point.step, point.value), (int(hour // 3600), pytest.approx(9.0))]
 
 
 def test_a_production_model_worse_live_than_on_its_test_month_fails_the_flow(emulators, production, prefect_harness, monkeypatch):
@@ -173,3 +194,21 @@ def test_the_live_quality_job_fails_on_degradation_and_still_writes_each_version
     [figures] = [line for line in lines if line.get("message") == job.LIVE_QUALITY_LINE]
     assert (figures["answer"], figures["model_version"], figures["rides"]) == ("final", "1", 40)
     assert figures["rmse"] == pytest.approx(7.0) and figures["severity"] == "INFO"
+
+
+def test_each_ride_counts_once_and_only_closed_windows_are_logged(tmp_path):
+    """The flow's two rules on their own (no emulator): the first outcome of a ride_id is the one read, and a
+    window is closed once it has ended and its rides have had time to be filed."""
+    from flows.live_quality_flow import closed_windows, read_completed_rides, windowed
+
+    first = _completed(3, np.zeros(3), "run", at=7200.0 + 100)
+    later = first[0].model_copy(update={"actual_minutes": 59.0, "outcome_at": 7200.0 + 900})  # another, later
+    (tmp_path / "a.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in [later, *first, first[1]]))
+    rides, unreadable = read_completed_rides.fn(str(tmp_path), since=0)
+    assert unreadable == 0 and sorted(r.ride_id for r in rides) == ["r0", "r1", "r2"]
+    assert {r.ride_id: r.actual_minutes for r in rides}["r0"] == first[0].actual_minutes  # the first outcome, not the later
+    windows = windowed(rides, 3600)
+    assert list(windows) == [2] and windows[2]["final v1"]["rides"] == 3
+    assert closed_windows(windows, 3600, 300, now=3 * 3600 + 299) == {}  # ended, not yet all filed
+    assert closed_windows(windows, 3600, 300, now=3 * 3600 + 300) == windows
+    assert closed_windows(windows, 3600, 0, now=3 * 3600 - 1) == {}  # still open

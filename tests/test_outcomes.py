@@ -35,7 +35,9 @@ def outcome_topic(emulators):
 
 
 def _settings(emulators, **overrides) -> BackendSettings:
-    return BackendSettings(**{**BackendSettings.from_env().__dict__, "project_id": emulators.project, **overrides})
+    # Outcomes at once after the POST: the time compression of a test (tests/test_backend.py checks the 60 s rule).
+    base = {**BackendSettings.from_env().__dict__, "project_id": emulators.project, "outcome_earliest_seconds": 0}
+    return BackendSettings(**{**base, **overrides})
 
 
 def _replica(emulators, store, outcome_topic: str, **kwargs):
@@ -60,36 +62,43 @@ def test_the_outcome_api_refuses_every_bad_input_and_loses_nothing(emulators, re
     app = _replica(emulators, store, outcome_topic)
     client = app.test_client()
     try:
-        ride_id = client.post("/predict", json=RIDE).get_json()["ride_id"]
+        asked = client.post("/predict", json=RIDE).get_json()
+        ride_id, token = asked["ride_id"], asked["outcome_token"]
         _answer(store, ride_id, 14.0, "2")
         url = f"/rides/{ride_id}/outcome"
+
+        def post(outcome: dict):
+            return client.post(url, json={**outcome, "outcome_token": token})
+
         bad = {
             "no JSON": (client.post(url, data="22", content_type="text/plain"), None),
             "not an object": (client.post(url, json=[22]), "outcome"),
-            "neither field": (client.post(url, json={}), "outcome"),
-            "both fields": (client.post(url, json={"duration_minutes": 9, "dropoff_datetime": "2021-03-04 19:08:00"}), "outcome"),
-            "unknown field": (client.post(url, json={"minutes": 9}), "minutes"),
-            "not a time": (client.post(url, json={"dropoff_datetime": "soon"}), "dropoff_datetime"),
-            "drop-off before pickup": (client.post(url, json={"dropoff_datetime": "2021-03-04 18:40:00"}), "dropoff_datetime"),
-            "under a minute": (client.post(url, json={"dropoff_datetime": "2021-03-04 18:59:30"}), "dropoff_datetime"),
-            "over an hour": (client.post(url, json={"duration_minutes": 75}), "duration_minutes"),
-            "not a number": (client.post(url, json={"duration_minutes": "nine"}), "duration_minutes"),
+            "neither field": (post({}), "outcome"),
+            "both fields": (post({"duration_minutes": 9, "dropoff_datetime": "2021-03-04 19:08:00"}), "outcome"),
+            "unknown field": (post({"minutes": 9}), "minutes"),
+            "not a time": (post({"dropoff_datetime": "soon"}), "dropoff_datetime"),
+            "drop-off before pickup": (post({"dropoff_datetime": "2021-03-04 18:40:00"}), "dropoff_datetime"),
+            "under a minute": (post({"dropoff_datetime": "2021-03-04 18:59:30"}), "dropoff_datetime"),
+            "over an hour": (post({"duration_minutes": 75}), "duration_minutes"),
+            "not a number": (post({"duration_minutes": "nine"}), "duration_minutes"),
         }
         for case, (response, field) in bad.items():
             assert response.status_code == 400, (case, response.get_json())
             if field:
                 assert field in response.get_json()["fields"], (case, response.get_json())
-        unknown = client.post("/rides/no-such-ride/outcome", json={"duration_minutes": 9})
+        unknown = client.post("/rides/no-such-ride/outcome", json={"duration_minutes": 9, "outcome_token": token})
         assert unknown.status_code == 404 and unknown.get_json()["ride_id"] == "no-such-ride"
+        forged = client.post(url, json={"duration_minutes": 9})  # valid, but without the ride's token
+        assert forged.status_code == 403
         assert "actual_minutes" not in store.get(ride_id)  # none of that was kept
         assert pull_messages(emulators.project, outcome_topic + "-sub", 1, timeout=2) == []
 
-        first = client.post(url, json={"dropoff_datetime": "2021-03-04 19:11:30"})  # 12.5 min after the pickup
+        first = post({"dropoff_datetime": "2021-03-04 19:11:30"})  # 12.5 min after the pickup
         assert first.status_code == 200 and first.get_json()["outcome"] == "recorded", first.get_json()
         assert first.get_json()["actual_minutes"] == 12.5
-        again = client.post(url, json={"duration_minutes": 12.5})  # the same outcome, the other way: a repeat
+        again = post({"duration_minutes": 12.5})  # the same outcome, the other way: a repeat
         assert again.status_code == 200 and again.get_json()["outcome"] == "same"
-        other = client.post(url, json={"duration_minutes": 20})
+        other = post({"duration_minutes": 20})
         assert other.status_code == 409 and other.get_json()["actual_minutes"] == 12.5
         [message] = pull_messages(emulators.project, outcome_topic + "-sub", 2, timeout=3)  # published once
         completed = CompletedRide.model_validate_json(message.data)
@@ -108,7 +117,7 @@ def test_an_outcome_the_store_or_the_stream_did_not_take_is_a_503_and_its_retry_
         sock.bind(("127.0.0.1", 0))
         dead = RedisResultStore(f"redis://127.0.0.1:{sock.getsockname()[1]}/0", ttl_seconds=60, prefix="nobody")
     down = _replica(emulators, dead, unique("unused"))
-    response = down.test_client().post("/rides/some-ride/outcome", json={"duration_minutes": 9})
+    response = down.test_client().post("/rides/some-ride/outcome", json={"duration_minutes": 9, "outcome_token": "t"})
     assert response.status_code == 503 and response.headers["Retry-After"] == "1"
     down.extensions["ridestream"]["redelivery"].stop()
 
@@ -119,14 +128,15 @@ def test_an_outcome_the_store_or_the_stream_did_not_take_is_a_503_and_its_retry_
     app = _replica(emulators, store, topic, outcome_publisher=publisher)
     client = app.test_client()
     try:
-        ride_id = client.post("/predict", json=RIDE).get_json()["ride_id"]
+        asked = client.post("/predict", json=RIDE).get_json()
+        ride_id, outcome = asked["ride_id"], {"duration_minutes": 12.5, "outcome_token": asked["outcome_token"]}
         _answer(store, ride_id, 14.0, "2")
-        refused = client.post(f"/rides/{ride_id}/outcome", json={"duration_minutes": 12.5})
+        refused = client.post(f"/rides/{ride_id}/outcome", json=outcome)
         assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
         assert store.get(ride_id)["actual_minutes"] == 12.5 and store.get(ride_id)["outcome_published"] is False
         ensure_topic(emulators.project, topic)
         ensure_subscription(emulators.project, topic, topic + "-sub")
-        retried = client.post(f"/rides/{ride_id}/outcome", json={"duration_minutes": 12.5})
+        retried = client.post(f"/rides/{ride_id}/outcome", json=outcome)
         assert retried.status_code == 200 and retried.get_json()["outcome"] == "same"
         [message] = pull_messages(emulators.project, topic + "-sub", 1, timeout=5)
         assert json.loads(message.data)["ride_id"] == ride_id and store.get(ride_id)["outcome_published"] is True
@@ -159,10 +169,11 @@ def test_live_figures_across_replicas_match_a_hand_computation_and_the_shadow_an
     low, high = (final - rng.uniform(0, 20, 30)).round(2).clip(1), (final + rng.uniform(0, 20, 30)).round(2)
     publisher = pubsub_v1.PublisherClient()
     try:
-        ids, coarse = [], []
+        ids, tokens, coarse = [], [], []
         for i, ride in enumerate(rides):
             body = clients[i % 2].post("/predict", json=ride).get_json()
             ids.append(body["ride_id"])
+            tokens.append(body["outcome_token"])
             coarse.append(body["duration_coarse"])
             _answer(store, body["ride_id"], float(final[i]), "2", ride, duration_low=float(low[i]), duration_high=float(high[i]))
             answer = {
@@ -178,7 +189,8 @@ def test_live_figures_across_replicas_match_a_hand_computation_and_the_shadow_an
             for n, i in enumerate(ids)
         )
         for i, ride_id in enumerate(ids):
-            response = clients[(i + 1) % 2].post(f"/rides/{ride_id}/outcome", json={"duration_minutes": float(actual[i])})
+            outcome = {"duration_minutes": float(actual[i]), "outcome_token": tokens[i]}
+            response = clients[(i + 1) % 2].post(f"/rides/{ride_id}/outcome", json=outcome)
             assert response.status_code == 200, response.get_json()
         live = clients[0].get("/readyz").get_json()["live_quality"]
         assert live == clients[1].get("/readyz").get_json()["live_quality"]  # one shared view

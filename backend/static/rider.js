@@ -1,7 +1,9 @@
 // The rider page: book a ride, show the coarse estimate at once, then the model's answer as it arrives.
 //
 // It talks to the same JSON API as any client (POST /predict, GET /rides/<id>?wait=N, POST
-// /rides/<id>/outcome). The final is fetched by long-polling: each GET waits up to the backend's
+// /rides/<id>/outcome). The outcome carries the ride's outcome_token, which only the POST's answer holds:
+// the page keeps it for the tab's session (sessionStorage), so a reload can still report the ride, another
+// browser cannot. The final is fetched by long-polling: each GET waits up to the backend's
 // MAX_WAIT_SECONDS for the answer and is then asked again, so every request is short (well inside Cloud
 // Run's request timeout), holds no instance open between polls, and can land on any replica (results
 // live in the shared store). Everything shown is set as text (textContent, option.value): nothing a
@@ -37,6 +39,23 @@
   let followed = 0; // which follow loop is current (a new ride stops the old loop)
 
   class Unavailable extends Error {}
+
+  // The outcome token of each ride booked in this tab (POST /predict's answer): an outcome needs it.
+  const tokenKey = (rideId) => `ridestream-outcome-token:${rideId}`;
+  function rememberToken(rideId, token) {
+    try {
+      if (token) sessionStorage.setItem(tokenKey(rideId), token);
+    } catch {
+      // Storage refused (private mode, full): the token is lost with the page, the ride is not.
+    }
+  }
+  function tokenOf(rideId) {
+    try {
+      return sessionStorage.getItem(tokenKey(rideId));
+    } catch {
+      return null;
+    }
+  }
 
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
   const text = (id, value) => {
@@ -317,6 +336,7 @@
         $("answer").hidden = true;
         return showFieldErrors({ ride: body.error || `HTTP ${status}` }, "ride-error");
       }
+      rememberToken(rideId, body.outcome_token);
       history.replaceState(null, "", `#ride=${encodeURIComponent(rideId)}`);
       if (!shown(rideId, body)) follow(rideId, Date.now());
     } catch (error) {
@@ -331,6 +351,10 @@
   function showOutcome() {
     $("outcome").hidden = false;
     if (!$("dropoff-time").value) $("dropoff-time").value = nycNow();
+    const booked = Boolean(tokenOf(shownRideId));
+    $("complete").disabled = !booked;
+    if (booked) setStatus("outcome-status", "ready", "");
+    else setStatus("outcome-status", "not-booked-here", "Only the page that booked this ride can report how long it took.");
   }
 
   async function submitOutcome(event) {
@@ -342,7 +366,7 @@
     $("complete").disabled = true;
     try {
       const url = `/rides/${encodeURIComponent(rideId)}/outcome`;
-      const payload = { dropoff_datetime: apiDatetime($("dropoff-time").value) };
+      const payload = { dropoff_datetime: apiDatetime($("dropoff-time").value), outcome_token: tokenOf(rideId) };
       const { status, body } = await call("POST", url, payload, retrying("outcome-status", "to record it"));
       if (status === 200) {
         const said = body.duration_final !== undefined ? `; the model said ${minutes(body.duration_final)}` : "";
@@ -350,6 +374,11 @@
       } else if (status === 400) {
         showFieldErrors(body.fields || { dropoff_datetime: body.error }, "dropoff-time-error");
         setStatus("outcome-status", "invalid", "");
+      } else if (status === 425) {
+        const from = new Date(Number(body.not_before) * 1000).toLocaleTimeString();
+        setStatus("outcome-status", "too-early", `The ride cannot have ended yet: report it from ${from} on.`);
+      } else if (status === 403) {
+        setStatus("outcome-status", "refused", "Only the page that booked this ride can report how long it took.");
       } else if (status === 409) {
         setStatus("outcome-status", "conflict", `Another outcome is recorded for this ride: ${minutes(body.actual_minutes)}.`);
       } else {
