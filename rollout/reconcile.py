@@ -493,7 +493,7 @@ class Rollout:
                 wanted.version,
                 f"**Shadow analysis passed** ({_now()}): {_describe(figs, wanted, serving)}.",
                 rollout_shadow=json.dumps(figs),
-                rollout_rmse_gate=figs["rmse_gate"],
+                rollout_shadow_rmse_gate=figs["rmse_gate"],
             )
 
         if self._before_switch is not None and serving is not None:
@@ -626,7 +626,7 @@ class Rollout:
             wanted.version,
             f"**Bake passed** ({_now()}): {_describe(figs, wanted, previous)}.",
             rollout_bake=json.dumps(figs),
-            rollout_rmse_gate=figs["rmse_gate"],
+            rollout_bake_rmse_gate=figs["rmse_gate"],
         )
         return None, figs
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
+from rollout import reconcile
 from rollout.analysis import Answer
 from rollout.reconcile import Deployment, Guard, MemoryStory, Rollout, ShadowSlot
 from rollout.settings import AnalysisSettings
@@ -112,6 +115,12 @@ def retrained(i: int) -> float:
 
 def shuffled(i: int) -> float:
     return served(i) + (6.0 if i % 2 else -6.0)  # in bounds, right on average, wrong for every ride
+
+
+@pytest.fixture(autouse=True)
+def quick_windows(monkeypatch):
+    """The settle before a window opens (2 s, for rides in flight on a real stream) is moot on this fake one."""
+    monkeypatch.setattr(reconcile, "WINDOW_SETTLE_SECONDS", 0.1)
 
 
 def guarded(
@@ -311,3 +320,147 @@ def test_a_shadow_deployment_with_no_version_wanted_is_retired():
     production = Deployed(V1)
     assert "nothing to roll out" in Rollout("production", lambda alias: None, production).reconcile()
     assert production.current == V1  # production is never retired
+
+
+# --- judgement on outcomes, with real delays ------------------------------------------------------------
+WITH_OUTCOMES = AnalysisSettings(**{**FAST.__dict__, "min_outcomes": 50, "shadow_max_minutes": 0.25, "bootstrap_samples": 300})
+
+
+def worse(i: int) -> float:
+    return served(i) + (1.5 if i % 2 else -1.5)  # within the deviation thresholds (1.5 < 2 min), 1.5 min worse in RMSE
+
+
+def test_the_shadow_waits_for_outcomes_and_its_decision_says_it_applied_the_rmse_gate():
+    """Issue 33: the shadow closed at its minimum of rides, long before any ride had ended: the RMSE gate never applied."""
+    story = MemoryStory()
+    rollout, _target, _ = guarded(story, retrained, settings=WITH_OUTCOMES, outcome_delay=1.0, actual=retrained)
+    message = rollout.reconcile()
+    assert "v2 serving after" in message and "RMSE gate: applied on" in message, message
+    shadow = json.loads(story.tags["2"]["rollout_shadow"])
+    assert shadow["outcomes"] >= 50 and shadow["seconds"] >= 1.0, shadow
+    assert story.tags["2"]["rollout_shadow_rmse_gate"].startswith("RMSE gate: applied on")
+    assert any("RMSE gate: applied on" in event for event in story.pages["2"])
+
+
+def test_the_rmse_gate_blocks_a_worse_candidate_whose_deviation_stays_within_its_thresholds():
+    story = MemoryStory()
+    rollout, target, _ = guarded(story, worse, settings=WITH_OUTCOMES, outcome_delay=1.0)
+    message = rollout.reconcile()
+    assert "blocked at shadow analysis" in message and "RMSE worse" in message, message
+    assert "median" not in story.tags["2"]["rollout_reason"]  # the RMSE gate itself, not the deviation
+    assert target.deployed == [] and story.aliases["production"] == "1"
+
+
+def test_a_shadow_whose_outcomes_do_not_come_in_time_decides_on_its_rides_and_says_so():
+    story = MemoryStory()
+    settings = AnalysisSettings(**{**WITH_OUTCOMES.__dict__, "shadow_max_minutes": 0.05})
+    rollout, _, _ = guarded(story, retrained, settings=settings, outcome_delay=3600)
+    message = rollout.reconcile()
+    assert "v2 serving after" in message and "RMSE gate: not applied, 0 outcomes of 50 needed" in message, message
+    assert story.tags["2"]["rollout_shadow_rmse_gate"] == "RMSE gate: not applied, 0 outcomes of 50 needed"
+    assert json.loads(story.tags["2"]["rollout_shadow"])["seconds"] >= 0.05 * 60
+
+
+def test_the_expected_length_of_a_guarded_rollout_follows_the_settings_and_the_traffic():
+    from rollout.reconcile import expected_rollout_minutes
+
+    settings = AnalysisSettings()
+    at = {rate: expected_rollout_minutes(settings, rate) for rate in (1, 10, 100)}
+    for rate, expected in at.items():
+        assert expected["rmse_gate_in_shadow"] and expected["shadow_outcomes"] >= settings.min_outcomes, expected
+        assert expected["shadow_minutes"] > settings.shadow_min_rides / rate / 60  # outcomes, not rides, close it
+        assert expected["bake_minutes"] == settings.bake_minutes
+    assert at[1]["shadow_minutes"] > at[10]["shadow_minutes"] > at[100]["shadow_minutes"] > 1  # no ride ends within a minute
+    trickle = expected_rollout_minutes(settings, 0.01)  # 200 rides need 5.5 h: the shadow's limit comes first
+    assert trickle["shadow_minutes"] == settings.shadow_max_minutes and not trickle["shadow_enough_rides"]
+
+
+# --- a superseded version never reaches riders ----------------------------------------------------------
+def test_a_known_good_version_whose_alias_moved_on_before_its_switch_never_reaches_riders():
+    """Issue 33: four alias moves within 0.36 s (v1, v2, v1, v2) and v1, known good, answered riders for 15 s."""
+    import threading
+
+    story = MemoryStory()
+    story.tags["1"] = {"rollout_served_production": "true"}  # v1 served before: a rollback to it skips the analysis
+    rollout, target, _shadow = guarded(story, retrained, production=V2, shadow=V1)
+    checking = threading.Event()
+
+    def preflight(model):  # pre-flight takes longer than the alias's moves
+        checking.set()
+        time.sleep(0.6)
+        return _passed()
+
+    rollout._preflight = preflight
+    rollout.start()
+    try:
+        assert rollout.wait_idle(5)
+        story.aliases["production"] = "1"
+        rollout.request("alias moved to v1")
+        assert checking.wait(5)
+        for version in ("2", "1", "2"):
+            time.sleep(0.12)
+            story.aliases["production"] = version
+            rollout.request(f"alias moved to v{version}")
+        time.sleep(1)
+        assert rollout.wait_idle(10)
+    finally:
+        rollout.stop()
+    assert "1" not in target.deployed and target.current == V2, target.deployed
+    assert any(h["outcome"] == "superseded" for h in rollout.history)
+
+
+def test_riders_go_back_when_the_alias_moves_back_during_the_switch():
+    story = MemoryStory()
+    story.tags["1"] = {"rollout_served_production": "true"}
+    rollout, target, _ = guarded(story, retrained, production=V2, aliases={"production": V1})
+    deploy = target.deploy
+
+    def deploy_while_the_alias_moves(model):
+        deploy(model)
+        story.aliases["production"] = "2"  # moved back while the traffic moved
+
+    target.deploy = deploy_while_the_alias_moves
+    try:
+        rollout.reconcile()
+    except Exception as exc:
+        assert "moved to v2 during the switch" in str(exc)
+    assert target.deployed == ["1", "2"] and target.current == V2  # back on what the alias names at once
+
+
+# --- record first, then act; could not evaluate is not a block ------------------------------------------
+def test_a_bake_breach_is_recorded_before_riders_go_back_so_a_registry_error_never_puts_them_back_on_it():
+    class FailingOnce(MemoryStory):
+        failed = False
+
+        def tell(self, version, paragraph, **tags):
+            if tags.get("rollout_status") == "blocked" and not self.failed:
+                self.failed = True
+                raise RuntimeError("MLflow: 503 Service Unavailable")
+            super().tell(version, paragraph, **tags)
+
+    story = FailingOnce()
+    rollout, target, _ = guarded(story, retrained, broken_when_serving=("2",))
+    try:
+        rollout.reconcile()
+    except RuntimeError as exc:
+        assert "503" in str(exc)
+    message = rollout.reconcile()  # the retry
+    assert "blocked at bake" in message, message
+    assert target.deployed == ["2", "1"] and target.current == V1  # riders never put back on v2
+    assert story.aliases["production"] == "1" and story.tags["2"]["rollout_status"] == "blocked"
+
+
+def test_a_preflight_that_could_not_be_evaluated_is_retried_not_blocked():
+    from types import SimpleNamespace
+
+    from rollout.reconcile import NotEvaluated
+
+    story = MemoryStory()
+    rollout, target, _ = guarded(story, retrained)
+    rollout._preflight = lambda model: SimpleNamespace(
+        passed=False, evaluated=False, reason="the model store did not answer", max_diff_minutes=None
+    )
+    with pytest.raises(NotEvaluated, match="could not be evaluated"):
+        rollout.reconcile()
+    assert story.tags["2"].get("rollout_status") != "blocked" and story.aliases["production"] == "2"
+    assert target.deployed == []

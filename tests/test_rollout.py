@@ -180,9 +180,9 @@ def test_a_repeated_event_is_a_no_op():
     assert rollout.reconcile() == "already serving v2"
 
 
-def test_a_failed_rollout_is_retried_and_the_old_model_serves_meanwhile():
+def test_a_failed_deploy_is_retried_within_its_budget_and_the_old_model_serves_meanwhile():
     registry, target = Registry(production=V2), FakeTarget(V1)
-    target.failures_left = 2
+    target.failures_left = 2  # under the budget of 3
     rollout = Rollout("production", registry.resolve, target, retry_initial_seconds=0.3, retry_max_seconds=1).start()
     try:
         deadline = time.monotonic() + 5
@@ -196,6 +196,45 @@ def test_a_failed_rollout_is_retried_and_the_old_model_serves_meanwhile():
     finally:
         rollout.stop()
     assert target.current == V2 and rollout.status()["in_sync"] is True
+
+
+def _story_registry(**aliases: Deployment):
+    from rollout.reconcile import MemoryStory
+
+    story, versions = MemoryStory(), {d.version: d for d in (V1, V2, V3)}
+    story.aliases.update({alias: d.version for alias, d in aliases.items()})
+    return story, lambda alias: versions.get(story.aliases.get(alias, ""))
+
+
+def test_a_version_whose_deploy_always_fails_ends_blocked_with_the_alias_back():
+    """Issue 33: retried forever, the registry saying production = v2 while v1 serves, one more failing revision a try."""
+    story, resolve = _story_registry(production=V2)
+    target = FakeTarget(V1)
+    target.failures_left = 10**6
+    rollout = Rollout("production", resolve, target, 0.05, 0.1, story=story, deploy_attempts=3).start()
+    try:
+        assert rollout.wait_idle(10)
+    finally:
+        rollout.stop()
+    assert target.current == V1 and story.aliases["production"] == "1"
+    assert target.failures_left == 10**6 - 3  # three tries, then no more revisions
+    assert story.tags["2"]["rollout_status"] == "blocked" and "3 deploys failed" in story.tags["2"]["rollout_reason"]
+
+
+def test_a_revision_that_failed_readiness_blocks_at_once():
+    from rollout.reconcile import RevisionNotReady
+
+    story, resolve = _story_registry(production=V2)
+
+    class NeverReady(FakeTarget):
+        def deploy(self, model):
+            self.deployed.append(model.version)
+            raise RevisionNotReady(f"revision function-p-v{model.version} failed readiness: the container exited")
+
+    target = NeverReady(V1)
+    message = Rollout("production", resolve, target, story=story).reconcile()
+    assert "blocked at deploy" in message and "failed readiness" in message, message
+    assert target.deployed == ["2"] and target.current == V1 and story.aliases["production"] == "1"
 
 
 def test_a_deleted_production_alias_leaves_the_function_serving():
