@@ -283,8 +283,11 @@ def test_the_controllers_readyz_shows_the_phase_and_its_figures_while_a_rollout_
     story = MemoryStory()
     rollout, _, _ = guarded(story, retrained)
     rollout._guard.analysis = AnalysisSettings(**{**FAST.__dict__, "shadow_min_rides": 10**9, "shadow_max_minutes": 0.1})
-    settings = RolloutSettings("secret", "ride-duration", {"production": "function"}, 300, 0.05, 0.2)
+    settings = RolloutSettings(
+        "secret", "ride-duration", {"production": "function"}, 300, 0.05, 0.2, operator_token="op", status_cache_seconds=0
+    )
     client = create_app(settings, rollouts={"production": rollout}, verifier=WebhookVerifier("secret")).test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = "Bearer op"  # the figures are an operator's
     worker = threading.Thread(target=rollout.reconcile)
     worker.start()
     try:
