@@ -313,7 +313,7 @@ def create_app(
     def status():
         entries = aliases()
         in_sync = all(a["in_sync"] for a in entries.values())
-        if is_operator(request.headers.get("Authorization", "")):
+        if is_operator(request.headers.get("Authorization", ""), f"https://{request.host}"):
             return jsonify({"in_sync": in_sync, "aliases": entries, **lease_summary(lease)})
         return jsonify({"in_sync": in_sync, "aliases": {alias: public_entry(a) for alias, a in entries.items()}})
 
@@ -329,7 +329,7 @@ def create_app(
         problems.update({f"reader {name}": r["problem"] for name, r in readers.items() if r["problem"]})
         code = 503 if problems else 200
         body: dict[str, Any] = {"status": "down" if problems else "ok"}
-        if not is_operator(request.headers.get("Authorization", "")):
+        if not is_operator(request.headers.get("Authorization", ""), f"https://{request.host}"):
             body["aliases"] = {alias: public_entry(a) for alias, a in entries.items()}
             return jsonify(body), code
         body.update(
@@ -373,7 +373,7 @@ def operator_check(settings: RolloutSettings) -> Callable[[str], bool]:
     """Authorization header -> whether it is an operator's: a Google ID token (verified, audience
     ROLLOUT_OPERATOR_AUDIENCE) whose e-mail is in ROLLOUT_OPERATORS, or the local stack's shared token."""
 
-    def check(header: str) -> bool:
+    def check(header: str, own_url: str = "") -> bool:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return False
@@ -386,7 +386,7 @@ def operator_check(settings: RolloutSettings) -> Callable[[str], bool]:
 
         try:
             claims = google.oauth2.id_token.verify_oauth2_token(
-                token, google.auth.transport.requests.Request(), audience=settings.operator_audience or None
+                token, google.auth.transport.requests.Request(), audience=settings.operator_audience or own_url
             )
         except ValueError:  # expired, wrong audience, not signed by Google
             return False

@@ -318,7 +318,8 @@ def test_the_status_command_flags_riders_answered_by_another_model(monkeypatch):
         def json(self):  # a fresh body per call, as over HTTP
             return json.loads(json.dumps(answers["/" + self.url.rpartition("/")[2]]))
 
-    monkeypatch.setattr(cli.requests, "get", lambda url, timeout: Response(url))
+    monkeypatch.setenv("ROLLOUT_OPERATOR_TOKEN", "op")
+    monkeypatch.setattr(cli.requests, "get", lambda url, timeout, headers=None: Response(url))
     report = cli.status("http://rollout", "http://backend")
     assert report["in_sync"] is False and "answered by v1" in report["mismatch"] and "production is v2" in report["mismatch"]
     answers["/readyz"]["model_served"]["at"] = 999.0  # answered before v2 was deployed: no ride since, no verdict
