@@ -334,7 +334,7 @@ def _status_checks(stack: Stack) -> dict:
         for alias in DEPLOYMENT_OF_ALIAS:
             checks[f"registry:{alias}"] = partial(registry_alias, stack.urls["mlflow"], model_name, alias)
     if "rollout" in stack.urls and pid_alive(stack.pids.get("rollout", -1)):
-        checks["rollout:status"] = partial(json_of, f"{stack.urls['rollout']}/status")
+        checks["rollout:status"] = partial(json_of, f"{stack.urls['rollout']}/status", headers=stack.rollout_operator_headers())
     return checks
 
 

@@ -85,9 +85,9 @@ def registry_alias(mlflow_url: str, model_name: str, alias: str) -> dict | None:
     return response.json()["model_version"]
 
 
-def json_of(url: str, any_status: bool = False) -> dict:
+def json_of(url: str, any_status: bool = False, headers: dict[str, str] | None = None) -> dict:
     """The JSON a GET answers; ``any_status``: an error status's body counts too (a /readyz saying why it is not ready)."""
-    response = requests.get(url, timeout=CHECK_TIMEOUT_SECONDS)
+    response = requests.get(url, headers=headers, timeout=CHECK_TIMEOUT_SECONDS)
     if not any_status:
         response.raise_for_status()
     return response.json()

@@ -170,7 +170,9 @@ def controller_killed_mid_rollout(rs: RolloutStack) -> dict[str, Any]:
     def kill_in_shadow(promoted_at: float) -> dict[str, Any]:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # until the analysis has counted some rides: mid-phase
-            phase = requests.get(f"{stack.urls['rollout']}/readyz", timeout=10).json()["aliases"]["production"]["phase"]
+            phase = requests.get(f"{stack.urls['rollout']}/readyz", headers=stack.rollout_operator_headers(), timeout=10).json()[
+                "aliases"
+            ]["production"]["phase"]
             if phase and phase["phase"] == "shadow" and (phase.get("figures") or {}).get("rides"):
                 break
             time.sleep(0.2)

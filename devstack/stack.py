@@ -510,6 +510,17 @@ class Stack:
             path.write_text(json.dumps(drawn))
         return json.loads(path.read_text())
 
+    def rollout_operator_headers(self) -> dict[str, str]:
+        """What the stack's own tools send to see the rollout service's details (its ROLLOUT_OPERATOR_TOKEN, a
+        secret of this stack's, drawn on first use)."""
+        import secrets as random_secrets
+
+        drawn = self.secrets()
+        if "rollout_operator_token" not in drawn:
+            drawn["rollout_operator_token"] = random_secrets.token_urlsafe(32)
+            (self.dir / "secrets.json").write_text(json.dumps(drawn))
+        return {"Authorization": f"Bearer {drawn['rollout_operator_token']}"}
+
     def start_rollout(self, aliases: str = "production=function,challenger=challenger", settings: dict | None = None) -> None:
         """The rollout service on the stack's function deployments (devstack.rollout_service), and the
         MLflow webhook that feeds it. ``settings``: its environment beyond the stack's (DEMO_ANALYSIS by
@@ -522,6 +533,14 @@ class Stack:
             **ROLLOUT.image_env(),
             **self.env_as("rollout"),
             "ROLLOUT_WEBHOOK_SECRET": self.secrets()["rollout_webhook_secret"],
+            "ROLLOUT_OPERATOR_TOKEN": self.rollout_operator_headers()["Authorization"].removeprefix("Bearer "),
+            # The machine's Redis holds the lease that lets one controller act, under this stack's own key.
+            "ROLLOUT_LEASE_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "ROLLOUT_LEASE_KEY": f"{self.redis_prefix}:rollout:lease",
+            # A restarted controller takes over at once (the stopped one's lease is released, or expires in 6 s).
+            "ROLLOUT_LEASE_SECONDS": "6",
+            "ROLLOUT_LEASE_MARGIN_SECONDS": "2",
+            "ROLLOUT_STATUS_CACHE_SECONDS": "0.5",
             "ROLLOUT_ALIASES": aliases,
             "STACK_DIR": str(self.dir),
             "ROLLOUT_RETRY_INITIAL_SECONDS": "1",
@@ -557,7 +576,8 @@ class Stack:
         deadline = time.monotonic() + timeout
         entry: dict = {}
         while time.monotonic() < deadline:
-            entry = requests.get(f"{self.urls['rollout']}/status", timeout=30).json()["aliases"][alias]
+            status = requests.get(f"{self.urls['rollout']}/status", headers=self.rollout_operator_headers(), timeout=30)
+            entry = status.json()["aliases"][alias]
             if entry["in_sync"] and (entry["serving"] or {}).get("version") == str(version):
                 self.refresh()
                 return entry
@@ -572,7 +592,8 @@ class Stack:
         deadline = time.monotonic() + timeout
         entry: dict = {}
         while time.monotonic() < deadline:
-            entry = requests.get(f"{self.urls['rollout']}/status", timeout=30).json()["aliases"][alias]
+            status = requests.get(f"{self.urls['rollout']}/status", headers=self.rollout_operator_headers(), timeout=30)
+            entry = status.json()["aliases"][alias]
             ended = [
                 h
                 for h in entry["history"]

@@ -128,7 +128,11 @@ def collect(stack: Stack, dead_letters: DeadLetters, deployments: dict[str, Any]
     snapshot.dead_letters_by_source = dict(dead_letters.by_source)
     if "rollout" in stack.urls:
         try:
-            snapshot.controller = requests.get(f"{stack.urls['rollout']}/readyz", timeout=5).json().get("aliases", {})
+            snapshot.controller = (
+                requests.get(f"{stack.urls['rollout']}/readyz", headers=stack.rollout_operator_headers(), timeout=5)
+                .json()
+                .get("aliases", {})
+            )
         except (requests.RequestException, ValueError) as exc:
             snapshot.controller = {"-": {"last_error": f"the rollout service does not answer: {type(exc).__name__}"}}
     for alias, rollout in deployments.items():

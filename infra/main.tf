@@ -762,6 +762,14 @@ resource "google_service_account" "training" {
   display_name = "ridestream training"
 }
 
+# The rollout controller reads it too: its lease lives there (rollout/lease.py).
+resource "google_secret_manager_secret_iam_member" "rollout_reads_redis_url" {
+  count     = local.shared_store ? 1 : 0
+  secret_id = google_secret_manager_secret.app["redis-url"].id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = "serviceAccount:${google_service_account.rollout.email}"
+}
+
 # The backend reads the store's URL, its one secret.
 resource "google_secret_manager_secret_iam_member" "backend_reads_redis_url" {
   count     = local.shared_store ? 1 : 0
@@ -1018,12 +1026,24 @@ resource "google_cloud_run_v2_service" "rollout" {
 
   template {
     service_account = google_service_account.rollout.email
-    # Exactly one controller, always on: rollouts are serialized in it, its resync runs whether or
+    # One controller, always on: rollouts are serialized in it, its resync runs whether or
     # not a webhook arrives, its analysis reads the streams between requests, and it remembers
     # deliveries against replays. What a rollout must survive a restart is in the registry.
+    # The instance limit is per revision, so a deploy of the controller overlaps two: the one that
+    # holds the lease in Memorystore acts and reads (rollout/lease.py).
     scaling {
       min_instance_count = 1
       max_instance_count = 1
+    }
+    dynamic "vpc_access" {
+      for_each = local.shared_store ? [1] : []
+      content {
+        egress = "PRIVATE_RANGES_ONLY"
+        network_interfaces {
+          network    = local.network
+          subnetwork = local.subnetwork
+        }
+      }
     }
     # A deploy takes minutes; the worker thread must keep its CPU between requests.
     timeout = "900s"
@@ -1070,6 +1090,33 @@ resource "google_cloud_run_v2_service" "rollout" {
       env {
         name  = "GCP_REGION"
         value = var.region
+      }
+      # The lease's store: the backend's Memorystore (its URL holds the AUTH string: from Secret Manager), under
+      # a key of the controller's own. Without a shared store (a throwaway project) it is alone by configuration.
+      dynamic "env" {
+        for_each = local.shared_store ? [1] : []
+        content {
+          name = "ROLLOUT_LEASE_REDIS_URL"
+          value_source {
+            secret_key_ref {
+              secret  = google_secret_manager_secret.app["redis-url"].secret_id
+              version = "latest"
+            }
+          }
+        }
+      }
+      env {
+        name  = "ROLLOUT_LEASE_KEY"
+        value = "${local.prefix}:rollout:lease"
+      }
+      env {
+        name  = "ROLLOUT_SINGLE_INSTANCE"
+        value = local.shared_store ? "false" : "true"
+      }
+      # Who may see /status's and /readyz's details (an ID token for the service's URL with one of these e-mails).
+      env {
+        name  = "ROLLOUT_OPERATORS"
+        value = join(",", var.rollout_operators)
       }
       env {
         name = "ROLLOUT_WEBHOOK_SECRET"

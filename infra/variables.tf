@@ -199,3 +199,9 @@ variable "flows_schedules" {
     error_message = "A cron schedule has five fields: minute hour day-of-month month day-of-week."
   }
 }
+
+variable "rollout_operators" {
+  description = "E-mails whose Google ID tokens see the rollout service's /status and /readyz details (run ids, paths, errors); anyone else sees states and version numbers."
+  type        = list(string)
+  default     = []
+}

@@ -2,6 +2,9 @@
 
 python -m rollout register --url https://rollout-xyz.run.app/webhooks/mlflow   # with ROLLOUT_WEBHOOK_SECRET, MLFLOW_TRACKING_URI
 python -m rollout status --url https://rollout-xyz.run.app [--backend URL]      # registry vs served; exit 1 if they differ
+
+The status's details need an operator's identity: ROLLOUT_OPERATOR_TOKEN if set (the local stack's), else
+the caller's Google ID token for the service's URL (its e-mail must be in the service's ROLLOUT_OPERATORS).
 """
 
 from __future__ import annotations
@@ -44,9 +47,25 @@ def backend_served(backend_url: str, timeout: float = 30) -> dict | None:
     return requests.get(f"{backend_url.rstrip('/')}/readyz", timeout=timeout).json().get("model_served")
 
 
+def operator_headers(rollout_url: str) -> dict[str, str]:
+    """Who asks: the shared operator token, else this caller's Google ID token for the service (none: public answers)."""
+    token = os.environ.get("ROLLOUT_OPERATOR_TOKEN", "")
+    if not token:
+        try:
+            import google.auth.transport.requests
+            import google.oauth2.id_token
+
+            token = google.oauth2.id_token.fetch_id_token(google.auth.transport.requests.Request(), rollout_url.rstrip("/"))
+        except Exception as exc:  # no credentials here: the public answer (states and versions) is what there is
+            print(f"note: no operator identity ({type(exc).__name__}); the status's details are not shown", file=sys.stderr)
+            return {}
+    return {"Authorization": f"Bearer {token}"}
+
+
 def status(rollout_url: str, backend_url: str | None = None, timeout: float = 30) -> dict:
     """The rollout service's view (registry alias vs deployed) and, if given, what the backend sees answering."""
-    report = requests.get(f"{rollout_url.rstrip('/')}/status", timeout=timeout).json()
+    headers = operator_headers(rollout_url)
+    report = requests.get(f"{rollout_url.rstrip('/')}/status", headers=headers, timeout=timeout).json()
     return judge(report, backend_served(backend_url, timeout) if backend_url else None)
 
 

@@ -7,14 +7,17 @@ Routes:
                           rolled-out alias (production, and challenger if configured) starts a
                           rollout (202); anything else is ignored (200); a call that is not an
                           authentic, fresh, first delivery gets 401 and changes nothing
-  GET  /status            per alias: the registry's version, the one deployed, in sync or not, the last rollouts
-  GET  /readyz            the registry and deployments reachable and every analysis reader reading (503 naming
-                          what is not), and each alias's phase and figures
+  GET  /status            per alias: its state, phase and version numbers (the registry's, the one deployed);
+                          an operator (ROLLOUT_OPERATORS' ID tokens, or the local ROLLOUT_OPERATOR_TOKEN) also
+                          gets the details: run ids, paths, errors, the last rollouts
+  GET  /readyz            200 "ok" / 503 "down": the registry and deployments reachable and, on the leaseholder,
+                          every analysis reader reading; an operator also gets what is wrong and the figures
   GET  /healthz           the process is up
 
-One worker process, one instance, always on (Terraform): exactly one controller acts, rollouts
-are serialized per alias by its worker thread, and the replay guard remembers deliveries in
-memory. What a rollout must survive (its phase, figures, attempts) is in the registry, on the
+Both status answers are cached for ROLLOUT_STATUS_CACHE_SECONDS (each read asks the registry and gcloud).
+One worker process; exactly one controller acts: the holder of the lease (rollout.lease), which alone
+reads the analysis subscriptions; rollouts are serialized per alias by its worker thread, and the
+replay guard remembers deliveries in memory. What a rollout must survive (its phase, figures, attempts) is in the registry, on the
 version's tags: a restarted controller resumes from there (rollout.reconcile). The targets are
 the function's Cloud Run revisions (rollout.cloud); the local stack injects its own
 (devstack.rollout_service): this deployable imports nothing of the stack.
@@ -22,9 +25,12 @@ the function's Cloud Run revisions (rollout.cloud); the local stack injects its 
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -186,16 +192,52 @@ def live_answers(settings: RolloutSettings) -> Any:
         return None
     from rollout.analysis import LiveAnswers
 
+    # Started by the lease's holder only (lease_for): two readers on one subscription would each see half.
     return LiveAnswers(
         settings.project, list(settings.result_subscriptions), settings.deadletter_subscription, settings.outcome_subscription
-    ).start()
+    )
 
 
-def build_rollouts(settings: RolloutSettings, targets: dict[str, Target], answers: Any = None) -> dict[str, Rollout]:
+def lease_for(settings: RolloutSettings, answers: Any, rollouts: Callable[[], dict[str, Rollout]]) -> Any:
+    """The lease this controller must hold to act and to read (rollout.lease), from the settings: on acquiring it the
+    analysis readers start and every rollout looks again; on losing it the readers stop."""
+    from rollout.lease import RedisLease, SingleInstance
+
+    if not settings.lease_redis_url:
+        if settings.single_instance:
+            if answers is not None:
+                answers.start()
+            return SingleInstance()
+        raise RuntimeError(
+            "no lease store: set ROLLOUT_LEASE_REDIS_URL (a Redis; Memorystore on Google Cloud) so that exactly one "
+            "controller acts (Cloud Run overlaps two instances at every deploy of the controller), or "
+            "ROLLOUT_SINGLE_INSTANCE=true if this one is the only one by other means"
+        )
+    import redis
+
+    def acquired() -> None:
+        if answers is not None:
+            answers.start()
+        for rollout in rollouts().values():
+            rollout.request("this controller holds the lease")
+
+    def lost() -> None:
+        if answers is not None:
+            answers.stop()
+
+    client = redis.Redis.from_url(settings.lease_redis_url, socket_timeout=2, socket_connect_timeout=2)
+    return RedisLease(
+        client, settings.lease_key, settings.lease_seconds, settings.lease_margin_seconds, on_acquired=acquired, on_lost=lost
+    )
+
+
+def build_rollouts(
+    settings: RolloutSettings, targets: dict[str, Target], answers: Any = None, lease: Any = None
+) -> dict[str, Rollout]:
     """A started Rollout per alias. Production is guarded (``answers``: live_answers); its shadow phase and
     bake borrow the challenger's deployment, whose own rollout waits meanwhile."""
     resolve = registry_resolver(settings.model_name, settings.mlflow_audience)
-    common = {"resync_seconds": settings.resync_seconds}
+    common = {"resync_seconds": settings.resync_seconds, "deploy_attempts": settings.deploy_attempts, "lease": lease}
     rollouts: dict[str, Rollout] = {}
     guard = production_guard(settings.model_name, settings.mlflow_audience, targets.get("challenger"), answers, settings.analysis)
     slot = guard["guard"].slot if guard["guard"] else None
@@ -228,12 +270,20 @@ def create_app(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings or RolloutSettings.from_env()
     verifier = verifier or WebhookVerifier(settings.webhook_secret, settings.tolerance_seconds)
+    lease = None
     if rollouts is None:
         answers = live_answers(settings)
-        rollouts = build_rollouts(settings, targets if targets is not None else cloud_targets(settings), answers)
+        built: dict[str, Rollout] = {}
+        lease = lease_for(settings, answers, lambda: built)
+        built.update(build_rollouts(settings, targets if targets is not None else cloud_targets(settings), answers, lease))
+        rollouts = built
+        lease.start()
     app = Flask(__name__)
     app.extensions["rollouts"] = rollouts
     app.extensions["answers"] = answers
+    app.extensions["lease"] = lease
+    is_operator = operator_check(settings)
+    cached = StatusCache(settings.status_cache_seconds)
 
     @app.post("/webhooks/mlflow")
     def webhook():
@@ -256,32 +306,107 @@ def create_app(
         rollouts[alias].request(f"{kind[0]}.{kind[1]} v{data.get('version', '-')} (delivery {delivery})")
         return jsonify({"accepted": True, "alias": alias, "delivery": delivery}), 202
 
+    def aliases() -> dict[str, dict[str, Any]]:
+        return cached.get("aliases", lambda: {alias: rollout.status() for alias, rollout in rollouts.items()})
+
     @app.get("/status")
     def status():
-        aliases = {alias: rollout.status() for alias, rollout in rollouts.items()}
-        return jsonify({"in_sync": all(a["in_sync"] for a in aliases.values()), "aliases": aliases})
+        entries = aliases()
+        in_sync = all(a["in_sync"] for a in entries.values())
+        if is_operator(request.headers.get("Authorization", ""), f"https://{request.host}"):
+            return jsonify({"in_sync": in_sync, "aliases": entries, **lease_summary(lease)})
+        return jsonify({"in_sync": in_sync, "aliases": {alias: public_entry(a) for alias, a in entries.items()}})
 
     @app.get("/readyz")
     def readyz():
         """Whether the controller can see the registry and its deployments and every analysis reader reads its
-        subscription (a problem each, by alias or ``reader <subscription>``), and each alias's phase with its figures."""
-        aliases = {alias: rollout.status() for alias, rollout in rollouts.items()}
-        problems = {alias: a["problem"] for alias, a in aliases.items() if a.get("problem")}
-        readers = {name: reader.summary() for name, reader in answers.readers.items()} if answers is not None else {}
+        subscription (a problem each, by alias or ``reader <subscription>``), and each alias's phase with its figures.
+        Readers are judged on the leaseholder only (the others do not read)."""
+        entries = aliases()
+        problems = {alias: a["problem"] for alias, a in entries.items() if a.get("problem")}
+        reading = answers is not None and (lease is None or lease.held())
+        readers = {name: reader.summary() for name, reader in answers.readers.items()} if reading else {}
         problems.update({f"reader {name}": r["problem"] for name, r in readers.items() if r["problem"]})
-        body = {
-            "status": "down" if problems else "ok",
-            "problems": problems,
-            "aliases": {
+        code = 503 if problems else 200
+        body: dict[str, Any] = {"status": "down" if problems else "ok"}
+        if not is_operator(request.headers.get("Authorization", ""), f"https://{request.host}"):
+            body["aliases"] = {alias: public_entry(a) for alias, a in entries.items()}
+            return jsonify(body), code
+        body.update(
+            problems=problems,
+            aliases={
                 alias: {k: a.get(k) for k in ("state", "phase", "registry", "serving", "last_error")}
-                for alias, a in aliases.items()
+                for alias, a in entries.items()
             },
-            "readers": readers,
-        }
-        return jsonify(body), 503 if problems else 200
+            readers=readers,
+            **lease_summary(lease),
+        )
+        return jsonify(body), code
 
     @app.get("/healthz")
     def healthz():
         return jsonify({"status": "ok"})
 
     return app
+
+
+def public_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """What anyone may see of an alias: its state, its phase's name and the version numbers; no run ids, paths,
+    figures or errors (issue 33)."""
+    phase = entry.get("phase") or {}
+    return {
+        "state": entry.get("state"),
+        "in_sync": entry.get("in_sync"),
+        "registry_version": (entry.get("registry") or {}).get("version"),
+        "serving_version": (entry.get("serving") or {}).get("version"),
+        "phase": {"name": phase.get("phase"), "version": phase.get("version"), "from": phase.get("from")} if phase else None,
+    }
+
+
+def lease_summary(lease: Any) -> dict[str, Any]:
+    if lease is None:
+        return {}
+    return {"lease": {"held": lease.held(), "holder": getattr(lease, "holder", None), "problem": lease.problem}}
+
+
+def operator_check(settings: RolloutSettings) -> Callable[[str], bool]:
+    """Authorization header -> whether it is an operator's: a Google ID token (verified, audience
+    ROLLOUT_OPERATOR_AUDIENCE) whose e-mail is in ROLLOUT_OPERATORS, or the local stack's shared token."""
+
+    def check(header: str, own_url: str = "") -> bool:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        if settings.operator_token and hmac.compare_digest(token.encode(), settings.operator_token.encode()):
+            return True
+        if not settings.operators:
+            return False
+        import google.auth.transport.requests
+        import google.oauth2.id_token
+
+        try:
+            claims = google.oauth2.id_token.verify_oauth2_token(
+                token, google.auth.transport.requests.Request(), audience=settings.operator_audience or own_url
+            )
+        except ValueError:  # expired, wrong audience, not signed by Google
+            return False
+        return bool(claims.get("email_verified")) and str(claims.get("email", "")).lower() in settings.operators
+
+    return check
+
+
+class StatusCache:
+    """What a status read found, reused for ``seconds``: each read asks the registry and spawns gcloud processes."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._kept: dict[str, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str, read: Callable[[], Any]) -> Any:
+        with self._lock:  # one read at a time: callers arriving meanwhile take its answer
+            at, value = self._kept.get(key, (0.0, None))
+            if time.monotonic() - at >= self.seconds or value is None:
+                value = read()
+                self._kept[key] = (time.monotonic(), value)
+            return value

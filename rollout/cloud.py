@@ -30,7 +30,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from rollout.reconcile import Deployment
+from rollout.reconcile import Deployment, RevisionNotReady
 
 GCLOUD_TIMEOUT_SECONDS = 600  # a revision starts in seconds; a stuck one is given up on
 SHADOW_TAG = "shadow"
@@ -120,16 +120,30 @@ class CloudRunFunctionTarget:
         deployed_at = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp() if created else None
         return Deployment(env.get("MODEL_VERSION", ""), env["RUN_ID"], env.get("MODEL_URI", ""), deployed_at)
 
+    @staticmethod
+    def _image(spec_holder: dict[str, Any]) -> str:
+        containers = (spec_holder.get("spec") or {}).get("containers") or [{}]
+        return containers[0].get("image", "")
+
     def _existing_revision(self, model: Deployment) -> str | None:
-        """A ready revision that already serves ``model`` in this role (a rollback reuses it: no new revision)."""
+        """A ready revision that already serves ``model`` in this role with the service's current image (a rollback
+        reuses it: no new revision; one of an older image would roll the function's code back too). A revision of
+        that model and image that failed readiness raises RevisionNotReady: no new revision is made for it."""
         wanted = self.model_env(model)
+        service = json.loads(self._gcloud(self.describe_command()) or "{}")
+        image = self._image((service.get("spec") or {}).get("template") or {})
         for revision in json.loads(self._gcloud(self.revisions_command()) or "[]"):
             env = self._env(revision)
-            ready = any(
-                c.get("type") == "Ready" and c.get("status") == "True" for c in revision.get("status", {}).get("conditions", [])
-            )
-            if ready and all(env.get(k) == wanted[k] for k in ("RUN_ID", "MODEL_VERSION", "BACKEND_PULL_STREAM")):
+            if not all(env.get(k) == wanted[k] for k in ("RUN_ID", "MODEL_VERSION", "BACKEND_PULL_STREAM")):
+                continue
+            if self._image(revision) != image:
+                continue
+            ready = [c for c in revision.get("status", {}).get("conditions", []) if c.get("type") == "Ready"]
+            if ready and ready[0].get("status") == "True":
                 return revision["metadata"]["name"]
+            if ready and ready[0].get("status") == "False":
+                name = revision["metadata"]["name"]
+                raise RevisionNotReady(f"revision {name} failed readiness: {ready[0].get('message', '')[:500]}")
         return None
 
     def retire(self) -> None:

@@ -68,6 +68,24 @@ class Superseded(Exception):
     """The phase cannot go on here: the alias moved on, or the controller is stopping (the phase then resumes)."""
 
 
+class NotEvaluated(Exception):
+    """A check could not be evaluated (the model store unreachable, a storage blip, a pre-flight timeout):
+    retried with backoff, never a block. Distinct from a check evaluated that failed, which blocks."""
+
+
+class RevisionNotReady(RuntimeError):
+    """A deployment failed deterministically (its revision failed readiness): trying again cannot help, so the
+    version is blocked at once, and no new revision is made for it."""
+
+
+class _Blocked(Exception):
+    """Raised inside a pass: the version is blocked (the failure budget is spent, or the failure is deterministic)."""
+
+    def __init__(self, phase: str, reason: str, figures: dict[str, Any]):
+        super().__init__(reason)
+        self.phase, self.reason, self.figures = phase, reason, figures
+
+
 class MemoryStory:
     """A rollout's durable state and its story kept in memory: for rollouts that need neither (tests, the challenger).
 
@@ -93,6 +111,28 @@ class MemoryStory:
 
     def move_alias(self, alias: str, version: str) -> None:
         self.aliases[alias] = version
+
+
+class _Fenced:
+    """A target or story whose acts (``acts``) first check that this controller still holds the lease."""
+
+    def __init__(self, inner: Any, check: Callable[[], None], acts: tuple[str, ...]):
+        self._inner, self._check, self._acts = inner, check, acts
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._inner, name)
+        if name not in self._acts:
+            return value
+
+        def act(*args: Any, **kwargs: Any) -> Any:
+            self._check()
+            return value(*args, **kwargs)
+
+        return act
+
+
+TARGET_ACTS = ("deploy", "retire")
+STORY_ACTS = ("mark", "tell", "move_alias")
 
 
 class ShadowSlot:
@@ -124,6 +164,90 @@ class Guard:
     slot: ShadowSlot
 
 
+def _figures(window: tuple, settings: AnalysisSettings, interval: bool) -> dict[str, Any]:
+    """rollout.analysis.figures: cheap (no bootstrap) while watching, with the RMSE interval once at the decision."""
+    from rollout.analysis import figures
+
+    if _FIGURES_TAKE_INTERVAL is None:
+        _detect_interval_keyword()
+    if _FIGURES_TAKE_INTERVAL:
+        return figures(*window, settings=settings, interval=interval)
+    # Before issue 33's interface 1 is merged (rollout/analysis.py, another part's): every call bootstraps.
+    return figures(*window, settings=settings)
+
+
+_FIGURES_TAKE_INTERVAL: bool | None = None
+
+
+def _detect_interval_keyword() -> None:
+    import inspect
+
+    from rollout.analysis import figures
+
+    global _FIGURES_TAKE_INTERVAL
+    _FIGURES_TAKE_INTERVAL = "interval" in inspect.signature(figures).parameters
+
+
+def rmse_gate(figs: dict[str, Any], settings: AnalysisSettings) -> str:
+    """Which evidence a decision had: whether the paired RMSE gate could apply, on how many outcomes."""
+    outcomes = int(figs.get("outcomes") or 0)
+    if figs.get("rmse_diff_ci95"):
+        return f"RMSE gate: applied on {outcomes} outcomes"
+    return f"RMSE gate: not applied, {outcomes} outcomes of {settings.min_outcomes} needed"
+
+
+# How rides end, for the expected length of a rollout: NYC yellow-cab durations are close to log-normal,
+# median about 12 min, 95th percentile about 40 min (sigma = ln(40/12) / 1.645), within the contract's 1-60 min.
+RIDE_MEDIAN_MINUTES, RIDE_LOG_SIGMA = 12.0, 0.73
+
+
+def _ride_ended_share(minutes: float) -> float:
+    """The share of rides that have ended ``minutes`` after their pickup (the log-normal CDF, clipped at 1-60 min)."""
+    import math
+
+    if minutes < 1:
+        return 0.0
+    if minutes >= 60:
+        return 1.0
+    return 0.5 * (1 + math.erf(math.log(minutes / RIDE_MEDIAN_MINUTES) / (RIDE_LOG_SIGMA * math.sqrt(2))))
+
+
+def expected_rollout_minutes(settings: AnalysisSettings, rides_per_second: float) -> dict[str, Any]:
+    """How long a guarded rollout takes at a steady ``rides_per_second``, from the settings: the shadow closes
+    once it has ``shadow_min_rides`` rides and ``min_outcomes`` outcomes (a ride's outcome returns when it
+    ends), or at ``shadow_max_minutes``; the bake lasts ``bake_minutes`` and until ``bake_min_rides``, at most
+    ``bake_max_minutes``. Pre-flight and the deploys (seconds to a minute) are not counted.
+    docs/rollout-controller.md shows it at 1, 10 and 100 rides/s."""
+    step = 1 / 6  # minutes: a ten-second grid
+
+    def outcomes_by(minutes: float) -> float:  # rides begun since the window opened that have ended
+        grid = [i * step for i in range(int(minutes / step) + 1)]
+        return rides_per_second * 60 * step * sum(_ride_ended_share(minutes - t) for t in grid)
+
+    settle = (WINDOW_SETTLE_SECONDS + settings.answer_grace_seconds) / 60
+    rides_minutes = settings.shadow_min_rides / rides_per_second / 60 + settle
+    shadow = settings.shadow_max_minutes
+    minute = max(rides_minutes, settle)
+    while minute < settings.shadow_max_minutes:
+        if minute >= rides_minutes and outcomes_by(minute - settle) >= settings.min_outcomes:
+            shadow = minute
+            break
+        minute += step
+    outcomes = int(outcomes_by(max(0.0, shadow - settle)))
+    bake_rides_minutes = settings.bake_min_rides / rides_per_second / 60 + settle
+    bake = min(max(settings.bake_minutes, bake_rides_minutes), settings.bake_max_minutes)
+    return {
+        "rides_per_second": rides_per_second,
+        "shadow_minutes": round(shadow, 1),
+        "shadow_outcomes": outcomes,
+        "rmse_gate_in_shadow": outcomes >= settings.min_outcomes,
+        "shadow_enough_rides": rides_minutes <= settings.shadow_max_minutes,
+        "bake_minutes": round(bake, 1),
+        "bake_enough_rides": bake_rides_minutes <= settings.bake_max_minutes,
+        "total_minutes": round(shadow + bake, 1),
+    }
+
+
 # Rides in flight when a deployment starts to answer in shadow reach only the other one; the
 # analysis window opens this long after the deployment serves (a ride takes well under a second).
 WINDOW_SETTLE_SECONDS = 2.0
@@ -149,6 +273,8 @@ class Rollout:
         story: Any = None,
         guard: Guard | None = None,
         slot: ShadowSlot | None = None,
+        deploy_attempts: int = 3,
+        lease: Any = None,
     ):
         self.alias = alias
         # Told (what serves now, what is about to replace it) before each deploy: production marks the
@@ -160,6 +286,16 @@ class Rollout:
         # The rollout's durable state and its story (MemoryStory's calls): rollout.app.RegistryStory
         # keeps both on the version's tags and page in the registry.
         self._story = story if story is not None else MemoryStory()
+        # A deploy of a version that fails this many times (or once, deterministically) blocks it.
+        self.deploy_attempts = deploy_attempts
+        # rollout.lease.RedisLease (held(), check()): without it this controller is the only one. Every act
+        # (a deploy, an alias move, a tag write) first checks the lease is still held, with margin.
+        self._lease = lease
+        if lease is not None:
+            self._story = _Fenced(self._story, lease.check, STORY_ACTS)
+            target = _Fenced(target, lease.check, TARGET_ACTS)
+            if guard is not None:
+                guard = Guard(_Fenced(guard.shadow, lease.check, TARGET_ACTS), guard.answers, guard.analysis, guard.slot)
         self._guard = guard
         # A rollout of the shadow deployment itself (the challenger) waits while a guarded rollout holds it.
         self._slot = slot
@@ -208,26 +344,33 @@ class Rollout:
             self._wake.wait(min(delay, self.resync_seconds))  # woken by a webhook, a retry, or the resync
             if self._stop.is_set():
                 return
+            if self._lease is not None and not self._lease.held():
+                # Another controller acts (or none yet): this one waits; the lease's keeper requests a look once held.
+                self._wake.wait(1.0)
+                continue
             self._wake.clear()
             try:
                 self.reconcile()
             except Superseded:
                 continue
+            except NotEvaluated as exc:  # could not be evaluated: tried again with backoff, nothing blocked
+                self._failed(exc, "could not evaluate")
+                continue
             except Exception as exc:  # reported and retried; the previous deployment keeps serving
-                self.failures += 1
-                backoff = min(self._retry_initial * 2 ** (self.failures - 1), self._retry_max)
-                self.retry_at = time.time() + backoff
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.error(
-                    "%s: rollout failed, retrying in %.0f s; the previous deployment keeps serving: %s",
-                    self.alias,
-                    backoff,
-                    self.last_error,
-                )
+                self._failed(exc, "rollout failed")
                 continue
             self.failures, self.last_error, self.retry_at = 0, None, None
             if not self._wake.is_set():
                 self._idle.set()
+
+    def _failed(self, exc: Exception, what: str) -> None:
+        self.failures += 1
+        backoff = min(self._retry_initial * 2 ** (self.failures - 1), self._retry_max)
+        self.retry_at = time.time() + backoff
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.error(
+            "%s: %s, retrying in %.0f s; the previous deployment keeps serving: %s", self.alias, what, backoff, self.last_error
+        )
 
     # --- one pass -----------------------------------------------------------------------------
     def reconcile(self) -> str:
@@ -252,6 +395,10 @@ class Rollout:
                     return self._record("retired", f"no {self.alias!r} alias: v{serving.version} no longer in shadow", None, None)
                 return self._record("no-op", f"the registry has no {self.alias!r} alias; nothing to roll out", serving, None)
             state = self._story.state(wanted.version)
+            if _same(serving, wanted) and state.get("rollout_status") == "blocked" and state.get("rollout_from_deployment"):
+                # Blocked during its bake and recorded, but the alias or riders not yet back (the controller
+                # stopped, or the registry failed, between the record and the acts): finish the rollback.
+                return self._finish_rollback(wanted, state)
             if _same(serving, wanted):
                 # Riders are on it but its bake did not end (a controller stopped after the switch): bake it.
                 unbaked = state.get("rollout_phase") == "bake" or (
@@ -277,6 +424,8 @@ class Rollout:
             )
             try:
                 return self._roll_out(wanted, serving, state)
+            except _Blocked as exc:
+                return self._block(wanted, serving, exc.phase, exc.reason, exc.figures)
             except Superseded as exc:
                 self._record("superseded", f"v{wanted.version}: {exc}", serving, wanted)
                 self._wake.set()  # look again at once: the alias's latest version is what counts
@@ -301,6 +450,8 @@ class Rollout:
             self._enter(wanted, "preflight", serving, attempts)
         verdict = self._preflight(wanted) if self._preflight is not None and not resumed_shadow else None
         if verdict is not None:
+            if not getattr(verdict, "evaluated", True):  # could not be evaluated: try again later, block nothing
+                raise NotEvaluated(f"pre-flight of v{wanted.version} could not be evaluated: {verdict.reason}")
             phases["preflight"] = {"passed": verdict.passed, "max_diff_minutes": verdict.max_diff_minutes}
             if not verdict.passed:
                 return self._block(wanted, serving, "pre-flight", verdict.reason, phases["preflight"])
@@ -313,22 +464,27 @@ class Rollout:
         if guarded:
             assert self._guard is not None and serving is not None
             resumed = resuming and state.get("rollout_phase") == "shadow"
-            since = float(state["rollout_phase_started_at"]) if resumed else time.time()
-            self._enter(wanted, "shadow", serving, attempts, since)
-            if resumed:
+            self._enter(wanted, "shadow", serving, attempts)
+            if resumed:  # what the stopped controller had read went with it: the window starts anew, with a new deadline
                 self._story.tell(
-                    wanted.version, f"**Shadow analysis resumed** ({_now()}) by a restarted controller, attempt {attempts}."
+                    wanted.version,
+                    f"**Shadow analysis resumed** ({_now()}) by a restarted controller, attempt {attempts}: "
+                    "its window starts anew.",
                 )
             self._guard.slot.lend(self.alias)
-            started_shadow = not _same(self._guard.shadow.serving(), wanted)
-            if started_shadow:
-                self._guard.shadow.deploy(wanted)
-            # The clock goes on only if the shadow kept answering across a restart; else the window opens anew.
-            if not resumed or started_shadow:
-                since = self._window_opens(wanted)
+            if not _same(self._guard.shadow.serving(), wanted):
+                self._deploy_candidate(self._guard.shadow, wanted, state)
+            since = self._window_opens(wanted)
             settings = self._guard.analysis
             figs, found = self._watch(
-                wanted, serving, since, settings.shadow_min_rides, 0.0, settings.shadow_max_minutes * 60, early=False
+                wanted,
+                serving,
+                since,
+                settings.shadow_min_rides,
+                settings.min_outcomes,
+                0.0,
+                settings.shadow_max_minutes * 60,
+                early=False,
             )
             phases["shadow"] = figs
             if found:
@@ -337,6 +493,7 @@ class Rollout:
                 wanted.version,
                 f"**Shadow analysis passed** ({_now()}): {_describe(figs, wanted, serving)}.",
                 rollout_shadow=json.dumps(figs),
+                rollout_shadow_rmse_gate=figs["rmse_gate"],
             )
 
         if self._before_switch is not None and serving is not None:
@@ -345,7 +502,11 @@ class Rollout:
             except Exception as exc:  # bookkeeping only: the rollout goes on
                 log.warning("%s: before the switch: %s: %s", self.alias, type(exc).__name__, exc)
         self._enter(wanted, "switch", serving, attempts)
-        self.target.deploy(wanted)
+        # The alias may have moved on while pre-flight or the shadow ran: a version no longer wanted never
+        # reaches riders (issue 33: v1, v2, v1, v2 within 0.36 s, and v1 answered riders for 15 s).
+        self._still_wanted(wanted)
+        self._deploy_candidate(self.target, wanted, state)
+        self._back_if_moved_on(wanted, serving, guarded)
         now_serving = self.target.serving()
         if now_serving is None or now_serving.run_id != wanted.run_id:
             raise RuntimeError(f"{self.target.name} reports {now_serving} after deploying v{wanted.version}")
@@ -353,16 +514,18 @@ class Rollout:
 
         if guarded:
             assert serving is not None
-            outcome, phases["bake"] = self._bake(wanted, serving, attempts, None)
+            outcome, phases["bake"] = self._bake(wanted, serving, attempts)
             if outcome is not None:
                 return outcome
         replaced = f", replacing v{serving.version}" if serving else ""
         if serving is not None and serving.version != wanted.version:  # its page no longer says it serves
             self._story.mark(serving.version, rollout_status=f"replaced by v{wanted.version}", rollout_phase="replaced")
+        gates = "; ".join(f"{phase}: {phases[phase]['rmse_gate']}" for phase in ("shadow", "bake") if phase in phases)
         self._story.tell(
             wanted.version,
             f"**Rolled out to {self.alias}** ({_now()}): riders on it {switch_seconds} s after the rollout began{replaced}"
             + ("; known good (it served before): shadow and bake skipped" if known_good else "")
+            + (f"; {gates}" if gates else "")
             + ".",
             rollout_status=f"serving {self.alias}",
             rollout_phase="serving",
@@ -371,54 +534,116 @@ class Rollout:
         )
         return self._record(
             "rolled out",
-            f"v{wanted.version} serving after {switch_seconds} s" + (" (known good)" if known_good else ""),
+            f"v{wanted.version} serving after {switch_seconds} s"
+            + (" (known good)" if known_good else "")
+            + (f" ({gates})" if gates else ""),
             now_serving,
             wanted,
             switch_seconds,
             phases,
         )
 
-    def _bake(
-        self, wanted: Deployment, previous: Deployment, attempts: int, since: float | None
-    ) -> tuple[str | None, dict[str, Any]]:
-        """Riders on ``wanted``, ``previous`` answering in shadow; a breach sends riders back.
-        (what it did, None if it passed; its figures).
+    def _still_wanted(self, wanted: Deployment) -> None:
+        """The alias, read again right before an act that puts ``wanted`` before riders: Superseded if it moved on."""
+        now_wanted = self._resolve(self.alias)
+        if not _same(now_wanted, wanted):
+            self._story.mark(wanted.version, rollout_status="superseded", rollout_phase="superseded")
+            raise Superseded(f"the alias moved to v{now_wanted.version if now_wanted else '-'} before the switch")
 
-        ``since``: when a bake that a stopped controller began started (None: it begins now)."""
+    def _back_if_moved_on(self, wanted: Deployment, serving: Deployment | None, guarded: bool) -> None:
+        """The alias, read again once riders are on ``wanted``: if it moved on during the deploy, riders go back at
+        once to what served before when the alias names it again, or when ``wanted`` was guarded (it has not
+        baked); otherwise the next pass, at once, rolls out whatever the alias names now."""
+        now_wanted = self._resolve(self.alias)
+        if _same(now_wanted, wanted):
+            return
+        self._story.mark(wanted.version, rollout_status="superseded", rollout_phase="superseded")
+        moved = f"v{now_wanted.version}" if now_wanted else "nothing"
+        if serving is not None and (guarded or _same(now_wanted, serving)):
+            self.target.deploy(serving)
+            raise Superseded(f"the alias moved to {moved} during the switch: riders went back to v{serving.version}")
+        raise Superseded(f"the alias moved to {moved} during the switch")
+
+    def _deploy_candidate(self, target: Target, wanted: Deployment, state: dict[str, str]) -> None:
+        """``target.deploy(wanted)`` within the failure budget: a deploy failed ``deploy_attempts`` times (counted on
+        the version's tags, so across restarts), or once deterministically (its revision failed readiness), blocks
+        the version; the caller's block moves the alias back to what serves. Anything else is retried with backoff."""
+        try:
+            target.deploy(wanted)
+        except Superseded:
+            raise
+        except Exception as exc:
+            failures = int(self._story.state(wanted.version).get("rollout_deploy_failures", "0")) + 1
+            error = f"{type(exc).__name__}: {exc}"
+            self._story.mark(wanted.version, rollout_deploy_failures=str(failures), rollout_last_deploy_error=error[:5000])
+            if isinstance(exc, RevisionNotReady) or failures >= self.deploy_attempts:
+                why = "its revision failed readiness" if isinstance(exc, RevisionNotReady) else f"{failures} deploys failed"
+                raise _Blocked("deploy", f"{why} on {target.name}: {error[:2000]}", {"deploy_failures": failures}) from exc
+            raise
+        if state.get("rollout_deploy_failures", "0") != "0":
+            self._story.mark(wanted.version, rollout_deploy_failures="0")
+
+    def _bake(self, wanted: Deployment, previous: Deployment, attempts: int) -> tuple[str | None, dict[str, Any]]:
+        """Riders on ``wanted``, ``previous`` answering in shadow; a breach sends riders back.
+        (what it did, None if it passed; its figures). Its window always opens now: a bake resumed by a
+        restarted controller starts anew (what the stopped one read went with it), and a bake that gathers too
+        few rides within its time does not pass: riders go back, the version is blocked."""
         assert self._guard is not None
-        self._enter(wanted, "bake", previous, attempts, since)
+        self._enter(wanted, "bake", previous, attempts)
         self._guard.slot.lend(self.alias)
         if not _same(self._guard.shadow.serving(), previous):
             self._guard.shadow.deploy(previous)  # the version riders go back to, warm
-        if since is None:
-            since = self._window_opens(wanted)
+        since = self._window_opens(wanted)
         settings = self._guard.analysis
         figs, found = self._watch(
             wanted,
             previous,
             since,
             settings.bake_min_rides,
+            0,
             settings.bake_minutes * 60,
-            max(settings.bake_minutes, settings.shadow_max_minutes) * 60,
+            settings.bake_max_minutes * 60,
             early=True,
         )
         if found:
+            reason = "; ".join(found)
+            # Recorded first: were the controller (or MLflow) to fail before riders are back, the next pass
+            # finishes the rollback (_finish_rollback) instead of running the rollout again.
+            self._story.tell(
+                wanted.version,
+                f"**Bake breached** ({_now()}): {reason}. Riders are going back to v{previous.version}.",
+                rollout_status="blocked",
+                rollout_phase="rolling back",
+                rollout_reason=reason[:5000],
+                rollout_figures=json.dumps(figs),
+            )
+            self._story.move_alias(self.alias, previous.version)
             rollback_started = time.time()
             self.target.deploy(previous)
             figs = {**figs, "rollback_seconds": _seconds(rollback_started)}
-            return self._block(wanted, previous, "bake", "; ".join(found), figs, rolled_back=True), figs
+            return self._block(wanted, previous, "bake", reason, figs, rolled_back=True), figs
         self._story.tell(
-            wanted.version, f"**Bake passed** ({_now()}): {_describe(figs, wanted, previous)}.", rollout_bake=json.dumps(figs)
+            wanted.version,
+            f"**Bake passed** ({_now()}): {_describe(figs, wanted, previous)}.",
+            rollout_bake=json.dumps(figs),
+            rollout_bake_rmse_gate=figs["rmse_gate"],
         )
         return None, figs
 
+    def _finish_rollback(self, wanted: Deployment, state: dict[str, str]) -> str:
+        previous = Deployment(**json.loads(state["rollout_from_deployment"]))
+        self._story.move_alias(self.alias, previous.version)
+        self.target.deploy(previous)
+        reason = state.get("rollout_reason", "")
+        return self._block(wanted, previous, state.get("rollout_phase", "bake"), reason, {}, rolled_back=True)
+
     def _resumed_bake(self, wanted: Deployment, state: dict[str, str]) -> str:
-        """A controller restarted during the bake: the bake goes on, on its own clock, then ends as it would have."""
+        """A controller restarted during the bake: the bake starts anew (never passes on the stopped one's clock)."""
         previous = Deployment(**json.loads(state["rollout_from_deployment"]))
         attempts = int(state.get("rollout_attempts", "1"))
+        self._story.tell(wanted.version, f"**Bake resumed** ({_now()}) by a restarted controller: its window starts anew.")
         try:
-            began = float(state["rollout_phase_started_at"]) if state.get("rollout_phase") == "bake" else None
-            outcome, _ = self._bake(wanted, previous, attempts, began)
+            outcome, _ = self._bake(wanted, previous, attempts)
         finally:
             self.phase = None
         if outcome is not None:
@@ -447,15 +672,27 @@ class Rollout:
         serving: Deployment,
         since: float,
         min_rides: int,
+        min_outcomes: int,
         min_seconds: float,
         max_seconds: float,
         early: bool,
     ) -> tuple[dict[str, Any], list[str]]:
-        """The paired figures of ``wanted`` against ``serving`` from ``since`` until the window closes."""
-        from rollout.analysis import breaches, figures
+        """The paired figures of ``wanted`` against ``serving`` from ``since`` until the window closes: once it has
+        ``min_rides`` rides, ``min_outcomes`` outcomes and ``min_seconds``, or at ``max_seconds`` (then with too
+        few rides it is a breach: no evidence is no pass; with too few outcomes it decides on what it has, and
+        its figures' ``rmse_gate`` says so). ``early``: a breach acts at once (the bake)."""
+        from rollout.analysis import breaches
 
         assert self._guard is not None
         settings, last_look, last_saved = self._guard.analysis, 0.0, time.time()
+
+        def decided(window: tuple, extra: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+            figs = {**_figures(window, settings, interval=True), "seconds": _seconds(since), "window_opened_at": round(since, 3)}
+            figs["rmse_gate"] = rmse_gate(figs, settings)
+            if self.phase is not None:
+                self.phase["figures"] = figs
+            return figs, [*(extra or []), *breaches(figs, settings)]
+
         while True:
             if self._stop.is_set():
                 raise Superseded("the controller is stopping; the phase resumes when it starts again")
@@ -466,20 +703,26 @@ class Rollout:
                     self._story.mark(wanted.version, rollout_status="superseded", rollout_phase="superseded")
                     raise Superseded(f"the alias moved to v{now_wanted.version if now_wanted else '-'}")
             window = self._guard.answers.window(serving.version, wanted.version, since, settings.answer_grace_seconds)
-            figs = {**figures(*window, settings=settings), "seconds": _seconds(since), "window_opened_at": round(since, 3)}
+            figs = {
+                **_figures(window, settings, interval=False),
+                "seconds": _seconds(since),
+                "window_opened_at": round(since, 3),
+            }
+            figs.setdefault("outcomes", 0)
             if self.phase is not None:
                 self.phase["figures"] = figs
-            found = breaches(figs, settings)
-            if figs["rides"] >= min_rides and figs["seconds"] >= min_seconds:
-                return figs, found
-            if early and found and figs["rides"] >= max(20, min_rides // 4):
-                return figs, found  # a breach during the bake acts at once
+            enough_rides = figs["rides"] >= min_rides
+            if enough_rides and figs["outcomes"] >= min_outcomes and figs["seconds"] >= min_seconds:
+                return decided(window)
+            if early and breaches(figs, settings) and figs["rides"] >= max(20, min_rides // 4):
+                return decided(window)  # a breach during the bake acts at once
             if figs["seconds"] >= max_seconds:
-                if early:  # a quiet bake: nothing breached in all that time
-                    return figs, found
-                return figs, [
-                    f"only {figs['rides']} rides answered by both versions in {figs['seconds']:.0f} s (needs {min_rides})"
-                ]
+                if enough_rides:  # outcomes short of min_outcomes: decided on what it has, and says so
+                    return decided(window)
+                return decided(
+                    window,
+                    [f"only {figs['rides']} rides answered by both versions in {figs['seconds']:.0f} s (needs {min_rides})"],
+                )
             if time.time() - last_saved > 10:  # durable figures, for the page and a restarted controller's status
                 last_saved = time.time()
                 self._story.mark(wanted.version, rollout_figures=json.dumps(figs))
@@ -605,4 +848,6 @@ def _describe(figs: dict[str, Any], wanted: Deployment, serving: Deployment) -> 
     )
     if figs.get("rmse_diff_ci95"):
         text += f", RMSE {n} - {m} {figs['rmse_diff_minutes']} min (95 % CI {figs['rmse_diff_ci95']})"
+    if figs.get("rmse_gate"):
+        text += f"; {figs['rmse_gate']}"
     return text

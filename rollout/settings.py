@@ -13,14 +13,21 @@ class AnalysisSettings:
     e.g. ROLLOUT_SHADOW_MIN_RIDES. The defaults pass a retrained model and block a broken one
     (tests/test_analysis.py shows both, on real models and real rides)."""
 
-    # The shadow window: at least this many rides answered by both versions; a version that cannot
-    # gather them within the time is blocked (no evidence is no pass).
+    # The shadow window: at least this many rides answered by both versions AND min_outcomes of them with
+    # their actual duration back (a ride's outcome comes when it ends: 12 min median, up to 60), or its time
+    # limit. At the limit with too few rides the version is blocked (no evidence is no pass); with the rides
+    # but too few outcomes it is judged on what it has, and says so ("RMSE gate: not applied, ...").
+    # 60 min: at 1 ride/s the outcomes gate closes in about 10 min; the limit leaves room for 0.1 ride/s.
+    # rollout.reconcile.expected_rollout_minutes gives the times; docs/rollout-controller.md shows them.
     shadow_min_rides: int = 200
-    shadow_max_minutes: float = 30.0
+    shadow_max_minutes: float = 60.0
     # The bake: the new version answers riders while the old one answers the same rides in shadow,
-    # for at least this long and this many rides; a breach meanwhile sends riders back.
-    bake_minutes: float = 10.0
+    # for at least this long and this many rides; a breach meanwhile sends riders back. 30 min: longer
+    # than most rides (the RMSE gate can apply on the rides of its first half). A bake that has not
+    # gathered bake_min_rides by bake_max_minutes does not pass: riders go back, the version is blocked.
+    bake_minutes: float = 30.0
     bake_min_rides: int = 200
+    bake_max_minutes: float = 90.0
     # A ride counts once the candidate had this long to answer it too (else it is "unanswered").
     answer_grace_seconds: float = 10.0
     max_missing_rate: float = 0.01  # rides the serving version answered and the candidate did not
@@ -80,6 +87,28 @@ class RolloutSettings:
     # Completed rides (ANALYSIS_OUTCOME_SUBSCRIPTION, on the outcomes topic): where actual durations come
     # back within the window, the analysis adds the paired RMSE difference with its interval.
     outcome_subscription: str = ""
+    # ROLLOUT_DEPLOY_ATTEMPTS: a version whose deploy fails this many times (or once deterministically: its
+    # revision failed readiness) is blocked, the alias back on what serves; other failures are retried.
+    deploy_attempts: int = 3
+    # The lease that makes exactly one controller act (rollout.lease): ROLLOUT_LEASE_REDIS_URL (on Google
+    # Cloud, the backend's Memorystore, its URL with AUTH from Secret Manager), ROLLOUT_LEASE_KEY (a key of
+    # its own per deployment or stack), ROLLOUT_LEASE_SECONDS (its time; renewed every third), and
+    # ROLLOUT_LEASE_MARGIN_SECONDS (an act needs this much of it left). Without a lease store the controller
+    # refuses to start unless ROLLOUT_SINGLE_INSTANCE=true says it is the only one (tests, a one-off run).
+    lease_redis_url: str = ""
+    lease_key: str = "ridestream:rollout:lease"
+    lease_seconds: float = 15.0
+    lease_margin_seconds: float = 5.0
+    single_instance: bool = False
+    # Who may see /status's and /readyz's details (run ids, paths, errors): ROLLOUT_OPERATORS, e-mails whose
+    # Google ID token (audience ROLLOUT_OPERATOR_AUDIENCE, the service's URL) is verified; locally a shared
+    # ROLLOUT_OPERATOR_TOKEN (a bearer token). Anyone else gets states and version numbers only.
+    operators: tuple[str, ...] = ()
+    operator_audience: str = ""
+    operator_token: str = ""
+    # ROLLOUT_STATUS_CACHE_SECONDS: /status and /readyz reuse what they read for this long (each read asks the
+    # registry and gcloud: processes on the controller's one CPU).
+    status_cache_seconds: float = 5.0
 
     @classmethod
     def from_env(cls) -> RolloutSettings:
@@ -107,4 +136,32 @@ class RolloutSettings:
             ),
             deadletter_subscription=os.environ.get("ANALYSIS_DEADLETTER_SUBSCRIPTION", ""),
             outcome_subscription=os.environ.get("ANALYSIS_OUTCOME_SUBSCRIPTION", ""),
+            deploy_attempts=_whole("ROLLOUT_DEPLOY_ATTEMPTS", 3, least=1),
+            lease_redis_url=os.environ.get("ROLLOUT_LEASE_REDIS_URL", ""),
+            lease_key=os.environ.get("ROLLOUT_LEASE_KEY", "ridestream:rollout:lease"),
+            lease_seconds=float(os.environ.get("ROLLOUT_LEASE_SECONDS", "15")),
+            lease_margin_seconds=float(os.environ.get("ROLLOUT_LEASE_MARGIN_SECONDS", "5")),
+            single_instance=_flag("ROLLOUT_SINGLE_INSTANCE"),
+            operators=tuple(e.strip().lower() for e in os.environ.get("ROLLOUT_OPERATORS", "").split(",") if e.strip()),
+            operator_audience=os.environ.get("ROLLOUT_OPERATOR_AUDIENCE", ""),
+            operator_token=os.environ.get("ROLLOUT_OPERATOR_TOKEN", ""),
+            status_cache_seconds=float(os.environ.get("ROLLOUT_STATUS_CACHE_SECONDS", "5")),
         )
+
+
+def _whole(name: str, default: int, least: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise RuntimeError(f"{name}={raw!r}: expected a whole number") from None
+    if value < least:
+        raise RuntimeError(f"{name}={raw!r}: expected at least {least}")
+    return value
+
+
+def _flag(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw not in ("", "true", "false", "1", "0"):
+        raise RuntimeError(f"{name}={raw!r}: expected true or false")
+    return raw in ("true", "1")

@@ -217,6 +217,8 @@ def test_each_identity_gets_exactly_what_it_uses(resources):
     # Cloud Run service (acting as its identity), its own copies of the answers, and the models it loads at
     # pre-flight (issue 31: without this grant every promotion on Google Cloud is blocked).
     assert by_member["rollout"] == {
+        # Its lease (rollout/lease.py) lives in the backend's Memorystore: the URL with its AUTH string (issue 33).
+        ("roles/secretmanager.secretAccessor", 'google_secret_manager_secret.app["redis-url"]'),
         ("roles/storage.objectViewer", "google_storage_bucket.models"),
         ("roles/secretmanager.secretAccessor", 'google_secret_manager_secret.app["rollout-webhook-secret"]'),
         ("roles/run.developer", "google_cloud_run_v2_service.predict"),

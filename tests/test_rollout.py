@@ -16,7 +16,11 @@ from rollout.settings import RolloutSettings
 from rollout.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Rejected, WebhookVerifier, sign
 
 SECRET = "test-secret-not-used-anywhere-else"
-SETTINGS = RolloutSettings(SECRET, "ride-duration", {"production": "function"}, 300, 0.05, 0.2)
+OPERATOR = "operator-token-of-this-test"
+SETTINGS = RolloutSettings(
+    SECRET, "ride-duration", {"production": "function"}, 300, 0.05, 0.2, operator_token=OPERATOR, status_cache_seconds=0
+)
+AS_OPERATOR = {"Authorization": f"Bearer {OPERATOR}"}
 V1, V2, V3 = (Deployment(str(v), f"run-{v}", f"gs://models/m-{v}") for v in (1, 2, 3))
 
 
@@ -180,9 +184,9 @@ def test_a_repeated_event_is_a_no_op():
     assert rollout.reconcile() == "already serving v2"
 
 
-def test_a_failed_rollout_is_retried_and_the_old_model_serves_meanwhile():
+def test_a_failed_deploy_is_retried_within_its_budget_and_the_old_model_serves_meanwhile():
     registry, target = Registry(production=V2), FakeTarget(V1)
-    target.failures_left = 2
+    target.failures_left = 2  # under the budget of 3
     rollout = Rollout("production", registry.resolve, target, retry_initial_seconds=0.3, retry_max_seconds=1).start()
     try:
         deadline = time.monotonic() + 5
@@ -198,6 +202,45 @@ def test_a_failed_rollout_is_retried_and_the_old_model_serves_meanwhile():
     assert target.current == V2 and rollout.status()["in_sync"] is True
 
 
+def _story_registry(**aliases: Deployment):
+    from rollout.reconcile import MemoryStory
+
+    story, versions = MemoryStory(), {d.version: d for d in (V1, V2, V3)}
+    story.aliases.update({alias: d.version for alias, d in aliases.items()})
+    return story, lambda alias: versions.get(story.aliases.get(alias, ""))
+
+
+def test_a_version_whose_deploy_always_fails_ends_blocked_with_the_alias_back():
+    """Issue 33: retried forever, the registry saying production = v2 while v1 serves, one more failing revision a try."""
+    story, resolve = _story_registry(production=V2)
+    target = FakeTarget(V1)
+    target.failures_left = 10**6
+    rollout = Rollout("production", resolve, target, 0.05, 0.1, story=story, deploy_attempts=3).start()
+    try:
+        assert rollout.wait_idle(10)
+    finally:
+        rollout.stop()
+    assert target.current == V1 and story.aliases["production"] == "1"
+    assert target.failures_left == 10**6 - 3  # three tries, then no more revisions
+    assert story.tags["2"]["rollout_status"] == "blocked" and "3 deploys failed" in story.tags["2"]["rollout_reason"]
+
+
+def test_a_revision_that_failed_readiness_blocks_at_once():
+    from rollout.reconcile import RevisionNotReady
+
+    story, resolve = _story_registry(production=V2)
+
+    class NeverReady(FakeTarget):
+        def deploy(self, model):
+            self.deployed.append(model.version)
+            raise RevisionNotReady(f"revision function-p-v{model.version} failed readiness: the container exited")
+
+    target = NeverReady(V1)
+    message = Rollout("production", resolve, target, story=story).reconcile()
+    assert "blocked at deploy" in message and "failed readiness" in message, message
+    assert target.deployed == ["2"] and target.current == V1 and story.aliases["production"] == "1"
+
+
 def test_a_deleted_production_alias_leaves_the_function_serving():
     registry, target = Registry(), FakeTarget(V1)
     rollout = Rollout("production", registry.resolve, target)
@@ -209,12 +252,54 @@ def test_the_status_flags_a_registry_that_moved_without_the_function():
     registry, target = Registry(production=V2), FakeTarget(V1)
     rollout = Rollout("production", registry.resolve, target)  # not started: nobody rolls it out
     app = create_app(SETTINGS, rollouts={"production": rollout}, verifier=WebhookVerifier(SECRET))
-    report = app.test_client().get("/status").get_json()
+    report = app.test_client().get("/status", headers=AS_OPERATOR).get_json()
     entry = report["aliases"]["production"]
     assert report["in_sync"] is False
     assert (entry["registry"]["version"], entry["serving"]["version"], entry["state"]) == ("2", "1", "out of sync")
     rollout.reconcile()
     assert app.test_client().get("/status").get_json()["in_sync"] is True
+
+
+@pytest.mark.parametrize("path", ["/status", "/readyz"])
+def test_public_status_answers_carry_no_internals_and_an_operator_gets_the_details(path):
+    """Issue 33: the public /status and /readyz showed run ids, bucket paths and gcloud errors."""
+
+    class Failing(FakeTarget):
+        def serving(self):
+            raise RuntimeError("gcloud run services describe failed: gs://secret-bucket/models run-2 permission denied")
+
+    registry = Registry(production=V2)
+    rollouts = {"production": Rollout("production", registry.resolve, FakeTarget(V1)), "challenger": None}
+    rollouts["challenger"] = Rollout("challenger", registry.resolve, Failing())
+    client = create_app(SETTINGS, rollouts=rollouts, verifier=WebhookVerifier(SECRET)).test_client()
+    public = client.get(path)
+    text = public.get_data(as_text=True)
+    for internal in ("run-", "gs://", "gcloud", "permission"):
+        assert internal not in text, text
+    assert public.get_json()["aliases"]["production"]["serving_version"] == "1"
+    for header in ({"Authorization": "Bearer not-the-token"}, {"Authorization": OPERATOR}):
+        assert "gs://" not in client.get(path, headers=header).get_data(as_text=True)
+    detailed = client.get(path, headers=AS_OPERATOR).get_data(as_text=True)
+    assert "run-2" in detailed and "permission denied" in detailed
+
+
+def test_status_answers_are_cached_so_calls_do_not_each_ask_the_registry_and_gcloud():
+    from dataclasses import replace
+
+    registry, asked = Registry(production=V2), []
+
+    def resolve(alias):
+        asked.append(alias)
+        return registry.resolve(alias)
+
+    rollout = Rollout("production", resolve, FakeTarget(V1))
+    client = create_app(
+        replace(SETTINGS, status_cache_seconds=60), rollouts={"production": rollout}, verifier=WebhookVerifier(SECRET)
+    ).test_client()
+    for _ in range(5):
+        client.get("/status")
+        client.get("/readyz")
+    assert len(asked) == 1
 
 
 def test_the_status_command_flags_riders_answered_by_another_model(monkeypatch):
@@ -233,7 +318,8 @@ def test_the_status_command_flags_riders_answered_by_another_model(monkeypatch):
         def json(self):  # a fresh body per call, as over HTTP
             return json.loads(json.dumps(answers["/" + self.url.rpartition("/")[2]]))
 
-    monkeypatch.setattr(cli.requests, "get", lambda url, timeout: Response(url))
+    monkeypatch.setenv("ROLLOUT_OPERATOR_TOKEN", "op")
+    monkeypatch.setattr(cli.requests, "get", lambda url, timeout, headers=None: Response(url))
     report = cli.status("http://rollout", "http://backend")
     assert report["in_sync"] is False and "answered by v1" in report["mismatch"] and "production is v2" in report["mismatch"]
     answers["/readyz"]["model_served"]["at"] = 999.0  # answered before v2 was deployed: no ride since, no verdict
@@ -320,3 +406,79 @@ def test_a_replay_from_a_sender_whose_clock_runs_ahead_is_refused_after_the_wind
     now[0] += 300  # now the signed timestamp itself is too old
     with pytest.raises(Rejected, match="timestamp"):
         verifier.verify(headers, body)
+
+
+def test_two_controllers_overlapping_never_both_act(redis_prefix):
+    """Issue 33: Cloud Run overlaps two controller instances at every deploy of it. Two real Rollouts with leases on one
+    Redis drive one service: every act is made by the lease's holder of that moment; a holder frozen past its lease
+    (its keeper stopped, its token kept) acts no more once the other has taken over."""
+    import redis
+    from conftest import REDIS_URL
+
+    from rollout.lease import RedisLease
+
+    client, key = redis.Redis.from_url(REDIS_URL), f"{redis_prefix}:rollout:lease"
+    registry, acts = Registry(production=V2), []
+
+    class Service(FakeTarget):  # the one function service both controllers drive
+        def act_as(self, lease):
+            service = self
+
+            class Acting:
+                name = "the function's service"
+
+                def serving(self):
+                    return service.serving()
+
+                def deploy(self, model):
+                    acts.append((lease.token, (client.get(key) or b"").decode(), model.version))
+                    service.deploy(model)
+
+            return Acting()
+
+    service = Service(V1)
+    controllers = []
+    for name in ("a", "b"):
+        lease = RedisLease(client, key, ttl_seconds=1.5, margin_seconds=0.5, holder=name)
+        rollout = Rollout("production", registry.resolve, service.act_as(lease), 0.05, 0.2, resync_seconds=0.1, lease=lease)
+        controllers.append((lease, rollout))
+    try:
+        for lease, rollout in controllers:
+            lease.start()
+            rollout.start()
+            time.sleep(0.2)
+        first = next(lease for lease, _ in controllers if lease.held())
+        deadline = time.monotonic() + 10
+        while service.current != V2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first._stop.set()  # frozen: it renews no more, and still believes it holds the lease until it checks
+        first._thread.join()
+        other = next(lease for lease, _ in controllers if lease is not first)
+        deadline = time.monotonic() + 10
+        while not other.held() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        registry.aliases["production"] = V3
+        for _, rollout in controllers:
+            rollout.request("v3 promoted")
+        deadline = time.monotonic() + 10
+        while service.current != V3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        for lease, rollout in controllers:
+            rollout.stop()
+            lease.stop()
+    assert service.current == V3 and [version for _, _, version in acts] == ["2", "3"], acts
+    assert all(token == holder for token, holder, _ in acts), acts  # each act by the holder of that moment
+    assert acts[0][0].startswith(f"{first.holder}:") and acts[1][0].startswith(f"{other.holder}:")
+    assert int(acts[1][0].split(":")[1]) > int(acts[0][0].split(":")[1])  # a later fence
+
+
+def test_without_a_lease_store_the_controller_refuses_to_start_unless_told_it_is_alone():
+    from dataclasses import replace
+
+    from rollout.app import lease_for
+    from rollout.lease import SingleInstance
+
+    with pytest.raises(RuntimeError, match="no lease store: set ROLLOUT_LEASE_REDIS_URL"):
+        lease_for(SETTINGS, None, dict)
+    assert isinstance(lease_for(replace(SETTINGS, single_instance=True), None, dict), SingleInstance)
