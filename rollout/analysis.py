@@ -52,13 +52,24 @@ def figures(
     baseline_dead_letters: int = 0,
     actual: list[float | None] | None = None,
     settings: AnalysisSettings | None = None,
+    interval: bool = True,
 ) -> dict[str, Any]:
     """The analysis figures of rides answered by the baseline; ``candidate[i]`` is None where the candidate
-    gave no answer for ride i. ``actual[i]``: the ride's actual duration where it has come back."""
+    gave no answer for ride i. ``actual[i]``: the ride's actual duration where it has come back.
+
+    ``outcomes`` (always there): the paired rides whose actual duration has come back, so a phase can wait
+    for them. ``interval``: add the paired RMSE difference and its bootstrap interval (rmse_diff_minutes,
+    rmse_diff_ci95) once ``min_outcomes`` have come back; it resamples every outcome, so a watch loop passes
+    False and asks for it once, at the phase's decision."""
     settings = settings or AnalysisSettings()
     rides = len(baseline)
     paired = [(b, c) for b, c in zip(baseline, candidate, strict=True) if c is not None]
-    out: dict[str, Any] = {"rides": rides, "paired": len(paired)}
+    known = (
+        [(b_, c_, a) for b_, c_, a in zip(baseline, candidate, actual, strict=True) if c_ is not None and a is not None]
+        if actual is not None
+        else []
+    )
+    out: dict[str, Any] = {"rides": rides, "paired": len(paired), "outcomes": len(known)}
     if not rides:
         return out
     out["missing_rate"] = round(1 - len(paired) / rides, 4)
@@ -73,18 +84,15 @@ def figures(
     out["extra_clipped_rate"] = round((sum(p[1].clipped for p in paired) - sum(p[0].clipped for p in paired)) / len(paired), 4)
     latencies = [p[1].answer_ms for p in paired if p[1].answer_ms is not None]
     out["p95_answer_ms"] = round(float(np.percentile(latencies, 95)), 2) if latencies else None
-    if actual is not None:
-        known = [(b_, c_, a) for b_, c_, a in zip(baseline, candidate, actual, strict=True) if c_ is not None and a is not None]
-        if len(known) >= settings.min_outcomes:
-            low, mid, high = paired_rmse_difference(
-                np.array([c_.duration for _, c_, _ in known]),
-                np.array([b_.duration for b_, _, _ in known]),
-                np.array([a for _, _, a in known]),
-                settings.bootstrap_samples,
-            )
-            out["outcomes"] = len(known)
-            out["rmse_diff_minutes"] = round(mid, 3)
-            out["rmse_diff_ci95"] = [round(low, 3), round(high, 3)]
+    if interval and len(known) >= settings.min_outcomes:
+        low, mid, high = paired_rmse_difference(
+            np.array([c_.duration for _, c_, _ in known]),
+            np.array([b_.duration for b_, _, _ in known]),
+            np.array([a for _, _, a in known]),
+            settings.bootstrap_samples,
+        )
+        out["rmse_diff_minutes"] = round(mid, 3)
+        out["rmse_diff_ci95"] = [round(low, 3), round(high, 3)]
     return out
 
 
