@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 import sys
 import threading
 import time
@@ -40,7 +39,7 @@ from rollout.settings import AnalysisSettings
 log = logging.getLogger("rollout")
 # What one kept ride costs, its two answers and its outcome included (tests/test_analysis.py measures it):
 # AnalysisSettings.max_kept_rides rides cost at most this many bytes each.
-KEPT_RIDE_BYTES = 450
+KEPT_RIDE_BYTES = 600
 # Pub/Sub's publish time against this controller's clock: a ride first seen this long before a window
 # opened was published before it (the window's scan stops there instead of reading every kept ride).
 CLOCK_SKEW_SECONDS = 60.0
@@ -174,23 +173,11 @@ class Reader:
         }
 
 
-# One answer as kept: duration, clipped, answer_ms (NaN: none), at. Packed, ~60 bytes, not a ~120-byte object.
-_PACKED = struct.Struct("<d?dd")
-
-
-def _pack(answer: Answer) -> bytes:
-    ms = math.nan if answer.answer_ms is None else answer.answer_ms
-    return _PACKED.pack(answer.duration, answer.clipped, ms, answer.at)
-
-
-def _unpack(packed: bytes) -> Answer:
-    duration, clipped, ms, at = _PACKED.unpack(packed)
-    return Answer(duration, clipped, None if math.isnan(ms) else ms, at)
-
-
 class _Kept:
     """One ride as kept until its outcome can come back: when it was first seen here and first published,
-    each version's answer (a flat tuple: version, packed answer, ...), and its actual duration (the first)."""
+    each version's answer (a flat tuple: version, answer, ...; smaller than a dict), and its actual duration
+    (the first). Answers stay objects, not packed bytes: a watch reads every ride of its window each 0.5 s
+    (100k rides: 0.12 s as objects, 0.41 s unpacking ~110 bytes smaller rides)."""
 
     __slots__ = ("actual", "answers", "published", "seen")
 
@@ -202,7 +189,7 @@ class _Kept:
     def answer(self, version: str) -> Answer | None:
         for i in range(0, len(self.answers), 2):
             if self.answers[i] == version:
-                return _unpack(self.answers[i + 1])
+                return self.answers[i + 1]
         return None
 
 
@@ -403,7 +390,7 @@ class LiveAnswers:
                 early = self._early_outcomes.pop(body.ride_id, None)
                 kept.actual = early[1] if early else None
             if version not in kept.answers[::2]:  # a repeated result keeps the first
-                kept.answers += (version, _pack(Answer(body.duration_final, body.clipped, body.answer_ms, at)))
+                kept.answers += (version, Answer(body.duration_final, body.clipped, body.answer_ms, at))
             self._evict(seen)
         return True
 
