@@ -210,26 +210,12 @@ def test_the_first_outcome_of_a_ride_is_its_outcome_and_repeats_are_ignored():
 
 
 def test_a_kept_ride_costs_at_most_its_stated_bytes():
-    """Two answers and an outcome per ride, as the shadow keeps them: max_kept_rides x KEPT_RIDE_BYTES bounds memory."""
-    import tracemalloc
+    """Two answers and an outcome per ride, as the shadow keeps them, measured as the benchmark measures them:
+    max_kept_rides x KEPT_RIDE_BYTES bounds the kept answers' memory."""
+    from benchmarks.bootstrap_bench import kept_rides
 
-    clock = Clock()
-    answers = _live(clock)
-    rides = 20_000
-    messages = [
-        (_answer(uuid, "12", 12.34), _answer(uuid, "13", 13.5), _outcome(uuid, 14.0))
-        for uuid in (f"{i:032x}" for i in range(rides))  # the backend's ride ids: uuid4().hex
-    ]
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for first, second, outcome in messages:
-            answers.record(first), answers.record(second), answers.record_outcome(outcome)
-        per_ride = (tracemalloc.get_traced_memory()[0] - before) / rides
-    finally:
-        tracemalloc.stop()
-    assert per_ride <= KEPT_RIDE_BYTES, per_ride
-    assert answers.window("12", "13", 0, 0)[1][-1] == Answer(13.5, False, 3.0, clock.now)  # kept small, read back whole
+    measured = kept_rides(20_000)
+    assert measured["bytes_per_kept_ride"]["value"] <= KEPT_RIDE_BYTES, measured
 
 
 def test_a_window_holds_the_rides_published_since_it_opened_oldest_first():
