@@ -7,7 +7,10 @@ Every ride the backend completes carries its final (the champion's answer) and t
 (the challenger's, which riders never saw) beside its actual duration. On the rides both versions
 answered, in either role, the flow computes RMSE(challenger) - RMSE(champion) with a paired bootstrap
 95 % interval (ride_contract.quality, the function the guarded rollout uses), and says a side only
-when the interval excludes zero: "not yet distinguishable" otherwise. The verdict goes on the
+when the interval excludes zero: "not yet distinguishable" otherwise. Below ``MIN_RIDES`` rides
+with outcomes it gives no verdict at all ("not enough outcomes: n of N"): on a handful of rides a
+percentile bootstrap's interval is too narrow (at n = 5 it says "better" 19 % of the time when
+there is no difference). The verdict goes on the
 challenger's version page (tags and description), on the flow run (an artifact) and into MLflow
 (experiment ``<experiment>-monitoring``, run ``champion-vs-challenger``).
 
@@ -34,6 +37,9 @@ from training import registry
 from training.settings import Settings, configure_mlflow
 
 BOOTSTRAP_SAMPLES = 2000
+# Completed rides answered by both versions a verdict needs (the flow's min_rides, --min-rides); the
+# guarded rollout's own minimum is ROLLOUT_MIN_OUTCOMES, 100 as well.
+MIN_RIDES = 100
 
 
 def answers_by_version(ride: CompletedRide) -> dict[str, float]:
@@ -56,26 +62,45 @@ def paired(rides: list[CompletedRide], champion: str, challenger: str) -> tuple[
 
 
 def compare(
-    champion_answers, challenger_answers, actual, champion: str, challenger: str, samples: int = BOOTSTRAP_SAMPLES
+    champion_answers,
+    challenger_answers,
+    actual,
+    champion: str,
+    challenger: str,
+    samples: int = BOOTSTRAP_SAMPLES,
+    min_rides: int = MIN_RIDES,
 ) -> dict:
-    if len(actual) < 2:
-        raise ValueError(f"fewer than 2 completed rides answered by both v{champion} and v{challenger}: nothing to compare")
-    low, estimate, high = paired_rmse_difference(challenger_answers, champion_answers, actual, samples)
+    rides = len(actual)
+    if not rides:
+        raise ValueError(f"no completed rides answered by both v{champion} and v{challenger}: nothing to compare")
 
     def rmse(answers) -> float:
         return round(float(np.sqrt(np.mean((answers - actual) ** 2))), 3)
 
-    return {
-        "rides": len(actual),
+    result = {
+        "rides": rides,
+        "min_rides": min_rides,
         "champion": champion,
         "challenger": challenger,
         "champion_rmse": rmse(champion_answers),
         "challenger_rmse": rmse(challenger_answers),
+    }
+    if rides < min_rides:  # no interval at all: on a few rides a percentile bootstrap's is too narrow to trust
+        return {
+            **result,
+            "rmse_diff_minutes": round(result["challenger_rmse"] - result["champion_rmse"], 3),
+            "rmse_diff_ci95": None,
+            "challenger_better": None,
+            "verdict": f"not enough outcomes: {rides} of {min_rides} completed rides answered by both v{challenger} and v{champion}",
+        }
+    low, estimate, high = paired_rmse_difference(challenger_answers, champion_answers, actual, samples)
+    return {
+        **result,
         "rmse_diff_minutes": round(estimate, 3),
         "rmse_diff_ci95": [round(low, 3), round(high, 3)],
         # A side only when the interval excludes zero.
         "challenger_better": True if high < 0 else False if low > 0 else None,
-        "verdict": paired_verdict(low, estimate, high, len(actual), f"v{challenger}", f"v{champion}"),
+        "verdict": paired_verdict(low, estimate, high, rides, f"v{challenger}", f"v{champion}"),
     }
 
 
@@ -100,7 +125,11 @@ def tell_the_challenger(result: dict, settings: Settings) -> None:
 
 @flow(name="champion-vs-challenger", log_prints=True)
 def challenger_flow(
-    champion: str | None = None, challenger: str | None = None, outcomes: str | None = None, hours: float = 24.0
+    champion: str | None = None,
+    challenger: str | None = None,
+    outcomes: str | None = None,
+    hours: float = 24.0,
+    min_rides: int = MIN_RIDES,
 ) -> dict:
     settings, monitoring = Settings.from_env(), MonitoringSettings.from_env()
     champion = champion or registry.current_version(registry.PRODUCTION, settings)
@@ -113,25 +142,25 @@ def challenger_flow(
     if not outcomes_uri:
         raise ValueError("no completed rides to read: pass --outcomes or set OUTCOMES_URI (infra output `outcomes`)")
     rides, _ = read_completed_rides(outcomes_uri, time.time() - hours * 3600)
-    result = compare(*paired(rides, champion, challenger), champion, challenger)
+    result = compare(*paired(rides, champion, challenger), champion, challenger, min_rides=min_rides)
     tell_the_challenger(result, settings)
     import mlflow
     from prefect.artifacts import create_table_artifact
 
     configure_mlflow(replace(settings, experiment_name=f"{settings.experiment_name}-monitoring"))
     with mlflow.start_run(run_name="champion-vs-challenger") as run:
-        mlflow.log_params({"champion": champion, "challenger": challenger, "outcomes": outcomes_uri, "hours": hours})
-        low, high = result["rmse_diff_ci95"]
-        mlflow.log_metrics(
-            {
-                "rides": result["rides"],
-                "champion_rmse": result["champion_rmse"],
-                "challenger_rmse": result["challenger_rmse"],
-                "rmse_diff_minutes": result["rmse_diff_minutes"],
-                "rmse_diff_ci95_low": low,
-                "rmse_diff_ci95_high": high,
-            }
-        )
+        params = {
+            "champion": champion,
+            "challenger": challenger,
+            "outcomes": outcomes_uri,
+            "hours": hours,
+            "min_rides": min_rides,
+        }
+        mlflow.log_params(params)
+        metrics = {key: result[key] for key in ("rides", "champion_rmse", "challenger_rmse", "rmse_diff_minutes")}
+        if result["rmse_diff_ci95"] is not None:  # none below min_rides
+            metrics["rmse_diff_ci95_low"], metrics["rmse_diff_ci95_high"] = result["rmse_diff_ci95"]
+        mlflow.log_metrics(metrics)
         result["mlflow_run_id"] = run.info.run_id
     rows = [
         {"version": f"v{v}", "role": role, "live RMSE": result[f"{role}_rmse"]}
@@ -148,8 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--challenger", help="a version (default: the challenger alias)")
     parser.add_argument("--outcomes", help="completed rides: a gs:// prefix, folder or file (default: OUTCOMES_URI)")
     parser.add_argument("--hours", type=float, default=24.0)
+    parser.add_argument("--min-rides", type=int, default=MIN_RIDES, help="rides with outcomes a verdict needs")
     args = parser.parse_args(argv)
-    print(json.dumps(challenger_flow(args.champion, args.challenger, args.outcomes, args.hours), indent=2))
+    print(json.dumps(challenger_flow(args.champion, args.challenger, args.outcomes, args.hours, args.min_rides), indent=2))
 
 
 if __name__ == "__main__":

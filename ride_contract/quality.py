@@ -96,18 +96,34 @@ def figures(buckets: Iterable[Mapping[str, float]], window_seconds: float) -> di
     return {"window_seconds": window_seconds, "models": models}
 
 
+# Resampled rides per chunk of the bootstrap: its indices and one gathered copy of the errors, 16 bytes a ride,
+# so about 16 MB at a time however many rides and resamples (all at once, 10k rides took 320 MB, issue 33).
+BOOTSTRAP_CHUNK_ELEMENTS = 1 << 20
+
+
 def paired_rmse_difference(
     candidate: np.ndarray, baseline: np.ndarray, actual: np.ndarray, samples: int = 1000, seed: int = 0
 ) -> tuple[float, float, float]:
     """RMSE(candidate) - RMSE(baseline) on the same rides, with a 95 % bootstrap interval: (low, estimate, high).
 
     Rides are resampled as pairs, so the ride-to-ride variation both models share cancels out. The guarded
-    rollout judges a version in shadow with it, the champion-against-challenger flow a challenger."""
+    rollout judges a version in shadow with it, the champion-against-challenger flow a challenger.
+    The resamples are drawn a chunk at a time from one generator: the same draws, in the same order, as
+    drawing them all at once, in memory bounded by ``BOOTSTRAP_CHUNK_ELEMENTS`` (see benchmarks/bootstrap_bench.py)."""
+    candidate, baseline, actual = (np.asarray(a, dtype=np.float64) for a in (candidate, baseline, actual))
+    rides = len(actual)
+    if not rides:
+        raise ValueError("no rides to compare")
     rng = np.random.default_rng(seed)
     errors_c, errors_b = (candidate - actual) ** 2, (baseline - actual) ** 2
     estimate = float(np.sqrt(errors_c.mean()) - np.sqrt(errors_b.mean()))
-    index = rng.integers(0, len(actual), size=(samples, len(actual)))
-    diffs = np.sqrt(errors_c[index].mean(axis=1)) - np.sqrt(errors_b[index].mean(axis=1))
+    per_chunk = max(1, BOOTSTRAP_CHUNK_ELEMENTS // rides)
+    diffs = np.empty(samples)
+    for start in range(0, samples, per_chunk):
+        count = min(per_chunk, samples - start)
+        index = rng.integers(0, rides, size=(count, rides))
+        # One gathered copy at a time (each is freed once averaged).
+        diffs[start : start + count] = np.sqrt(errors_c[index].mean(axis=1)) - np.sqrt(errors_b[index].mean(axis=1))
     low, high = np.percentile(diffs, [2.5, 97.5])
     return float(low), estimate, float(high)
 

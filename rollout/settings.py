@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
+from ride_contract.ride import MAX_DURATION_MINUTES
+
 
 @dataclass(frozen=True)
 class AnalysisSettings:
@@ -41,6 +43,17 @@ class AnalysisSettings:
     max_rmse_increase_minutes: float = 0.25
     min_outcomes: int = 100
     bootstrap_samples: int = 2000
+    # How long the controller keeps a ride's answers for its outcome to come back: the longest ride
+    # (60 min) after the shadow's and the bake's windows close. 0: exactly that, from the settings above.
+    answer_retention_minutes: float = 0.0
+    # A guard on the controller's memory (rollout.analysis.KEPT_RIDE_BYTES a ride: 480 MB at 800k, the
+    # whole retention at 130 rides/s): beyond it the oldest rides go first; those that go before their
+    # retention ends are counted and logged.
+    max_kept_rides: int = 800_000
+
+    def answer_retention_seconds(self) -> float:
+        derived = MAX_DURATION_MINUTES + self.shadow_max_minutes + self.bake_minutes
+        return 60.0 * (self.answer_retention_minutes or derived)
 
     @classmethod
     def from_env(cls) -> AnalysisSettings:

@@ -3,6 +3,8 @@ a broken one (trained on shuffled durations: loadable, in bounds, it passes pre-
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +13,7 @@ from conftest import DATA
 from data import load_trips, month_uri
 from ride_contract.quality import paired_rmse_difference, paired_verdict
 from ride_contract.result import served_minutes
-from rollout.analysis import Answer, breaches, figures
+from rollout.analysis import KEPT_RIDE_BYTES, Answer, LiveAnswers, breaches, figures
 from rollout.settings import AnalysisSettings
 from training.train import search
 
@@ -104,3 +106,124 @@ def test_every_threshold_is_read_from_its_environment_variable_and_a_bad_one_is_
     monkeypatch.setenv("ROLLOUT_BAKE_MIN_RIDES", "lots")
     with pytest.raises(RuntimeError, match="ROLLOUT_BAKE_MIN_RIDES='lots': expected a whole number"):
         AnalysisSettings.from_env()
+
+
+def test_outcomes_are_always_counted_and_the_interval_is_computed_only_when_asked():
+    settings = AnalysisSettings(min_outcomes=3, bootstrap_samples=200)
+    assert figures([], [], actual=[], settings=settings)["outcomes"] == 0
+    baseline = [Answer(10.0 + i % 7, False, 1.0, 0.0) for i in range(10)]
+    candidate = [Answer(11.0 + i % 5, False, 1.0, 0.0) for i in range(9)] + [None]
+    actual = [12.0, None, 14.0, 9.0, 20.0, None, 11.0, 13.0, 10.0, 15.0]  # the last: the candidate gave no answer
+    assert figures(baseline, candidate, settings=settings)["outcomes"] == 0  # no outcomes read at all
+    watching = figures(baseline, candidate, actual=actual, settings=settings, interval=False)
+    assert watching["outcomes"] == 7 and "rmse_diff_ci95" not in watching and "rmse_diff_minutes" not in watching
+    deciding = figures(baseline, candidate, actual=actual, settings=settings)
+    assert deciding["outcomes"] == 7 and deciding["rmse_diff_ci95"][0] <= deciding["rmse_diff_minutes"]
+    assert {k: v for k, v in deciding.items() if not k.startswith("rmse_diff")} == watching
+    too_few = figures(baseline, candidate, actual=actual, settings=AnalysisSettings(min_outcomes=8))
+    assert too_few["outcomes"] == 7 and "rmse_diff_ci95" not in too_few
+
+
+def test_the_bootstrap_resamples_in_chunks_the_same_draws_in_bounded_memory(monkeypatch):
+    """Chunked, it gives exactly what drawing every resample at once gives; its peak memory no longer grows with
+    rides x resamples (at once, 20k rides x 200 resamples took 64 MB; benchmarks/bootstrap_bench.py: 100k rides)."""
+    import tracemalloc
+
+    from ride_contract import quality
+
+    rng = np.random.default_rng(4)
+    actual = rng.uniform(5, 40, 20_000)
+    baseline, candidate = actual + rng.normal(0, 5, actual.size), actual + rng.normal(0, 5.2, actual.size)
+    tracemalloc.start()
+    try:
+        chunked = paired_rmse_difference(candidate, baseline, actual, samples=200)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20e6, f"{peak / 1e6:.1f} MB"
+    monkeypatch.setattr(quality, "BOOTSTRAP_CHUNK_ELEMENTS", 200 * actual.size)  # every resample in one draw
+    assert paired_rmse_difference(candidate, baseline, actual, samples=200) == chunked
+    monkeypatch.setattr(quality, "BOOTSTRAP_CHUNK_ELEMENTS", 3 * actual.size + 7)  # chunks that do not divide 200
+    assert paired_rmse_difference(candidate, baseline, actual, samples=200) == chunked
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _answer(ride: str, version: str, minutes: float = 12.0) -> bytes:
+    return json.dumps({"ride_id": ride, "duration_final": minutes, "model_version": version, "answer_ms": 3.0}).encode()
+
+
+def _outcome(ride: str, actual: float) -> bytes:
+    from ride_contract.outcome import CompletedRide
+
+    body = {"ride_id": ride, "fingerprint": "f", "requested_at": 0, "duration_coarse": 10.0, "actual_minutes": actual}
+    ride_fields = {"datetime": "2021-03-04T18:59:00", "PULocationID": 196, "DOLocationID": 28, "trip_distance": 2.5}
+    return CompletedRide(**body, ride=ride_fields, outcome_at=1).model_dump_json().encode()
+
+
+def _live(clock: Clock, **settings) -> LiveAnswers:
+    return LiveAnswers("p", ["results"], subscriber=object(), settings=AnalysisSettings(**settings), clock=clock)
+
+
+def test_kept_answers_wait_for_an_outcome_as_late_as_the_longest_ride_after_the_windows():
+    clock = Clock()
+    settings = AnalysisSettings()
+    answers = _live(clock)
+    assert answers.retention_seconds == 60 * (60 + settings.shadow_max_minutes + settings.bake_minutes)
+    answers.record(_answer("r1", "1")), answers.record(_answer("r1", "2"))
+    since = clock.now
+    clock.now += answers.retention_seconds - 1  # the longest ride, ending as the bake closes
+    answers.record_outcome(_outcome("r1", 14.0))
+    assert answers.window("1", "2", since, 0)[4] == [14.0]
+    clock.now += 2  # past its retention: gone
+    assert answers.window("1", "2", since, 0)[0] == [] and answers.kept()["evicted_before_outcomes"] == 0
+    assert _live(clock, answer_retention_minutes=5).retention_seconds == 300  # ROLLOUT_ANSWER_RETENTION_MINUTES
+
+
+def test_beyond_the_count_guard_rides_are_evicted_counted_and_logged(caplog):
+    clock = Clock()
+    answers = _live(clock, max_kept_rides=100)
+    with caplog.at_level("WARNING", logger="rollout"):
+        for ride in range(150):
+            clock.now += 0.01
+            answers.record(_answer(f"r{ride}", "1"))
+    assert answers.kept()["rides"] == 100 and answers.kept()["evicted_before_outcomes"] == 50
+    assert len(answers.window("1", "2", 0, 0)[0]) == 100  # the newest hundred
+    assert sum("evicted before their outcomes" in r.getMessage() for r in caplog.records) == 1  # logged, not per ride
+
+
+def test_the_first_outcome_of_a_ride_is_its_outcome_and_repeats_are_ignored():
+    clock = Clock()
+    answers = _live(clock)
+    answers.record(_answer("r1", "1")), answers.record(_answer("r1", "2"))
+    assert answers.record_outcome(_outcome("r1", 12.0)) and answers.record_outcome(_outcome("r1", 45.0))
+    # An outcome read before the ride's answers (another subscription's backlog) is its outcome all the same.
+    answers.record_outcome(_outcome("r2", 20.0)), answers.record_outcome(_outcome("r2", 1.0))
+    answers.record(_answer("r2", "1")), answers.record(_answer("r2", "2"))
+    assert answers.window("1", "2", 0, 0)[4] == [12.0, 20.0] and answers.kept()["repeated_outcomes"] == 2
+
+
+def test_a_kept_ride_costs_at_most_its_stated_bytes():
+    """Two answers and an outcome per ride, as the shadow keeps them, measured as the benchmark measures them:
+    max_kept_rides x KEPT_RIDE_BYTES bounds the kept answers' memory."""
+    from benchmarks.bootstrap_bench import kept_rides
+
+    measured = kept_rides(20_000)
+    assert measured["bytes_per_kept_ride"]["value"] <= KEPT_RIDE_BYTES, measured
+
+
+def test_a_window_holds_the_rides_published_since_it_opened_oldest_first():
+    clock = Clock()
+    answers = _live(clock)
+    for ride in range(10):
+        clock.now += 30
+        answers.record(_answer(f"r{ride}", "1", ride), at=clock.now), answers.record(_answer(f"r{ride}", "2", ride))
+    since = clock.now - 65  # the last three
+    baseline, candidate, *_ = answers.window("1", "2", since, grace_seconds=20)  # the newest had 0 s to be paired
+    assert [a.duration for a in baseline] == [7.0, 8.0] and [c.duration for c in candidate] == [7.0, 8.0]

@@ -44,12 +44,23 @@ def test_the_comparison_is_undecided_on_few_rides_and_decided_on_many():
     actual = rng.uniform(5, 40, 8000)
     champion = actual + rng.normal(0, 5, actual.size)
     challenger = actual + rng.normal(0, 4.5, actual.size)  # better by about half a minute of RMSE
-    few = compare(champion[:40], challenger[:40], actual[:40], "1", "2")
+    few = compare(champion[:40], challenger[:40], actual[:40], "1", "2", min_rides=40)
     assert few["challenger_better"] is None and few["verdict"].startswith("not yet distinguishable"), few
     many = compare(champion, challenger, actual, "1", "2")
     assert many["challenger_better"] is True and many["verdict"].startswith("v2 better"), many
     low, high = many["rmse_diff_ci95"]
     assert low < many["rmse_diff_minutes"] < high < 0
     assert many["champion_rmse"] == pytest.approx(float(np.sqrt(np.mean((champion - actual) ** 2))), abs=0.001)
-    with pytest.raises(ValueError, match="answered by both v1 and v2"):
-        compare(champion[:1], challenger[:1], actual[:1], "1", "2")
+    with pytest.raises(ValueError, match="no completed rides answered by both v1 and v2"):
+        compare(champion[:0], challenger[:0], actual[:0], "1", "2")
+
+
+def test_a_handful_of_rides_gets_no_verdict_though_the_challenger_was_closer_on_each():
+    """Five rides on which the challenger happened to be closer every time (no real difference): every
+    resample says "better", so the bootstrap alone would; below min_rides there is no verdict to give."""
+    actual = np.array([8.0, 15.0, 22.0, 11.0, 30.0])
+    champion, challenger = actual + np.array([3, -4, 5, 2, -6]), actual + np.array([2, -3, 4, 1, -5])
+    result = compare(champion, challenger, actual, "1", "2")
+    assert result["challenger_better"] is None and result["rmse_diff_ci95"] is None, result
+    assert result["verdict"].startswith("not enough outcomes: 5 of 100"), result
+    assert result["challenger_rmse"] < result["champion_rmse"]  # the figures are still there, without a side
