@@ -115,6 +115,7 @@ bench: setup
 	$(PY) benchmarks/backend_bench.py
 	$(PY) benchmarks/stream_bench.py
 	$(PY) benchmarks/fault_bench.py
+	$(PY) benchmarks/bootstrap_bench.py
 
 bench-capacity: setup  ## per-ride costs measured on the local stack, the Google Cloud model at 10-10,000 rides/s, training at scale
 	@$(PY) benchmarks/capacity.py  # @: its stdout is one JSON document

@@ -14,9 +14,13 @@ Prints one JSON document on stdout (logs to stderr), each figure beside its targ
 - seconds for a rollback;
 - the phases' own figures (pre-flight, shadow and bake: rides, median |N - M|, p95 answer, ...).
 
-The analysis windows are the scenarios' (devstack.rollouts.SCENARIO_ANALYSIS: 60 rides, a 3 s bake), not the
-production defaults (rollout.settings.AnalysisSettings: 200 rides, a 10 min bake), which would
-take minutes per rollout at this traffic.
+- then, at two traffic rates (TRAFFIC_RATES), a good version's rollout while riders report their outcomes when
+  their rides end: per phase, its time to decision and the evidence it had (rides, outcomes, the RMSE gate).
+
+The analysis windows are the scenarios' (devstack.rollouts.SCENARIO_ANALYSIS: 60 rides, 100 outcomes, a 15 s
+bake), not the production defaults (rollout.settings.AnalysisSettings: 200 rides, a 10 min bake), which would
+take minutes per rollout at this traffic; rides end 120 times sooner than in the city (devstack.stack's
+OUTCOME_TIME_COMPRESSION). docs/rollout-controller.md says how long the defaults take at 1, 10 and 100 rides/s.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from devstack.rollouts import NOTICE_BOUND_SECONDS, RESYNC_SECONDS, ROLLOUT_SCENARIOS, RolloutStack
+from devstack.rollouts import NOTICE_BOUND_SECONDS, RESYNC_SECONDS, ROLLOUT_SCENARIOS, RolloutStack, rollout_at_rate
+
+# Riders per second in the two paced rollouts: a quiet hour's share of the local stack, and four times it.
+TRAFFIC_RATES = (2.0, 8.0)
 
 
 def main() -> None:
@@ -42,6 +49,9 @@ def main() -> None:
             for name, scenario in ROLLOUT_SCENARIOS.items():
                 print(f"scenario {name} ...", file=sys.stderr)
                 results[name] = scenario(stack)
+            for rate in TRAFFIC_RATES:
+                print(f"a rollout at {rate:g} rides/s ...", file=sys.stderr)
+                results[rate] = rollout_at_rate(stack, f"paced-at-{rate:g}", rate)
         finally:
             for line in stack.stop():
                 print(f"stopped {line}", file=sys.stderr)
@@ -83,8 +93,22 @@ def main() -> None:
             },
             "lost": {"value": dropped["lost"], "target": 0},
         },
+        "per_phase_at_two_traffic_rates": {f"{rate:g}_rides_per_second": _paced(results[rate]) for rate in TRAFFIC_RATES},
     }
     print(json.dumps(document, indent=2))
+
+
+def _paced(result: dict) -> dict:
+    """A paced rollout's figures beside their targets: every phase decided, the shadow on its outcomes."""
+    shadow = result["phases"].get("shadow", {})
+    return {
+        "outcome": {"value": result["outcome"], "target": "rolled out"},
+        "rides_per_second_measured": result["rides_per_second"],
+        "lost": {"value": result["lost"], "target": 0},
+        "shadow_rmse_gate_applied": {"value": "RMSE gate: applied" in shadow.get("rmse_gate", ""), "target": True},
+        "seconds_from_alias_set_to_rollout_ended": result["seconds_from_alias_set_to_rollout_ended"],
+        "phases": result["phases"],  # per phase: seconds_to_decision and the evidence it had
+    }
 
 
 if __name__ == "__main__":

@@ -396,6 +396,17 @@ class Stack:
         if key in ("pubsub", "function"):  # the emulator keeps nothing; the push endpoint must be there
             self.ensure_topology()
 
+    def rename(self, key: str, new_key: str) -> None:
+        """A running service known by another name from now on: the controller that took over from the one stopped
+        (a deploy of it over itself) becomes ``rollout``, so whatever asks ``rollout`` asks it."""
+        for table in (self.services, self.specs, self.pids, self.ports, self.urls):
+            if key in table:
+                table[new_key] = table.pop(key)
+        self.removed.add(key)
+        self.removed.discard(new_key)
+        self.changed.add(new_key)
+        self.save()
+
     def stop(self, key: str) -> None:
         service = self.services.pop(key, None)
         if service is not None:
@@ -521,10 +532,17 @@ class Stack:
             (self.dir / "secrets.json").write_text(json.dumps(drawn))
         return {"Authorization": f"Bearer {drawn['rollout_operator_token']}"}
 
-    def start_rollout(self, aliases: str = "production=function,challenger=challenger", settings: dict | None = None) -> None:
+    def start_rollout(
+        self,
+        aliases: str = "production=function,challenger=challenger",
+        settings: dict | None = None,
+        key: str = "rollout",
+        webhook: bool = True,
+    ) -> None:
         """The rollout service on the stack's function deployments (devstack.rollout_service), and the
         MLflow webhook that feeds it. ``settings``: its environment beyond the stack's (DEMO_ANALYSIS by
-        default), kept for a restart."""
+        default), kept for a restart. ``key``: another instance of the controller beside the first (a deploy
+        of it over itself: both share the lease), without a webhook of its own (``webhook``): the resync drives it."""
         from rollout.register import register_webhook
 
         port = free_port()
@@ -562,11 +580,9 @@ class Stack:
             "devstack.rollout_service:create_app()",
         ]
         cwd = stage(ROLLOUT, self.dir / "images" / "rollout")
-        service = Service(
-            "rollout", argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=cwd, inherit_env=False
-        )
-        self._started("rollout", service.start())
-        if "mlflow" in self.urls:  # without a tracking server (its registry a file), only the resync follows the aliases
+        service = Service(key, argv, port, self.log_dir, f"http://{HOST}:{port}/healthz", env=env, cwd=cwd, inherit_env=False)
+        self._started(key, service.start())
+        if webhook and "mlflow" in self.urls:  # without a tracking server (its registry a file), only the resync follows
             register_webhook(self.urls["mlflow"], f"{self.urls['rollout']}/webhooks/mlflow", env["ROLLOUT_WEBHOOK_SECRET"])
 
     def wait_rolled_out(self, alias: str, version: str, timeout: float = 180) -> dict:

@@ -93,7 +93,7 @@ def figures(
     out["extra_clipped_rate"] = round((sum(p[1].clipped for p in paired) - sum(p[0].clipped for p in paired)) / len(paired), 4)
     latencies = [p[1].answer_ms for p in paired if p[1].answer_ms is not None]
     out["p95_answer_ms"] = round(float(np.percentile(latencies, 95)), 2) if latencies else None
-    if interval and len(known) >= settings.min_outcomes:
+    if interval and known and len(known) >= settings.min_outcomes:  # none: nothing to resample
         low, mid, high = paired_rmse_difference(
             np.array([c_.duration for _, c_, _ in known]),
             np.array([b_.duration for b_, _, _ in known]),

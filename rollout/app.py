@@ -194,7 +194,11 @@ def live_answers(settings: RolloutSettings) -> Any:
 
     # Started by the lease's holder only (lease_for): two readers on one subscription would each see half.
     return LiveAnswers(
-        settings.project, list(settings.result_subscriptions), settings.deadletter_subscription, settings.outcome_subscription
+        settings.project,
+        list(settings.result_subscriptions),
+        settings.deadletter_subscription,
+        settings.outcome_subscription,
+        settings=settings.analysis,  # how long rides are kept for their outcomes, and the guard on their count
     )
 
 

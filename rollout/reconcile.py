@@ -168,24 +168,7 @@ def _figures(window: tuple, settings: AnalysisSettings, interval: bool) -> dict[
     """rollout.analysis.figures: cheap (no bootstrap) while watching, with the RMSE interval once at the decision."""
     from rollout.analysis import figures
 
-    if _FIGURES_TAKE_INTERVAL is None:
-        _detect_interval_keyword()
-    if _FIGURES_TAKE_INTERVAL:
-        return figures(*window, settings=settings, interval=interval)
-    # Before issue 33's interface 1 is merged (rollout/analysis.py, another part's): every call bootstraps.
-    return figures(*window, settings=settings)
-
-
-_FIGURES_TAKE_INTERVAL: bool | None = None
-
-
-def _detect_interval_keyword() -> None:
-    import inspect
-
-    from rollout.analysis import figures
-
-    global _FIGURES_TAKE_INTERVAL
-    _FIGURES_TAKE_INTERVAL = "interval" in inspect.signature(figures).parameters
+    return figures(*window, settings=settings, interval=interval)
 
 
 def rmse_gate(figs: dict[str, Any], settings: AnalysisSettings) -> str:
@@ -448,11 +431,18 @@ class Rollout:
             phases["preflight"] = {"passed": True, "resumed": True}
         else:
             self._enter(wanted, "preflight", serving, attempts)
+        preflight_began = time.time()
         verdict = self._preflight(wanted) if self._preflight is not None and not resumed_shadow else None
         if verdict is not None:
             if not getattr(verdict, "evaluated", True):  # could not be evaluated: try again later, block nothing
                 raise NotEvaluated(f"pre-flight of v{wanted.version} could not be evaluated: {verdict.reason}")
-            phases["preflight"] = {"passed": verdict.passed, "max_diff_minutes": verdict.max_diff_minutes}
+            phases["preflight"] = {
+                "passed": verdict.passed,
+                "max_diff_minutes": verdict.max_diff_minutes,
+                "rides": verdict.rides,  # the reference rides it answered
+                "out_of_bounds": verdict.out_of_bounds,  # raw answers outside the contract's bounds
+                "seconds": _seconds(preflight_began),  # to its decision, its own process's start included
+            }
             if not verdict.passed:
                 return self._block(wanted, serving, "pre-flight", verdict.reason, phases["preflight"])
             self._story.tell(
@@ -708,11 +698,14 @@ class Rollout:
                 "seconds": _seconds(since),
                 "window_opened_at": round(since, 3),
             }
-            figs.setdefault("outcomes", 0)
             if self.phase is not None:
                 self.phase["figures"] = figs
             enough_rides = figs["rides"] >= min_rides
             if enough_rides and figs["outcomes"] >= min_outcomes and figs["seconds"] >= min_seconds:
+                return decided(window)
+            if enough_rides and breaches(figs, settings):
+                # Already out of bounds on its minimum of rides: outcomes can only add the RMSE gate's breach,
+                # never take one away, so waiting for them would keep a broken version in shadow for nothing.
                 return decided(window)
             if early and breaches(figs, settings) and figs["rides"] >= max(20, min_rides // 4):
                 return decided(window)  # a breach during the bake acts at once

@@ -46,8 +46,9 @@ class AnalysisSettings:
     # How long the controller keeps a ride's answers for its outcome to come back: the longest ride
     # (60 min) after the shadow's and the bake's windows close. 0: exactly that, from the settings above.
     answer_retention_minutes: float = 0.0
-    # A guard on the controller's memory (rollout.analysis.KEPT_RIDE_BYTES a ride: 480 MB at 800k, the
-    # whole retention at 130 rides/s): beyond it the oldest rides go first; those that go before their
+    # A guard on the controller's memory (rollout.analysis.KEPT_RIDE_BYTES a ride: 480 MB at 800k, within
+    # its 1 GiB; the whole 150 min default retention up to 89 rides/s, and at 100 rides/s still the last
+    # 133 min, twice the longest ride): beyond it the oldest rides go first; those that go before their
     # retention ends are counted and logged.
     max_kept_rides: int = 800_000
 

@@ -131,12 +131,13 @@ def test_a_reader_survives_a_refused_ack_and_counts_the_messages_it_gets_again_o
 
 def test_the_controllers_readyz_names_a_reader_whose_subscription_is_missing_or_that_stopped(emulators, stream):
     answers = LiveAnswers(emulators.project, [stream.subscription]).start()  # its subscription does not exist yet
-    settings = RolloutSettings("secret", "ride-duration", {"production": "function"}, 300, 0.05, 0.2)
+    # The readers' details are the operator's (anyone else sees only up or down).
+    settings = RolloutSettings("secret", "ride-duration", {"production": "function"}, 300, 0.05, 0.2, operator_token="op")
     client = create_app(settings, rollouts={}, verifier=WebhookVerifier("secret"), answers=answers).test_client()
     name = f"reader {stream.subscription}"
 
     def readiness() -> tuple[int, dict]:
-        response = client.get("/readyz")
+        response = client.get("/readyz", headers={"Authorization": "Bearer op"})
         return response.status_code, response.get_json()
 
     try:

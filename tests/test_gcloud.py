@@ -261,3 +261,53 @@ def test_a_flag_gcloud_does_not_accept_fails_in_gcloud(cloud, monkeypatch, capfd
 def test_the_source_folder_holds_only_the_upload():
     expected = {"main.py", "function_config.py", "model_store.py", "prediction.py", "requirements.txt", ".gcloudignore"}
     assert {p.name for p in (REPO / "serving_function").iterdir() if p.name != "__pycache__"} == expected
+
+
+def test_a_rollback_reuses_a_revision_only_of_the_services_current_image(tmp_path, monkeypatch):
+    """Issue 33: a rollback reused the version's old revision by its model alone, and so rolled the function's
+    code back to the image that revision ran. It reuses one only when the image matches too; one of that model
+    and image that failed readiness blocks the version instead of making yet another revision for it."""
+    import copy
+
+    from rollout.cloud import CloudRunFunctionTarget
+    from rollout.reconcile import Deployment, RevisionNotReady
+
+    fake = FakeGoogleCloud().start()
+    try:
+        for name, value in fake.environment(tmp_path / "gcloud-config", PROJECT).items():
+            monkeypatch.setenv(name, value)
+        first = Deployment("1", "run-1", "gs://models/m-1")
+        production = CloudRunFunctionTarget(FUNCTION, PROJECT, REGION, "production", "backend-pull-stream")
+        fake.add_run_service(PROJECT, FUNCTION, production.model_env(first))
+        first_revision = f"{FUNCTION}-00001-abc"
+
+        production.deploy(Deployment("2", "run-2", "gs://models/m-2"))
+        # The function's code is deployed again (Terraform, a new build): a revision of a new image, v2's model kept.
+        service = copy.deepcopy(fake.run_services[f"{PROJECT}/{FUNCTION}"])
+        new_image = FIRST_IMAGE.replace("version_1", "version_2")
+        service["spec"]["template"]["spec"]["containers"][0]["image"] = new_image
+        service["spec"]["template"]["metadata"] = {"name": f"{FUNCTION}-code-2"}
+        service["spec"]["traffic"] = [{"latestRevision": True, "percent": 100}]
+        fake._apply(PROJECT, service)
+        revisions = len(fake.revisions)
+
+        production.deploy(first)  # the rollback: v1's old revision runs the old image, so a new one of v1
+        assert len(fake.revisions) == revisions + 1
+        serving = fake.run_services[f"{PROJECT}/{FUNCTION}"]["status"]["traffic"]
+        rolled_back = next(t["revisionName"] for t in serving if t.get("percent") == 100)
+        assert rolled_back != first_revision
+        assert fake.revisions[f"{PROJECT}/{rolled_back}"]["spec"]["containers"][0]["image"] == new_image
+        assert production.serving().run_id == "run-1"
+
+        production.deploy(Deployment("2", "run-2", "gs://models/m-2"))  # v2 of this image exists: reused
+        assert len(fake.revisions) == revisions + 1 and production.serving().run_id == "run-2"
+
+        # v1's revision of this image fails readiness (its model no longer loads, say): no new revision for it.
+        fake.revisions[f"{PROJECT}/{rolled_back}"]["status"]["conditions"] = [
+            {"type": "Ready", "status": "False", "message": "container failed to start"}
+        ]
+        with pytest.raises(RevisionNotReady, match="container failed to start"):
+            production.deploy(first)
+        assert len(fake.revisions) == revisions + 1 and production.serving().run_id == "run-2"
+    finally:
+        fake.stop()

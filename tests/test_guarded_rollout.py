@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -165,6 +166,19 @@ def test_a_broken_version_is_blocked_in_shadow_with_its_reason_and_riders_never_
     assert '"rides"' in story.tags["2"]["rollout_figures"]
     story.aliases["production"] = "2"  # promoted again as it was: blocked stays blocked, nothing re-runs
     assert "is blocked" in rollout.reconcile() and shadow.deployed == ["2"] and story.aliases["production"] == "1"
+
+
+def test_a_broken_version_is_blocked_on_its_minimum_of_rides_without_waiting_for_outcomes():
+    """Its answers are out of bounds on the shadow's minimum of rides: outcomes could only add a breach, so the
+    shadow decides then, not at its time limit (which kept a broken version in shadow the whole hour)."""
+    story = MemoryStory()
+    waits_for_outcomes = replace(FAST, min_outcomes=100, shadow_max_minutes=1.0)  # no outcome ever comes here
+    rollout, target, _ = guarded(story, shuffled, settings=waits_for_outcomes)
+    assert "blocked at shadow analysis" in rollout.reconcile()
+    figures = json.loads(story.tags["2"]["rollout_figures"])
+    assert figures["rides"] >= 20 and figures["outcomes"] == 0
+    assert figures["seconds"] < 60, figures  # decided on its rides, before the shadow's time ran out
+    assert target.deployed == []
 
 
 def test_a_breach_during_the_bake_sends_riders_back_to_the_version_before():

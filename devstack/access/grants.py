@@ -126,6 +126,12 @@ NOT_EXERCISED: tuple[NotExercised, ...] = (
     ),
     NotExercised(
         "rollout",
+        'secret:app["redis-url"]',
+        "roles/secretmanager.secretAccessor",
+        "the local stack hands the controller the Redis URL of its lease in the environment; the local Redis takes no AUTH string",
+    ),
+    NotExercised(
+        "rollout",
         "project",
         "roles/run.viewer",
         "no Cloud Run locally: the controller lists the local functions' deployments, not revisions",
