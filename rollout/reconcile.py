@@ -390,9 +390,12 @@ class Rollout:
                 if self._guard is not None and unbaked and state.get("rollout_from"):
                     return self._resumed_bake(wanted, state)
                 return self._record("no-op", f"already serving v{wanted.version}", serving, wanted)
-            if state.get("rollout_status") == "blocked" and serving is not None:
-                # Blocked stays blocked (delete the tag to try again): the alias goes back, nothing is re-run.
-                self._story.move_alias(self.alias, serving.version)
+            if state.get("rollout_status") == "blocked":
+                # Blocked stays blocked (delete the tag to try again): the alias goes back, nothing is re-run. With
+                # nothing deployed yet (a first version that cannot start) there is nothing to go back to, and
+                # trying again would make one more failing revision each pass.
+                if serving is not None:
+                    self._story.move_alias(self.alias, serving.version)
                 return self._record(
                     "blocked", f"v{wanted.version} is blocked ({state.get('rollout_reason', '')[:200]})", serving, wanted
                 )
