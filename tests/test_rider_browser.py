@@ -516,6 +516,41 @@ def test_an_older_browser_without_abort_signal_timeout_books_a_ride_end_to_end(s
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]})
 
 
+def test_a_zone_by_its_name_alone_and_zones_named_twice_in_words(stack, browser):
+    page = Page(browser, stack.stack.backend_urls[0] + "/")
+    options = browser.execute_script("return Array.from(document.querySelectorAll('#zones option'), o => o.value)")
+    assert not [o for o in options if "#" in o]  # no internal ids
+    assert "Corona, Queens (first of two zones so named)" in options
+    assert "Governor's Island/Ellis Island/Liberty Island, Manhattan (third of three zones so named)" in options
+    # The name without its borough, in any case, with stray spaces: the zone, and its usual distance.
+    page.pick_zones("  east harlem NORTH ", "East Harlem South")
+    typical = requests.get(f"{stack.stack.backend_urls[0]}/zones/74/75/distance", timeout=10).json()
+    page.wait().until(lambda d: page.element("distance").get_attribute("value") == str(typical["miles"]))
+    # A name two zones share: the page asks which, in words.
+    page.type("pickup", "Corona")
+    page.submit()
+    page.wait().until(lambda d: page.element("pickup-error").is_displayed())
+    assert page.text("pickup-error") == (
+        "“Corona” names 2 zones: which one? "
+        "Corona, Queens (first of two zones so named); Corona, Queens (second of two zones so named)."
+    )
+    page.type("pickup", "corona, queens (second of two zones so named)")
+    page.type("distance", "3")
+    page.submit()
+    page.until_state("done")
+    assert _record(stack, page.text("ride-id"))["ride"]["PULocationID"] == 57
+    assert _record(stack, page.text("ride-id"))["ride"]["DOLocationID"] == 75
+
+
+def test_a_comma_decimal_distance(stack, browser):
+    page = Page(browser, stack.stack.backend_urls[0] + "/")
+    page.book_from_east_harlem_north_to_south()
+    page.type("distance", "2,5")
+    page.submit()
+    page.until_state("done")
+    assert _record(stack, page.text("ride-id"))["ride"]["trip_distance"] == 2.5
+
+
 def test_the_drop_off_default_is_when_the_ride_is_marked_over_and_never_the_last_rides(stack, browser):
     page = Page(browser, stack.stack.backend_urls[1] + "/")
     pickup = (_nyc_now() - dt.timedelta(minutes=10)).replace(microsecond=0)

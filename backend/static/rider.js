@@ -40,8 +40,10 @@
   };
   const ZONE_INPUTS = ["pickup", "dropoff"];
 
-  const zoneIdByLabel = new Map();
+  const zoneIdByLabel = new Map(); // "east harlem north, manhattan" (lower case) -> 74
+  const zoneLabelsByName = new Map(); // "east harlem north" -> ["East Harlem North, Manhattan"]; two boroughs, two labels
   let distanceEdited = false; // the rider typed a distance: a new zone pair no longer overwrites it
+  let distancePair = null; // the zone pair whose usual distance was last looked up ("74/75")
   let unanswered = null; // {key, rideId}: a ride whose POST got no answer; sent again, it keeps its id
   let shownRideId = null; // the ride shown (the outcome form reports on it)
   let followed = 0; // which follow loop is current (a new ride stops the old loop)
@@ -226,6 +228,11 @@
   }
 
   // --- zones and the usual distance ---------------------------------------------------------------
+  const ORDINALS = ["first", "second", "third", "fourth", "fifth"];
+  const COUNTS = ["", "one", "two", "three", "four", "five"];
+  // Zone names are matched as a rider types them: any case, spaces trimmed and collapsed.
+  const folded = (value) => value.trim().replace(/\s+/g, " ").toLowerCase();
+
   async function loadZones() {
     const { status, body } = await call("GET", "/zones", null, () => {});
     if (status !== 200) throw new Unavailable(body.error);
@@ -235,21 +242,49 @@
       labels.set(label, (labels.get(label) || 0) + 1);
     }
     const list = $("zones");
+    const nth = new Map();
     for (const zone of body.zones) {
       let label = `${zone.zone}, ${zone.borough}`;
-      if (labels.get(label) > 1) label = `${label} #${zone.id}`; // the lookup names a few zones twice
-      zoneIdByLabel.set(label, zone.id);
+      const count = labels.get(label);
+      if (count > 1) {
+        // The lookup names a few zones twice or three times (Corona, Queens): told apart in words, in
+        // the lookup's order, not by ids a rider cannot know.
+        const index = nth.get(label) || 0;
+        nth.set(label, index + 1);
+        label = `${label} (${ORDINALS[index] || index + 1} of ${COUNTS[count] || count} zones so named)`;
+      }
+      zoneIdByLabel.set(folded(label), zone.id);
+      const name = folded(zone.zone);
+      zoneLabelsByName.set(name, [...(zoneLabelsByName.get(name) || []), label]);
       const option = document.createElement("option");
       option.value = label;
       list.append(option);
     }
   }
 
-  const zoneId = (inputId) => zoneIdByLabel.get($(inputId).value.trim());
+  function findZone(typed) {
+    // {id} for a zone's full label, or its name alone where only one zone has it; else {labels} to choose
+    // from (a name in two boroughs, or named twice), or {} for nothing at all.
+    const key = folded(typed);
+    if (!key) return {};
+    if (zoneIdByLabel.has(key)) return { id: zoneIdByLabel.get(key) };
+    // The name alone; or the name, a comma and the start of its borough ("corona, queens").
+    const candidates =
+      zoneLabelsByName.get(key) ||
+      (zoneLabelsByName.get(key.replace(/\s*,[^,]*$/, "")) || []).filter((label) => folded(label).startsWith(key));
+    if (candidates.length === 1) return { id: zoneIdByLabel.get(folded(candidates[0])) };
+    return candidates.length ? { labels: candidates } : {};
+  }
+
+  const zoneId = (inputId) => findZone($(inputId).value).id;
 
   async function suggestDistance() {
     const [pickup, dropoff] = ZONE_INPUTS.map(zoneId);
     if (pickup === undefined || dropoff === undefined) return;
+    // Once per pair: a zone matches by name before its borough is typed, and every keystroke after would
+    // ask again (and a later answer would overwrite what the rider was told).
+    if (`${pickup}/${dropoff}` === distancePair) return;
+    distancePair = `${pickup}/${dropoff}`;
     const moved = () => zoneId("pickup") !== pickup || zoneId("dropoff") !== dropoff; // the rider moved on meanwhile
     const hint = (state, message) => setStatus("distance-hint", state, message);
     let answer;
@@ -296,20 +331,30 @@
       ["dropoff", "DOLocationID"],
     ]) {
       const typed = $(inputId).value.trim();
-      ride[field] = zoneIdByLabel.get(typed);
-      if (ride[field] === undefined) {
+      const found = findZone(typed);
+      ride[field] = found.id;
+      if (found.labels) {
+        fields[field] = `“${typed}” names ${found.labels.length} zones: which one? ${found.labels.join("; ")}.`;
+      } else if (ride[field] === undefined) {
         fields[field] = typed ? `No zone is called “${typed}”: pick one from the list.` : "Pick a zone from the list.";
       }
     }
-    const distance = $("distance").value.trim();
-    const miles = Number(distance);
-    ride.trip_distance = distance !== "" && Number.isFinite(miles) ? miles : distance;
+    ride.trip_distance = typedMiles($("distance").value);
     ride.datetime = apiDatetime($("pickup-time").value);
     if (Object.keys(fields).length) {
       showFieldErrors(fields, "ride-error");
       return null;
     }
     return ride;
+  }
+
+  function typedMiles(value) {
+    // A number of miles, with a dot or a comma as its decimal mark ("2,5" is 2.5, as many phones' keypads
+    // type it); anything else goes to the API as typed, and its words show beside the field.
+    const typed = value.trim();
+    const decimal = /^\d*,\d+$/.test(typed) ? typed.replace(",", ".") : typed;
+    const miles = Number(decimal);
+    return typed !== "" && Number.isFinite(miles) ? miles : typed;
   }
 
   function showRide(record) {
