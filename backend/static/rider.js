@@ -16,11 +16,19 @@
   // After this long without a final (the backend's failure bound, plus one poll), only the coarse estimate is shown.
   const FINAL_BOUND_MS = Number(settings.finalBoundSeconds) * 1000;
   const MAX_WAIT_SECONDS = Number(settings.maxWaitSeconds);
-  // A 503 (or no answer) is retried with the same ride_id: first after 0.5 s, doubling up to 8 s, at
-  // least the Retry-After the backend asks for, for up to a minute in all.
+  // A refusal (429), a server error (500, 502, 503, 504: the backend's or the edge's in front of it) or no
+  // answer is retried with the same request, ride_id included: first after 0.5 s, doubling up to 8 s, at
+  // least the Retry-After asked for, and no longer in all than the backend's own failure bound (past it,
+  // the backend would have given the ride up anyway).
+  const RETRY_STATUSES = [429, 500, 502, 503, 504];
   const RETRY_FIRST_MS = 500;
   const RETRY_MAX_MS = 8000;
-  const RETRY_FOR_MS = 60000;
+  const RETRY_FOR_MS = FINAL_BOUND_MS;
+  // Each request is given up after the longest poll plus this long (a proxy or a phone that went quiet).
+  const REQUEST_SLACK_MS = 15000;
+  // A long poll asks for at least this long, and polls start at least this far apart: the last second
+  // before the bound is one short poll, not back-to-back wait=0 requests.
+  const MIN_POLL_MS = 1000;
   // Fields of the API's errors, and the input each is shown beside.
   const FIELD_INPUTS = {
     PULocationID: "pickup",
@@ -32,13 +40,23 @@
   };
   const ZONE_INPUTS = ["pickup", "dropoff"];
 
-  const zoneIdByLabel = new Map();
+  const zoneIdByLabel = new Map(); // "east harlem north, manhattan" (lower case) -> 74
+  const zoneLabelsByName = new Map(); // "east harlem north" -> ["East Harlem North, Manhattan"]; two boroughs, two labels
   let distanceEdited = false; // the rider typed a distance: a new zone pair no longer overwrites it
+  let distancePair = null; // the zone pair whose usual distance was last looked up ("74/75")
   let unanswered = null; // {key, rideId}: a ride whose POST got no answer; sent again, it keeps its id
   let shownRideId = null; // the ride shown (the outcome form reports on it)
   let followed = 0; // which follow loop is current (a new ride stops the old loop)
+  let outcomeRideId = null; // the ride the drop-off field was last shown for (a new ride starts it empty)
 
-  class Unavailable extends Error {}
+  // Retrying is over and there is no answer to show; retryAfterMs: how long the last answer asked to wait.
+  class Unavailable extends Error {
+    constructor(message, retryAfterMs = 0, status = 0) {
+      super(message);
+      this.retryAfterMs = retryAfterMs;
+      this.status = status;
+    }
+  }
 
   // The outcome token of each ride booked in this tab (POST /predict's answer): an outcome needs it.
   const tokenKey = (rideId) => `ridestream-outcome-token:${rideId}`;
@@ -122,52 +140,99 @@
   }
 
   // --- the API, with retries ----------------------------------------------------------------------
+  function retryAfterMs(value) {
+    // Retry-After is seconds or an HTTP date (RFC 9110 section 10.2.3); a date past, or anything else, is 0
+    // (the normal backoff then), never NaN: NaN would make every retry immediate.
+    if (!value) return 0;
+    const trimmed = value.trim();
+    if (/^\d+$/.test(trimmed)) return Number(trimmed) * 1000;
+    const at = Date.parse(trimmed);
+    return Number.isFinite(at) ? Math.max(0, at - Date.now()) : 0;
+  }
+
+  function timeoutSignal(ms) {
+    // A signal that aborts after ms, and its clearing. AbortSignal.timeout is missing before Safari 16 (and
+    // Chrome 103): a controller and a timer do the same there; without AbortController, no timeout at all.
+    if (typeof AbortController !== "function") return { signal: undefined, clear: () => {} };
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), ms);
+    return { signal: controller.signal, clear: () => clearTimeout(timer) };
+  }
+
   async function call(method, url, payload, onRetry, retryForMs = RETRY_FOR_MS) {
-    // The answer {status, body}; a 503 or no answer is retried (the request is the same, ride_id
-    // included, so a retry never books a ride twice). Unavailable once retrying is over.
+    // The answer {status, body}; a refusal, a server error or no answer is retried (the request is the
+    // same, ride_id included, so a retry never books a ride twice). Unavailable once retrying is over.
     const started = Date.now();
     for (let attempt = 1; ; attempt += 1) {
       let response = null;
       let problem = "the service did not answer";
+      const timeout = timeoutSignal(MAX_WAIT_SECONDS * 1000 + REQUEST_SLACK_MS);
       try {
         response = await fetch(url, {
           method,
           headers: payload ? { "Content-Type": "application/json" } : {},
           body: payload ? JSON.stringify(payload) : undefined,
           cache: "no-store",
-          signal: AbortSignal.timeout((MAX_WAIT_SECONDS + 15) * 1000),
+          signal: timeout.signal,
         });
-      } catch {
-        response = null;
+      } catch (error) {
+        // fetch rejects with a TypeError when the network fails and an AbortError when the timer fired;
+        // anything else is this page's own fault, and shows as such (never as "service unavailable").
+        const aborted = Boolean(error) && error.name === "AbortError";
+        if (!(error instanceof TypeError || aborted)) throw error;
+        if (aborted) problem = "the service did not answer in time";
+      } finally {
+        timeout.clear();
       }
       let body = null;
+      let waitMs = 0;
       if (response) {
         try {
           body = await response.json();
         } catch {
+          // An edge in front (a load balancer, Cloud Armor) may answer in HTML or plain text.
           body = { error: `unexpected answer (HTTP ${response.status})` };
         }
-        if (![502, 503, 504].includes(response.status)) return { status: response.status, body };
+        if (body === null || typeof body !== "object") body = { error: `unexpected answer (HTTP ${response.status})` };
+        if (!RETRY_STATUSES.includes(response.status)) return { status: response.status, body };
         problem = body.error || `HTTP ${response.status}`;
+        waitMs = retryAfterMs(response.headers.get("Retry-After"));
       }
-      const retryAfterMs = Number(response?.headers.get("Retry-After") || 0) * 1000;
       const backoffMs = Math.min(RETRY_MAX_MS, RETRY_FIRST_MS * 2 ** (attempt - 1)) * (0.8 + 0.4 * Math.random());
-      const delayMs = Math.max(retryAfterMs, backoffMs);
-      if (Date.now() - started + delayMs > retryForMs) throw new Unavailable(problem);
-      onRetry(problem, attempt, delayMs);
+      const delayMs = Math.max(waitMs, backoffMs);
+      if (Date.now() - started + delayMs > retryForMs) throw new Unavailable(problem, waitMs, response ? response.status : 0);
+      onRetry(problem, attempt, delayMs, response ? response.status : 0);
       await sleep(delayMs);
     }
   }
 
-  const retrying = (statusId, what) => (problem, attempt, delayMs) =>
+  const retrying = (statusId, what) => (problem, attempt, delayMs, status) =>
     setStatus(
       statusId,
       "retrying",
-      `The service is briefly unavailable (${problem}). Trying again in ${(delayMs / 1000).toFixed(1)} s ` +
-        `with the same ride (attempt ${attempt + 1})${what ? ` ${what}` : ""}.`,
+      `${status === 429 ? "The service is busy" : "The service is briefly unavailable"} (${problem}). ` +
+        `Trying again in ${(delayMs / 1000).toFixed(1)} s with the same ride (attempt ${attempt + 1})${what ? ` ${what}` : ""}.`,
     );
 
+  function gaveUp(error) {
+    // Why retrying stopped, in words, and when to try again if the service said.
+    const busy = error.status === 429 ? "The service is busy" : "The service is unavailable";
+    const later = error.retryAfterMs > 0 ? `in ${Math.ceil(error.retryAfterMs / 1000)} s` : "in a moment";
+    return { busy, later, reason: `${busy} (${error.message})` };
+  }
+
+  function pageFailed(error) {
+    // A fault of this page (not of the service): said as such, so it is not mistaken for an outage.
+    setStatus("status", "page-error", `This page failed (${error && error.message ? error.message : error}): reload it.`);
+    $("answer").hidden = false;
+  }
+
   // --- zones and the usual distance ---------------------------------------------------------------
+  const ORDINALS = ["first", "second", "third", "fourth", "fifth"];
+  const COUNTS = ["", "one", "two", "three", "four", "five"];
+  // Zone names are matched as a rider types them: any case, spaces trimmed and collapsed.
+  const folded = (value) => value.trim().replace(/\s+/g, " ").toLowerCase();
+
   async function loadZones() {
     const { status, body } = await call("GET", "/zones", null, () => {});
     if (status !== 200) throw new Unavailable(body.error);
@@ -177,25 +242,68 @@
       labels.set(label, (labels.get(label) || 0) + 1);
     }
     const list = $("zones");
+    const nth = new Map();
     for (const zone of body.zones) {
       let label = `${zone.zone}, ${zone.borough}`;
-      if (labels.get(label) > 1) label = `${label} #${zone.id}`; // the lookup names a few zones twice
-      zoneIdByLabel.set(label, zone.id);
+      const count = labels.get(label);
+      if (count > 1) {
+        // The lookup names a few zones twice or three times (Corona, Queens): told apart in words, in
+        // the lookup's order, not by ids a rider cannot know.
+        const index = nth.get(label) || 0;
+        nth.set(label, index + 1);
+        label = `${label} (${ORDINALS[index] || index + 1} of ${COUNTS[count] || count} zones so named)`;
+      }
+      zoneIdByLabel.set(folded(label), zone.id);
+      const name = folded(zone.zone);
+      zoneLabelsByName.set(name, [...(zoneLabelsByName.get(name) || []), label]);
       const option = document.createElement("option");
       option.value = label;
       list.append(option);
     }
   }
 
-  const zoneId = (inputId) => zoneIdByLabel.get($(inputId).value.trim());
+  function findZone(typed) {
+    // {id} for a zone's full label, or its name alone where only one zone has it; else {labels} to choose
+    // from (a name in two boroughs, or named twice), or {} for nothing at all.
+    const key = folded(typed);
+    if (!key) return {};
+    if (zoneIdByLabel.has(key)) return { id: zoneIdByLabel.get(key) };
+    // The name alone; or the name, a comma and the start of its borough ("corona, queens").
+    const candidates =
+      zoneLabelsByName.get(key) ||
+      (zoneLabelsByName.get(key.replace(/\s*,[^,]*$/, "")) || []).filter((label) => folded(label).startsWith(key));
+    if (candidates.length === 1) return { id: zoneIdByLabel.get(folded(candidates[0])) };
+    return candidates.length ? { labels: candidates } : {};
+  }
+
+  const zoneId = (inputId) => findZone($(inputId).value).id;
 
   async function suggestDistance() {
     const [pickup, dropoff] = ZONE_INPUTS.map(zoneId);
     if (pickup === undefined || dropoff === undefined) return;
-    const { status, body } = await call("GET", `/zones/${pickup}/${dropoff}/distance`, null, () => {});
-    if (zoneId("pickup") !== pickup || zoneId("dropoff") !== dropoff) return; // the rider moved on meanwhile
+    // Once per pair: a zone matches by name before its borough is typed, and every keystroke after would
+    // ask again (and a later answer would overwrite what the rider was told).
+    if (`${pickup}/${dropoff}` === distancePair) return;
+    distancePair = `${pickup}/${dropoff}`;
+    const moved = () => zoneId("pickup") !== pickup || zoneId("dropoff") !== dropoff; // the rider moved on meanwhile
+    const hint = (state, message) => setStatus("distance-hint", state, message);
+    let answer;
+    try {
+      answer = await call("GET", `/zones/${pickup}/${dropoff}/distance`, null, () => {
+        if (!moved()) hint("retrying", "Looking up the usual distance between these zones…");
+      });
+    } catch (error) {
+      if (!(error instanceof Unavailable)) throw error;
+      if (moved()) return;
+      // Nothing retries past here: the rider is told to type it, not left with "looking up".
+      hint("unavailable", `The usual distance could not be looked up (${error.message}): enter the distance.`);
+      if (!distanceEdited) $("distance").value = ""; // not the last pair's distance
+      return;
+    }
+    if (moved()) return;
+    const { status, body } = answer;
     if (status !== 200) {
-      text("distance-hint", "No trips between these zones in the data: enter the distance.");
+      hint("none", "No trips between these zones in the data: enter the distance.");
       if (!distanceEdited) $("distance").value = ""; // not the last pair's distance
       return;
     }
@@ -205,7 +313,7 @@
       "reverse zone pair": "Usual for these zones the other way round",
       "borough pair": "Few trips between these zones; usual between their boroughs",
     }[body.basis];
-    text("distance-hint", `${usual}: ${body.miles} mi (median of ${trips} trips, ${body.trained_on}).`);
+    hint("usual", `${usual}: ${body.miles} mi (median of ${trips} trips, ${body.trained_on}).`);
     if (!distanceEdited || !$("distance").value.trim()) {
       $("distance").value = String(body.miles);
       distanceEdited = false;
@@ -223,20 +331,30 @@
       ["dropoff", "DOLocationID"],
     ]) {
       const typed = $(inputId).value.trim();
-      ride[field] = zoneIdByLabel.get(typed);
-      if (ride[field] === undefined) {
+      const found = findZone(typed);
+      ride[field] = found.id;
+      if (found.labels) {
+        fields[field] = `“${typed}” names ${found.labels.length} zones: which one? ${found.labels.join("; ")}.`;
+      } else if (ride[field] === undefined) {
         fields[field] = typed ? `No zone is called “${typed}”: pick one from the list.` : "Pick a zone from the list.";
       }
     }
-    const distance = $("distance").value.trim();
-    const miles = Number(distance);
-    ride.trip_distance = distance !== "" && Number.isFinite(miles) ? miles : distance;
+    ride.trip_distance = typedMiles($("distance").value);
     ride.datetime = apiDatetime($("pickup-time").value);
     if (Object.keys(fields).length) {
       showFieldErrors(fields, "ride-error");
       return null;
     }
     return ride;
+  }
+
+  function typedMiles(value) {
+    // A number of miles, with a dot or a comma as its decimal mark ("2,5" is 2.5, as many phones' keypads
+    // type it); anything else goes to the API as typed, and its words show beside the field.
+    const typed = value.trim();
+    const decimal = /^\d*,\d+$/.test(typed) ? typed.replace(",", ".") : typed;
+    const miles = Number(decimal);
+    return typed !== "" && Number.isFinite(miles) ? miles : typed;
   }
 
   function showRide(record) {
@@ -290,7 +408,10 @@
     for (;;) {
       const leftMs = startedMs + FINAL_BOUND_MS - Date.now();
       if (leftMs <= 0) return coarseOnly();
-      const waitSeconds = Math.max(0, Math.min(MAX_WAIT_SECONDS, Math.floor(leftMs / 1000)));
+      // At least a second's wait even when less is left: the last poll may end up to a second past the
+      // bound, rather than the last second becoming a run of wait=0 requests.
+      const waitSeconds = Math.min(MAX_WAIT_SECONDS, Math.max(MIN_POLL_MS / 1000, Math.ceil(leftMs / 1000)));
+      const polledAt = Date.now();
       let answer;
       try {
         const url = `/rides/${encodeURIComponent(rideId)}?wait=${waitSeconds}`;
@@ -306,6 +427,9 @@
       }
       if (status !== 200) return setStatus("status", "error", body.error || `HTTP ${status}`);
       if (shown(rideId, body)) return undefined;
+      // A poll that came back pending at once (a replica restarting, a proxy) is not sent again at once.
+      await sleep(Math.max(0, polledAt + MIN_POLL_MS - Date.now()));
+      if (loop !== followed) return undefined;
     }
   }
 
@@ -340,8 +464,10 @@
       history.replaceState(null, "", `#ride=${encodeURIComponent(rideId)}`);
       if (!shown(rideId, body)) follow(rideId, Date.now());
     } catch (error) {
-      if (!(error instanceof Unavailable)) throw error;
-      setStatus("status", "unavailable", `The service is unavailable (${error.message}). Your ride was not booked yet: try again.`);
+      if (!(error instanceof Unavailable)) return pageFailed(error);
+      // Retrying stopped: said plainly. The ride keeps its id, so trying again cannot book it twice.
+      const { reason, later } = gaveUp(error);
+      setStatus("status", "unavailable", `${reason}. Your ride was not booked: try again ${later}.`);
     } finally {
       $("estimate").disabled = false;
     }
@@ -350,7 +476,10 @@
   // --- the outcome --------------------------------------------------------------------------------
   function showOutcome() {
     $("outcome").hidden = false;
-    if (!$("dropoff-time").value) $("dropoff-time").value = nycNow();
+    // The drop-off time is the rider's to give; left empty, it is taken when they mark the ride completed
+    // (or open the field), never when the answer arrived, and never carried over from another ride.
+    if (outcomeRideId !== shownRideId) $("dropoff-time").value = "";
+    outcomeRideId = shownRideId;
     const booked = Boolean(tokenOf(shownRideId));
     $("complete").disabled = !booked;
     if (booked) setStatus("outcome-status", "ready", "");
@@ -366,6 +495,7 @@
     $("complete").disabled = true;
     try {
       const url = `/rides/${encodeURIComponent(rideId)}/outcome`;
+      if (!$("dropoff-time").value) $("dropoff-time").value = nycNow(); // now: the ride is over as it is marked
       const payload = { dropoff_datetime: apiDatetime($("dropoff-time").value), outcome_token: tokenOf(rideId) };
       const { status, body } = await call("POST", url, payload, retrying("outcome-status", "to record it"));
       if (status === 200) {
@@ -385,15 +515,22 @@
         setStatus("outcome-status", "error", body.error || `HTTP ${status}`);
       }
     } catch (error) {
-      if (!(error instanceof Unavailable)) throw error;
-      setStatus("outcome-status", "unavailable", `The service is unavailable (${error.message}): try again.`);
+      if (!(error instanceof Unavailable)) return pageFailed(error);
+      const { reason, later } = gaveUp(error);
+      setStatus("outcome-status", "unavailable", `${reason}. The outcome was not recorded: try again ${later}.`);
     } finally {
       $("complete").disabled = false;
     }
   }
 
   async function start() {
+    // An error of the page's own anywhere (an event handler, a browser without something it needs) shows.
+    window.addEventListener("unhandledrejection", (event) => pageFailed(event.reason));
+    window.addEventListener("error", (event) => pageFailed(event.error || event.message));
     $("pickup-time").value = nycNow();
+    $("dropoff-time").addEventListener("focus", () => {
+      if (!$("dropoff-time").value) $("dropoff-time").value = nycNow();
+    });
     $("ride-form").addEventListener("submit", submitRide);
     $("outcome-form").addEventListener("submit", submitOutcome);
     $("distance").addEventListener("input", () => {
@@ -422,9 +559,24 @@
     shownRideId = null;
     $("outcome").hidden = true;
     $("answer").hidden = false;
+    const loop = followed;
     text("ride-id", linked);
-    const { status, body } = await call("GET", `/rides/${encodeURIComponent(linked)}`, null, retrying("status", ""));
-    if (status !== 200) return setStatus("status", "unknown", body.error || `HTTP ${status}`);
+    for (const id of ["coarse", "final", "range", "model"]) text(id, "…"); // not the ride shown before
+    setStatus("status", "loading", "Loading this ride…");
+    let answer;
+    try {
+      answer = await call("GET", `/rides/${encodeURIComponent(linked)}`, null, retrying("status", "to load it"));
+    } catch (error) {
+      if (!(error instanceof Unavailable)) throw error;
+      if (loop !== followed) return undefined;
+      // Nothing retries past here: the status says so, instead of a "Trying again" that never comes.
+      const { reason, later } = gaveUp(error);
+      return setStatus("status", "unavailable", `${reason}. This ride could not be loaded: reload the page ${later}.`);
+    }
+    if (loop !== followed) return undefined; // the rider booked or opened another ride meanwhile
+    const { status, body } = answer;
+    if (status === 404) return setStatus("status", "unknown", "This ride is unknown here (or its record expired).");
+    if (status !== 200) return setStatus("status", "error", body.error || `HTTP ${status}`);
     return shown(linked, body) ? undefined : follow(linked, Number(body.requested_at) * 1000);
   }
 
