@@ -3,8 +3,9 @@
     python benchmarks/rollout_bench.py
 
 Runs devstack/rollouts.py's scenarios in order on one stack: a retrained version promoted as
-the UI does, with the controller killed mid-shadow and started again; a version trained on
-shuffled durations; a rollback to the version before whose webhook never arrives.
+the UI does, with the controller killed mid-shadow and again mid-bake; a version trained on
+shuffled durations; a rollback to the version before whose webhook never arrives; Pub/Sub frozen
+for a minute mid-shadow; the controller deployed over itself mid-shadow.
 Prints one JSON document on stdout (logs to stderr), each figure beside its target:
 
 - seconds from the alias moving to riders on the new version;
@@ -12,13 +13,12 @@ Prints one JSON document on stdout (logs to stderr), each figure beside its targ
 - riders answered by a blocked version (target 0);
 - seconds to converge after a missed webhook (target: the resync period plus the rollout);
 - seconds for a rollback;
-- the phases' own figures (pre-flight, shadow and bake: rides, median |N - M|, p95 answer, ...).
-
+- the phases' own figures (pre-flight, shadow and bake: rides, median |N - M|, p95 answer, ...);
 - then, at two traffic rates (TRAFFIC_RATES), a good version's rollout while riders report their outcomes when
   their rides end: per phase, its time to decision and the evidence it had (rides, outcomes, the RMSE gate).
 
 The analysis windows are the scenarios' (devstack.rollouts.SCENARIO_ANALYSIS: 60 rides, 100 outcomes, a 15 s
-bake), not the production defaults (rollout.settings.AnalysisSettings: 200 rides, a 10 min bake), which would
+bake), not the production defaults (rollout.settings.AnalysisSettings: 200 rides, a 30 min bake), which would
 take minutes per rollout at this traffic; rides end 120 times sooner than in the city (devstack.stack's
 OUTCOME_TIME_COMPRESSION). docs/rollout-controller.md says how long the defaults take at 1, 10 and 100 rides/s.
 """
@@ -58,6 +58,7 @@ def main() -> None:
 
     killed, blocked = results["controller-killed"], results["broken-blocked"]
     dropped = results["webhook-dropped"]
+    outage, overlap = results["pubsub-unavailable"], results["deployed-over-itself"]
     document = {
         "retrained_version_with_the_controller_killed_mid_shadow": {
             "outcome": {"value": killed["outcome"], "target": "rolled out"},
@@ -92,6 +93,16 @@ def main() -> None:
                 "target": f"<= {NOTICE_BOUND_SECONDS}",
             },
             "lost": {"value": dropped["lost"], "target": 0},
+        },
+        "pubsub_unavailable_for_a_minute_mid_shadow": {
+            "outcome": {"value": outage["outcome"], "target": "rolled out"},
+            "lost": {"value": outage["lost"], "target": 0},
+            "shadow_rides": {"value": outage["recorded"].get("shadow", {}).get("rides"), "target": ">= 60"},
+        },
+        "controller_deployed_over_itself": {
+            "outcome": {"value": overlap["outcome"], "target": "rolled out"},
+            "samples_with_both_holding_the_lease": {"value": overlap["both_held"], "target": 0},
+            "lost": {"value": overlap["lost"], "target": 0},
         },
         "per_phase_at_two_traffic_rates": {f"{rate:g}_rides_per_second": _paced(results[rate]) for rate in TRAFFIC_RATES},
     }
