@@ -116,6 +116,7 @@ bench: setup
 	$(PY) benchmarks/stream_bench.py
 	$(PY) benchmarks/fault_bench.py
 	$(PY) benchmarks/bootstrap_bench.py
+	$(PY) benchmarks/abuse_bench.py
 
 bench-capacity: setup  ## per-ride costs measured on the local stack, the Google Cloud model at 10-10,000 rides/s, training at scale
 	@$(PY) benchmarks/capacity.py  # @: its stdout is one JSON document

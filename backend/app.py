@@ -14,6 +14,7 @@ Routes:
                            with another) 403; before requested_at + OUTCOME_EARLIEST_SECONDS 425 (Retry-After);
                            kept once (the same again: 200, another: 409), counted in live quality, and the
                            completed ride published to BACKEND_OUTCOME_STREAM (docs/outcomes.md)
+  Limits per client, per ride and overall (backend/limits.py, docs/api.md): 429 with Retry-After; nothing kept.
   GET  /                    the rider page (backend/page.py), and its /zones
   GET  /healthz            the process is up
   GET  /readyz             the stream (both topics) is reachable and the result listener runs (503 if not);
@@ -41,6 +42,7 @@ from flask import Flask, g, jsonify, request
 from flask_cors import CORS
 from werkzeug.exceptions import BadRequest, HTTPException
 
+from backend.limits import RiderLimits
 from backend.page import add_security_headers, rider_page
 from backend.results import OutcomeStatus, ResultStore, StoreUnavailable, make_store
 from backend.settings import BackendSettings
@@ -207,16 +209,20 @@ def create_app(
         CORS(
             app, origins=list(settings.cors_allowed_origins), methods=["GET", "POST"], allow_headers=["Content-Type"], max_age=600
         )
+    limits = RiderLimits(app, settings)
     app.extensions["ridestream"] = {
         "store": store,
         "publisher": publisher,
         "listener": listener,
         "shadow_listener": shadow_listener,
         "redelivery": redelivery,
+        "limits": limits,
     }
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
+        if exc.response is not None:  # an answer of its own (a limit's 429, with its Retry-After)
+            return exc.response
         return _error(exc.code or 500, exc.description or exc.name)
 
     @app.errorhandler(Exception)
@@ -235,6 +241,7 @@ def create_app(
         return wait_seconds
 
     @app.post("/predict")
+    @limits.rides
     def predict():
         wait_seconds = _wait_seconds()
         payload = request.get_json(silent=True)
@@ -285,7 +292,11 @@ def create_app(
     def _answer(record: dict[str, Any], wait_seconds: float):
         ride_id = record["ride_id"]
         if wait_seconds > 0 and record.get("status") == "pending":
-            record = store.wait(ride_id, wait_seconds) or record
+            with limits.poll_slots.held() as waiting:
+                # The ride is recorded: with every long poll of this process taken it is answered at once (202),
+                # never refused; its rider polls for the final.
+                if waiting:
+                    record = store.wait(ride_id, wait_seconds) or record
         status = 200 if record.get("status") == "done" else 202
         return jsonify(rider_view(record, with_token=True)), status, {"Location": f"/rides/{ride_id}"}
 
@@ -296,6 +307,7 @@ def create_app(
         return _unavailable("the result store is unavailable; retry", **details)
 
     @app.get("/rides/<ride_id>")
+    @limits.polls
     def ride_status(ride_id: str):
         wait_seconds = _wait_seconds()
         g.ride_id = ride_id
@@ -303,10 +315,21 @@ def create_app(
         if record is None:
             return _error(404, "unknown ride_id (or its result expired)", ride_id=ride_id)
         if wait_seconds > 0 and record.get("status") == "pending":
-            record = store.wait(ride_id, wait_seconds) or record
+            with limits.poll_slots.held() as waiting:
+                if not waiting:  # every long poll of this process taken: come back in a second (another instance)
+                    body, status = _error(
+                        429,
+                        f"too many requests: all {limits.poll_slots.slots} long polls of this instance are waiting; "
+                        f"retry after {RETRY_AFTER_SECONDS} s",
+                        ride_id=ride_id,
+                        retry_after_seconds=RETRY_AFTER_SECONDS,
+                    )
+                    return body, status, {"Retry-After": str(RETRY_AFTER_SECONDS)}
+                record = store.wait(ride_id, wait_seconds) or record
         return jsonify(rider_view(record))
 
     @app.post("/rides/<ride_id>/outcome")
+    @limits.outcomes
     def ride_outcome(ride_id: str):
         """The app reports how long the ride really took, with the ride's outcome token, once the ride can
         have ended: kept once on the ride, counted in live quality, and the completed ride published to the

@@ -46,6 +46,27 @@ def _not_negative(name: str, text: str) -> float:
     return seconds
 
 
+def _limit(name: str, text: str) -> str:
+    """A limit as Flask-Limiter reads one ("60/minute", "20 per 10 seconds"), or a clear error at start."""
+    from limits import parse_many
+
+    try:
+        parse_many(text)
+    except ValueError:
+        raise ValueError(f"{name}: {text!r} is not a limit like '60/minute' or '20 per 10 seconds'") from None
+    return text
+
+
+def _count(name: str, text: str, least: int) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise ValueError(f"{name}: {text!r} is not a whole number") from None
+    if count < least:
+        raise ValueError(f"{name}: {text!r} must be {least} or more")
+    return count
+
+
 @dataclass(frozen=True)
 class BackendSettings:
     project_id: str
@@ -83,6 +104,21 @@ class BackendSettings:
     # (its shortest is MIN_DURATION_MINUTES), so an earlier outcome cannot be a real one. Tests and the demo
     # set it lower with their time compression (docs/outcomes.md).
     outcome_earliest_seconds: float = MIN_DURATION_MINUTES * 60
+    # What a client, and everyone together, may ask (backend/limits.py; docs/api.md), as Flask-Limiter reads
+    # a limit. A client is an address, and riders behind one carrier's NAT share theirs: generous per client.
+    rides_per_client: str = "60/minute"  # POST /predict, retries of the same ride included
+    # 130 rides/s: above the rate the defaults are sized for (100), below the one at which records would fill
+    # the default Memorystore to its alert (131: benchmarks/capacity.py, memory_alert_rate; tests/test_limits.py).
+    rides_overall: str = "7800/minute"
+    # A long poll lasts at most max_wait_seconds (10 s): N per 10 seconds is at most N waiting at once.
+    polls_per_client: str = "20 per 10 seconds"
+    outcomes_per_ride: str = "20/hour"  # an app's retries and a rider's corrections, many times over
+    # Long polls waiting at once in one process: fewer than its threads (backend/Dockerfile: 200), so a POST
+    # or a health check always finds a thread.
+    long_polls_per_instance: int = 160
+    # The front ends that append the client's address to X-Forwarded-For: 1 on Cloud Run, 2 behind a load
+    # balancer (Cloud Armor), 0 when the service is reached directly (the client is the peer).
+    trusted_proxy_hops: int = 1
 
     @property
     def final_bound_seconds(self) -> float:
@@ -115,4 +151,12 @@ class BackendSettings:
             zone_guide_path=Path(env("ZONE_GUIDE_PATH") or DEFAULT_ZONE_GUIDE),
             cors_allowed_origins=allowed_origins(env("CORS_ALLOWED_ORIGINS", "")),
             outcome_earliest_seconds=_not_negative("OUTCOME_EARLIEST_SECONDS", env("OUTCOME_EARLIEST_SECONDS", "")),
+            rides_per_client=_limit("LIMIT_RIDES_PER_CLIENT", env("LIMIT_RIDES_PER_CLIENT", cls.rides_per_client)),
+            rides_overall=_limit("LIMIT_RIDES_OVERALL", env("LIMIT_RIDES_OVERALL", cls.rides_overall)),
+            polls_per_client=_limit("LIMIT_POLLS_PER_CLIENT", env("LIMIT_POLLS_PER_CLIENT", cls.polls_per_client)),
+            outcomes_per_ride=_limit("LIMIT_OUTCOMES_PER_RIDE", env("LIMIT_OUTCOMES_PER_RIDE", cls.outcomes_per_ride)),
+            long_polls_per_instance=_count(
+                "LIMIT_LONG_POLLS_PER_INSTANCE", env("LIMIT_LONG_POLLS_PER_INSTANCE", str(cls.long_polls_per_instance)), 1
+            ),
+            trusted_proxy_hops=_count("TRUSTED_PROXY_HOPS", env("TRUSTED_PROXY_HOPS", str(cls.trusted_proxy_hops)), 0),
         )

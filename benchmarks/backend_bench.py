@@ -45,7 +45,7 @@ import aiohttp
 import numpy as np
 
 from devstack.stack import ARTIFACT_ROOT, Stack
-from devstack.traffic import real_rides
+from devstack.traffic import real_rides, rider_headers
 from devstack.usage import cpu_seconds
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ FINAL_WITHIN_SECONDS = 60  # a rider gives up after this (the backend's own boun
 WARM_UP = 100  # riders before the measured ones, not counted
 # The serving model the image had: 1 worker x 16 threads, and Cloud Run's default concurrency (80 per vCPU).
 BEFORE_GUNICORN_ARGS, BEFORE_CONCURRENCY = "--worker-class gthread --threads 16 --timeout 60", 80
-RETRIED_STATUSES = (502, 503, 504)
+RETRIED_STATUSES = (429, 502, 503, 504)
 
 
 class Instance:
@@ -142,19 +142,22 @@ async def call(
         backoff = min(backoff * 2, 8.0)
 
 
-async def rider(balancer: Balancer, session: aiohttp.ClientSession, ride: dict, wait_seconds: int) -> dict:
-    """POST the ride, then long-poll it until its final: what the rider saw."""
+async def rider(balancer: Balancer, session: aiohttp.ClientSession, ride: dict, wait_seconds: int, index: int) -> dict:
+    """POST the ride, then long-poll it until its final: what the rider saw. Rider ``index`` comes from an address
+    of its own (devstack.traffic.rider_headers), as riders' phones do: the backends' per-client limits count it."""
+    headers = rider_headers(index)
     started = time.perf_counter()
     deadline = started + FINAL_WITHIN_SECONDS
     seen = {"post_status": None, "post_seconds": None, "polls": 0, "final_seconds": None, "retried": []}
     ride = {**ride, "ride_id": uuid.uuid4().hex}  # the page picks the ride_id, so a retried POST books it once
-    answer = await call(balancer, session, seen, deadline, "POST", "/predict", json=ride)
+    answer = await call(balancer, session, seen, deadline, "POST", "/predict", json=ride, headers=headers)
     seen["post_seconds"] = time.perf_counter() - started
     seen["post_status"] = None if answer is None else answer[0]
     if answer is None or answer[0] != 202:
         return seen
     while time.perf_counter() < deadline:
-        answer = await call(balancer, session, seen, deadline, "GET", f"/rides/{ride['ride_id']}", params={"wait": wait_seconds})
+        path = f"/rides/{ride['ride_id']}"
+        answer = await call(balancer, session, seen, deadline, "GET", path, params={"wait": wait_seconds}, headers=headers)
         seen["polls"] += 1
         if answer is None:
             break
@@ -176,7 +179,7 @@ async def _ride_at_rate(balancer: Balancer, rides: list[dict], rate: float, wait
             delay = started + index / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(rider(balancer, session, ride, wait_seconds)))
+            tasks.append(asyncio.create_task(rider(balancer, session, ride, wait_seconds, index)))
         results = await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
         if side:
@@ -232,6 +235,24 @@ def summarize(results: list[dict], rate: float, elapsed: float) -> dict:
     }
 
 
+def start_serving(stack: Stack, name: str) -> str:
+    """The stack up to the backends: the emulators and their topics, a Redis of its own (its URL is returned),
+    and the function serving a freshly trained model (any model: the backend is what is measured)."""
+    from training.settings import Settings
+    from training.train import TrainConfig, train
+
+    stack.start_emulators()
+    stack.ensure_topology()
+    redis_url = stack.start_redis()
+    stack.apply_env()
+    model = train(
+        TrainConfig(trials=1, sample=5_000, register=False),
+        Settings(f"sqlite:///{stack.dir}/mlflow.db", name, ARTIFACT_ROOT, name, str(REPO / "data")),
+    )
+    stack.start_function(model.run_id, "1")
+    return redis_url
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=DEFAULT_MAX_RIDES_PER_SECOND, help="riders arriving per second")
@@ -261,18 +282,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="backend-bench-") as tmp:
         stack = Stack(Path(tmp))
         try:
-            stack.start_emulators()
-            stack.ensure_topology()
-            redis_url = stack.start_redis()
-            stack.apply_env()
-            from training.settings import Settings
-            from training.train import TrainConfig, train
-
-            model = train(
-                TrainConfig(trials=1, sample=5_000, register=False),  # any model: the backend is measured
-                Settings(f"sqlite:///{tmp}/mlflow.db", "backend-bench", ARTIFACT_ROOT, "backend-bench", str(REPO / "data")),
-            )
-            stack.start_function(model.run_id, "1")
+            redis_url = start_serving(stack, "backend-bench")
             stack.start_backends(instances, redis_url)  # from its image's environment: its deployed threads
             names = [f"backend-{index}" for index in range(instances)]
             balancer = Balancer([Instance(url, deployment.backend_concurrency) for url in stack.backend_urls])

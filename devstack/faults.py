@@ -28,7 +28,7 @@ import requests
 from devstack.processes import HOST, ServiceError
 from devstack.pubsub import publisher_client
 from devstack.stack import ARTIFACT_ROOT, BUCKET, PROJECT, TOPICS, Stack
-from devstack.traffic import real_rides, run_clients
+from devstack.traffic import new_riders, real_rides, rider_headers, run_clients
 from ride_contract.ride import MAX_DURATION_MINUTES, MIN_DURATION_MINUTES
 
 # Short enough that recovery is quick here, long enough that a healthy ride is never resent.
@@ -50,6 +50,8 @@ class RideSeen:
     statuses: list[int] = field(default_factory=list)  # every HTTP status the client got for this ride
     missing_retry_after: int = 0
     final: dict | None = None  # the ride's record once it is no longer pending
+    # Its rider (devstack.traffic.rider_headers): a person of its own, whose every request carries its address.
+    rider: int = field(default_factory=lambda: new_riders(1))
 
 
 @dataclass
@@ -136,7 +138,10 @@ class FaultStack:
                 attempt += 1
                 try:
                     response = session.post(
-                        f"{url}/predict", json={**seen.ride, "ride_id": seen.ride_id}, timeout=self.request_timeout
+                        f"{url}/predict",
+                        json={**seen.ride, "ride_id": seen.ride_id},
+                        headers=rider_headers(seen.rider),
+                        timeout=self.request_timeout,
                     )
                 except requests.RequestException:
                     time.sleep(0.2)  # that replica is gone: the next one
@@ -161,18 +166,19 @@ class FaultStack:
         session = requests.Session()
         while waiting and time.monotonic() < deadline:
             for seen in list(waiting):
-                record = self._get(session, seen.ride_id)
+                record = self._get(session, seen.ride_id, rider_headers(seen.rider))  # as its rider asks
                 if record is not None and record.get("status") != "pending":
                     seen.final = record
                     waiting.remove(seen)
             if waiting:
-                time.sleep(0.25)
+                # A rider asks about its ride at most twice a second: within LIMIT_POLLS_PER_CLIENT (20 per 10 s).
+                time.sleep(0.6)
         return time.monotonic()
 
-    def _get(self, session: requests.Session, ride_id: str) -> dict | None:
+    def _get(self, session: requests.Session, ride_id: str, headers: dict[str, str] | None = None) -> dict | None:
         for url in self.stack.backend_urls:
             try:
-                response = session.get(f"{url}/rides/{ride_id}", timeout=10)
+                response = session.get(f"{url}/rides/{ride_id}", headers=headers, timeout=10)
             except requests.RequestException:
                 continue
             if response.status_code == 200:
@@ -361,6 +367,7 @@ def _timed_rides(fs: FaultStack, rides: list[dict], prefix: str, rate: float) ->
     """POST each ride with ?wait=10 at ``rate`` per second; (sent at, seconds until its final) for each."""
     started = time.monotonic()
     timed: list[tuple[float, float]] = []
+    first_rider = new_riders(len(rides))
 
     def post(session: requests.Session, job: tuple[int, dict]) -> None:
         index, ride = job
@@ -369,7 +376,12 @@ def _timed_rides(fs: FaultStack, rides: list[dict], prefix: str, rate: float) ->
         for attempt in range(20):
             url = fs.stack.backend_urls[(index + attempt) % len(fs.stack.backend_urls)]
             try:
-                response = session.post(f"{url}/predict?wait=10", json={**ride, "ride_id": f"{prefix}-{index}"}, timeout=15)
+                response = session.post(
+                    f"{url}/predict?wait=10",
+                    json={**ride, "ride_id": f"{prefix}-{index}"},
+                    headers=rider_headers(first_rider + index),
+                    timeout=15,
+                )
             except requests.RequestException:
                 time.sleep(0.2)
                 continue

@@ -66,6 +66,35 @@ def real_rides(count: int, month: str = "2021-03", seed: int = 0) -> list[tuple[
     ]
 
 
+def rider_headers(index: int) -> dict[str, str]:
+    """What Cloud Run's front end adds to rider ``index``'s requests: the rider's own address (X-Forwarded-For),
+    one per rider from the benchmarking range 198.18.0.0/15. The local stack has no front end and its backends
+    trust one hop, as on Cloud Run, so their per-client limits (backend/limits.py) count riders, not this process."""
+    index %= 2 * 256 * 256
+    return {"X-Forwarded-For": f"198.{18 + index // 65536}.{index // 256 % 256}.{index % 256}"}
+
+
+_next_rider = itertools.count()
+_next_rider_lock = threading.Lock()
+
+
+def new_riders(count: int) -> int:
+    """The first of ``count`` rider indexes no earlier call was given: each stream's riders are new people."""
+    with _next_rider_lock:
+        first = next(_next_rider)
+        for _ in range(count - 1):
+            next(_next_rider)
+        return first
+
+
+def retry_after_seconds(response: requests.Response, default: float = 0.5) -> float:
+    """How long a refused request (429, 503) asks to wait (Retry-After in seconds), or ``default``."""
+    try:
+        return max(default, float(response.headers.get("Retry-After", "")))
+    except ValueError:
+        return default
+
+
 def run_clients(client: Callable[[requests.Session, Item], Outcome], items: Iterable[Item], concurrency: int) -> list[Outcome]:
     """``client(session, item)`` for every item on ``concurrency`` threads, in order.
 
@@ -201,23 +230,36 @@ def stream(
         started = time.perf_counter()
         posted_at = time.monotonic()  # the pickup: the ride's end is counted from here
         deadline = started + final_timeout
+        headers = rider_headers(first_rider + index)
+
+        def post() -> requests.Response:
+            return session.post(
+                f"{url}/predict", params={"wait": wait_seconds}, json=ride, headers=headers, timeout=wait_seconds + 10
+            )
+
         try:
-            response = session.post(f"{url}/predict", params={"wait": wait_seconds}, json=ride, timeout=wait_seconds + 10)
-            # 503: the stream is down and the ride was not taken; a client retries it.
-            while response.status_code == 503 and time.perf_counter() < deadline:
-                time.sleep(0.5)
-                response = session.post(f"{url}/predict", params={"wait": wait_seconds}, json=ride, timeout=wait_seconds + 10)
+            response = post()
+            # 503: the stream is down and the ride was not taken; 429: a limit refused it. A client retries it then.
+            while response.status_code in (429, 503) and time.perf_counter() < deadline:
+                time.sleep(retry_after_seconds(response))
+                response = post()
             body = response.json()
             if response.status_code >= 400:
                 outcome.error = f"HTTP {response.status_code}: {body.get('error')}"
                 return outcome
             outcome.ride_id, outcome.duration_coarse = body["ride_id"], body["duration_coarse"]
             outcome.outcome_token = body.get("outcome_token")
-            # Not final yet: ask another replica, as a client polling GET would.
+            # Not final yet: ask another replica, as a client long-polling GET would.
             other = backend_urls[(index + 1) % len(backend_urls)]
-            while body.get("status") != "done" and time.perf_counter() < deadline:
-                time.sleep(0.05)
-                body = session.get(f"{other}/rides/{outcome.ride_id}", timeout=10).json()
+            while body.get("status") != "done" and (left := deadline - time.perf_counter()) > 0:
+                wait = min(wait_seconds, max(1, int(left)))
+                polled = session.get(
+                    f"{other}/rides/{outcome.ride_id}", params={"wait": wait}, headers=headers, timeout=wait + 10
+                )
+                if polled.status_code in (429, 503):
+                    time.sleep(retry_after_seconds(polled))
+                    continue
+                body = polled.json()
             if body.get("status") == "done":
                 outcome.latency_seconds = time.perf_counter() - started
                 outcome.answered_at = time.time()
@@ -233,6 +275,7 @@ def stream(
             outcome.error = f"{type(exc).__name__}: {exc}"
         return outcome
 
+    first_rider = new_riders(len(rides))
     outcomes = run_clients(one, [(i, ride, actual) for i, (ride, actual) in enumerate(rides)], concurrency)
     if report_outcomes is True:
         reporter.close()

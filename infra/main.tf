@@ -521,9 +521,10 @@ resource "google_redis_instance" "results" {
 # --- the backend on Cloud Run ------------------------------------------------------------------
 
 resource "google_cloud_run_v2_service" "backend" {
-  name                = "${local.prefix}-backend"
-  location            = var.region
-  ingress             = "INGRESS_TRAFFIC_ALL"
+  name     = "${local.prefix}-backend"
+  location = var.region
+  # Behind the edge (infra/edge.tf), only through its load balancer: Cloud Armor sees every request.
+  ingress             = local.edge ? "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER" : "INGRESS_TRAFFIC_ALL"
   deletion_protection = var.deletion_protection
   # Public (the default): Cloud Run's invoker check off, which Domain Restricted Sharing allows where an
   # allUsers binding is refused (https://cloud.google.com/run/docs/authenticating/public).
@@ -605,6 +606,12 @@ resource "google_cloud_run_v2_service" "backend" {
       env {
         name  = "CORS_ALLOWED_ORIGINS"
         value = join(",", var.backend_cors_allowed_origins)
+      }
+      # Who appended the client's address to X-Forwarded-For (backend/limits.py): Cloud Run's front end, and
+      # before it the edge's load balancer when there is one.
+      env {
+        name  = "TRUSTED_PROXY_HOPS"
+        value = local.edge ? "2" : "1"
       }
       startup_probe {
         http_get {

@@ -91,3 +91,8 @@ output "dashboard" {
   description = "The operator's Cloud Monitoring dashboard (console: Monitoring > Dashboards)"
   value       = google_monitoring_dashboard.operations.id
 }
+
+# With the edge on (infra/edge.tf): the address edge_domain's DNS record points at.
+output "edge_address" {
+  value = local.edge ? google_compute_global_address.edge[0].address : null
+}

@@ -27,6 +27,7 @@ SCHEMA_FILE = INFRA / "google-provider-schema.json"
 _ARGUMENT_LINK = re.compile(
     r"/hashicorp/google/(?P<version>[\d.]+)/docs/(?P<kind>resources|data-sources)/(?P<slug>\w+)#(?P<arg>\w+)"
 )
+_CAMEL = re.compile(r"(?<!^)([A-Z])")
 _USED = re.compile(r'^(resource|data)\s+"(google_\w+)"', re.MULTILINE)
 
 
@@ -59,10 +60,12 @@ def _arguments(types: dict[str, Any], fqn: str, seen: frozenset[str] = frozenset
     arguments: dict[str, Any] = {}
     for prop in types.get(fqn, {}).get("properties", []):
         link = _link(prop)
-        if not link:
-            continue
+        # A few arguments' docs carry no registry link (google_compute_global_forwarding_rule's port_range, whose
+        # summary is a long list): their name is the binding's, in snake case, as every other argument's is.
+        # These are config structs: arguments and blocks only, never computed attributes.
+        name = link["arg"] if link else _CAMEL.sub(r"_\1", prop["name"]).lower()
         nested = [t for t in _block_types(prop["type"]) if t not in seen]
-        arguments[link["arg"]] = _arguments(types, nested[0], seen | {fqn}) if nested else {}
+        arguments[name] = _arguments(types, nested[0], seen | {fqn}) if nested else {}
     return arguments
 
 

@@ -205,3 +205,25 @@ variable "rollout_operators" {
   type        = list(string)
   default     = []
 }
+
+variable "edge_rate_limit_per_minute" {
+  description = "Requests a minute one client address may make before Cloud Armor refuses it (429) for edge_ban_seconds, at an external load balancer in front of the backend (infra/edge.tf, docs/api.md). 0 (default): no load balancer, the backend's own limits only."
+  type        = number
+  default     = 0
+  validation {
+    condition     = var.edge_rate_limit_per_minute >= 0
+    error_message = "0 (off) or a number of requests a minute."
+  }
+}
+
+variable "edge_ban_seconds" {
+  description = "How long Cloud Armor refuses a client address that went over edge_rate_limit_per_minute."
+  type        = number
+  default     = 60
+}
+
+variable "edge_domain" {
+  description = "The rider API's domain at the edge (for its Google-managed certificate), e.g. api.example.com; needed when edge_rate_limit_per_minute > 0."
+  type        = string
+  default     = ""
+}

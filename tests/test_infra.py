@@ -259,6 +259,31 @@ def test_riders_can_call_the_backend_and_protection_is_a_choice(resources):
     assert resources["google_cloud_run_v2_service"]["backend"]["deletion_protection"] == "${var.deletion_protection}"
 
 
+def test_the_edge_is_off_by_default_and_when_on_bans_a_flooding_address_before_the_backend(resources):
+    """infra/edge.tf: nothing unless edge_rate_limit_per_minute > 0; then Cloud Armor refuses (429) an address over
+    the rate, the backend takes traffic from the load balancer only, and counts clients one hop further left."""
+    variables = _variables()
+    assert variables["edge_rate_limit_per_minute"]["default"] == 0 and variables["edge_domain"]["default"] == ""
+    for kind in (f"google_compute_{kind}" for kind in EDGE_KINDS):
+        for name, body in resources[kind].items():
+            assert body["count"] == "${local.edge ? 1 : 0}", (kind, name)
+    [ban] = [r for r in resources["google_compute_security_policy"]["edge"]["rule"] if r["action"] == "rate_based_ban"]
+    options = ban["rate_limit_options"][0]
+    assert (options["exceed_action"], options["enforce_on_key"]) == ("deny(429)", "IP")
+    assert options["rate_limit_threshold"][0] == {"count": "${var.edge_rate_limit_per_minute}", "interval_sec": 60}
+    guarded = resources["google_compute_backend_service"]["backend"]
+    assert guarded["security_policy"] == "${google_compute_security_policy.edge[0].id}"
+    backend = resources["google_cloud_run_v2_service"]["backend"]
+    assert backend["ingress"] == '${local.edge ? "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER" : "INGRESS_TRAFFIC_ALL"}'
+    env = {e["name"]: e.get("value") for e in backend["template"][0]["containers"][0]["env"]}
+    assert env["TRUSTED_PROXY_HOPS"] == '${local.edge ? "2" : "1"}'
+
+
+# The edge (infra/edge.tf): a load balancer with Cloud Armor, all of Compute Engine.
+EDGE_KINDS = (
+    *("security_policy", "region_network_endpoint_group", "backend_service", "url_map", "managed_ssl_certificate"),
+    *("ssl_policy", "target_https_proxy", "global_address", "global_forwarding_rule"),
+)
 # What each kind of resource needs enabled (the API's service name, without .googleapis.com).
 API_OF = {
     "google_cloud_run_v2_service": {"run", "compute", "cloudbuild", "artifactregistry"},  # the function builds
@@ -275,6 +300,7 @@ API_OF = {
     "google_secret_manager_secret": {"secretmanager"},
     "google_redis_instance": {"redis"},
     "google_compute_network": {"compute"},
+    **{f"google_compute_{kind}": {"compute"} for kind in EDGE_KINDS},
     "google_artifact_registry_repository": {"artifactregistry"},
     "google_cloud_run_v2_job": {"run"},
     "google_cloud_scheduler_job": {"cloudscheduler"},
@@ -927,7 +953,8 @@ def test_the_outputs_are_exactly_what_operations_reads():
         "rollout_service", "rollout_webhook_url", "topics", "model_bucket", "function_source_bucket",
         "service_accounts", "outcomes", "prediction_logs", "deletion_protected",
     }  # fmt: skip
-    assert outputs - {"jobs", "dashboard"} == interface  # the flows' Cloud Run jobs and the dashboard (infra/flows.tf)
+    # The flows' Cloud Run jobs and the dashboard (infra/flows.tf); the edge's address, for DNS (infra/edge.tf).
+    assert outputs - {"jobs", "dashboard", "edge_address"} == interface
 
 
 def test_every_resource_with_deletion_protection_is_listed_for_teardown(resources):
