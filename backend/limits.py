@@ -6,7 +6,7 @@ Counted in the shared store (Flask-Limiter on the result store's Redis), so ever
                             is sized for, benchmarks/capacity.py), each a moving window
   GET  /rides/<id>          per client (POLLS_PER_CLIENT, "N per 10 seconds": a long poll lasts at most
                             MAX_WAIT_SECONDS, 10 s, so a client never holds more than N of them at once)
-  POST /rides/<id>/outcome  per ride (OUTCOMES_PER_RIDE)
+  POST /rides/<id>/outcome  per client (OUTCOMES_PER_CLIENT) and per ride (OUTCOMES_PER_RIDE, rides that exist)
 
 and, in this process, the long polls waiting at once (LONG_POLLS_PER_INSTANCE: fewer than its threads, so
 POSTs and health checks always find one). Each refusal is a 429 with Retry-After (seconds) and the limit it
@@ -20,7 +20,9 @@ from the right is the client's and whatever a client wrote in the header before 
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +35,9 @@ from flask_limiter.util import get_remote_address
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from backend.settings import BackendSettings
+from ride_contract.ride import RIDE_ID_PATTERN
+
+_RIDE_ID = re.compile(RIDE_ID_PATTERN)
 
 
 def refused(what: str) -> Callable[[RequestLimit], Any]:
@@ -51,6 +56,19 @@ def refused(what: str) -> Callable[[RequestLimit], Any]:
         return response
 
     return answer
+
+
+def client_key() -> str:
+    """The client's address (after ProxyFix); an IPv6 client by its /64, a subscriber's whole prefix, so rotating
+    addresses within it gains nothing."""
+    address = get_remote_address()
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 class PollSlots:
@@ -83,7 +101,7 @@ class RiderLimits:
         if settings.trusted_proxy_hops:
             app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)  # type: ignore[method-assign]
         self.limiter = Limiter(
-            get_remote_address,
+            client_key,
             app=app,
             # The result store's Redis: every replica counts together. Without one (a single replica), memory.
             storage_uri=settings.redis_url or "memory://",
@@ -99,16 +117,29 @@ class RiderLimits:
         )
         limit = self.limiter.limit
         per_client = limit(settings.rides_per_client, scope="rides-per-client", on_breach=refused("rides per client"))
+        # Everyone's counts the rides taken only (it is tested before, counted after), so a client's refused or
+        # failed requests never use up everyone's, whichever limit Flask-Limiter looks at first.
         overall = self.limiter.shared_limit(
-            settings.rides_overall, scope="rides-overall", key_func=lambda: "everyone", on_breach=refused("rides for everyone")
+            settings.rides_overall,
+            scope="rides-overall",
+            key_func=lambda: "everyone",
+            deduct_when=lambda response: response.status_code in (200, 202),
+            on_breach=refused("rides for everyone"),
         )
-        # The client's own limit first: a request it refuses never counts against everyone's.
         self.rides = lambda view: overall(per_client(view))
         self.polls = limit(settings.polls_per_client, scope="polls-per-client", on_breach=refused("polls per client"))
-        self.outcomes = limit(
+        # A client's outcomes, counted first; then the ride's, counted only for a ride that exists (not a 404) and
+        # never for an id the contract refuses, so made-up ride ids leave nothing in Redis.
+        outcomes_per_client = limit(
+            settings.outcomes_per_client, scope="outcomes-per-client", on_breach=refused("outcomes per client")
+        )
+        outcomes_per_ride = limit(
             settings.outcomes_per_ride,
             scope="outcomes-per-ride",
             key_func=lambda: (request.view_args or {})["ride_id"],
+            exempt_when=lambda: not _RIDE_ID.match((request.view_args or {}).get("ride_id", "")),
+            deduct_when=lambda response: response.status_code != 404,
             on_breach=refused("outcomes per ride"),
         )
+        self.outcomes = lambda view: outcomes_per_client(outcomes_per_ride(view))
         self.poll_slots = PollSlots(settings.long_polls_per_instance)

@@ -112,6 +112,7 @@ class BackendSettings:
     rides_overall: str = "7800/minute"
     # A long poll lasts at most max_wait_seconds (10 s): N per 10 seconds is at most N waiting at once.
     polls_per_client: str = "20 per 10 seconds"
+    outcomes_per_client: str = "60/minute"  # as many as its rides: a client cannot report what it did not book
     outcomes_per_ride: str = "20/hour"  # an app's retries and a rider's corrections, many times over
     # Long polls waiting at once in one process: fewer than its threads (backend/Dockerfile: 200), so a POST
     # or a health check always finds a thread.
@@ -154,6 +155,7 @@ class BackendSettings:
             rides_per_client=_limit("LIMIT_RIDES_PER_CLIENT", env("LIMIT_RIDES_PER_CLIENT", cls.rides_per_client)),
             rides_overall=_limit("LIMIT_RIDES_OVERALL", env("LIMIT_RIDES_OVERALL", cls.rides_overall)),
             polls_per_client=_limit("LIMIT_POLLS_PER_CLIENT", env("LIMIT_POLLS_PER_CLIENT", cls.polls_per_client)),
+            outcomes_per_client=_limit("LIMIT_OUTCOMES_PER_CLIENT", env("LIMIT_OUTCOMES_PER_CLIENT", cls.outcomes_per_client)),
             outcomes_per_ride=_limit("LIMIT_OUTCOMES_PER_RIDE", env("LIMIT_OUTCOMES_PER_RIDE", cls.outcomes_per_ride)),
             long_polls_per_instance=_count(
                 "LIMIT_LONG_POLLS_PER_INSTANCE", env("LIMIT_LONG_POLLS_PER_INSTANCE", str(cls.long_polls_per_instance)), 1

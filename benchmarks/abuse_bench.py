@@ -49,6 +49,7 @@ log = logging.getLogger("abuse_bench")
 THINK_SECONDS = 2.0  # between a rider's final and its next ride
 ABUSER = "198.51.100.66"  # one address, as a script on one machine has
 INSTANCES = 2
+WARM_UP_SECONDS = 10  # riders before the measured ones (first connections, first model loads), not counted
 
 
 async def ordinary_rider(balancer: Balancer, session: aiohttp.ClientSession, rides: list[dict], index: int, until: float) -> list:
@@ -141,6 +142,8 @@ def main() -> None:
             stack.start_backends(INSTANCES, redis_url)  # the image's environment, the default limits
             balancer = Balancer([Instance(url, deployment.backend_concurrency) for url in stack.backend_urls])
             store = redis.Redis.from_url(redis_url)
+            asyncio.run(_phase(balancer, rides[1500:], args.riders, WARM_UP_SECONDS, 0))  # warm, not counted
+            balancer.reset()
             log.info("riders alone: %d for %g s", args.riders, args.seconds)
             alone = asyncio.run(_phase(balancer, rides, args.riders, args.seconds, 0))
             memory_before = store.info("memory")["used_memory"]

@@ -228,7 +228,6 @@ def stream(
         outcome = RideOutcome(ride, actual)
         url = backend_urls[index % len(backend_urls)]
         started = time.perf_counter()
-        posted_at = time.monotonic()  # the pickup: the ride's end is counted from here
         deadline = started + final_timeout
         headers = rider_headers(first_rider + index)
 
@@ -243,6 +242,9 @@ def stream(
             while response.status_code in (429, 503) and time.perf_counter() < deadline:
                 time.sleep(retry_after_seconds(response))
                 response = post()
+            # The pickup: the ride's end is counted from its booking's answer, when the backend has surely recorded
+            # it (a loaded machine's slow POST never makes an outcome look earlier than its ride's end).
+            posted_at = time.monotonic()
             body = response.json()
             if response.status_code >= 400:
                 outcome.error = f"HTTP {response.status_code}: {body.get('error')}"

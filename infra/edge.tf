@@ -1,8 +1,8 @@
 # --- the edge: an external Application Load Balancer with Cloud Armor in front of the backend ---------------
 # Off by default (edge_rate_limit_per_minute = 0). The backend's own limits (backend/limits.py) protect its
-# store and threads; a flood still reaches its instances. With the edge on, Cloud Armor bans a client address
-# over the rate for edge_ban_seconds (429) before any instance sees it, and the backend takes traffic from the
-# load balancer only. What it costs and how to point DNS at it: docs/api.md.
+# store and threads; a flood still reaches its instances. With the edge on, Cloud Armor refuses (429) what a
+# client address sends over the rate before any instance sees it, and the backend takes traffic from the load
+# balancer only. What it costs and how to point DNS at it: docs/api.md.
 
 locals {
   edge = var.edge_rate_limit_per_minute > 0
@@ -12,10 +12,12 @@ resource "google_compute_security_policy" "edge" {
   #checkov:skip=CKV_GCP_73:the backend is Python (gunicorn, Flask): no Log4j to exploit; this policy's job is rate limiting
   count       = local.edge ? 1 : 0
   name        = "${local.prefix}-edge"
-  description = "Rider API: a client address over ${var.edge_rate_limit_per_minute} requests a minute is refused (429) for ${var.edge_ban_seconds} s"
+  description = "Rider API: a client address's requests beyond ${var.edge_rate_limit_per_minute} a minute are refused (429)"
 
+  # Throttled, not banned: riders behind one carrier's NAT share an address, and a ban would refuse them all
+  # for its length; a throttle refuses only what is over the rate.
   rule {
-    action      = "rate_based_ban"
+    action      = "throttle"
     priority    = 1000
     description = "per client address"
     match {
@@ -25,10 +27,9 @@ resource "google_compute_security_policy" "edge" {
       }
     }
     rate_limit_options {
-      conform_action   = "allow"
-      exceed_action    = "deny(429)"
-      enforce_on_key   = "IP"
-      ban_duration_sec = var.edge_ban_seconds
+      conform_action = "allow"
+      exceed_action  = "deny(429)"
+      enforce_on_key = "IP"
       rate_limit_threshold {
         count        = var.edge_rate_limit_per_minute
         interval_sec = 60

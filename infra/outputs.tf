@@ -13,8 +13,9 @@ output "function_service" {
   value       = google_cloud_run_v2_service.predict.name
 }
 
+# Behind the edge the service takes the load balancer's traffic only: riders (and the smoke test) use the domain.
 output "backend_url" {
-  value = google_cloud_run_v2_service.backend.uri
+  value = local.edge ? "https://${var.edge_domain}" : google_cloud_run_v2_service.backend.uri
 }
 
 output "mlflow_url" {

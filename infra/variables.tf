@@ -207,19 +207,13 @@ variable "rollout_operators" {
 }
 
 variable "edge_rate_limit_per_minute" {
-  description = "Requests a minute one client address may make before Cloud Armor refuses it (429) for edge_ban_seconds, at an external load balancer in front of the backend (infra/edge.tf, docs/api.md). 0 (default): no load balancer, the backend's own limits only."
+  description = "Requests a minute one client address may make; Cloud Armor refuses (429) the rest, at an external load balancer in front of the backend (infra/edge.tf, docs/api.md). 0 (default): no load balancer, the backend's own limits only."
   type        = number
   default     = 0
   validation {
     condition     = var.edge_rate_limit_per_minute >= 0
     error_message = "0 (off) or a number of requests a minute."
   }
-}
-
-variable "edge_ban_seconds" {
-  description = "How long Cloud Armor refuses a client address that went over edge_rate_limit_per_minute."
-  type        = number
-  default     = 60
 }
 
 variable "edge_domain" {

@@ -44,6 +44,10 @@ def nyc_local_datetime(value: Any) -> dt.datetime:
     return parsed
 
 
+# A ride_id a client may choose: short, and safe in a URL, a log line and a Redis key.
+RIDE_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
 class Ride(BaseModel):
     """A ride request: only what is known when the ride is booked."""
 
@@ -51,7 +55,7 @@ class Ride(BaseModel):
     # "trip_distanse" must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ride_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")] | None = None
+    ride_id: Annotated[str, Field(min_length=1, max_length=64, pattern=RIDE_ID_PATTERN)] | None = None
     datetime: dt.datetime = Field(description='Pickup time, e.g. "2022-06-23 11:36:42" (NYC local time)')
     PULocationID: LocationId
     DOLocationID: LocationId

@@ -128,6 +128,17 @@ def breaches(figs: dict[str, Any], settings: AnalysisSettings) -> list[str]:
     return found
 
 
+# What a candidate's answers themselves say (not how fast or how many came back): on the shadow's minimum of
+# rides a breach of these is the model's, which more rides or outcomes will not undo; a rate of missing or
+# late answers can be a new revision's first seconds (scaling out, a Pub/Sub push backing off), and waits.
+ANSWER_FIGURES = ("rides", "paired", "median_abs_diff_minutes", "mean_diff_minutes", "extra_clipped_rate")
+
+
+def answer_breaches(figs: dict[str, Any], settings: AnalysisSettings) -> list[str]:
+    """The breaches of ``ANSWER_FIGURES`` only."""
+    return breaches({key: figs[key] for key in ANSWER_FIGURES if key in figs}, settings)
+
+
 class PublishedAnswer(BaseModel):
     """What the controller reads of a result message (ride_contract.result.RideResult, or any newer form)."""
 

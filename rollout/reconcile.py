@@ -674,7 +674,7 @@ class Rollout:
         ``min_rides`` rides, ``min_outcomes`` outcomes and ``min_seconds``, or at ``max_seconds`` (then with too
         few rides it is a breach: no evidence is no pass; with too few outcomes it decides on what it has, and
         its figures' ``rmse_gate`` says so). ``early``: a breach acts at once (the bake)."""
-        from rollout.analysis import breaches
+        from rollout.analysis import answer_breaches, breaches
 
         assert self._guard is not None
         settings, last_look, last_saved = self._guard.analysis, 0.0, time.time()
@@ -706,9 +706,9 @@ class Rollout:
             enough_rides = figs["rides"] >= min_rides
             if enough_rides and figs["outcomes"] >= min_outcomes and figs["seconds"] >= min_seconds:
                 return decided(window)
-            if enough_rides and breaches(figs, settings):
-                # Already out of bounds on its minimum of rides: outcomes can only add the RMSE gate's breach,
-                # never take one away, so waiting for them would keep a broken version in shadow for nothing.
+            if enough_rides and answer_breaches(figs, settings):
+                # Its answers already out of bounds on its minimum of rides: outcomes can only add the RMSE gate's
+                # breach, never take one away, so waiting for them would keep a broken version in shadow for nothing.
                 return decided(window)
             if early and breaches(figs, settings) and figs["rides"] >= max(20, min_rides // 4):
                 return decided(window)  # a breach during the bake acts at once

@@ -181,6 +181,24 @@ def test_a_broken_version_is_blocked_on_its_minimum_of_rides_without_waiting_for
     assert target.deployed == []
 
 
+def test_a_good_version_slow_to_answer_its_first_rides_is_not_blocked_early():
+    """Only what its answers say decides early: a new revision's first rides missing (scaling out, a push backing
+    off) is a rate more rides bring down, so the shadow waits for its outcomes or its limit as usual."""
+    story = MemoryStory()
+    waits_for_outcomes = replace(FAST, min_outcomes=100, shadow_max_minutes=0.1)  # no outcome comes here
+
+    cold_until = time.monotonic() + 1.5  # its first checks on its minimum of rides see a fifth of them missing
+
+    def cold_then_retrained(i: int) -> float | None:
+        return None if i % 5 == 0 and time.monotonic() < cold_until else retrained(i)
+
+    rollout, target, _ = guarded(story, cold_then_retrained, settings=waits_for_outcomes)
+    message = rollout.reconcile()
+    assert "blocked" not in message and target.current.version == "2", message
+    shadow = json.loads(story.tags["2"]["rollout_shadow"])
+    assert shadow["rides"] > 200 and shadow["missing_rate"] <= FAST.max_missing_rate, shadow
+
+
 def test_a_breach_during_the_bake_sends_riders_back_to_the_version_before():
     story = MemoryStory()
     rollout, target, _shadow = guarded(story, retrained, broken_when_serving=("2",))

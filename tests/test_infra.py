@@ -260,15 +260,16 @@ def test_riders_can_call_the_backend_and_protection_is_a_choice(resources):
 
 
 def test_the_edge_is_off_by_default_and_when_on_bans_a_flooding_address_before_the_backend(resources):
-    """infra/edge.tf: nothing unless edge_rate_limit_per_minute > 0; then Cloud Armor refuses (429) an address over
-    the rate, the backend takes traffic from the load balancer only, and counts clients one hop further left."""
+    """infra/edge.tf: nothing unless edge_rate_limit_per_minute > 0; then Cloud Armor refuses (429) what an address
+    sends over the rate, the backend takes traffic from the load balancer only (riders reach it at the domain) and
+    counts clients one hop further left."""
     variables = _variables()
     assert variables["edge_rate_limit_per_minute"]["default"] == 0 and variables["edge_domain"]["default"] == ""
     for kind in (f"google_compute_{kind}" for kind in EDGE_KINDS):
         for name, body in resources[kind].items():
             assert body["count"] == "${local.edge ? 1 : 0}", (kind, name)
-    [ban] = [r for r in resources["google_compute_security_policy"]["edge"]["rule"] if r["action"] == "rate_based_ban"]
-    options = ban["rate_limit_options"][0]
+    [throttle] = [r for r in resources["google_compute_security_policy"]["edge"]["rule"] if r["action"] == "throttle"]
+    options = throttle["rate_limit_options"][0]
     assert (options["exceed_action"], options["enforce_on_key"]) == ("deny(429)", "IP")
     assert options["rate_limit_threshold"][0] == {"count": "${var.edge_rate_limit_per_minute}", "interval_sec": 60}
     guarded = resources["google_compute_backend_service"]["backend"]
@@ -277,6 +278,9 @@ def test_the_edge_is_off_by_default_and_when_on_bans_a_flooding_address_before_t
     assert backend["ingress"] == '${local.edge ? "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER" : "INGRESS_TRAFFIC_ALL"}'
     env = {e["name"]: e.get("value") for e in backend["template"][0]["containers"][0]["env"]}
     assert env["TRUSTED_PROXY_HOPS"] == '${local.edge ? "2" : "1"}'
+    with open(INFRA / "outputs.tf") as f:
+        [url] = [block["backend_url"] for block in _clean(hcl2.load(f))["output"] if "backend_url" in block]
+    assert url["value"] == '${local.edge ? "https://${var.edge_domain}" : google_cloud_run_v2_service.backend.uri}'
 
 
 # The edge (infra/edge.tf): a load balancer with Cloud Armor, all of Compute Engine.

@@ -142,6 +142,41 @@ def test_outcomes_are_bounded_per_ride(redis_prefix):
     assert second.post(other_url, json={"duration_minutes": 9, "outcome_token": other["outcome_token"]}).status_code != 429
 
 
+def test_a_clients_refused_rides_never_use_up_everyones_whichever_limit_is_looked_at_first(redis_prefix):
+    """Flask-Limiter looks at a route's limits in the order of their units: with everyone's per second and a
+    client's per minute, everyone's comes first. It counts the rides taken only, so one client hammering past
+    its own limit leaves everyone's untouched."""
+    (client,), _, _ = replicas(redis_prefix, count=1, rides_per_client="3/minute", rides_overall="5/second")
+    answers = [client.post("/predict", json=RIDE, headers=rider("198.51.100.70")).status_code for _ in range(20)]
+    assert answers.count(202) == 3 and answers.count(429) == 17
+    others = [client.post("/predict", json=RIDE, headers=rider(f"198.51.100.{80 + i}")).status_code for i in range(2)]
+    assert others == [202, 202], others  # everyone's second still has room: the 17 refused did not count
+
+
+def test_outcomes_for_made_up_rides_leave_nothing_in_redis_and_a_client_is_bounded(redis_prefix):
+    (client,), _, _ = replicas(redis_prefix, count=1, outcomes_per_client="5/minute", outcome_earliest_seconds=0)
+    shared = redis.Redis.from_url(REDIS_URL)
+    for made_up in ("no-such-ride", "x" * 500, "bad id with spaces"):
+        assert client.post(
+            f"/rides/{made_up}/outcome", json={"duration_minutes": 9}, headers=rider("198.51.100.90")
+        ).status_code in (
+            400,
+            404,
+        )
+    assert not [key for key in shared.scan_iter(f"*{redis_prefix}:limits*") if b"outcomes-per-ride" in key]
+    for _ in range(2):
+        client.post("/rides/another-made-up-ride/outcome", json={"duration_minutes": 9}, headers=rider("198.51.100.90"))
+    refused(client.post("/rides/one-more/outcome", json={"duration_minutes": 9}, headers=rider("198.51.100.90")))
+
+
+def test_an_ipv6_client_counts_by_its_64_prefix(redis_prefix):
+    (client,), _, _ = replicas(redis_prefix, count=1, rides_per_client="2/minute")
+    for host in ("1", "2"):
+        assert client.post("/predict", json=RIDE, headers=rider(f"2001:db8:0:1::{host}")).status_code == 202
+    refused(client.post("/predict", json=RIDE, headers=rider("2001:db8:0:1:ffff::3")))  # the same /64
+    assert client.post("/predict", json=RIDE, headers=rider("2001:db8:0:2::1")).status_code == 202  # another one
+
+
 def test_a_client_far_over_its_limit_keeps_the_limits_memory_bounded(redis_prefix):
     """Moving windows keep at most the limit's count of entries per client, whatever the client sends."""
     (client,), _, _ = replicas(redis_prefix, count=1, rides_per_client="5/minute")
