@@ -43,6 +43,7 @@ class RideOutcome:
     outcome_scheduled: bool = False  # it goes back when the ride ends (OutcomeReporter)
     outcome_reported: bool = False  # the ride's actual duration went back (POST /rides/<id>/outcome)
     outcome_error: str | None = None  # why it did not
+    rider: int | None = None  # who booked it (rider_headers): its outcome comes from the same phone
 
 
 def real_rides(count: int, month: str = "2021-03", seed: int = 0) -> list[tuple[dict, float]]:
@@ -193,16 +194,18 @@ class OutcomeReporter:
     def _send(session: requests.Session, outcome: RideOutcome, url: str, give_up_at: float) -> float | None:
         """POST the outcome; when to send it again (too early, or the backend unavailable), or None: done."""
         body = {"duration_minutes": round(outcome.actual, 2), "outcome_token": outcome.outcome_token}
+        response = None
         try:
-            response = session.post(f"{url}/rides/{outcome.ride_id}/outcome", json=body, timeout=10)
+            headers = rider_headers(outcome.rider) if outcome.rider is not None else None
+            response = session.post(f"{url}/rides/{outcome.ride_id}/outcome", json=body, headers=headers, timeout=10)
             status, answer = response.status_code, response.json()
         except (requests.RequestException, ValueError) as exc:
             status, answer = 503, {"error": f"{type(exc).__name__}: {exc}"}
         now = time.monotonic()
         if status == 425:  # the backend says when it takes it: then (its clock; the same machine's here)
             return now + max(0.01, float(answer.get("not_before", 0)) - time.time())
-        if status == 503 and now < give_up_at:  # the store or the outcomes stream is down: the app retries
-            return now + 0.5
+        if status in (429, 503) and now < give_up_at:  # a limit, or the store or the stream down: the app retries
+            return now + (retry_after_seconds(response) if response is not None else 0.5)
         outcome.outcome_reported = status == 200
         if status != 200:
             outcome.outcome_error = f"outcome: HTTP {status}: {answer.get('error')}"
@@ -229,7 +232,8 @@ def stream(
         url = backend_urls[index % len(backend_urls)]
         started = time.perf_counter()
         deadline = started + final_timeout
-        headers = rider_headers(first_rider + index)
+        outcome.rider = first_rider + index
+        headers = rider_headers(outcome.rider)
 
         def post() -> requests.Response:
             return session.post(
