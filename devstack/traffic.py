@@ -75,23 +75,23 @@ def rider_headers(index: int) -> dict[str, str]:
     return {"X-Forwarded-For": f"198.{18 + index // 65536}.{index // 256 % 256}.{index % 256}"}
 
 
-_next_rider = itertools.count()
-_next_rider_lock = threading.Lock()
+_riders_given = 0
+_riders_lock = threading.Lock()
 
 
 def new_riders(count: int) -> int:
     """The first of ``count`` rider indexes no earlier call was given: each stream's riders are new people."""
-    with _next_rider_lock:
-        first = next(_next_rider)
-        for _ in range(count - 1):
-            next(_next_rider)
-        return first
+    global _riders_given
+    with _riders_lock:
+        first, _riders_given = _riders_given, _riders_given + count
+    return first
 
 
-def retry_after_seconds(response: requests.Response, default: float = 0.5) -> float:
-    """How long a refused request (429, 503) asks to wait (Retry-After in seconds), or ``default``."""
+def retry_after_seconds(response: requests.Response | None, default: float = 0.5) -> float:
+    """How long a refused request (429, 503) asks to wait (Retry-After in seconds), or ``default`` (also when
+    there was no answer at all)."""
     try:
-        return max(default, float(response.headers.get("Retry-After", "")))
+        return max(default, float(response.headers.get("Retry-After", ""))) if response is not None else default
     except ValueError:
         return default
 
@@ -205,7 +205,7 @@ class OutcomeReporter:
         if status == 425:  # the backend says when it takes it: then (its clock; the same machine's here)
             return now + max(0.01, float(answer.get("not_before", 0)) - time.time())
         if status in (429, 503) and now < give_up_at:  # a limit, or the store or the stream down: the app retries
-            return now + (retry_after_seconds(response) if response is not None else 0.5)
+            return now + retry_after_seconds(response)
         outcome.outcome_reported = status == 200
         if status != 200:
             outcome.outcome_error = f"outcome: HTTP {status}: {answer.get('error')}"
