@@ -282,7 +282,12 @@ class Stack:
                     for key in self.forgotten:
                         merged.pop(key, None)
                 setattr(self, name, merged)
-            self.state_path.write_text(json.dumps({name: getattr(self, name) for name in self._STATE_KEYS}, indent=2))
+            # Replaced whole, never rewritten in place: a reader (Stack.load takes no lock) sees the old state or the
+            # new one, never the empty file a truncating write leaves for a moment (a restarted controller read
+            # one and failed its resumed shadow with a JSONDecodeError).
+            written = self.state_path.with_suffix(".json.tmp")
+            written.write_text(json.dumps({name: getattr(self, name) for name in self._STATE_KEYS}, indent=2))
+            os.replace(written, self.state_path)
 
     @classmethod
     def load(cls, stack_dir: Path = DEFAULT_STACK_DIR) -> Stack:

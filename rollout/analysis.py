@@ -135,7 +135,10 @@ ANSWER_FIGURES = ("rides", "paired", "median_abs_diff_minutes", "mean_diff_minut
 
 
 def answer_breaches(figs: dict[str, Any], settings: AnalysisSettings) -> list[str]:
-    """The breaches of ``ANSWER_FIGURES`` only."""
+    """The breaches of ``ANSWER_FIGURES`` only, once the candidate has answered: none answered yet (a revision
+    still starting) is a missing rate, which waits."""
+    if not figs.get("paired"):
+        return []
     return breaches({key: figs[key] for key in ANSWER_FIGURES if key in figs}, settings)
 
 

@@ -706,7 +706,7 @@ class Rollout:
             enough_rides = figs["rides"] >= min_rides
             if enough_rides and figs["outcomes"] >= min_outcomes and figs["seconds"] >= min_seconds:
                 return decided(window)
-            if enough_rides and answer_breaches(figs, settings):
+            if figs.get("paired", 0) >= min_rides and answer_breaches(figs, settings):
                 # Its answers already out of bounds on its minimum of rides: outcomes can only add the RMSE gate's
                 # breach, never take one away, so waiting for them would keep a broken version in shadow for nothing.
                 return decided(window)
