@@ -110,6 +110,8 @@ def promote_under_traffic(
         "rides": len(outcomes),
         "rides_per_second": round(len(outcomes) / traffic_seconds, 2),
         "lost": summary["lost"],
+        # Which rides were lost and why (the first five): their ride ids lead to the stack's logs.
+        "lost_rides": [(o.ride_id, o.error) for o in outcomes if o.duration_final is None][:5],
         "riders_answered_by_it": len(answered_by_it),
         "model_versions_seen": summary["model_versions"],
         "seconds_from_alias_set_to_riders_on_it": round(min(answered_by_it) - promoted_at, 2) if answered_by_it else None,

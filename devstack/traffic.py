@@ -7,6 +7,7 @@ import heapq
 import itertools
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -220,10 +221,10 @@ def stream(
     final_timeout: float = 30,
     report_outcomes: bool | OutcomeReporter = False,
 ) -> list[RideOutcome]:
-    """POST every ride (round-robin over replicas, retrying 503s) and collect its final duration. With
-    ``report_outcomes``, each ride's real TLC duration goes back when the ride ends (OutcomeReporter): True
-    reports them at the local stack's time compression and returns once all went back; a reporter given
-    schedules them on it and returns at once (its owner drains it: riders keep coming meanwhile)."""
+    """POST every ride (round-robin over replicas; each request sent again as the rider page does) and collect
+    its final duration. With ``report_outcomes``, each ride's real TLC duration goes back when the ride ends
+    (OutcomeReporter): True reports them at the local stack's time compression and returns once all went back;
+    a reporter given schedules them on it and returns at once (its owner drains it: riders keep coming meanwhile)."""
     reporter = OutcomeReporter() if report_outcomes is True else report_outcomes or None
 
     def one(session: requests.Session, job: tuple[int, dict, float]) -> RideOutcome:
@@ -235,17 +236,28 @@ def stream(
         outcome.rider = first_rider + index
         headers = rider_headers(outcome.rider)
 
-        def post() -> requests.Response:
-            return session.post(
-                f"{url}/predict", params={"wait": wait_seconds}, json=ride, headers=headers, timeout=wait_seconds + 10
-            )
+        # The rider's app names its ride (as the rider page does), so a request it has to send again (no answer in
+        # time, a refusal, the stream down) is the same ride, never a second one.
+        booking = {**ride, "ride_id": uuid.uuid4().hex}
+
+        def ask(method: str, address: str, json: dict | None = None, wait: float = wait_seconds) -> requests.Response:
+            """One request, sent again as the page does (the same request, after Retry-After or half a second)
+            while it gets no answer or a 429/503 and the rider still waits; then the last answer (or error)."""
+            while True:
+                try:
+                    response = session.request(
+                        method, address, params={"wait": wait}, json=json, headers=headers, timeout=wait + 15
+                    )
+                except requests.RequestException:
+                    if time.perf_counter() >= deadline:
+                        raise
+                    response = None
+                if response is not None and (response.status_code not in (429, 503) or time.perf_counter() >= deadline):
+                    return response
+                time.sleep(retry_after_seconds(response))
 
         try:
-            response = post()
-            # 503: the stream is down and the ride was not taken; 429: a limit refused it. A client retries it then.
-            while response.status_code in (429, 503) and time.perf_counter() < deadline:
-                time.sleep(retry_after_seconds(response))
-                response = post()
+            response = ask("POST", f"{url}/predict", json=booking)
             # The pickup: the ride's end is counted from its booking's answer, when the backend has surely recorded
             # it (a loaded machine's slow POST never makes an outcome look earlier than its ride's end).
             posted_at = time.monotonic()
@@ -258,14 +270,7 @@ def stream(
             # Not final yet: ask another replica, as a client long-polling GET would.
             other = backend_urls[(index + 1) % len(backend_urls)]
             while body.get("status") != "done" and (left := deadline - time.perf_counter()) > 0:
-                wait = min(wait_seconds, max(1, int(left)))
-                polled = session.get(
-                    f"{other}/rides/{outcome.ride_id}", params={"wait": wait}, headers=headers, timeout=wait + 10
-                )
-                if polled.status_code in (429, 503):
-                    time.sleep(retry_after_seconds(polled))
-                    continue
-                body = polled.json()
+                body = ask("GET", f"{other}/rides/{outcome.ride_id}", wait=min(wait_seconds, max(1, int(left)))).json()
             if body.get("status") == "done":
                 outcome.latency_seconds = time.perf_counter() - started
                 outcome.answered_at = time.time()

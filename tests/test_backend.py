@@ -230,6 +230,46 @@ def test_a_retry_while_the_first_publish_hangs_is_not_lost_when_that_publish_fai
     assert second.get("/rides/raced").get_json()["duration_final"] == 12.5
 
 
+class WaitRecordingStore(InMemoryResultStore):
+    """The in-memory store, noting how long each long poll was allowed to wait."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, ride_id: str, timeout: float):
+        self.waits.append(timeout)
+        return super().wait(ride_id, timeout)
+
+
+def test_a_posts_wait_counts_the_time_its_publish_took_so_a_hanging_stream_never_doubles_it():
+    # Pub/Sub hangs: each publish takes most of (then all of) the publish timeout on the backend's clock, then fails.
+    now = [1_000.0]
+    publish_seconds = [9.5, 12.0]
+
+    class SlowPublisher(RecordingPublisher):
+        def publish(self, data: bytes, **attributes: str) -> None:
+            now[0] += publish_seconds.pop(0)
+            raise PublishError("deadline exceeded")
+
+    store = WaitRecordingStore()
+    client = create_app(
+        settings(max_wait_seconds=10),
+        publisher=SlowPublisher(),
+        store=store,
+        listener=IdleListener(),
+        outcome_publisher=RecordingPublisher(),
+        clock=lambda: now[0],
+    ).test_client()
+    # 9.5 s of the rider's 10 went on the publish: half a second of waiting is left, not another 10.
+    first = client.post("/predict?wait=10", json={**RIDE, "ride_id": "slow"})
+    assert first.status_code == 202 and store.waits == [pytest.approx(0.5)]
+    # A publish longer than the wait: answered at once, the ride recorded (the outbox publishes it again).
+    second = client.post("/predict?wait=10", json={**RIDE, "ride_id": "slower"})
+    assert second.status_code == 202 and store.waits == [pytest.approx(0.5)]
+    assert store.get("slower")["status"] == "pending"
+
+
 def test_a_failed_ride_asked_again_with_its_own_ride_id_is_tried_afresh(backend):
     client, publisher, store = backend
     client.post("/predict", json={**RIDE, "ride_id": "unlucky"})
