@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 CHECKOV := $(VENV)/tools/checkov/bin/checkov
 CHECKOV_VERSION := 3.3.30
+# The documentation site's builder (mkdocs.yml; `make docs`, tests/test_docs_site.py): a venv of its own too.
+DOCS_TOOL := $(VENV)/tools/docs
+MKDOCS := $(DOCS_TOOL)/bin/mkdocs
+DOCS_PACKAGES := mkdocs==1.6.1 mkdocs-material==9.8.2
 # The inference libraries benchmarks/inference_candidates.py compares the serving form with (a venv of their own).
 CANDIDATES := $(VENV)/tools/candidates
 CANDIDATE_PACKAGES := onnxruntime==1.32.0 onnx==1.23.2 skl2onnx==1.20.0 treelite==4.8.1
@@ -14,7 +18,7 @@ GOOGLE_PROVIDER_BINDINGS := 16.12.1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup browser screenshot test test-fast lint demo down redeploy rollback status watch train promote resolve flow monitor bench bench-capacity bench-candidates coarse-model provider-schema lock clean \
+.PHONY: setup browser screenshot test test-fast lint docs demo down redeploy rollback status watch train promote resolve flow monitor bench bench-capacity bench-candidates coarse-model provider-schema lock clean \
 	gcp-up gcp-down gcp-status gcp-rollback gcp-proxy
 
 # The venv is refreshed whenever the lock file, the project's metadata or this file changes. uv is installed
@@ -40,7 +44,14 @@ $(VENV)/deployables/.installed: $(VENV)/.installed $(DEPLOYABLE_FILES)
 	$(PY) -m devstack.deployables build
 	@touch $@
 
-setup: $(VENV)/.installed $(VENV)/deployables/.installed
+# mkdocs and the Material theme pin packages of their own (Markdown, pymdown-extensions, ...), so they get a
+# venv of their own like checkov; made again when this file (and so the pins) changes. uv comes from the venv.
+$(DOCS_TOOL)/.installed: Makefile | $(VENV)/.installed
+	test -x $(DOCS_TOOL)/bin/python || $(UV) venv --quiet --python $(PY) $(DOCS_TOOL)
+	$(UV) pip install --python $(DOCS_TOOL)/bin/python --quiet $(DOCS_PACKAGES)
+	@touch $@
+
+setup: $(VENV)/.installed $(VENV)/deployables/.installed $(DOCS_TOOL)/.installed
 
 # The rider page's browser tests drive Debian's chromium through Debian's chromedriver (the same
 # release, from the same archive); nothing downloads a browser build of its own. apt needs root
@@ -63,8 +74,8 @@ test: setup browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-# The README's picture of the rider page, taken by the browser test itself on the real local stack.
-SCREENSHOT := backend/screenshots/rider-page.png
+# The README's and the site's picture of the rider page, taken by the browser test itself on the real local stack.
+SCREENSHOT := docs/images/rider-page.png
 screenshot: setup browser
 	RIDER_PAGE_SCREENSHOT=$(SCREENSHOT) $(PY) -m pytest -q -p no:randomly \
 		"tests/test_rider_browser.py::test_a_ride_from_zone_names_to_the_models_answer_and_its_outcome[0]"
@@ -75,6 +86,11 @@ test-fast: setup  ## unit tests only
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+# NO_MKDOCS_2_WARNING: Material for MkDocs prints at every build that it reaches its end of life on 2027-05-05
+# (Zensical is its successor); said once here instead of in every build's output.
+docs: setup  ## build the documentation site into site/ (mkdocs build --strict)
+	NO_MKDOCS_2_WARNING=1 $(MKDOCS) build --strict
 
 demo: setup
 	$(PY) -m devstack demo
@@ -153,4 +169,4 @@ lock:
 	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache mlruns mlartifacts mlflow.db .stack *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache mlruns mlartifacts mlflow.db .stack site *.egg-info

@@ -65,8 +65,9 @@ def _training_summary(stdout: str) -> dict:
     return json.loads(stdout[stdout.rindex('{\n  "run_id"') :])
 
 
-def readme_commands() -> list[str]:
-    return re.findall(r"^(mlflow run .*?)\s*$", (REPO / "README.md").read_text(), re.M)
+def documented_commands() -> list[str]:
+    """The `mlflow run` commands docs/training.md shows (the README's quickstart points there)."""
+    return re.findall(r"^(mlflow run .*?)\s*$", (REPO / "docs/training.md").read_text(), re.M)
 
 
 def test_a_bare_mlflow_run_trains_on_several_months_and_registers_in_the_run_it_was_given(tmp_path):
@@ -77,7 +78,7 @@ def test_a_bare_mlflow_run_trains_on_several_months_and_registers_in_the_run_it_
     tracking_uri = _empty_store(tmp_path)
     # MLflow quotes each parameter, so both months arrive as one argument; TRAIN_SAMPLE keeps the run short.
     params = ["-P", "trials=1", "-P", "train_month=2021-01 2021-02", "-P", "val_month=2021-03", "-P", "test_month=2021-03"]
-    assert "mlflow run . --env-manager local" in readme_commands()
+    assert "mlflow run . --env-manager local" in documented_commands()
     completed = _run(["mlflow", "run", ".", "--env-manager", "local", *params], tracking_uri, TRAIN_SAMPLE="20000")
     assert completed.returncode == 0, completed.stderr[-3000:]
     summary = _training_summary(completed.stdout)
@@ -95,14 +96,14 @@ def test_a_bare_mlflow_run_trains_on_several_months_and_registers_in_the_run_it_
 @pytest.mark.integration  # uv installs python_env.yaml's pins from PyPI (its cache makes a rebuild quick)
 @pytest.mark.timeout(900)
 def test_mlflow_run_with_no_parameters_builds_the_declared_environment_trains_and_registers(tmp_path):
-    """The first thing a user runs, as the README shows it: MLflow builds python_env.yaml's environment
+    """The first thing a user runs, as docs/training.md shows it: MLflow builds python_env.yaml's environment
     (with uv: the virtualenv manager needs pyenv to build Python) and runs MLproject's defaults in it.
     Only TRAIN_SAMPLE, from the environment, keeps it short; MLproject's parameters and training's
     own must agree, or MLflow refuses the second value of a parameter."""
     from mlflow import MlflowClient
 
     command = "mlflow run . --env-manager uv"
-    assert command in readme_commands()
+    assert command in documented_commands()
     tracking_uri = _empty_store(tmp_path)
     # An environment root of the test's own: built here from python_env.yaml as it is now, never an earlier build.
     env_root = tmp_path / "envs"
