@@ -1,5 +1,7 @@
-# ridestream: `make demo` runs the whole lifecycle locally, `make test` passes the tests.
+# ridestream: `make demo` runs the whole lifecycle locally, `make test` passes the tests; `make` lists every target.
 SHELL := /bin/bash
+# A bare `make` lists the targets instead of installing anything.
+.DEFAULT_GOAL := help
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,8 +20,13 @@ GOOGLE_PROVIDER_BINDINGS := 16.12.1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup browser screenshot test test-fast lint docs demo down redeploy rollback status watch train promote resolve flow monitor bench bench-capacity bench-candidates coarse-model provider-schema lock clean \
-	gcp-up gcp-down gcp-status gcp-rollback gcp-proxy
+.PHONY: help setup browser screenshot test test-fast lint docs demo env down redeploy rollback status watch train promote resolve flow \
+	monitor bench bench-capacity bench-candidates coarse-model provider-schema lock clean gcp-up gcp-down gcp-status gcp-rollback gcp-proxy
+
+# Every target with a `##` description, in this file's order; docs/reference/make-targets.md is the same list
+# (python -m devstack.reference --write). Targets without one (the stamp files) are this file's own.
+help:  ## this list (a bare `make` prints it too)
+	@awk 'BEGIN {FS = ":[^#]*## "} /^[A-Za-z0-9_-]+:[^=#]*## / {printf "  %-17s %s\n", $$1, $$2}' $(firstword $(MAKEFILE_LIST))
 
 # The venv is refreshed whenever the lock file, the project's metadata or this file changes. uv is installed
 # into the venv itself, so a machine without uv gets the same, fast install path. The project is
@@ -51,14 +58,14 @@ $(DOCS_TOOL)/.installed: Makefile | $(VENV)/.installed
 	$(UV) pip install --python $(DOCS_TOOL)/bin/python --quiet $(DOCS_PACKAGES)
 	@touch $@
 
-setup: $(VENV)/.installed $(VENV)/deployables/.installed $(DOCS_TOOL)/.installed
+setup: $(VENV)/.installed $(VENV)/deployables/.installed $(DOCS_TOOL)/.installed  ## the venv from requirements.lock; checkov's, mkdocs' and each deployable's own
 
 # The rider page's browser tests drive Debian's chromium through Debian's chromedriver (the same
 # release, from the same archive); nothing downloads a browser build of its own. apt needs root
 # (sudo where it is there); the package lists are refreshed only if the install cannot find them.
 BROWSER_PACKAGES := chromium chromium-driver
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo )env DEBIAN_FRONTEND=noninteractive apt-get
-browser:
+browser:  ## Debian's chromium and chromedriver, for the browser tests (apt; sudo when not root)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 		echo "installing Debian's $(BROWSER_PACKAGES) for the browser tests"; \
 		$(APT_GET) install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null \
@@ -70,21 +77,21 @@ browser:
 # way. The suite passes with a core taken by stress-ng on two workers, about the same contention.
 TEST_WORKERS ?= 3
 
-test: setup browser
+test: setup browser  ## ruff, then the whole suite on TEST_WORKERS workers (3), a test file each
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The README's and the site's picture of the rider page, taken by the browser test itself on the real local stack.
 SCREENSHOT := docs/images/rider-page.png
-screenshot: setup browser
+screenshot: setup browser  ## retake the README's picture of the rider page, on the real local stack
 	RIDER_PAGE_SCREENSHOT=$(SCREENSHOT) $(PY) -m pytest -q -p no:randomly \
 		"tests/test_rider_browser.py::test_a_ride_from_zone_names_to_the_models_answer_and_its_outcome[0]"
 	@echo "wrote $(SCREENSHOT)"
 
-test-fast: setup  ## unit tests only
+test-fast: setup  ## unit tests only: no emulator, no stack
 	$(PY) -m pytest -m "not integration and not e2e"
 
-lint: setup
+lint: setup  ## ruff check and ruff format --check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 # NO_MKDOCS_2_WARNING: Material for MkDocs prints at every build that it reaches its end of life on 2027-05-05
@@ -92,10 +99,14 @@ lint: setup
 docs: setup  ## build the documentation site into site/ (mkdocs build --strict)
 	NO_MKDOCS_2_WARNING=1 $(MKDOCS) build --strict
 
-demo: setup
+demo: setup  ## the local stack and the whole lifecycle on it; leaves the stack up (make env, make down)
 	$(PY) -m devstack demo
 
-down:
+# The running stack's client environment, e.g. `eval "$(make -s env)"`: its output is only export lines.
+env:  ## export lines pointing this shell at the running stack: eval "$(make -s env)"
+	@$(PY) -m devstack env
+
+down:  ## stop every process of the local stack, by PID
 	$(PY) -m devstack down
 
 redeploy: setup  ## deploy what the registry calls production now, if the local function serves anything else
@@ -110,22 +121,27 @@ watch: setup  ## a live view of the local stream (Ctrl-C stops)
 status: setup  ## the local stack: services, and registry vs deployed vs answering riders (exit 1 on a mismatch)
 	$(PY) -m devstack status
 
-train: setup
+# train, promote, resolve, flow and monitor use the registry MLFLOW_TRACKING_URI names: the repository's mlflow.db
+# unless it is set, e.g. to the local stack's by `eval "$(make -s env)"`.
+train: setup  ## train on Jan 2021 (validation Feb, test Mar) and register a version in MLFLOW_TRACKING_URI's registry
 	$(PY) -m training.train
 
-promote: setup  ## make promote VERSION=3
+promote: setup  ## production <- version N in the registry: make promote VERSION=N
+	@test -n "$(VERSION)" || { echo "make promote VERSION=N: which registered version becomes production" >&2; exit 2; }
 	$(PY) -m training.registry promote --version $(VERSION)
 
-resolve: setup
+resolve: setup  ## the registry's production version: its number, RUN_ID and artifact URI, as JSON
 	$(PY) -m training.registry resolve
 
-flow: setup
+flow: setup  ## the Prefect training flow: train, compare with production, promote only if better
 	$(PY) -m flows.training_flow
 
 monitor: setup  ## drift report of Feb 2021 against the Jan 2021 reference (needs a production model: make flow)
 	$(PY) -m flows.monitoring_flow --reference-month 2021-01 --current-month 2021-02
 
-bench: setup
+# Every benchmark but two with targets of their own: bench-capacity (one JSON document, long) and bench-candidates
+# (a venv of its own).
+bench: setup  ## train, function, backend, stream, fault, bootstrap, abuse and rollout benchmarks (JSON each)
 	$(PY) benchmarks/train_bench.py
 	$(PY) benchmarks/function_bench.py
 	$(PY) benchmarks/backend_bench.py
@@ -133,17 +149,18 @@ bench: setup
 	$(PY) benchmarks/fault_bench.py
 	$(PY) benchmarks/bootstrap_bench.py
 	$(PY) benchmarks/abuse_bench.py
+	$(PY) benchmarks/rollout_bench.py
 
-bench-capacity: setup  ## per-ride costs measured on the local stack, the Google Cloud model at 10-10,000 rides/s, training at scale
+bench-capacity: setup  ## not in bench: per-ride costs on the local stack, the Google Cloud model at 10-10,000 rides/s, training at scale
 	@$(PY) benchmarks/capacity.py  # @: its stdout is one JSON document
 
-bench-candidates: setup  ## ONNX Runtime, treelite and the serving form on the same model
+bench-candidates: setup  ## not in bench: ONNX Runtime, treelite and the serving form on the same model (a venv of its own)
 	test -x $(CANDIDATES)/bin/python || $(UV) venv --quiet --python $(PY) $(CANDIDATES)
 	$(UV) pip install --python $(CANDIDATES)/bin/python --quiet -r requirements.lock $(CANDIDATE_PACKAGES)
 	$(UV) pip install --python $(CANDIDATES)/bin/python --quiet --no-deps --editable .
 	$(CANDIDATES)/bin/python benchmarks/inference_candidates.py
 
-coarse-model: setup
+coarse-model: setup  ## rebuild backend/coarse_model.json and backend/zone_guide.json from Jan 2021 (overwrites them)
 	$(PY) -m training.coarse --month 2021-01 --out backend/coarse_model.json --zones-out backend/zone_guide.json
 
 provider-schema: setup  ## regenerate infra/google-provider-schema.json (after adding a resource type to infra/)
@@ -154,7 +171,7 @@ provider-schema: setup  ## regenerate infra/google-provider-schema.json (after a
 REGION ?= europe-west1
 ENV ?= prod
 GCP := $(PY) -m operations.gcp --project=$(PROJECT) --region=$(REGION) --env=$(ENV) $(if $(DRY_RUN),--dry-run)
-gcp-up: setup  ## from an empty project to a ride answered: bootstrap, images (Cloud Build), the system, the first model
+gcp-up: setup  ## from an empty project to a ride answered (make gcp-up PROJECT=id): bootstrap, images, the system, the first model
 	$(GCP) up
 gcp-down: setup  ## everything gcp-up made, the state bucket last (asks first)
 	$(GCP) down
@@ -165,8 +182,10 @@ gcp-rollback: setup  ## production <- previous in the registry; the controller r
 gcp-proxy: setup  ## the MLflow UI on localhost:5000 through gcloud run services proxy (your identity, Cloud Run IAM)
 	$(GCP) proxy
 
-lock:
+lock:  ## requirements.lock again from pyproject.toml (Python 3.11)
 	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
-clean:
+# The stack's processes are found by the PIDs in .stack/: stopped before it goes, or they would run on, unowned.
+clean:  ## stop the local stack if one runs, then delete the venvs, caches, mlflow.db, mlruns, .stack and site/
+	test ! -x $(PY) || $(PY) -m devstack down
 	rm -rf $(VENV) .pytest_cache .ruff_cache mlruns mlartifacts mlflow.db .stack site *.egg-info
