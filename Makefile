@@ -31,7 +31,6 @@ help:  ## this list (a bare `make` prints it too)
 # The venv is refreshed whenever the lock file, the project's metadata or this file changes. uv is installed
 # into the venv itself, so a machine without uv gets the same, fast install path. The project is
 # installed too (editable, without dependencies: the lock has them), so its packages import from anywhere.
-# checkov scans infra/ in the tests; it pins many packages of its own, so it gets a venv of its own.
 # Bytecode is compiled at install: with PYTHONDONTWRITEBYTECODE set (as on many machines and in every image)
 # nothing is cached later, and each process of the suite would compile MLflow, pandas and scikit-learn again.
 $(VENV)/.installed: requirements.lock pyproject.toml Makefile
@@ -39,8 +38,6 @@ $(VENV)/.installed: requirements.lock pyproject.toml Makefile
 	test -x $(UV) || $(VENV)/bin/python -m pip install --quiet uv
 	$(UV) pip install --python $(PY) --quiet --compile-bytecode -r requirements.lock
 	$(UV) pip install --python $(PY) --quiet --no-deps --editable .
-	test -x $(CHECKOV) || $(UV) venv --quiet --python $(PY) $(VENV)/tools/checkov
-	$(UV) pip install --python $(VENV)/tools/checkov/bin/python --quiet checkov==$(CHECKOV_VERSION)
 	@touch $@
 
 # Each deployable's own environment (devstack/deployables.py): built from nothing but what its image or upload
@@ -51,14 +48,20 @@ $(VENV)/deployables/.installed: $(VENV)/.installed $(DEPLOYABLE_FILES)
 	$(PY) -m devstack.deployables build
 	@touch $@
 
-# mkdocs and the Material theme pin packages of their own (Markdown, pymdown-extensions, ...), so they get a
-# venv of their own like checkov; made again when this file (and so the pins) changes. uv comes from the venv.
+# The tests' tools, each in a venv of its own (made again when this file, and so their pins, changes; uv comes from
+# the venv): checkov scans infra/ and pins many packages of its own; mkdocs and the Material theme pin theirs
+# (Markdown, pymdown-extensions, ...). Only the tests and `make docs` need them, so `make demo` never installs them.
+$(VENV)/tools/checkov/.installed: Makefile | $(VENV)/.installed
+	test -x $(CHECKOV) || $(UV) venv --quiet --python $(PY) $(VENV)/tools/checkov
+	$(UV) pip install --python $(VENV)/tools/checkov/bin/python --quiet checkov==$(CHECKOV_VERSION)
+	@touch $@
 $(DOCS_TOOL)/.installed: Makefile | $(VENV)/.installed
 	test -x $(DOCS_TOOL)/bin/python || $(UV) venv --quiet --python $(PY) $(DOCS_TOOL)
 	$(UV) pip install --python $(DOCS_TOOL)/bin/python --quiet $(DOCS_PACKAGES)
 	@touch $@
+TEST_TOOLS := $(VENV)/tools/checkov/.installed $(DOCS_TOOL)/.installed
 
-setup: $(VENV)/.installed $(VENV)/deployables/.installed $(DOCS_TOOL)/.installed  ## the venv from requirements.lock; checkov's, mkdocs' and each deployable's own
+setup: $(VENV)/.installed $(VENV)/deployables/.installed  ## the venv from requirements.lock and each deployable's own (what the demo needs)
 
 # The rider page's browser tests drive Debian's chromium through Debian's chromedriver (the same
 # release, from the same archive); nothing downloads a browser build of its own. apt needs root
@@ -77,7 +80,7 @@ browser:  ## Debian's chromium and chromedriver, for the browser tests (apt; sud
 # way. The suite passes with a core taken by stress-ng on two workers, about the same contention.
 TEST_WORKERS ?= 3
 
-test: setup browser  ## ruff, then the whole suite on TEST_WORKERS workers (3), a test file each
+test: setup $(TEST_TOOLS) browser  ## ruff, then the whole suite on TEST_WORKERS workers (3), a test file each
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
@@ -88,7 +91,7 @@ screenshot: setup browser  ## retake the README's picture of the rider page, on 
 		"tests/test_rider_browser.py::test_a_ride_from_zone_names_to_the_models_answer_and_its_outcome[0]"
 	@echo "wrote $(SCREENSHOT)"
 
-test-fast: setup  ## unit tests only: no emulator, no stack
+test-fast: setup $(TEST_TOOLS)  ## unit tests only: no emulator, no stack
 	$(PY) -m pytest -m "not integration and not e2e"
 
 lint: setup  ## ruff check and ruff format --check
@@ -96,14 +99,14 @@ lint: setup  ## ruff check and ruff format --check
 
 # NO_MKDOCS_2_WARNING: Material for MkDocs prints at every build that it reaches its end of life on 2027-05-05
 # (Zensical is its successor); said once here instead of in every build's output.
-docs: setup  ## build the documentation site into site/ (mkdocs build --strict)
+docs: setup $(DOCS_TOOL)/.installed  ## build the documentation site into site/ (mkdocs build --strict)
 	NO_MKDOCS_2_WARNING=1 $(MKDOCS) build --strict
 
 demo: setup  ## the local stack and the whole lifecycle on it; leaves the stack up (make env, make down)
 	$(PY) -m devstack demo
 
-# The running stack's client environment, e.g. `eval "$(make -s env)"`: its output is only export lines.
-env:  ## export lines pointing this shell at the running stack: eval "$(make -s env)"
+# The running stack's client environment, e.g. `eval "$(make env)"`: its output is only export lines.
+env:  ## export lines pointing this shell at the running stack: eval "$(make env)"
 	@$(PY) -m devstack env
 
 down:  ## stop every process of the local stack, by PID
@@ -122,7 +125,7 @@ status: setup  ## the local stack: services, and registry vs deployed vs answeri
 	$(PY) -m devstack status
 
 # train, promote, resolve, flow and monitor use the registry MLFLOW_TRACKING_URI names: the repository's mlflow.db
-# unless it is set, e.g. to the local stack's by `eval "$(make -s env)"`.
+# unless it is set, e.g. to the local stack's by `eval "$(make env)"`.
 train: setup  ## train on Jan 2021 (validation Feb, test Mar) and register a version in MLFLOW_TRACKING_URI's registry
 	$(PY) -m training.train
 

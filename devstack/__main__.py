@@ -228,7 +228,7 @@ def demo(args: argparse.Namespace) -> int:
             "`make rollback`; `make down` stops everything."
         )
         console.print(
-            '[bold]point a shell at this stack:[/bold] eval "$(make -s env)"; then make train, make promote VERSION=N, '
+            '[bold]point a shell at this stack:[/bold] eval "$(make env)"; then make train, make promote VERSION=N, '
             "make flow, make monitor and mlflow run . use its MLflow server, not the repository's mlflow.db"
         )
         return 0
@@ -317,7 +317,7 @@ def shell_exports(env: dict[str, str]) -> str:
 
 def env(args: argparse.Namespace) -> int:
     """The running stack's client environment (Stack.env: its MLflow server, emulators and Prefect server) as
-    export lines, so that `eval "$(make -s env)"` points later commands at the stack. Only the exports go to
+    export lines, so that `eval "$(make env)"` points later commands at the stack. Only the exports go to
     stdout; without a running stack, a message on stderr and exit 1 (an eval of nothing changes nothing)."""
     try:
         stack = Stack.load(args.stack_dir)

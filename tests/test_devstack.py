@@ -121,7 +121,7 @@ def _recorded_stack(folder, pid: int):
 
 
 def test_env_prints_exports_that_point_a_shell_at_the_running_stack(tmp_path, capsys):
-    """`eval "$(make -s env)"`: after it, make train, make promote and mlflow run . reach the stack's MLflow and
+    """`eval "$(make env)"`: after it, make train, make promote and mlflow run . reach the stack's MLflow and
     emulators, not the repository's mlflow.db. Only export lines go to stdout: the shell evaluates all of it."""
     import os
 
