@@ -22,7 +22,9 @@ RELATIVE_TARGET = re.compile(r"\]\((?!https?:|mailto:|#)([^)\s]+)\)|<img src=\"(
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    assert MKDOCS.exists(), f"{MKDOCS.relative_to(REPO)} is missing: `make test` (or `make docs`) installs the documentation site's builder"
+    assert MKDOCS.exists(), (
+        f"{MKDOCS.relative_to(REPO)} is missing: `make test` (or `make docs`) installs the documentation site's builder"
+    )
     site_dir = tmp_path_factory.mktemp("site")
     # NO_MKDOCS_2_WARNING: Material's notice of its end of life (May 2027), printed at every build, is not a
     # warning of the build's; without it the output on a failure is the warnings alone.
