@@ -229,7 +229,8 @@ def demo(args: argparse.Namespace) -> int:
         )
         console.print(
             '[bold]point a shell at this stack:[/bold] eval "$(make env)"; then make train, make promote VERSION=N, '
-            "make flow, make monitor and mlflow run . use its MLflow server, not the repository's mlflow.db"
+            "make flow, make monitor and mlflow run . --env-manager local use its MLflow server, not the repository's "
+            "mlflow.db (after make down: a new shell)"
         )
         return 0
     except BaseException:

@@ -44,7 +44,7 @@ def test_the_site_builds_with_no_warning_and_has_every_page(site):
     pages = sorted(path.relative_to(REPO / "docs") for path in (REPO / "docs").rglob("*.md"))
     assert pages
     for page in pages:
-        built = site / ("index.html" if page.name == "index.md" else page.with_suffix("") / "index.html")
+        built = site / page.with_suffix(".html")  # mkdocs.yml: use_directory_urls false
         assert built.exists(), f"docs/{page} was not built into {built.relative_to(site)}"
 
 
@@ -60,7 +60,7 @@ def test_every_relative_link_of_the_readme_leads_somewhere(site):
         elif anchor:
             assert path.startswith("docs/") and path.endswith(".md"), f"{target}: an anchor into a file that is no page"
             page = Path(path).relative_to("docs")
-            html = site / ("index.html" if page.name == "index.md" else page.with_suffix("") / "index.html")
+            html = site / page.with_suffix(".html")
             if f'id="{anchor}"' not in html.read_text():
                 broken.append(f"{target}: the page has no anchor #{anchor}")
     assert not broken, "\n".join(broken)
