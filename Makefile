@@ -2,6 +2,8 @@
 SHELL := /bin/bash
 # A bare `make` lists the targets instead of installing anything.
 .DEFAULT_GOAL := help
+# The Python the venv is made with, by the first `make setup` (a venv already there is kept): 3.11, the deployables'
+# Python; where python3 is another version, name one, e.g. `make demo PYTHON=python3.11`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -75,9 +77,9 @@ browser:  ## Debian's chromium and chromedriver, for the browser tests (apt; sud
 		|| { $(APT_GET) update -q >/dev/null && $(APT_GET) install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; }; }
 	@chromium --version && chromedriver --version
 
-# Three workers, each test file on one of them (its module fixtures, stacks and emulators stay together):
-# most of the suite waits on processes it started, so the two cores are better used with a third file under
-# way. The suite passes with a core taken by stress-ng on two workers, about the same contention.
+# The pytest workers of `make test`, each test file on one of them (its module fixtures, stacks and emulators stay
+# together). Three: most of the suite waits on processes it started, so two cores are better used with a third
+# file under way. The suite passes with a core taken by stress-ng on two workers, about the same contention.
 TEST_WORKERS ?= 3
 
 test: setup $(TEST_TOOLS) browser  ## ruff, then the whole suite on TEST_WORKERS workers (3), a test file each
@@ -171,7 +173,11 @@ provider-schema: setup  ## regenerate infra/google-provider-schema.json (after a
 		&& $(PY) infra/provider_schema.py $$tmp/*.whl; status=$$?; rm -rf $$tmp; exit $$status
 
 # Your own Google Cloud project (docs/deploy-gcp.md): make gcp-up PROJECT=my-project [REGION=... ENV=...] [DRY_RUN=1].
+
+# The region the gcp-* targets make and find everything in (`--region`).
 REGION ?= europe-west1
+# The deployment's name, part of every resource's name and of its Terraform state's (`--env`): up to 8 lower-case
+# letters and digits; one project holds as many deployments as names.
 ENV ?= prod
 GCP := $(PY) -m operations.gcp --project=$(PROJECT) --region=$(REGION) --env=$(ENV) $(if $(DRY_RUN),--dry-run)
 gcp-up: setup  ## from an empty project to a ride answered (make gcp-up PROJECT=id): bootstrap, images, the system, the first model

@@ -9,14 +9,20 @@ dataclass. They are read here as source, never run: a variable's default is the 
 to, shown as a person reads it (a constant or a dataclass default evaluated; a chain of variables as "derived:
 ..."), and its meaning is the comment beside or above the dataclass field it sets (a comment above a field also
 covers the uncommented fields right below it). A variable whose field has no comment fails the generation.
+Two deployables have no settings module: the control plane (operations/) reads each variable where it uses it,
+a row per variable whose meaning is the comment at a read of it (none fails); the tracking server is its image,
+whose Dockerfile's command reads its variables, explained by IMAGE_VARIABLES (a difference fails).
 
 ``env_reads`` finds every read of the environment in the deployables' code (``os.environ.get``, ``os.getenv``,
 ``os.environ[...]``, ``in os.environ``, an alias such as ``env = os.environ.get``, a helper that reads the
-variable its first argument names), in ``ride_contract/``, and in ``prefect.yaml`` and ``MLproject``;
-``undocumented`` names those that neither a table nor PLATFORM_VARIABLES explains (tests/test_reference_docs.py).
-Writes (``os.environ[...] = ``, ``setdefault``) set a library's variable and are no reads.
+variable its first argument names), in ``ride_contract/``, in ``prefect.yaml`` and ``MLproject``, and in the
+images' Dockerfiles (``$NAME``, ``${NAME}``); ``undocumented`` names those that neither a table nor
+PLATFORM_VARIABLES explains (tests/test_reference_docs.py). Writes (``os.environ[...] = ``, ``setdefault``) set a
+library's variable and are no reads.
 
-make-targets.md: every Make target with its ``##`` description, the list ``make help`` prints.
+make-targets.md: every Make target with its ``##`` description, the list ``make help`` prints, and every variable
+a user passes to make: each ``NAME ?= default`` line with the comment above it, and COMMAND_LINE_VARIABLES for
+those the Makefile uses but never assigns.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import dataclasses
 import importlib
 import io
 import re
+import shlex
 import sys
 import tokenize
 from collections.abc import Iterable, Iterator
@@ -43,9 +50,12 @@ WRITE_COMMAND = "python -m devstack.reference --write"
 class Deployable:
     title: str
     package: str  # the folder of its code
-    settings: str  # the module whose from_env classmethods read its configuration
+    # The module whose from_env classmethods read its configuration. "": none; the code reads each variable where
+    # it uses it (a row per variable, its meaning the comment at the read), or only its image does (IMAGE_VARIABLES).
+    settings: str
     runs_as: str  # what runs it, for the section's first line
     templates: tuple[str, ...] = ()  # files beside the code whose $VARIABLE references are its reads too
+    image: str = ""  # its Dockerfile: the $VARIABLEs its instructions name (the CMD's) are its reads too
 
     @property
     def settings_module(self) -> str:
@@ -71,14 +81,32 @@ DEPLOYABLES = (
         "rollout",
         "rollout/settings.py",
         "the controller that deploys what the registry's aliases name, guarded by the shadow analysis and the bake",
+        image="rollout/Dockerfile",
     ),
-    Deployable("Backend", "backend", "backend/settings.py", "the riders' API and page, on Cloud Run"),
+    Deployable("Backend", "backend", "backend/settings.py", "the riders' API and page, on Cloud Run", image="backend/Dockerfile"),
     Deployable(
         "Flows",
         "flows",
         "flows/settings.py",
         "the Prefect flows (`flows/serve.py`, `prefect.yaml`) and their Cloud Run jobs (`python -m flows.job`)",
         templates=("prefect.yaml",),
+        image="flows/Dockerfile",
+    ),
+    Deployable(
+        "Tracking server",
+        "tracking_server",
+        "",
+        "the MLflow tracking server on Cloud Run (`mlflow server`: the registry and the runs), configured by "
+        "`infra/main.tf`; MLflow reads variables of its own too (`MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY`, set there)",
+        image="tracking_server/Dockerfile",
+    ),
+    Deployable(
+        "Control plane",
+        "operations",
+        "",
+        "`python -m operations.gcp` and `python -m operations.deploy`, on an operator's machine or in CI. "
+        "`operations.deploy deploy` (the function's first deployment) builds its gcloud commands from these; its "
+        "other actions, and `operations.gcp`, find the deployed system by Terraform's outputs instead",
     ),
 )
 SHARED_CODE = ("ride_contract",)  # imported by every deployable: what it reads must be documented somewhere
@@ -90,6 +118,23 @@ PLATFORM_VARIABLES = {
     "MLFLOW_RUN_ID": "`mlflow run` sets it to the run it started: training logs into that run and its experiment",
     "PUBSUB_EMULATOR_HOST": "the local stack and the tests set it to the Pub/Sub emulator's address (the client "
     "library reads it too): on the emulator the backend pulls results with unary Pull calls (`RESULT_PULL`'s default)",
+    "PORT": "Cloud Run sets it to the port a container must listen on (the images reading it set `8080` in their "
+    "`ENV`, for a run elsewhere): their commands bind to it (gunicorn's `--bind`, `mlflow server --port`)",
+}
+# What an image's Dockerfile reads, for a deployable with no settings module of its own (its Dockerfile is left as
+# it is: a change to it rebuilds the deployables' environments): variable -> its meaning. tests/test_reference_docs.py
+# fails when the Dockerfile's $VARIABLEs are not exactly these keys. A default is the value the Dockerfile's `ENV`
+# gives; with none, the command has no fallback: required.
+IMAGE_VARIABLES = {
+    "tracking_server/Dockerfile": {
+        "PORT": "the port `mlflow server` listens on: Cloud Run's (see Set by a platform)",
+        "DB_PASSWORD": "the password of the `mlflow` user of the Cloud SQL PostgreSQL database, the backend store: "
+        "`infra/main.tf` passes it from Secret Manager (`ridestream-<env>-mlflow-db-password`)",
+        "CLOUD_SQL_INSTANCE": "the Cloud SQL instance's connection name (`project:region:instance`): the database's "
+        "socket is `/cloudsql/<it>`, which Cloud Run mounts (`infra/main.tf`)",
+        "ARTIFACT_ROOT": "where a new experiment stores its artifacts, `gs://<models bucket>/mlflow` (`infra/main.tf`): "
+        "clients write there themselves (`--no-serve-artifacts`)",
+    },
 }
 
 
@@ -105,6 +150,20 @@ class Read:
     name: str | None  # None: a name computed in a way this module cannot follow
     path: str
     function: str = ""
+
+
+@dataclass(frozen=True)
+class _Helper:
+    required: bool  # an unset variable stops it
+    default: tuple[int, str] | None  # the position and name of the parameter its read falls back to
+
+
+def _argument(call: ast.Call, parameter: tuple[int, str]) -> ast.expr | None:
+    """What a call passes for a parameter, by position or by keyword (None: nothing)."""
+    position, name = parameter
+    if len(call.args) > position:
+        return call.args[position]
+    return next((keyword.value for keyword in call.keywords if keyword.arg == name), None)
 
 
 @dataclass(frozen=True)
@@ -140,7 +199,7 @@ class _Module:
             for target in node.targets
             if isinstance(target, ast.Name)
         }
-        self.helpers: dict[str, bool] = {}  # call() consults it: empty while the helpers themselves are found
+        self.helpers: dict[str, _Helper] = {}  # call() consults it: empty while the helpers themselves are found
         self.helpers = self._helpers()
         self.comments = _comments(source)
 
@@ -151,7 +210,9 @@ class _Module:
             if _is_getter(func) or (isinstance(func, ast.Name) and func.id in self.aliases):
                 return _Call(node.args[0], node.args[1] if len(node.args) > 1 else None, False)
             if isinstance(func, ast.Name) and func.id in self.helpers:
-                return _Call(node.args[0], None, self.helpers[func.id])
+                helper = self.helpers[func.id]
+                default = _argument(node, helper.default) if helper.default is not None else None
+                return _Call(node.args[0], default, helper.required and default is None)
         if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and _is_environ(node.value):
             return _Call(node.slice, None, True)
         if isinstance(node, ast.Compare) and isinstance(node.ops[0], ast.In | ast.NotIn) and _is_environ(node.comparators[0]):
@@ -164,21 +225,25 @@ class _Module:
             node = node.func.value
         return self.call(node)
 
-    def _helpers(self) -> dict[str, bool]:
+    def _helpers(self) -> dict[str, _Helper]:
         """Module functions that read the variable their first parameter names (``_required(name)``): whether an
-        unset one stops them (a ``raise`` under ``if not <what was read>``)."""
+        unset one stops them (a ``raise`` under ``if not <what was read>``), and which parameter, if any, is the
+        default of their read (``_env(name, default)``: ``os.environ.get(name, default)``)."""
         found = {}
         for function in self.tree.body:
             if not (isinstance(function, ast.FunctionDef) and function.args.args):
                 continue
-            parameter = function.args.args[0].arg
-            reads = [
-                node
+            parameters = [argument.arg for argument in function.args.args]
+            calls = [
+                (node, call)
                 for node in ast.walk(function)
-                if (call := self.call(node)) and isinstance(call.name, ast.Name) and call.name.id == parameter
+                if (call := self.call(node)) and isinstance(call.name, ast.Name) and call.name.id == parameters[0]
             ]
-            if reads:
-                found[function.name] = bool(_required_locals(function) & _assigned_from(function, reads))
+            if calls:
+                named = {c.default.id for _, c in calls if isinstance(c.default, ast.Name) and c.default.id in parameters}
+                default = (parameters.index(name), name) if len(named) == 1 and (name := named.pop()) else None
+                required = bool(_required_locals(function) & _assigned_from(function, [node for node, _ in calls]))
+                found[function.name] = _Helper(required, default)
         return found
 
 
@@ -256,7 +321,12 @@ def env_reads(path: str, source: str) -> list[Read]:
 
 
 def _python_reads(module: _Module) -> list[Read]:
-    found: list[Read] = []
+    return [read for read, _, _ in _python_calls(module)]
+
+
+def _python_calls(module: _Module) -> list[tuple[Read, _Call, ast.AST]]:
+    """Each read of one module with its call, as written, and the node that reads."""
+    found: list[tuple[Read, _Call, ast.AST]] = []
 
     def visit(node: ast.AST, scope: str, cls: ast.ClassDef | None, helper_parameter: str | None, local: dict) -> None:
         call = module.call(node)
@@ -265,11 +335,11 @@ def _python_reads(module: _Module) -> list[Read]:
             if isinstance(name, ast.Name) and name.id != helper_parameter:
                 name = local.get(name.id, name)  # name = f"PREFIX{...}"; os.environ.get(name)
             if isinstance(name, ast.Constant) and isinstance(name.value, str):
-                found.append(Read(name.value, module.path, scope))
+                found.append((Read(name.value, module.path, scope), call, node))
             elif (names := _field_names_read(name, cls)) is not None:
-                found.extend(Read(each, module.path, scope) for each in names)
+                found.extend((Read(each, module.path, scope), call, node) for each in names)
             elif not (isinstance(name, ast.Name) and name.id == helper_parameter):  # a helper's: read where it is called
-                found.append(Read(None, module.path, scope))
+                found.append((Read(None, module.path, scope), call, node))
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.ClassDef):
                 visit(child, child.name, child, None, {})
@@ -285,17 +355,17 @@ def _python_reads(module: _Module) -> list[Read]:
 
 
 def deployable_reads() -> list[Read]:
-    """Every read in the deployables' code and templates, and in the code they share."""
+    """Every read in the deployables' code, templates and Dockerfiles, and in the code they share."""
     paths = [
         path for folder in (*(d.package for d in DEPLOYABLES), *SHARED_CODE) for path in sorted((REPO / folder).rglob("*.py"))
     ]
-    paths += [REPO / template for d in DEPLOYABLES for template in d.templates]
+    paths += [REPO / file for d in DEPLOYABLES for file in (*d.templates, d.image) if file]
     return [read for path in paths for read in env_reads(str(path.relative_to(REPO)), path.read_text())]
 
 
 def deployable_of(path: str) -> Deployable | None:
-    """The deployable whose code or template ``path`` is (None: code they share)."""
-    return next((d for d in DEPLOYABLES if path in d.templates or path.startswith(f"{d.package}/")), None)
+    """The deployable whose code, template or Dockerfile ``path`` is (None: code they share)."""
+    return next((d for d in DEPLOYABLES if path in (*d.templates, d.image) or path.startswith(f"{d.package}/")), None)
 
 
 def undocumented(reads: Iterable[Read], documented: dict[str, set[str]]) -> list[Read]:
@@ -317,6 +387,7 @@ class Variable:
     name: str
     default: str  # Markdown
     meaning: str  # Markdown
+    read_in: str = ""  # Markdown: where the code reads it, for a deployable that reads each variable where it uses it
 
 
 @dataclass(frozen=True)
@@ -615,40 +686,184 @@ def template_variables(path: str, source: str) -> dict[str, str]:
     return meanings
 
 
+def reads_where_used(folder: str, sources: dict[str, str], namespaces: dict[str, dict]) -> list[Variable]:
+    """A row per variable code with no settings module reads, in the order of the reads: the default its reads
+    give (one default for all of them, or it fails), and its meaning, the comments at its reads (beside the read,
+    or the comment lines right above its line), each read without one taken as covered by another's (none fails).
+    ``sources``: path -> source; ``namespaces``: path -> the module's values, for a default written as a name."""
+    found: dict[str, dict[str, list]] = {}  # name -> its defaults, meanings and reads, one of each per read
+    for path, source in sources.items():
+        module = _Module(path, source, namespaces.get(path))
+        for read, call, node in _python_calls(module):
+            if read.name is None:
+                raise GenerationError(f"{path} ({read.function}): a variable's name is computed: {ast.unparse(call.name)}")
+            entry = found.setdefault(read.name, {"defaults": [], "meanings": [], "where": []})
+            entry["defaults"].append(_default_at(module, call))
+            entry["meanings"].append(_comment_at(module, node))
+            entry["where"].append(read)
+    variables = []
+    for name, entry in found.items():
+        defaults, where = list(dict.fromkeys(entry["defaults"])), _places(entry["where"])
+        if len(defaults) > 1:
+            raise GenerationError(f"{folder}: {name} is read with different defaults ({', '.join(defaults)}) in {where}")
+        meanings = [_without_own_name(text, name) for text in dict.fromkeys(entry["meanings"]) if text]
+        if not meanings:
+            raise GenerationError(f"{where}: {name} is read with no comment: say what it means beside or above the read")
+        variables.append(Variable(name, defaults[0], _prose(" ".join(meanings)), where))
+    return variables
+
+
+def _places(reads: Iterable[Read]) -> str:
+    """Where reads are, as Markdown: each file once, with the functions reading in it."""
+    functions: dict[str, list[str]] = {}
+    for read in reads:
+        listed = functions.setdefault(read.path, [])
+        if read.function and read.function not in listed:
+            listed.append(read.function)
+    return ", ".join(
+        f"`{path}`" + (" (" + ", ".join(f"`{f}`" for f in names) + ")" if names else "") for path, names in functions.items()
+    )
+
+
+def _default_at(module: _Module, call: _Call) -> str:
+    """What an unset variable gives at one read: its default evaluated (a constant expression of the module)."""
+    if call.default is None:
+        return "required" if call.required else "empty"
+    if any(module.call(node) is not None for node in ast.walk(call.default)):
+        raise GenerationError(f"{module.path}: cannot say what {ast.unparse(call.default)} gives")
+    expression = compile(ast.Expression(body=call.default), module.path, "eval")
+    try:  # the repository's own modules, their constant expressions only: nothing from outside is evaluated
+        return _shown(eval(expression, dict(module.namespace)), module)  # noqa: S307
+    except NameError as exc:  # a local, or a name the module does not have
+        raise GenerationError(f"{module.path}: cannot say what {ast.unparse(call.default)} gives ({exc})") from None
+
+
+def _comment_at(module: _Module, node: ast.AST) -> str:
+    """The comment beside a read (on its first or last line), else the comment lines right above its first line."""
+    lines = dict.fromkeys((node.lineno, node.end_lineno))
+    beside = [module.comments[line][0] for line in lines if line in module.comments and not module.comments[line][1]]
+    return " ".join(beside) or _block_above(module.comments, node.lineno)
+
+
+def image_variables(path: str, source: str, meanings: dict[str, str]) -> list[Variable]:
+    """A row per variable a Dockerfile reads, in its order: the default its `ENV` gives (none: required), and its
+    meaning from ``meanings`` (IMAGE_VARIABLES), which must name exactly the variables the Dockerfile reads."""
+    read = list(dict.fromkeys(r.name for r in env_reads(path, source)))
+    unexplained, unread = sorted(set(read) - set(meanings)), sorted(set(meanings) - set(read))
+    if unexplained or unread:
+        differences = [f"reads {unexplained}, which IMAGE_VARIABLES does not explain"] if unexplained else []
+        differences += [f"does not read {unread}, which IMAGE_VARIABLES lists"] if unread else []
+        raise GenerationError(f"{path} {' and '.join(differences)}: make IMAGE_VARIABLES[{path!r}] its variables")
+    defaults = image_environment(source)
+    return [Variable(name, f"`{defaults[name]}`" if name in defaults else "required", _prose(meanings[name])) for name in read]
+
+
+def image_environment(source: str) -> dict[str, str]:
+    """The variables a Dockerfile's ``ENV NAME=value ...`` instructions set, with their values."""
+    text = source.replace("\\\n", " ")
+    return {
+        name: value
+        for line in text.splitlines()
+        if line.startswith("ENV ")
+        for name, _, value in (item.partition("=") for item in shlex.split(line[4:]))
+    }
+
+
 # --- the configuration page --------------------------------------------------------------------------------------
 def deployable_readers(deployable: Deployable) -> list[Reader]:
+    if not deployable.settings:
+        return []
     source = (REPO / deployable.settings).read_text()
     return readers(deployable.settings, source, vars(importlib.import_module(deployable.settings_module)))
+
+
+def deployable_reads_where_used(deployable: Deployable) -> list[Variable]:
+    """The rows of a deployable with no settings module whose code reads the environment (operations/)."""
+    if deployable.settings:
+        return []
+    paths = sorted((REPO / deployable.package).rglob("*.py"))
+    sources = {str(path.relative_to(REPO)): path.read_text() for path in paths}
+    namespaces = {path: vars(importlib.import_module(_module_name(path))) for path in sources}
+    return reads_where_used(deployable.package, sources, namespaces)
+
+
+def _module_name(path: str) -> str:
+    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+def deployable_image(deployable: Deployable) -> list[Variable]:
+    """The rows of a deployable whose Dockerfile IMAGE_VARIABLES explains (the tracking server)."""
+    if deployable.image not in IMAGE_VARIABLES:
+        return []
+    return image_variables(deployable.image, (REPO / deployable.image).read_text(), IMAGE_VARIABLES[deployable.image])
 
 
 def deployable_templates(deployable: Deployable) -> dict[str, dict[str, str]]:
     return {template: template_variables(template, (REPO / template).read_text()) for template in deployable.templates}
 
 
-def imported_readers(deployable: Deployable) -> dict[str, list[str]]:
-    """Other deployables' settings modules this one's code imports: module -> the files importing it."""
-    modules = {d.settings_module for d in DEPLOYABLES if d is not deployable}
-    found: dict[str, list[str]] = {}
+def imported_readers(deployable: Deployable) -> dict[str, list[tuple[str, str]]]:
+    """Other deployables' settings modules this one's code reads: module -> [(file, "")] for the files importing it;
+    a file that does not, but imports a module of another package that builds one of its readers
+    (``Settings.from_env()``: operations/ resolves the registry's aliases through ``training.registry``), is
+    (file, that module)."""
+    modules = {d.settings_module for d in DEPLOYABLES if d.settings and d is not deployable}
+    found: dict[str, dict[str, str]] = {}
     for path in sorted((REPO / deployable.package).rglob("*.py")):
+        relative = str(path.relative_to(REPO))
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module in modules:
-                found.setdefault(node.module, [])
-                if (relative := str(path.relative_to(REPO))) not in found[node.module]:
-                    found[node.module].append(relative)
-    return found
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0):
+                continue
+            if node.module in modules:
+                found.setdefault(node.module, {})[relative] = ""
+                continue
+            if node.module.split(".")[0] == deployable.package:  # its own modules: each file is read on its own
+                continue
+            # from training import registry; from training.registry import resolve
+            for between in dict.fromkeys((node.module, *(f"{node.module}.{alias.name}" for alias in node.names))):
+                for module in _readers_built_by(between, modules):
+                    found.setdefault(module, {}).setdefault(relative, between)
+    return {module: sorted(files.items()) for module, files in found.items()}
+
+
+def _readers_built_by(module: str, settings_modules: set[str]) -> list[str]:
+    """The settings modules whose readers a module of the repository imports and builds (``X.from_env()``)."""
+    path = REPO / (module.replace(".", "/") + ".py")
+    if not path.is_file():
+        return []
+    tree = ast.parse(path.read_text())
+    built = {
+        node.func.value.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "from_env"
+        and isinstance(node.func.value, ast.Name)
+    }
+    return [
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        and node.module in settings_modules
+        and any((alias.asname or alias.name) in built for alias in node.names)
+    ]
 
 
 def own_variables() -> dict[str, set[str]]:
-    """Per deployable's package: the variables its own tables list (its readers' and its templates')."""
+    """Per deployable's package: the variables its own tables list (its readers', its templates', those it reads
+    where it uses them, its image's)."""
     return {
-        d.package: {v.name for r in deployable_readers(d) for v in r.variables}.union(*deployable_templates(d).values())
+        d.package: {v.name for r in deployable_readers(d) for v in r.variables}.union(
+            *deployable_templates(d).values(),
+            (v.name for v in (*deployable_reads_where_used(d), *deployable_image(d))),
+        )
         for d in DEPLOYABLES
     }
 
 
 def documented_variables(own: dict[str, set[str]]) -> dict[str, set[str]]:
     """Per deployable's package: its own variables and those of the readers its code imports."""
-    by_module = {d.settings_module: d.package for d in DEPLOYABLES}
+    by_module = {d.settings_module: d.package for d in DEPLOYABLES if d.settings}
     return {d.package: own[d.package].union(*(own[by_module[m]] for m in imported_readers(d))) for d in DEPLOYABLES}
 
 
@@ -665,12 +880,24 @@ def _table(header: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> list[str
 
 def _deployable_section(deployable: Deployable) -> list[str]:
     tables = deployable_readers(deployable)
-    classes = ", ".join(f"`{r.cls}.from_env`" for r in tables)
-    lines = [f"## {deployable.title}", "", f"Read by {classes} in `{deployable.settings}`: {deployable.runs_as}."]
+    where_used, image = deployable_reads_where_used(deployable), deployable_image(deployable)
+    if tables:
+        classes = ", ".join(f"`{r.cls}.from_env`" for r in tables)
+        read_by = f"Read by {classes} in `{deployable.settings}`"
+    elif image:
+        read_by = f"Read by the command of `{deployable.image}` (the meanings: `IMAGE_VARIABLES` in `devstack/reference.py`)"
+    else:
+        read_by = f"Read where the code of `{deployable.package}/` uses each, with the comment at the read as its meaning"
+    lines = [f"## {deployable.title}", "", f"{read_by}: {deployable.runs_as}."]
     for module, importers in imported_readers(deployable).items():
         title = next(d.title for d in DEPLOYABLES if d.settings_module == module)
-        files = ", ".join(f"`{path}`" for path in importers)
+        files = ", ".join(f"`{path}`" + (f" through `{between}`" if between else "") for path, between in importers)
         lines[-1] += f" Its code also reads the variables of {title} (`{module}`, imported by {files})."
+    if where_used:
+        rows = ((f"`{v.name}`", v.default, v.meaning, v.read_in) for v in where_used)
+        lines += ["", *_table(("variable", "default", "meaning", "read in"), rows)]
+    if image:
+        lines += ["", *_table(("variable", "default", "meaning"), ((f"`{v.name}`", v.default, v.meaning) for v in image))]
     for reader in tables:
         if len(tables) > 1:
             lines += ["", f"### `{reader.cls}`"]
@@ -690,12 +917,16 @@ def _deployable_section(deployable: Deployable) -> list[str]:
 
 
 def _outside_readers(own: dict[str, set[str]]) -> list[tuple[str, str, str]]:
-    """(variable, where, the section listing it) for each read outside the readers' from_env methods: the reading
+    """(variable, where, the section listing it) for each read outside the readers' from_env methods (and outside
+    the deployables with no settings module, whose reads are the rows of their own section): the reading
     deployable's own section first, else the first that lists it."""
     reader_methods = {(d.settings, f"{r.cls}.from_env") for d in DEPLOYABLES for r in deployable_readers(d)}
     rows = {}
     for read in deployable_reads():
         if (read.path, read.function) in reader_methods or read.name is None:
+            continue
+        reading = deployable_of(read.path)
+        if reading is not None and not reading.settings and read.name in own[reading.package]:
             continue
         reading = deployable_of(read.path)
         candidates = [d for d in DEPLOYABLES if d is reading] + [d for d in DEPLOYABLES if d is not reading]
@@ -704,6 +935,14 @@ def _outside_readers(own: dict[str, set[str]]) -> list[tuple[str, str, str]]:
         where = f"`{read.path}`" + (f" (`{read.function}`)" if read.function else "")
         rows[(read.name, where)] = (f"`{read.name}`", where, section)
     return sorted(rows.values(), key=lambda row: (row[1], row[0]))
+
+
+def _platform_rows() -> list[tuple[str, str, str]]:
+    reads = deployable_reads()
+    return [
+        (f"`{name}`", _prose(why), _places(read for read in reads if read.name == name))
+        for name, why in PLATFORM_VARIABLES.items()
+    ]
 
 
 def configuration_page() -> str:
@@ -716,9 +955,11 @@ def configuration_page() -> str:
         "or meaning here is no longer the code's.",
         "",
         "Each deployable reads its configuration from the environment in one place, the `from_env` classmethods of",
-        "its settings module. A default is what an unset variable gives (`<repository>`: this repository's folder);",
-        '"required": the deployable does not start without it. A meaning is the comment beside the setting in the',
-        "code. Variables only a client library reads (MLflow's, Google Cloud's) are theirs to document.",
+        "its settings module; the control plane (`operations/`) reads each variable where it uses it, and the tracking",
+        "server's image reads its own in its command. A default is what an unset variable gives (`<repository>`: this",
+        'repository\'s folder); "required": the deployable does not start (or the command stops) without it. A meaning',
+        "is the comment beside the setting, or the read, in the code. Variables only a client library reads (MLflow's,",
+        "Google Cloud's) are theirs to document.",
     ]
     for deployable in DEPLOYABLES:
         lines += ["", *_deployable_section(deployable)]
@@ -728,14 +969,12 @@ def configuration_page() -> str:
         "",
         "Variables the code reads that a platform or a tool sets, not the operator.",
         "",
-        *_table(
-            ("variable", "set by, and why the code reads it"), ((f"`{n}`", _prose(why)) for n, why in PLATFORM_VARIABLES.items())
-        ),
+        *_table(("variable", "set by, and why the code reads it", "read in"), _platform_rows()),
         "",
         "## Read outside the readers",
         "",
-        "Every other place the deployables' code (and `ride_contract/`, `prefect.yaml`, `MLproject`) reads the",
-        "environment, and the table above that lists the variable.",
+        "Every other place the deployables' code (and `ride_contract/`, `prefect.yaml`, `MLproject`, the images'",
+        "Dockerfiles) reads the environment, and the table above that lists the variable.",
         "",
         *_table(("variable", "read in", "listed under"), _outside_readers(own)),
     ]
@@ -759,15 +998,93 @@ def phony_targets(makefile: str) -> list[str]:
     return [name for line in text.splitlines() if line.startswith(".PHONY:") for name in line.split(":", 1)[1].split()]
 
 
+# `NAME ?= default`: a variable the command line (or the environment) may set, its meaning the comment lines above.
+_DEFAULTED = re.compile(r"^([A-Za-z_]\w*)\s*\?=\s*(.*?)\s*$")
+# Any assignment: `NAME := value`, `export NAME = value`, `NAME ?= value`, `NAME += value`.
+_ASSIGNED = re.compile(r"^(?:export\s+|override\s+)?([A-Za-z_]\w*)\s*(?::{1,3}|\?|\+|!)?=", re.MULTILINE)
+# A reference to a variable by its bare name, $(NAME) or ${NAME} (not $$(...), the shell's, in a recipe).
+_REFERENCE = re.compile(r"(?<!\$)\$[({]([A-Za-z_]\w*)[)}]")
+MAKE_OWN_VARIABLES = {"MAKEFILE_LIST", "MAKECMDGOALS", "MAKEFLAGS", "MAKE", "CURDIR", "SHELL", ".DEFAULT_GOAL"}
+# Variables a user passes that the Makefile uses with no `?=` line, so no comment to read: name -> (default,
+# meaning). tests/test_reference_docs.py fails unless these are exactly the variables the Makefile uses and never
+# assigns (command_line_variables).
+COMMAND_LINE_VARIABLES = {
+    "VERSION": (
+        "none: `make promote` stops without it",
+        "the registered model version `make promote` makes production: `make promote VERSION=N`",
+    ),
+    "PROJECT": (
+        "none: the gcp-* targets stop without it",
+        "your Google Cloud project's id, for the gcp-* targets (`--project`): `make gcp-up PROJECT=my-project`",
+    ),
+    "DRY_RUN": (
+        "empty",
+        "any value: the gcp-* targets print every command and API call they would make, in order, and make none "
+        "(`--dry-run`): `make gcp-up PROJECT=my-project DRY_RUN=1`",
+    ),
+}
+
+
+def command_line_variables(makefile: str) -> set[str]:
+    """The variables the Makefile uses but never assigns (nor Make itself does): only a user's come from outside."""
+    assigned = set(_ASSIGNED.findall(makefile))
+    return set(_REFERENCE.findall(makefile)) - assigned - MAKE_OWN_VARIABLES
+
+
+def make_variables(makefile: str) -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for each variable a user passes, in the order the Makefile first names them:
+    each ``NAME ?= default`` line with the comment lines right above it, and COMMAND_LINE_VARIABLES."""
+    lines = makefile.splitlines()
+    found: dict[str, tuple[str, str]] = {}
+    for index, line in enumerate(lines):
+        if match := _DEFAULTED.match(line):
+            name, default = match.groups()
+            above: list[str] = []
+            while index > 0 and lines[index - 1].startswith("#"):
+                index -= 1
+                above.insert(0, lines[index].lstrip("#").strip())
+            if not above:
+                raise GenerationError(f"Makefile: {name} ?= {default} has no comment above it: say what it means")
+            found[name] = (f"`{default}`" if default else "empty", " ".join(above))
+    outside = command_line_variables(makefile)
+    unlisted, unused = sorted(outside - set(COMMAND_LINE_VARIABLES)), sorted(set(COMMAND_LINE_VARIABLES) - outside)
+    if unlisted or unused:
+        differences = [f"uses {unlisted} with no `?=` line (give each one, with a comment above it)"] if unlisted else []
+        differences += [f"does not use {unused}, or assigns them"] if unused else []
+        raise GenerationError(f"the Makefile {' and '.join(differences)}: make COMMAND_LINE_VARIABLES say so")
+    found.update(COMMAND_LINE_VARIABLES)
+    first: dict[str, int] = {}  # name -> the line naming it first
+    for number, line in enumerate(lines):
+        for name in [m[1] for m in [_DEFAULTED.match(line)] if m] + _REFERENCE.findall(line):
+            first.setdefault(name, number)
+    return [(name, default, _prose(meaning)) for name, (default, meaning) in sorted(found.items(), key=lambda i: first[i[0]])]
+
+
 def make_targets_page() -> str:
-    rows = ((f"`make {target}`", description) for target, description in make_targets(MAKEFILE.read_text()))
+    makefile = MAKEFILE.read_text()
+    targets = ((f"`make {target}`", description) for target, description in make_targets(makefile))
+    variables = ((f"`{name}`", default, meaning) for name, default, meaning in make_variables(makefile))
     lines = [
         "# Make targets",
         "",
-        f"Generated from the `##` descriptions in the `Makefile` by `{WRITE_COMMAND}`; `make help` prints the",
-        "same list, and so does a bare `make`.",
+        f"Generated from the `Makefile` by `{WRITE_COMMAND}` (`devstack/reference.py`); do not edit by hand:",
+        "`tests/test_reference_docs.py` fails when the `Makefile` says otherwise.",
         "",
-        *_table(("target", "what it does"), rows),
+        "## Targets",
+        "",
+        "Every target with a `##` description, in the `Makefile`'s order; `make help` prints the same list, and so",
+        "does a bare `make`.",
+        "",
+        *_table(("target", "what it does"), targets),
+        "",
+        "## Variables",
+        "",
+        "What a target takes from the command line, e.g. `make gcp-up PROJECT=my-project REGION=europe-west4`: each",
+        "`NAME ?= default` line of the `Makefile` with the comment above it, and the variables it uses with no default",
+        f"({', '.join(f'`{name}`' for name in COMMAND_LINE_VARIABLES)}: `COMMAND_LINE_VARIABLES` in `devstack/reference.py`).",
+        "A variable of the same name in the environment counts too.",
+        "",
+        *_table(("variable", "default", "meaning"), variables),
     ]
     return "\n".join(lines) + "\n"
 

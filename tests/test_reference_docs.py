@@ -1,5 +1,6 @@
 """The reference pages under docs/reference/ are what the code makes, every environment variable the deployables
-read is on one, and `make help` lists every target (devstack/reference.py)."""
+read is on one (their code, the control plane's, their images' Dockerfiles), and `make help` lists every target and
+the targets page every variable a user passes to make (devstack/reference.py)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,27 @@ import pytest
 from conftest import REPO
 
 from devstack.reference import (
+    COMMAND_LINE_VARIABLES,
+    DEPLOYABLES,
+    IMAGE_VARIABLES,
+    MAKE_TARGETS_PAGE,
     MAKEFILE,
     PAGES,
     PLATFORM_VARIABLES,
     WRITE_COMMAND,
     GenerationError,
     Read,
+    command_line_variables,
     deployable_reads,
     documented_variables,
     env_reads,
+    image_variables,
     make_targets,
+    make_variables,
     own_variables,
     phony_targets,
     readers,
+    reads_where_used,
     undocumented,
 )
 
@@ -34,10 +43,80 @@ def test_each_reference_page_is_what_the_code_makes(page):
 
 
 def test_every_variable_the_deployables_read_is_on_the_configuration_page():
-    """Read anywhere in a deployable's code (or ride_contract/, prefect.yaml, MLproject), a variable is in the
-    deployable's tables (or those of a reader its code imports), or set by a platform (PLATFORM_VARIABLES)."""
+    """Read anywhere in a deployable's code (or ride_contract/, prefect.yaml, MLproject, operations/, an image's
+    Dockerfile), a variable is in the deployable's tables (or those of a reader its code imports), or set by a
+    platform (PLATFORM_VARIABLES)."""
     missing = undocumented(deployable_reads(), documented_variables(own_variables()))
     assert missing == [], "read but on no table: add it to a from_env reader, or to PLATFORM_VARIABLES with a reason"
+
+
+def test_the_control_plane_and_every_image_are_scanned():
+    """operations/ and each Dockerfile are a deployable's: a new read there must be on the page (the test above)."""
+    scanned = {read.path for read in deployable_reads()}
+    assert {"operations/deploy.py", "backend/Dockerfile", "rollout/Dockerfile", "tracking_server/Dockerfile"} <= scanned
+    dockerfiles = sorted(str(path.relative_to(REPO)) for path in REPO.glob("*/Dockerfile"))
+    assert dockerfiles == sorted(d.image for d in DEPLOYABLES if d.image), "a Dockerfile no deployable names as its image"
+
+
+@pytest.mark.parametrize("dockerfile", list(IMAGE_VARIABLES))
+def test_an_image_reads_exactly_the_variables_its_table_explains(dockerfile):
+    """IMAGE_VARIABLES explains the Dockerfiles left as they are (the tracking server's): its keys are exactly the
+    $VARIABLEs the Dockerfile names, no more, no fewer."""
+    read = {read.name for read in env_reads(dockerfile, (REPO / dockerfile).read_text())}
+    assert read == set(IMAGE_VARIABLES[dockerfile]), f"{dockerfile} reads {sorted(read)}: make IMAGE_VARIABLES say so"
+
+
+def test_an_images_table_and_defaults():
+    dockerfile = 'ENV PORT=8080 \\\n    X=1\nCMD ["sh", "-c", "exec s --port ${PORT} --db \\"$DB\\""]\n'
+    rows = image_variables("x/Dockerfile", dockerfile, {"PORT": "its port", "DB": "its database"})
+    assert [(v.name, v.default, v.meaning) for v in rows] == [("PORT", "`8080`", "Its port"), ("DB", "required", "Its database")]
+    with pytest.raises(GenerationError, match=r"reads \['DB'\], which IMAGE_VARIABLES does not explain:"):
+        image_variables("x/Dockerfile", dockerfile, {"PORT": "its port"})
+    with pytest.raises(GenerationError, match=r"does not read \['GONE'\], which IMAGE_VARIABLES lists:"):
+        image_variables("x/Dockerfile", dockerfile, {"PORT": "p", "DB": "d", "GONE": "g"})
+    # A new variable in a deployable's own Dockerfile is a read no table lists.
+    reads = env_reads("backend/Dockerfile", 'CMD ["sh", "-c", "exec x --redis ${REDIS_URL} $SURPRISE"]\n')
+    assert undocumented(reads, DOCUMENTED) == [Read("SURPRISE", "backend/Dockerfile")]
+
+
+CONTROL_PLANE = """
+import os
+
+LIMIT = 20
+
+
+def _env(name, default=None):
+    value = os.environ.get(name, default)
+    if not value:
+        raise SystemExit(f"error: set {name}")
+    return value
+
+
+def commands():
+    return [
+        _env("NAME", "fn"),  # the function's name
+        # At most this many.
+        _env("LIMIT", str(LIMIT)),
+        _env("PROJECT"),  # the project
+        os.environ.get("OPTIONAL"),  # an account; empty: the default
+        _env("PROJECT"),
+    ]
+"""
+
+
+def test_a_control_plane_read_is_a_row_with_the_comment_at_it_and_one_without_fails():
+    namespaces = {"ops/deploy.py": {"LIMIT": 20}}
+    rows = reads_where_used("ops", {"ops/deploy.py": CONTROL_PLANE}, namespaces)
+    assert [(v.name, v.default, v.meaning, v.read_in) for v in rows] == [
+        ("NAME", "`fn`", "The function's name", "`ops/deploy.py` (`commands`)"),
+        ("LIMIT", "`20`", "At most this many.", "`ops/deploy.py` (`commands`)"),
+        ("PROJECT", "required", "The project", "`ops/deploy.py` (`commands`)"),  # one comment covers its other read
+        ("OPTIONAL", "empty", "An account; empty: the default", "`ops/deploy.py` (`commands`)"),
+    ]
+    with pytest.raises(GenerationError, match="SURPRISE is read with no comment"):
+        reads_where_used("ops", {"ops/deploy.py": CONTROL_PLANE + "\nX = os.getenv('SURPRISE')\n"}, namespaces)
+    with pytest.raises(GenerationError, match="NAME is read with different defaults"):
+        reads_where_used("ops", {"ops/deploy.py": CONTROL_PLANE + "\nX = _env('NAME')  # again\n"}, namespaces)
 
 
 def test_every_platform_variable_is_still_read():
@@ -137,6 +216,26 @@ def test_make_help_lists_every_phony_target_with_the_description_the_page_shows(
     assert listed == make_targets(makefile)
     assert sorted(name for name, _ in listed) == sorted(phony_targets(makefile)), "a public target needs a ## description"
     assert re.search(r"^\.DEFAULT_GOAL := help$", makefile, re.MULTILINE)
+
+
+def test_every_variable_a_user_passes_to_make_is_on_the_targets_page():
+    """A `NAME ?= default` line (with its comment) or, for a variable the Makefile uses and never assigns (only a
+    user's command line or environment can set it), an entry of COMMAND_LINE_VARIABLES."""
+    makefile = MAKEFILE.read_text()
+    assert command_line_variables(makefile) == set(COMMAND_LINE_VARIABLES), "used with no ?= line: COMMAND_LINE_VARIABLES"
+    defaulted = set(re.findall(r"^(\w+) \?=", makefile, re.MULTILINE))
+    assert {"PYTHON", "TEST_WORKERS", "REGION", "ENV"} <= defaulted
+    page = MAKE_TARGETS_PAGE.read_text()
+    assert [name for name in defaulted | set(COMMAND_LINE_VARIABLES) if f"| `{name}` |" not in page] == []
+
+
+def test_make_variables_are_read_from_defaults_and_their_comments():
+    makefile = "# How many.\nN ?= 3\nX := $(N) $(WHO) $$(not_make) $(MAKEFILE_LIST)\nY ?= 1\nrun:\n\techo $(X) $(Y) $(LATER)\n"
+    assert command_line_variables(makefile) == {"WHO", "LATER"}
+    with pytest.raises(GenerationError, match=r"Y \?= 1 has no comment above it"):
+        make_variables(makefile)
+    with pytest.raises(GenerationError, match=r"uses \['LATER', 'WHO'\] with no `\?=` line"):
+        make_variables(makefile.replace("Y ?= 1", "# Why.\nY ?= 1"))
 
 
 def test_make_targets_are_read_from_rule_lines_only():
