@@ -179,6 +179,11 @@ REGION ?= europe-west1
 # The deployment's name, part of every resource's name and of its Terraform state's (`--env`): up to 8 lower-case
 # letters and digits; one project holds as many deployments as names.
 ENV ?= prod
+# Only the command line names it: POSIX shells read a startup file named by an environment variable ENV, which some
+# machines export, and a deployment must never be named after that file.
+ifeq ($(origin ENV),environment)
+ENV := prod
+endif
 GCP := $(PY) -m operations.gcp --project=$(PROJECT) --region=$(REGION) --env=$(ENV) $(if $(DRY_RUN),--dry-run)
 gcp-up: setup  ## from an empty project to a ride answered (make gcp-up PROJECT=id): bootstrap, images, the system, the first model
 	$(GCP) up
