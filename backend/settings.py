@@ -69,17 +69,17 @@ def _count(name: str, text: str, least: int) -> int:
 
 @dataclass(frozen=True)
 class BackendSettings:
-    project_id: str
+    project_id: str  # the Google Cloud project of the topics and subscriptions
     push_topic: str  # rides go out here (BACKEND_PUSH_STREAM)
     pull_subscription: str  # results come in here; every replica shares this one subscription
     # Empty: results live in this process (one replica only). redis://host:6379/0: shared by all replicas.
     redis_url: str
     redis_prefix: str  # key namespace, so several stacks can share one Redis
-    coarse_model_path: Path
+    coarse_model_path: Path  # the coarse model's JSON (training/coarse.py): the answer a rider gets at once
     max_wait_seconds: float  # upper bound for POST /predict?wait=N
     result_ttl_seconds: int
-    max_body_bytes: int
-    publish_timeout_seconds: float
+    max_body_bytes: int  # a request body larger than this is refused (413)
+    publish_timeout_seconds: float  # seconds a ride's or an outcome's Publish call may take, transient errors retried within it
     resend_after_seconds: float  # a ride still pending this long is published again
     resend_max_attempts: int  # then it is marked failed
     redis_timeout_seconds: float  # a hanging Redis costs a request this long before its 503

@@ -6,6 +6,7 @@ python -m devstack rollback   # production <- previous in the stack's registry; 
 python -m devstack status     # what runs where, what is dead, registry vs deployed vs answering, riders served on time (exit 1 if not)
 python -m devstack restart SERVICE   # stop (the whole process group) and start again: same port, same data
 python -m devstack watch      # a live view: rides/s, latency, pending rides, dead letters, models (Ctrl-C stops)
+python -m devstack env        # export lines of the stack's client environment: eval "$(python -m devstack env)"
 python -m devstack down       # stop every process the stack started, by PID
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -24,7 +26,7 @@ import requests
 from rich.console import Console
 from rich.table import Table
 
-from devstack.processes import ServiceError
+from devstack.processes import ServiceError, pid_alive
 from devstack.stack import DEFAULT_STACK_DIR, OUTCOME_TIME_COMPRESSION, OUTCOMES_URI, Stack
 
 # The UIs' usual addresses when free (bookmarks keep working); other free ports when not.
@@ -225,6 +227,11 @@ def demo(args: argparse.Namespace) -> int:
             "next: move the production alias in the MLflow UI and the function follows; `make status` compares; "
             "`make rollback`; `make down` stops everything."
         )
+        console.print(
+            '[bold]point a shell at this stack:[/bold] eval "$(make env)"; then make train, make promote VERSION=N, '
+            "make flow, make monitor and mlflow run . --env-manager local use its MLflow server, not the repository's "
+            "mlflow.db (after make down: a new shell)"
+        )
         return 0
     except BaseException:
         console.print("[red]demo failed or interrupted: stopping what it started[/red]")
@@ -301,6 +308,27 @@ def restart(args: argparse.Namespace) -> int:
     stack = Stack.load(args.stack_dir)
     stack.restart(args.service)
     console.print(f"{args.service} restarted (pid {stack.pids[args.service]}, {stack.urls[args.service]})")
+    return 0
+
+
+def shell_exports(env: dict[str, str]) -> str:
+    """``export NAME=value`` lines a shell can eval, each value quoted as the shell needs."""
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+
+
+def env(args: argparse.Namespace) -> int:
+    """The running stack's client environment (Stack.env: its MLflow server, emulators and Prefect server) as
+    export lines, so that `eval "$(make env)"` points later commands at the stack. Only the exports go to
+    stdout; without a running stack, a message on stderr and exit 1 (an eval of nothing changes nothing)."""
+    try:
+        stack = Stack.load(args.stack_dir)
+    except ServiceError as exc:
+        print(f"{exc}: no environment to print", file=sys.stderr)
+        return 1
+    if not any(pid_alive(pid) for pid in stack.pids.values()):
+        print(f"the stack in {stack.dir} is recorded, but none of its processes runs: `make down`, `make demo`", file=sys.stderr)
+        return 1
+    sys.stdout.write(shell_exports(stack.env()))
     return 0
 
 
@@ -416,12 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     restart_cmd.add_argument("service")
     sub.add_parser("down")
+    sub.add_parser("env", help="export lines of the running stack's client environment, for eval")
     sub.add_parser("status")
     watch_cmd = sub.add_parser("watch", help="a live view of the stream: rides/s, latency, pending, dead letters, models")
     watch_cmd.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C)")
     args = parser.parse_args(argv)
     try:
-        commands = {"demo": demo, "redeploy": redeploy, "rollback": rollback, "restart": restart, "down": down}
+        commands = {"demo": demo, "redeploy": redeploy, "rollback": rollback, "restart": restart, "down": down, "env": env}
         return {**commands, "status": status, "watch": watch}[args.command](args)
     except ServiceError as exc:
         console.print(f"[red]error:[/red] {exc}")

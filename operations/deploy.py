@@ -65,9 +65,9 @@ def _env(name: str, default: str | None = None) -> str:
 
 def _function(name: str | None = None) -> list[str]:
     return [
-        name or _env("FUNCTION_NAME", "predict-duration"),
-        f"--project={_env('GCP_PROJECT')}",
-        f"--region={_env('GCP_REGION', 'europe-west1')}",
+        name or _env("FUNCTION_NAME", "predict-duration"),  # the function's name in Cloud Functions
+        f"--project={_env('GCP_PROJECT')}",  # the project the function runs in, its PROJECT_ID too
+        f"--region={_env('GCP_REGION', 'europe-west1')}",  # the region it is deployed in
     ]
 
 
@@ -83,12 +83,15 @@ def _model_env(model: ResolvedModel) -> dict[str, str]:
 def deploy_commands(alias: str = PRODUCTION) -> list[list[str]]:
     """The deployment, then the trigger identity's right to invoke this function (and nothing else)."""
     model = resolve(alias)
+    # The identity the Pub/Sub trigger invokes the function as, allowed to invoke this function only.
     trigger_account = _env("FUNCTION_TRIGGER_SERVICE_ACCOUNT")
     env_vars = {
         "PROJECT_ID": _env("GCP_PROJECT"),
         **_model_env(model),
-        "MODEL_BUCKET": _env("MODEL_BUCKET"),
+        "MODEL_BUCKET": _env("MODEL_BUCKET"),  # the bucket of the models, the function's MODEL_BUCKET
+        # The topic the function publishes results to, its BACKEND_PULL_STREAM.
         "BACKEND_PULL_STREAM": _env("BACKEND_PULL_STREAM", "backend-pull-stream"),
+        # The topic of its dead letters (undecodable or invalid rides), its BACKEND_DEADLETTER_STREAM.
         "BACKEND_DEADLETTER_STREAM": _env("BACKEND_DEADLETTER_STREAM", "backend-deadletter-stream"),
         # Concurrency comes from requests (micro-batched), not from OpenMP threads per prediction.
         "OMP_NUM_THREADS": "1",
@@ -96,19 +99,21 @@ def deploy_commands(alias: str = PRODUCTION) -> list[list[str]]:
     deploy = [
         *_base_command(),
         f"--runtime={RUNTIME}",
-        f"--trigger-topic={_env('BACKEND_PUSH_STREAM', 'backend-push-stream')}",
-        f"--service-account={_env('FUNCTION_SERVICE_ACCOUNT')}",
+        f"--trigger-topic={_env('BACKEND_PUSH_STREAM', 'backend-push-stream')}",  # the rides' topic, which triggers it
+        f"--service-account={_env('FUNCTION_SERVICE_ACCOUNT')}",  # the service account the function runs as
         f"--trigger-service-account={trigger_account}",
         # The model (~2 MB) and sklearn load in a few seconds; 1 GiB leaves room for pandas.
         f"--memory={MEMORY}",
         f"--cpu={CPU}",
         f"--concurrency={CONCURRENCY}",
+        # At most this many instances of the function (the default, MAX_INSTANCES, is what infra/ deploys).
         f"--max-instances={_env('FUNCTION_MAX_INSTANCES', str(MAX_INSTANCES))}",
         "--retry",  # failed deliveries (publish errors) are retried; poison messages are dead-lettered by the code
         "--set-env-vars=" + ",".join(f"{k}={v}" for k, v in env_vars.items()),
     ]
-    if os.environ.get("FUNCTION_BUILD_SERVICE_ACCOUNT"):
-        deploy.append(f"--build-service-account={os.environ['FUNCTION_BUILD_SERVICE_ACCOUNT']}")
+    # The service account Cloud Build builds the function with; empty: gcloud's default.
+    if build_account := os.environ.get("FUNCTION_BUILD_SERVICE_ACCOUNT"):
+        deploy.append(f"--build-service-account={build_account}")
     invoker = [
         "gcloud",
         "functions",

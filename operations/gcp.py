@@ -47,7 +47,7 @@ TRIP_DATA = "{system.model_bucket}/trip-data/"
 # What `up` enables itself before Terraform can: the APIs Terraform's own calls and the billing check go through
 # (root 1 enables every other one, and keeps these enabled too).
 FIRST_APIS = ("serviceusage.googleapis.com", "cloudresourcemanager.googleapis.com", "cloudbilling.googleapis.com")
-# The deployer's roles (README, docs/deploy-gcp.md), each with one permission it carries: testIamPermissions
+# The deployer's roles (docs/deploy-gcp.md), each with one permission it carries: testIamPermissions
 # on the project answers for roles granted on the project, its folder or organization, and through groups.
 DEPLOYER_ROLES = {
     "roles/serviceusage.serviceUsageAdmin": "serviceusage.services.enable",

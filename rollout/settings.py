@@ -41,8 +41,8 @@ class AnalysisSettings:
     # Where actual durations have come back: the candidate's RMSE may be worse than the serving
     # version's by at most this much at the low end of the paired bootstrap's 95 % interval.
     max_rmse_increase_minutes: float = 0.25
-    min_outcomes: int = 100
-    bootstrap_samples: int = 2000
+    min_outcomes: int = 100  # outcomes (actual durations) needed before the RMSE gate applies
+    bootstrap_samples: int = 2000  # resamples of the paired bootstrap behind the RMSE gate's interval
     # How long the controller keeps a ride's answers for its outcome to come back: the longest ride
     # (60 min) after the shadow's and the bake's windows close. 0: exactly that, from the settings above.
     answer_retention_minutes: float = 0.0
@@ -75,12 +75,16 @@ class AnalysisSettings:
 @dataclass(frozen=True)
 class RolloutSettings:
     webhook_secret: str  # ROLLOUT_WEBHOOK_SECRET: the secret the MLflow webhook signs with (Secret Manager on GCP)
-    model_name: str  # MODEL_NAME: the registered model whose aliases are rolled out
+    # MODEL_NAME: the registered model whose aliases are rolled out; training and the flows name the same model
+    # REGISTERED_MODEL_NAME: set both alike.
+    model_name: str
     # ROLLOUT_ALIASES: alias=function pairs; production always, and challenger: the shadow deployment,
     # which production's rollouts borrow for their shadow analysis and bake (on Google Cloud, the
     # same function's service: challenger=<the same name>; without it, pre-flight only)
     aliases: dict[str, str]
     tolerance_seconds: float  # WEBHOOK_TOLERANCE_SECONDS: how old a signed call may be
+    # ROLLOUT_RETRY_INITIAL_SECONDS: a failed rollout is tried again after this long, then twice as long each time,
+    # up to ROLLOUT_RETRY_MAX_SECONDS (the previous deployment serves meanwhile).
     retry_initial_seconds: float
     retry_max_seconds: float
     # ROLLOUT_RESYNC_SECONDS: how often the registry is read without a webhook (a lost delivery is corrected then)
@@ -88,14 +92,16 @@ class RolloutSettings:
     # MLFLOW_ID_TOKEN_AUDIENCE: the MLflow server's URL when it sits behind Cloud Run IAM (an ID token per call)
     mlflow_audience: str = ""
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
-    # Where the controller reads live answers: its own subscriptions on production's result topic,
-    # the shadow's, and the dead letters (ANALYSIS_RESULT_SUBSCRIPTIONS comma-separated,
-    # ANALYSIS_DEADLETTER_SUBSCRIPTION), in GCP_PROJECT.
+    # GCP_PROJECT: the Google Cloud project of the function's service and of the subscriptions below (what the
+    # other deployables read as PROJECT_ID).
     project: str = ""
     region: str = ""  # GCP_REGION: where the function's Cloud Run service runs
     # BACKEND_PULL_STREAM / BACKEND_SHADOW_STREAM: where production's and the shadow's revisions publish
     results_topic: str = "backend-pull-stream"
     shadow_results_topic: str = "backend-shadow-stream"
+    # Where the controller reads live answers: its own subscriptions on production's result topic and the
+    # shadow's (ANALYSIS_RESULT_SUBSCRIPTIONS, comma-separated), and on the dead letters
+    # (ANALYSIS_DEADLETTER_SUBSCRIPTION).
     result_subscriptions: tuple[str, ...] = ()
     deadletter_subscription: str = ""
     # Completed rides (ANALYSIS_OUTCOME_SUBSCRIPTION, on the outcomes topic): where actual durations come

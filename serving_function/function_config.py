@@ -19,7 +19,7 @@ def _required(name: str) -> str:
 
 @dataclass(frozen=True)
 class FunctionConfig:
-    project_id: str
+    project_id: str  # the Google Cloud project of the result and dead-letter topics
     pull_topic: str  # results go here (BACKEND_PULL_STREAM)
     deadletter_topic: str  # undecodable or invalid rides go here with the reason
     run_id: str  # which model: the MLflow run that logged it
@@ -27,7 +27,7 @@ class FunctionConfig:
     model_bucket: str  # where to look for the run's model when MODEL_URI is not given
     model_prefix: str  # optional folder in the bucket to narrow the search (e.g. "mlflow/1")
     model_version: str  # registry version, for the record; set by deploy/redeploy
-    publish_timeout: float
+    publish_timeout: float  # seconds a result's or dead letter's Publish call may take, transient errors retried within it
     # Which deployment this is, in its dead letters: DEPLOYMENT_NAME, else the service name
     # Cloud Functions sets (K_SERVICE).
     deployment: str

@@ -96,6 +96,76 @@ def test_the_rollout_service_is_stopped_before_the_functions_it_would_start_agai
     assert not any(pid_alive(pid) for pid in pids.values())
 
 
+# A stack's state file as Stack.save writes it (a demo's, ports and all), its services this test process.
+RECORDED_STATE = {
+    "pids": {"pubsub": 0, "storage": 0, "mlflow": 0, "prefect": 0},
+    "ports": {"pubsub": 8681, "storage": 9023, "mlflow": 5000, "prefect": 4200},
+    "urls": {
+        "pubsub": "http://127.0.0.1:8681",
+        "storage": "http://127.0.0.1:9023",
+        "mlflow": "http://127.0.0.1:5000",
+        "prefect": "http://127.0.0.1:4200",
+    },
+    "models": {},
+    "specs": {},
+    "access": {},
+}
+
+
+def _recorded_stack(folder, pid: int):
+    import json
+
+    folder.mkdir()
+    (folder / "state.json").write_text(json.dumps({**RECORDED_STATE, "pids": dict.fromkeys(RECORDED_STATE["pids"], pid)}))
+    return folder
+
+
+def test_env_prints_exports_that_point_a_shell_at_the_running_stack(tmp_path, capsys):
+    """`eval "$(make env)"`: after it, make train, make promote and mlflow run . reach the stack's MLflow and
+    emulators, not the repository's mlflow.db. Only export lines go to stdout: the shell evaluates all of it."""
+    import os
+
+    from devstack.__main__ import main
+
+    assert main(["--stack-dir", str(_recorded_stack(tmp_path / "stack", os.getpid())), "env"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ""
+    assert printed.out.splitlines() and all(line.startswith("export ") for line in printed.out.splitlines())
+    names = "MLFLOW_TRACKING_URI PUBSUB_EMULATOR_HOST STORAGE_EMULATOR_HOST PREFECT_API_URL GOOGLE_CLOUD_PROJECT"
+    echo = " ".join(f"${name}" for name in names.split())
+    shell = subprocess.run(["bash", "-c", f'eval "$1"; echo {echo}', "-", printed.out], capture_output=True, text=True)
+    assert shell.stdout.split() == [
+        "http://127.0.0.1:5000",
+        "127.0.0.1:8681",
+        "http://127.0.0.1:9023",
+        "http://127.0.0.1:4200/api",
+        "ridestream-local",
+    ], shell.stderr
+
+
+def test_env_quotes_each_value_as_the_shell_needs():
+    from devstack.__main__ import shell_exports
+
+    exports = shell_exports({"PLAIN": "http://127.0.0.1:5000", "ODD": "a b'c $HOME"})
+    shell = subprocess.run(
+        ["bash", "-c", 'eval "$1"; printf "%s|%s" "$PLAIN" "$ODD"', "-", exports], capture_output=True, text=True
+    )
+    assert shell.stdout == "http://127.0.0.1:5000|a b'c $HOME"
+
+
+def test_env_without_a_running_stack_says_so_and_prints_nothing_to_eval(tmp_path, capsys):
+    from devstack.__main__ import main
+
+    assert main(["--stack-dir", str(tmp_path / "none"), "env"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == "" and "no stack running" in printed.err
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its PID names no process (a stack whose processes died, its state file left behind)
+    assert main(["--stack-dir", str(_recorded_stack(tmp_path / "dead", gone.pid)), "env"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == "" and "none of its processes runs" in printed.err
+
+
 def test_the_riders_report_each_outcome_with_its_token_when_the_ride_ends_never_before_its_final():
     """devstack.traffic against the real backend app (in this process, results in memory, the function
     answering at once, or after a second for one ride): each ride's outcome goes back when the ride would

@@ -605,7 +605,7 @@ def test_checkov_finds_nothing_and_every_skip_says_why():
     import subprocess
 
     checkov = REPO / ".venv/tools/checkov/bin/checkov"
-    assert checkov.exists(), "checkov is installed by `make setup` into .venv/tools/checkov"
+    assert checkov.exists(), "checkov is installed by `make test` (and `make test-fast`) into .venv/tools/checkov"
     scan = subprocess.run(
         [str(checkov), "-d", str(INFRA), "--framework", "terraform", "--output", "json", "--compact"],
         capture_output=True,

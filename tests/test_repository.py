@@ -205,7 +205,9 @@ def test_one_python_version_for_training_the_function_and_the_backend():
 def test_no_file_claims_the_conda_env_manager():
     # MLflow refuses `mlflow run --env-manager conda` for a project that declares python_env.
     assert "python_env:" in (REPO / "MLproject").read_text()
-    for name in ("README.md", "conda.yaml", "MLproject"):
+    pages = sorted(str(page.relative_to(REPO)) for page in (REPO / "docs").rglob("*.md"))
+    assert "docs/training.md" in pages  # where `mlflow run` and conda are described
+    for name in ("README.md", "conda.yaml", "MLproject", *pages):
         text = (REPO / name).read_text()
         claims = [line for line in text.splitlines() if "--env-manager conda" in line and "not supported" not in line]
         assert all("refuses" in line for line in claims), (name, claims)

@@ -66,7 +66,7 @@ def test_twenty_rollouts_of_a_version_keep_its_page_within_postgresqls_column_an
 
     pages = []  # the version's page after each rollout
     for attempt in range(1, 21):
-        # 19 times blocked in shadow and retried as the README says (its rollout_status tag deleted, promoted
+        # 19 times blocked in shadow and retried as docs/rollout.md says (its rollout_status tag deleted, promoted
         # again), then it passes: pre-flight, shadow, bake and the switch, each phase's events.
         answers["2"] = retrained if attempt == 20 else shuffled
         client.set_registered_model_alias(MODEL, "production", "2")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -65,8 +66,9 @@ def _training_summary(stdout: str) -> dict:
     return json.loads(stdout[stdout.rindex('{\n  "run_id"') :])
 
 
-def readme_commands() -> list[str]:
-    return re.findall(r"^(mlflow run .*?)\s*$", (REPO / "README.md").read_text(), re.M)
+def documented_commands() -> list[str]:
+    """The `mlflow run` commands docs/training.md shows (the README's quickstart points there)."""
+    return re.findall(r"^(mlflow run .*?)\s*$", (REPO / "docs/training.md").read_text(), re.M)
 
 
 def test_a_bare_mlflow_run_trains_on_several_months_and_registers_in_the_run_it_was_given(tmp_path):
@@ -75,10 +77,11 @@ def test_a_bare_mlflow_run_trains_on_several_months_and_registers_in_the_run_it_
     from mlflow import MlflowClient
 
     tracking_uri = _empty_store(tmp_path)
-    # MLflow quotes each parameter, so both months arrive as one argument; TRAIN_SAMPLE keeps the run short.
-    params = ["-P", "trials=1", "-P", "train_month=2021-01 2021-02", "-P", "val_month=2021-03", "-P", "test_month=2021-03"]
-    assert "mlflow run . --env-manager local" in readme_commands()
-    completed = _run(["mlflow", "run", ".", "--env-manager", "local", *params], tracking_uri, TRAIN_SAMPLE="20000")
+    # The several-months command exactly as docs/training.md shows it (the shell's quoting: both months arrive as
+    # one argument); trials=1 and TRAIN_SAMPLE keep the run short.
+    command = 'mlflow run . --env-manager local -P train_month="2021-01 2021-02" -P val_month=2021-03 -P test_month=2022-01'
+    assert command in documented_commands()
+    completed = _run([*shlex.split(command), "-P", "trials=1"], tracking_uri, TRAIN_SAMPLE="20000")
     assert completed.returncode == 0, completed.stderr[-3000:]
     summary = _training_summary(completed.stdout)
     assert summary["version"] == "1" and summary["metrics"]["val_rmse"] <= 6.0
@@ -88,6 +91,7 @@ def test_a_bare_mlflow_run_trains_on_several_months_and_registers_in_the_run_it_
     assert [e.name for e in client.search_experiments()] == ["Default"]  # no second experiment on the side
     assert client.get_model_version("ride-duration", "1").run_id == summary["run_id"]
     assert run.data.params["train_months"] == "2021-01,2021-02" and run.data.params["train_rows"] == "20000"
+    assert run.data.params["val_months"] == "2021-03" and run.data.params["test_months"] == "2022-01"
     [train_input] = [i for i in run.inputs.dataset_inputs if i.dataset.name == "train"]
     assert "green_tripdata_2021-01" in train_input.dataset.source and "green_tripdata_2021-02" in train_input.dataset.source
 
@@ -95,14 +99,14 @@ def test_a_bare_mlflow_run_trains_on_several_months_and_registers_in_the_run_it_
 @pytest.mark.integration  # uv installs python_env.yaml's pins from PyPI (its cache makes a rebuild quick)
 @pytest.mark.timeout(900)
 def test_mlflow_run_with_no_parameters_builds_the_declared_environment_trains_and_registers(tmp_path):
-    """The first thing a user runs, as the README shows it: MLflow builds python_env.yaml's environment
+    """The first thing a user runs, as docs/training.md shows it: MLflow builds python_env.yaml's environment
     (with uv: the virtualenv manager needs pyenv to build Python) and runs MLproject's defaults in it.
     Only TRAIN_SAMPLE, from the environment, keeps it short; MLproject's parameters and training's
     own must agree, or MLflow refuses the second value of a parameter."""
     from mlflow import MlflowClient
 
     command = "mlflow run . --env-manager uv"
-    assert command in readme_commands()
+    assert command in documented_commands()
     tracking_uri = _empty_store(tmp_path)
     # An environment root of the test's own: built here from python_env.yaml as it is now, never an earlier build.
     env_root = tmp_path / "envs"

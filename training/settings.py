@@ -16,13 +16,16 @@ DEFAULT_DATA_BASE = str(PROJECT_DIR / "data")
 @dataclass(frozen=True)
 class Settings:
     tracking_uri: str = DEFAULT_TRACKING_URI
+    # The experiment new runs go into (created on first use); under `mlflow run`, the run's own experiment instead.
     experiment_name: str = "ride-duration"
     # Where a new experiment stores its artifacts, e.g. gs://ridestream-models. Empty: the server's default.
     artifact_root: str = ""
+    # The registered model training adds versions to and the flows promote; the rollout service reads the same
+    # model's aliases under another name, MODEL_NAME: set both alike.
     model_name: str = "ride-duration"
-    # A local folder, a gs:// prefix or the TLC download URL holding <color>_tripdata_<YYYY-MM>.parquet.
+    # A local folder, a gs:// prefix or the TLC download URL holding `<color>_tripdata_<YYYY-MM>.parquet`.
     data_base: str = DEFAULT_DATA_BASE
-    # Rows per split for a quick run (`python -m training.train` and `mlflow run .`); None: every row.
+    # Rows per split for a quick run (`python -m training.train` and `mlflow run .`); None (unset or 0): every row.
     # From the environment, not an MLproject parameter: `mlflow run` logs its parameters as the run's,
     # and a parameter training logs again with another value ("all") is refused.
     train_sample: int | None = None
