@@ -78,3 +78,10 @@ def test_the_site_home_says_what_the_readme_says(heading):
     # everywhere else: one text, so neither drifts.
     readme, home = (REPO / "README.md").read_text(), (REPO / "docs/index.md").read_text()
     assert _section(readme, heading) == _section(home, heading)
+
+
+def test_the_site_home_draws_the_readmes_architecture():
+    # One diagram of the system: the README's and the home page's mermaid blocks are the same text.
+    readme, home = (REPO / "README.md").read_text(), (REPO / "docs/index.md").read_text()
+    diagrams = [re.findall(r"```mermaid\n.*?```", text, re.S) for text in (readme, home)]
+    assert diagrams[0] and diagrams[0] == diagrams[1]
