@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -70,6 +72,17 @@ def started_as_client(stack):
         stack.stop()
         os.environ.clear()
         os.environ.update(environment)
+
+
+def devstack_cli(stack_dir, *args: str) -> subprocess.CompletedProcess:
+    """`python -m devstack --stack-dir <stack_dir> ...`: what `make status`, `make env`, ... run, on a test's stack."""
+    return subprocess.run(
+        [sys.executable, "-m", "devstack", "--stack-dir", str(stack_dir), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def forget_redis_keys(prefix: str) -> None:

@@ -587,8 +587,11 @@ def test_polls_answered_pending_at_once_are_spaced_and_never_wait_0(stack, brows
     assert len(seen) >= 2
     # Each poll asked to wait at least a second, and none followed the one before at once.
     assert all(float(poll.path.rsplit("=", 1)[1]) >= 1 for poll in seen), [poll.path for poll in seen]
+    # Seen at the proxy, each arrival carries the browser's and the loopback's delays of a loaded machine (one
+    # late poll makes the next gap look short: 0.71 s was seen), so a gap is judged against the defect, not the
+    # timer: back-to-back polls come milliseconds apart, and on average they are a second or more apart.
     gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(seen)]
-    assert min(gaps) >= 0.9, gaps
+    assert min(gaps) >= 0.3 and sum(gaps) / len(gaps) >= 0.9, gaps
 
 
 def test_an_error_of_the_page_itself_is_shown_as_such_not_as_an_outage(stack, browser):

@@ -10,12 +10,11 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
-from conftest import REPO, started_as_client
+from conftest import devstack_cli, started_as_client
 from google.cloud import pubsub_v1
 
 from devstack.health import DEADLINE_SECONDS
@@ -59,16 +58,6 @@ class SmallStack:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     yield from started_as_client(SmallStack(tmp_path_factory.mktemp("hygiene") / "stack"))
-
-
-def devstack_cli(stack_dir, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "devstack", "--stack-dir", str(stack_dir), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def push_subscriptions(emulator_host: str) -> dict[str, str]:
