@@ -48,13 +48,19 @@ def settings(**overrides) -> BackendSettings:
     return BackendSettings(**{**base.__dict__, "max_wait_seconds": 5, **overrides})
 
 
+def backend_app(store, publisher=None, config: BackendSettings | None = None, **wiring):
+    """The app on test doubles: ``store``, a recording publisher unless one is given, no result listener, and
+    outcomes recorded (``wiring``: another outcome_publisher, a clock)."""
+    wiring.setdefault("outcome_publisher", RecordingPublisher())
+    return create_app(
+        config or settings(), publisher=publisher or RecordingPublisher(), store=store, listener=IdleListener(), **wiring
+    )
+
+
 @pytest.fixture
 def backend():
     publisher, store = RecordingPublisher(), InMemoryResultStore()
-    app = create_app(
-        settings(), publisher=publisher, store=store, listener=IdleListener(), outcome_publisher=RecordingPublisher()
-    )
-    return app.test_client(), publisher, store
+    return backend_app(store, publisher).test_client(), publisher, store
 
 
 def coarse_model() -> CoarseEstimator:
@@ -211,12 +217,8 @@ class HangingPublisher(RecordingPublisher):
 def test_a_retry_while_the_first_publish_hangs_is_not_lost_when_that_publish_fails():
     # Two replicas share one store; the client gives up on the first and retries on the second.
     publisher, store = HangingPublisher(), InMemoryResultStore()
-    first = create_app(
-        settings(), publisher=publisher, store=store, listener=IdleListener(), outcome_publisher=RecordingPublisher()
-    ).test_client()
-    second = create_app(
-        settings(), publisher=publisher, store=store, listener=IdleListener(), outcome_publisher=RecordingPublisher()
-    ).test_client()
+    first = backend_app(store, publisher).test_client()
+    second = backend_app(store, publisher).test_client()
     ride = {**RIDE, "ride_id": "raced"}
     hung = threading.Thread(target=lambda: first.post("/predict", json=ride))
     hung.start()
@@ -253,14 +255,7 @@ def test_a_posts_wait_counts_the_time_its_publish_took_so_a_hanging_stream_never
             raise PublishError("deadline exceeded")
 
     store = WaitRecordingStore()
-    client = create_app(
-        settings(max_wait_seconds=10),
-        publisher=SlowPublisher(),
-        store=store,
-        listener=IdleListener(),
-        outcome_publisher=RecordingPublisher(),
-        clock=lambda: now[0],
-    ).test_client()
+    client = backend_app(store, SlowPublisher(), settings(max_wait_seconds=10), clock=lambda: now[0]).test_client()
     # 9.5 s of the rider's 10 went on the publish: half a second of waiting is left, not another 10.
     first = client.post("/predict?wait=10", json={**RIDE, "ride_id": "slow"})
     assert first.status_code == 202 and store.waits == [pytest.approx(0.5)]
@@ -295,13 +290,7 @@ def test_readyz_says_degraded_when_finals_arrive_late():
     from backend.app import degraded_reasons
 
     store = InMemoryResultStore()
-    app = create_app(
-        settings(late_final_p95_ms=500),
-        publisher=RecordingPublisher(),
-        store=store,
-        listener=IdleListener(),
-        outcome_publisher=RecordingPublisher(),
-    )
+    app = backend_app(store, config=settings(late_final_p95_ms=500))
     client = app.test_client()
     assert client.get("/readyz").get_json()["status"] == "ok"
     import time as clock
@@ -338,13 +327,7 @@ class HangingStore(InMemoryResultStore):
 def test_readyz_answers_within_its_checks_when_the_store_hangs():
     import time as clock
 
-    app = create_app(
-        settings(),
-        publisher=RecordingPublisher(),
-        store=HangingStore(),
-        listener=IdleListener(),
-        outcome_publisher=RecordingPublisher(),
-    )
+    app = backend_app(HangingStore())
     started = clock.monotonic()
     response = app.test_client().get("/readyz")
     assert clock.monotonic() - started < 3
@@ -363,9 +346,7 @@ class DownStore(InMemoryResultStore):
 
 def test_store_outage_answers_503_with_retry_after_never_500_and_publishes_nothing():
     publisher = RecordingPublisher()
-    app = create_app(
-        settings(), publisher=publisher, store=DownStore(), listener=IdleListener(), outcome_publisher=RecordingPublisher()
-    )
+    app = backend_app(DownStore(), publisher)
     client = app.test_client()
     posted = client.post("/predict?wait=1", json=RIDE)
     assert posted.status_code == 503 and posted.headers["Retry-After"] == "1"
@@ -643,14 +624,7 @@ class Clock:
 def outcomes():
     """A backend on a test clock; (client, its outcomes publisher, store, clock)."""
     store, outcome_publisher, clock = InMemoryResultStore(), RecordingPublisher(), Clock()
-    app = create_app(
-        settings(),
-        publisher=RecordingPublisher(),
-        store=store,
-        listener=IdleListener(),
-        outcome_publisher=outcome_publisher,
-        clock=clock,
-    )
+    app = backend_app(store, outcome_publisher=outcome_publisher, clock=clock)
     return app.test_client(), outcome_publisher, store, clock
 
 

@@ -173,11 +173,9 @@ def test_the_riders_report_each_outcome_with_its_token_when_the_ride_ends_never_
     import json
     import threading
 
-    from conftest import IdleListener
-    from test_backend import RecordingPublisher, settings
+    from test_backend import RecordingPublisher, backend_app, settings
     from werkzeug.serving import make_server
 
-    from backend.app import create_app
     from backend.results import InMemoryResultStore
     from devstack.traffic import OutcomeReporter, stream
     from ride_contract.ride import Ride
@@ -194,13 +192,7 @@ def test_the_riders_report_each_outcome_with_its_token_when_the_ride_ends_never_
             threading.Timer(delay, store.complete, (ride["ride_id"], result)).start()
 
     # Outcomes half a second after the POST: the time compression of a test (the rule is 60 s in production).
-    app = create_app(
-        settings(outcome_earliest_seconds=0.5),
-        publisher=AnsweringFunction(),
-        store=store,
-        listener=IdleListener(),
-        outcome_publisher=RecordingPublisher(),
-    )
+    app = backend_app(store, AnsweringFunction(), settings(outcome_earliest_seconds=0.5))
     server = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = {"PULocationID": 196, "DOLocationID": 28, "trip_distance": 2.5}
