@@ -423,16 +423,20 @@ def _from_env(cls: ast.ClassDef) -> ast.FunctionDef | None:
     return next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "from_env"), None)
 
 
-def _called_readers(method: ast.FunctionDef, classes: dict[str, ast.ClassDef]) -> list[str]:
+def _from_env_calls(tree: ast.AST) -> list[str]:
+    """The names X of every ``X.from_env()`` call under ``tree``, in order."""
     return [
         node.func.value.id
-        for node in ast.walk(method)
+        for node in ast.walk(tree)
         if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
         and node.func.attr == "from_env"
         and isinstance(node.func.value, ast.Name)
-        and node.func.value.id in classes
     ]
+
+
+def _called_readers(method: ast.FunctionDef, classes: dict[str, ast.ClassDef]) -> list[str]:
+    return [name for name in _from_env_calls(method) if name in classes]
 
 
 def _reader(module: _Module, cls: ast.ClassDef) -> Reader:
@@ -832,14 +836,7 @@ def _readers_built_by(module: str, settings_modules: set[str]) -> list[str]:
     if not path.is_file():
         return []
     tree = ast.parse(path.read_text())
-    built = {
-        node.func.value.id
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute)
-        and node.func.attr == "from_env"
-        and isinstance(node.func.value, ast.Name)
-    }
+    built = set(_from_env_calls(tree))
     return [
         node.module
         for node in ast.walk(tree)
