@@ -150,18 +150,11 @@ class RolloutStack:
         self.stack = Stack(directory, record_access=record_access)
         self.versions: dict[str, str] = {}
 
-    def start(self) -> RolloutStack:
+    def version_configs(self) -> dict:
+        """The versions trained at start, by name (training.train.TrainConfig each); "serving" is promoted first."""
         from training.train import TrainConfig
 
-        stack = self.stack
-        stack.start_emulators()
-        stack.start_mlflow()
-        stack.ensure_topology()
-        stack.apply_env("training")  # this process trains the versions (and runs the flows), as training does
-        stack.start_backends(1)
-        stack.start_outcome_sink()
-        stack.start_rollout(settings=SCENARIO_ANALYSIS)
-        configs = {
+        return {
             "serving": TrainConfig(trials=1, sample=12_000),
             "retrained": TrainConfig(train_months=["2021-01", "2022-01"], trials=1, sample=12_000),
             "broken": TrainConfig(trials=1, sample=12_000, shuffle_targets=True),
@@ -170,7 +163,17 @@ class RolloutStack:
             "retrained-again": TrainConfig(trials=1, sample=12_000),
             "retrained-once-more": TrainConfig(trials=1, sample=12_000),
         }
-        for name, config in configs.items():
+
+    def start(self) -> RolloutStack:
+        stack = self.stack
+        stack.start_emulators()
+        stack.start_mlflow()
+        stack.ensure_topology()
+        stack.apply_env("training")  # this process trains the versions (and runs the flows), as training does
+        stack.start_backends(1)
+        stack.start_outcome_sink()
+        stack.start_rollout(settings=SCENARIO_ANALYSIS)
+        for name, config in self.version_configs().items():
             self.train(name, config)
         promote_as_the_ui_does(stack, self.versions["serving"])
         stack.wait_rolled_out("production", self.versions["serving"])

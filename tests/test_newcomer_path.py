@@ -22,7 +22,7 @@ import requests
 from conftest import REPO, devstack_cli, started_as_client
 
 from devstack.processes import pid_alive
-from devstack.rollouts import SCENARIO_ANALYSIS, RolloutStack, promote_as_the_ui_does, promote_under_traffic
+from devstack.rollouts import RolloutStack, promote_as_the_ui_does, promote_under_traffic
 
 README = (REPO / "README.md").read_text()
 FENCED = re.compile(r"```[a-z]*\n(.*?)```", re.S)
@@ -58,22 +58,14 @@ def test_every_make_target_the_readme_names_exists():
 class NewcomerStack(RolloutStack):
     """The demo's stack, smaller: v1 serving, then v2 rolled out while riders come and report outcomes."""
 
-    def start(self) -> NewcomerStack:
+    def version_configs(self) -> dict:
         from training.train import TrainConfig
 
-        stack = self.stack
-        stack.start_emulators()
-        stack.start_mlflow()
-        stack.ensure_topology()
-        stack.apply_env("training")
-        stack.start_backends(1)
-        stack.start_outcome_sink()
-        stack.start_rollout(settings=SCENARIO_ANALYSIS)
-        for name in ("first", "second"):
-            self.train(name, TrainConfig(trials=1, sample=12_000))
-        promote_as_the_ui_does(stack, self.versions["first"])
-        stack.wait_rolled_out("production", self.versions["first"])
-        _, rolled = promote_under_traffic(stack, self.versions["second"], report_outcomes=True)
+        return {"serving": TrainConfig(trials=1, sample=12_000), "retrained": TrainConfig(trials=1, sample=12_000)}
+
+    def start(self) -> NewcomerStack:
+        super().start()
+        _, rolled = promote_under_traffic(self.stack, self.versions["retrained"], report_outcomes=True)
         assert rolled["outcome"] == "rolled out", rolled
         return self
 
@@ -87,7 +79,7 @@ def newcomer(tmp_path_factory):
 @pytest.mark.timeout(900)
 def test_the_three_things_to_try_work_as_the_readme_shows_them(newcomer):
     stack = newcomer.stack
-    assert newcomer.versions == {"first": "1", "second": "2"}  # the version numbers the README names
+    assert newcomer.versions == {"serving": "1", "retrained": "2"}  # the version numbers the README names
     backend = stack.backend_urls[0]
 
     # 1. The rider page.
