@@ -85,3 +85,14 @@ def test_the_site_home_draws_the_readmes_architecture():
     readme, home = (REPO / "README.md").read_text(), (REPO / "docs/index.md").read_text()
     diagrams = [re.findall(r"```mermaid\n.*?```", text, re.S) for text in (readme, home)]
     assert diagrams[0] and diagrams[0] == diagrams[1]
+
+
+def test_the_readmes_google_cloud_section_is_whole():
+    # Issue 32: the one command, its cost at rest, the roles it needs, what success looks like, rollback, teardown.
+    from operations.gcp import DEPLOYER_ROLES
+
+    section = " ".join(_section((REPO / "README.md").read_text(), "Google Cloud").split())
+    for needed in ("make gcp-up PROJECT=", "**At rest**", "**When it works**", "make gcp-rollback", "make gcp-down"):
+        assert needed in section, needed
+    roles = re.search(r"\*\*Your roles\*\* \(.*?\): (.*?)\.", section)
+    assert roles and len(roles.group(1).split(", ")) == len(DEPLOYER_ROLES), roles
